@@ -1,0 +1,331 @@
+"""The `mamba2` command: parses flags, prints, and calls the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import Mamba2Error
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Generate text with Mamba-2 language models.",
+)
+
+DEFAULT_PRESET = "tiny"
+EXIT_USER_ERROR = 1
+EXIT_SIGPIPE = 141
+EXIT_INTERRUPTED = 130
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR):
+    _print_error(message)
+    raise typer.Exit(code)
+
+
+def _closed_stdout():
+    # Nothing more can reach the reader; silence the interpreter's own flush at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    raise typer.Exit(EXIT_SIGPIPE)
+
+
+def _read_prompt(words: Optional[List[str]], file: Optional[Path]) -> str:
+    if words and file:
+        _fail("give the prompt as arguments or with -f, not both")
+    if words:
+        return " ".join(words)
+    if file is not None:
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            _fail(f"cannot read prompt file {file}: {e.strerror or e}")
+        source = str(file)
+    else:
+        if sys.stdin is None or sys.stdin.isatty():
+            _fail("no prompt: give it as an argument, pipe it on stdin, or use -f FILE")
+        data = sys.stdin.buffer.read()
+        source = "stdin"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(f"the prompt on {source} is not valid UTF-8 (byte {e.start})")
+    # `echo` ends its line with a newline the user did not mean as part of the prompt.
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+
+    v = {"mamba2": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        v["triton"] = version("triton")
+    except Exception:
+        v["triton"] = None
+    return v
+
+
+def _human_bytes(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _fmt(v, unit: str, scale: float = 1.0, digits: int = 1) -> str:
+    return "–" if v is None else f"{v * scale:,.{digits}f} {unit}"
+
+
+@app.command()
+def run(
+    prompt: Optional[List[str]] = typer.Argument(None, help="Prompt text; read from stdin when absent."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Model directory or Hugging Face repo id (in the local cache)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight model of a known shape instead of a checkpoint."),
+    file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from this file."),
+    device: str = typer.Option("auto", "-d", "--device", help="cpu, auto, a GPU number (0) or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch or triton."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens", min=0, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "-t", "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Keep the smallest set of tokens with this much probability."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens less likely than min-p times the top one."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages tokens already seen."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reported in --json)."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past the end-of-text token."),
+    echo: bool = typer.Option(False, "--echo", help="Print the prompt before the generated text."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of text."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No statistics on stderr."),
+):
+    """Generate text from a prompt, streaming it to stdout."""
+    from .generate import stream_generate
+    from .sampling import SamplingParams
+
+    err = _stderr()
+    text_in = _read_prompt(prompt, file)
+    if not text_in.strip():
+        _fail("the prompt is empty")
+    SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty).check()
+    if model and preset:
+        _fail("give either -m/--model or --preset, not both")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if temperature > 0 and seed is None:
+        seed = random.randrange(2**31)
+
+    t0 = time.perf_counter()
+    if model is None:
+        from .loader import load_preset
+
+        name = preset or DEFAULT_PRESET
+        if not preset and not quiet:
+            err.print(f"no model given (-m): using the random-weight preset '{name}', which writes noise")
+        m, tok = load_preset(name, device, dtype, backend)
+        model_name, revision = f"preset:{name}", None
+    else:
+        from .loader import load_model
+
+        m, tok = load_model(model, device, dtype, backend)
+        model_name, revision = model, _revision_of(model)
+    load_s = time.perf_counter() - t0
+
+    out = sys.stdout
+    result = None
+    try:
+        if echo and not as_json:
+            out.write(text_in)
+            out.flush()
+        events = stream_generate(
+            m, tok, text_in, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or (),
+            ignore_eos=ignore_eos,
+        )
+        for event in events:
+            if event.text and not as_json:
+                out.write(event.text)
+                out.flush()
+            result = event.result or result
+        if as_json:
+            import torch
+
+            obj = {
+                "prompt": text_in, "text": result.text, "token_ids": result.token_ids,
+                "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.token_ids),
+                "finish_reason": result.finish_reason, "model": model_name, "revision": revision,
+                "seed": seed, "dtype": str(m.dtype).removeprefix("torch."), "backend": m.backend_name,
+                "device": str(m.device), "versions": _versions(),
+                "stats": {"load_s": load_s, **result.stats},
+            }
+            out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        elif result.text and not result.text.endswith("\n") and out.isatty():
+            out.write("\n")
+        out.flush()
+    except BrokenPipeError:
+        _closed_stdout()
+    except KeyboardInterrupt:
+        try:
+            out.flush()
+        except BrokenPipeError:
+            pass
+        err.print("\ninterrupted")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not quiet:
+        s = result.stats
+        err.print(
+            f"[dim]load {load_s:.2f} s · prompt {result.prompt_tokens} tokens · prefill "
+            f"{_fmt(s['prefill_tok_s'], 'tok/s', digits=0)} · first token {_fmt(s['ttft_s'], 'ms', 1e3)} · "
+            f"decode {_fmt(s['decode_tok_s'], 'tok/s')} ({len(result.token_ids)} tokens, "
+            f"{result.finish_reason}) · peak memory {_human_bytes(s['peak_memory_bytes'])} · "
+            f"{m.backend_name} on {m.device}, {str(m.dtype).removeprefix('torch.')}[/]"
+        )
+
+
+def _revision_of(model: str) -> str | None:
+    """The snapshot hash a cached repo id resolved to (None for a plain directory)."""
+    from .hub import resolve_model_dir
+
+    p = resolve_model_dir(model)
+    return p.name if p.parent.name == "snapshots" else None
+
+
+@app.command()
+def bench(
+    preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight shape: mamba2-130m, mamba2-2.7b, codestral-7b, ..."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Benchmark a real checkpoint instead."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch, triton or all (side by side)."),
+    device: str = typer.Option("auto", "-d", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    prompt_len: int = typer.Option(128, "--prompt-len", min=1),
+    gen_len: int = typer.Option(64, "--gen-len", min=0),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    repeats: int = typer.Option(3, "--repeats", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Measure prefill and decode speed on random-weight presets or a real checkpoint."""
+    from .bench import bench_model, environment
+    from .checkpoint import resolve_device
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if model and preset:
+        _fail("give either -m/--model or --preset, not both")
+    preset = preset or (None if model else "mamba2-130m")
+    dev = resolve_device(device)
+    backends = ["torch", "triton"] if backend == "all" else [backend]
+    rows = []
+    m = None
+    for b in backends:
+        if m is None:
+            if model:
+                from .loader import load_model
+
+                m, _ = load_model(model, dev, dtype, b, batch_size)
+            else:
+                from .loader import load_preset
+
+                m, _ = load_preset(preset, dev, dtype, b, batch_size=batch_size)
+        else:
+            m.set_backend(b)
+        r = bench_model(m, prompt_len, gen_len, batch_size, repeats)
+        r.update(backend=m.backend_name, model=model or f"preset:{preset}", dtype=str(m.dtype).removeprefix("torch."))
+        rows.append(r)
+    env = environment(dev)
+    if as_json:
+        sys.stdout.write(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"mamba2 bench · {rows[0]['model']} · {rows[0]['dtype']} · batch {batch_size}")
+    for col in ("backend", "prompt", "prefill tok/s", "decode tok/s", "ms/token", "peak memory"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["backend"], str(r["prompt_len"]), f"{r['prefill_tok_s']:,.0f}",
+                  _fmt(r["decode_tok_s"], "", digits=1), _fmt(r["decode_ms_per_step"], "", digits=2),
+                  _human_bytes(r["peak_memory_bytes"]))
+    Console().print(t)
+    Console().print(f"[dim]{env['device']} · {env['threads']} threads · torch {env['torch']} · "
+                    f"triton {env['triton']} · commit {env['commit']}[/]")
+
+
+@app.command()
+def version():
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main():
+    # A closed pipe should end us quietly, not with a traceback from the interpreter.
+    try:
+        app(standalone_mode=False)
+    except Mamba2Error as e:
+        _print_error(str(e))
+        sys.exit(EXIT_USER_ERROR)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        try:
+            _closed_stdout()
+        except typer.Exit:
+            sys.exit(EXIT_SIGPIPE)
+    except _click_errors() as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MemoryError:
+        _print_error("out of memory")
+        sys.exit(EXIT_USER_ERROR)
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            _print_error("out of memory on the device; try a smaller --batch-size, a shorter prompt or --dtype bfloat16")
+            sys.exit(EXIT_USER_ERROR)
+        raise
+
+
+def _click_errors():
+    import click
+
+    return (click.exceptions.ClickException,)
+
+
+def _print_error(msg: str) -> None:
+    from rich.markup import escape
+
+    try:
+        _stderr().print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+    except Exception:
+        sys.stderr.write(f"error: {msg}\n")
+
+
+if __name__ == "__main__":
+    main()

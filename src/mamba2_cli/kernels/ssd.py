@@ -1,0 +1,279 @@
+"""Triton SSD prefill: the chunked scan of a whole prompt in one pass over the sequence.
+
+One program owns one (sequence, head, block of P rows) and walks the chunks in order,
+carrying its slice of the state [BLOCK_P, N] in fp32 registers. Per chunk of CHUNK tokens:
+
+    a      = cumsum(dt * A)                         (log-decay from the chunk start)
+    y      = exp(a) * (C . S_in^T)                  (the state entering the chunk)
+           + ((C B^T) o exp(a_q - a_s) o dt_s o [s <= q]) . x     (inside the chunk)
+           + D x
+    S_out  = exp(a_end) S_in + (x o dt o exp(a_end - a))^T . B
+
+Why one pass instead of upstream's five kernels: the chunk-boundary states never touch
+device memory (at L=16384 one layer's states are 268 MB of fp32 written and read twice),
+and since no state is stored per chunk, a small chunk costs nothing but loop trips, so the
+quadratic in-chunk work stays small. Results do not depend on the chunk length (it only
+regroups the same sums), so the kernel picks its own; `chunk_size` of the interface is
+accepted and ignored.
+
+C B^T depends on the group, not the head: a first small kernel computes it once per
+(sequence, chunk, group) in fp32 so the scan does not repeat it for every head of a group.
+
+Numerics: dt, A, decays and the carried state are fp32. Matrix products take 16-bit
+operands (the input dtype) with fp32 accumulation, as upstream does; with fp32 inputs they
+run in full fp32 ("ieee"), never tf32, so fp32 results stay within 1e-4 of float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import Mamba2Error
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md); the scan
+# writes the final state, and none of these kernels is autotuned.
+SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 2, "CB_PRECOMPUTED": True}
+CB_CONFIG = {"num_warps": 4, "num_stages": 2}
+
+
+@triton.jit
+def softplus_clamp(v, dt_lo, dt_hi, DT_CLAMP: tl.constexpr):
+    """clamp(softplus(v), lo, hi) in fp32, accurate for large negative v too.
+
+    softplus(v) = max(v, 0) + log1p(exp(-|v|)); log1p(u) is computed as
+    log(1 + u) * u / ((1 + u) - 1), which stays accurate where 1 + u rounds (no log1p
+    in every Triton release).
+    """
+    u = tl.exp(-tl.abs(v))
+    w = 1.0 + u
+    log1p_u = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    sp = tl.maximum(v, 0.0) + log1p_u
+    if DT_CLAMP:
+        sp = tl.minimum(tl.maximum(sp, dt_lo), dt_hi)
+    return sp
+
+
+@triton.jit
+def _chunk_cb_kernel(
+    C_ptr, B_ptr, cb_ptr,
+    L, N, nchunks, G,
+    stride_C_b, stride_C_l, stride_C_g,
+    stride_B_b, stride_B_l, stride_B_g,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """cb[b, c, g] = C_chunk . B_chunk^T  ([CHUNK, CHUNK] fp32), zero rows past L."""
+    pid = tl.program_id(0)
+    g = pid % G
+    bc = pid // G
+    c = bc % nchunks
+    bi = (bc // nchunks).to(tl.int64)
+    offs_q = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, BLOCK_N)
+    t0 = c.to(tl.int64) * CHUNK
+    tmask = (t0 + offs_q) < L
+    C_base = C_ptr + bi * stride_C_b + t0 * stride_C_l + g * stride_C_g
+    B_base = B_ptr + bi * stride_B_b + t0 * stride_B_l + g * stride_B_g
+    acc = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        nmask = (n0 + offs_n) < N
+        Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + (n0 + offs_n)[None, :],
+                     mask=tmask[:, None] & nmask[None, :], other=0.0)
+        Bt = tl.load(B_base + offs_q[None, :] * stride_B_l + (n0 + offs_n)[:, None],
+                     mask=tmask[None, :] & nmask[:, None], other=0.0)
+        acc += tl.dot(Cm, Bt, input_precision=DOT_PRECISION)
+    out = cb_ptr + pid.to(tl.int64) * (CHUNK * CHUNK)
+    tl.store(out + offs_q[:, None] * CHUNK + offs_q[None, :], acc)
+
+
+@triton.jit
+def _ssd_scan_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, cb_ptr, init_ptr, y_ptr, final_ptr,
+    L, H, P, N, G, heads_per_group, nchunks, dt_lo, dt_hi,
+    stride_x_b, stride_x_l, stride_x_h,
+    stride_dt_b, stride_dt_l, stride_dt_h,
+    stride_B_b, stride_B_l, stride_B_g,
+    stride_C_b, stride_C_l, stride_C_g,
+    stride_D_h, stride_D_p,
+    stride_y_b, stride_y_l, stride_y_h,
+    stride_s_b, stride_s_h, stride_s_p,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    CB_PRECOMPUTED: tl.constexpr, HAS_INIT: tl.constexpr, DT_CLAMP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Program order: P block fastest, then head, then sequence, so the heads of one group
+    # (which read the same B, C and C B^T) run side by side and share L2.
+    pid = tl.program_id(0)
+    npb = tl.cdiv(P, BLOCK_P)
+    pb = pid % npb
+    h = (pid // npb) % H
+    bi = (pid // (npb * H)).to(tl.int64)
+    g = h // heads_per_group
+
+    offs_q = tl.arange(0, CHUNK)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    pmask = offs_p < P
+    nmask = offs_n < N
+    causal = offs_q[:, None] >= offs_q[None, :]
+
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
+
+    s_off = bi * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
+    s_mask = pmask[:, None] & nmask[None, :]
+    if HAS_INIT:
+        state = tl.load(init_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+
+    # Base pointers advance by one chunk per trip (64-bit pointer arithmetic, so long
+    # prompts cannot overflow 32-bit offsets).
+    x_base = x_ptr + bi * stride_x_b + h * stride_x_h
+    y_base = y_ptr + bi * stride_y_b + h * stride_y_h
+    dt_base = dt_ptr + bi * stride_dt_b + h * stride_dt_h
+    B_base = B_ptr + bi * stride_B_b + g * stride_B_g
+    C_base = C_ptr + bi * stride_C_b + g * stride_C_g
+    cb_base = cb_ptr + ((bi * nchunks) * G + g) * (CHUNK * CHUNK)
+
+    for c in range(0, nchunks):
+        tmask = (c * CHUNK + offs_q) < L
+        dt = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask, other=0.0).to(tl.float32)
+        # Positions past L get dt = 0: no decay and no input, the state passes through.
+        dt = tl.where(tmask, softplus_clamp(dt + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
+        dA = dt * A
+        a = tl.cumsum(dA, axis=0)
+        a_end = tl.sum(dA, axis=0)
+
+        xm = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
+                     mask=tmask[:, None] & pmask[None, :], other=0.0)
+        Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
+                     mask=tmask[:, None] & nmask[None, :], other=0.0)
+        Bm = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
+                     mask=tmask[:, None] & nmask[None, :], other=0.0)
+
+        # The state entering the chunk, seen from each position: exp(a_q) C_q . S_in.
+        y = tl.dot(Cm, tl.trans(state.to(xm.dtype)), input_precision=DOT_PRECISION)
+        y = y * tl.exp(a)[:, None]
+
+        # Inside the chunk. Decay exponents are differences of one chunk's cumsum, so
+        # they stay small; the upper triangle is clamped before exp (it is masked anyway).
+        if CB_PRECOMPUTED:
+            cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
+        else:
+            cb = tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PRECISION)
+        decay = tl.exp(tl.minimum(a[:, None] - a[None, :], 0.0))
+        scores = tl.where(causal, cb * decay * dt[None, :], 0.0)
+        y += tl.dot(scores.to(xm.dtype), xm, input_precision=DOT_PRECISION)
+        y += Dv[None, :] * xm.to(tl.float32)
+        tl.store(y_base + offs_q[:, None] * stride_y_l + offs_p[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=tmask[:, None] & pmask[None, :])
+
+        # Carry the state to the chunk's end.
+        w = tl.exp(a_end - a) * dt
+        xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
+        state = state * tl.exp(a_end) + tl.dot(tl.trans(xw), Bm, input_precision=DOT_PRECISION)
+
+        x_base += CHUNK * stride_x_l
+        y_base += CHUNK * stride_y_l
+        dt_base += CHUNK * stride_dt_l
+        B_base += CHUNK * stride_B_l
+        C_base += CHUNK * stride_C_l
+        cb_base += G * CHUNK * CHUNK
+
+    tl.store(final_ptr + s_off, state, mask=s_mask)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise Mamba2Error(f"ssd_prefill: {msg}")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None, *, config=None):
+    """Chunked SSD scan; same contract as `torch_ref.ssd_prefill`.
+
+    x [b, L, H, P] (fp16, bf16 or fp32); dt [b, L, H]; A [H] fp32; B, C [b, L, G, N] in
+    x.dtype; D [H] or [H, P]; dt_bias [H]; initial_state [b, H, P, N] fp32 or None.
+    Returns y [b, L, H, P] in x.dtype and the final state [b, H, P, N] fp32.
+    `chunk_size` is accepted for the interface; the kernel's own chunk gives the same sums.
+    `config` overrides SCAN_CONFIG keys (benchmarks use it).
+    """
+    cfg = dict(SCAN_CONFIG, **(config or {}))
+    _check(x.dim() == 4, f"x must be [b, L, H, P], got shape {tuple(x.shape)}")
+    b, L, H, P = x.shape
+    _check(x.dtype in _FLOAT_DTYPES, f"x dtype {x.dtype} not supported (fp16, bf16, fp32)")
+    _check(B.dim() == 4 and C.dim() == 4 and B.shape == C.shape and B.shape[:2] == (b, L),
+           f"B and C must be [b, L, G, N] matching x; got {tuple(B.shape)} and {tuple(C.shape)}")
+    G, N = B.shape[-2:]
+    _check(H % G == 0, f"ngroups {G} must divide nheads {H}")
+    _check(B.dtype == x.dtype and C.dtype == x.dtype, f"B, C dtype ({B.dtype}, {C.dtype}) must match x ({x.dtype})")
+    _check(dt.shape == (b, L, H), f"dt must be [b, L, H] = {(b, L, H)}, got {tuple(dt.shape)}")
+    _check(A.shape == (H,) and dt_bias.shape == (H,), "A and dt_bias must be [H]")
+    _check(D.shape in ((H,), (H, P)), f"D must be [H] or [H, P], got {tuple(D.shape)}")
+    _check(16 <= P and 16 <= N and N <= 256, f"headdim P={P} must be >= 16 and d_state N={N} in 16..256")
+    tensors = [x, dt, A, B, C, D, dt_bias] + ([initial_state] if initial_state is not None else [])
+    _check(all(t.device == x.device for t in tensors), "all tensors must be on one device")
+    if initial_state is not None:
+        _check(initial_state.shape == (b, H, P, N) and initial_state.dtype == torch.float32,
+               f"initial_state must be fp32 [b, H, P, N] = {(b, H, P, N)}, got "
+               f"{initial_state.dtype} {tuple(initial_state.shape)}")
+        # The kernel reads the initial state with the final state's (contiguous) strides.
+        initial_state = initial_state.contiguous()
+
+    y = torch.empty((b, L, H, P), dtype=x.dtype, device=x.device)
+    final = torch.empty((b, H, P, N), dtype=torch.float32, device=x.device)
+    if L == 0 or b == 0:
+        final.copy_(initial_state) if initial_state is not None else final.zero_()
+        return y, final
+
+    x, B, C, dt = (_last_dim_contiguous(t) for t in (x, B, C, dt))
+    A = A.float().contiguous()
+    dt_bias = dt_bias.float().contiguous()
+    D = D.float()
+    D2 = D if D.dim() == 2 else D[:, None].expand(H, P)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    dt_clamp = lo > 0.0 or hi != float("inf")
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+
+    CHUNK = int(cfg["CHUNK"])
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_P = min(int(cfg["BLOCK_P"]), triton.next_power_of_2(P))
+    nchunks = triton.cdiv(L, CHUNK)
+    npb = triton.cdiv(P, BLOCK_P)
+
+    if cfg["CB_PRECOMPUTED"]:
+        cb = torch.empty((b, nchunks, G, CHUNK, CHUNK), dtype=torch.float32, device=x.device)
+        _chunk_cb_kernel[(b * nchunks * G,)](
+            C, B, cb, L, N, nchunks, G,
+            C.stride(0), C.stride(1), C.stride(2),
+            B.stride(0), B.stride(1), B.stride(2),
+            CHUNK=CHUNK, BLOCK_N=min(BLOCK_N, 128), DOT_PRECISION=precision, **CB_CONFIG,
+        )
+    else:
+        cb = y  # unused
+
+    init = initial_state if initial_state is not None else final
+    _ssd_scan_kernel[(b * H * npb,)](
+        x, dt, A, B, C, D2, dt_bias, cb, init, y, final,
+        L, H, P, N, G, H // G, nchunks, lo, hi if hi != float("inf") else 3.0e38,
+        x.stride(0), x.stride(1), x.stride(2),
+        dt.stride(0), dt.stride(1), dt.stride(2),
+        B.stride(0), B.stride(1), B.stride(2),
+        C.stride(0), C.stride(1), C.stride(2),
+        D2.stride(0), D2.stride(1),
+        y.stride(0), y.stride(1), y.stride(2),
+        final.stride(0), final.stride(1), final.stride(2),
+        CHUNK=CHUNK, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+        CB_PRECOMPUTED=bool(cfg["CB_PRECOMPUTED"]), HAS_INIT=initial_state is not None,
+        DT_CLAMP=dt_clamp, DOT_PRECISION=precision,
+        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
+    )
+    return y, final

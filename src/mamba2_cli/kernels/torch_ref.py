@@ -1,0 +1,210 @@
+"""The reference backend: every operation of `kernels.Backend` in plain PyTorch.
+
+Runs on any device and dtype. Numerics: dt, A, decays and the SSM state are fp32 (or
+float64 when the inputs are float64, which the tests use); outputs come back in the input
+dtype. The chunked scan never builds an (L, L) matrix nor a (Q, Q, H, N) product: per chunk
+it holds O(Q^2 * H + Q * H * (P + N)) numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+name = "torch"
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def softplus_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float]) -> torch.Tensor:
+    """dt = clamp(softplus(dt + dt_bias), *dt_limit), computed in fp32 (or fp64)."""
+    ct = _compute_dtype(dt)
+    dt = F.softplus(dt.to(ct) + dt_bias.to(ct))
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != float("inf"):
+        dt = dt.clamp(min=lo, max=hi)
+    return dt
+
+
+def _heads(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
+    # Head h reads group h // (H / G): consecutive heads share a group (repeat_interleave).
+    g = t.shape[dim]
+    return t if g == nheads else t.repeat_interleave(nheads // g, dim=dim)
+
+
+def _D_term(D: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # D is [H] or [H, P]; x is [..., H, P].
+    return x * (D[:, None] if D.dim() == 1 else D).to(x.dtype)
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """a [..., Q] -> [..., Q, Q] with out[i, j] = sum(a[j+1 .. i]) for j <= i, -inf above.
+
+    Built from masked cumulative sums rather than cumsum differences, so a long run of
+    strong decay does not cancel catastrophically.
+    """
+    Q = a.shape[-1]
+    x = a[..., None].expand(*a.shape, Q)  # x[..., i, j] = a[i]
+    lower = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device), diagonal=-1)
+    x = x.masked_fill(~lower, 0)
+    s = torch.cumsum(x, dim=-2)
+    keep = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device), diagonal=0)
+    return s.masked_fill(~keep, float("-inf"))
+
+
+def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None):
+    """Chunked SSD scan over a whole prompt, continuing from `initial_state`.
+
+    x [b, L, H, P]; dt [b, L, H] (raw, before softplus); A [H] fp32 (negative);
+    B, C [b, L, G, N]; D [H] or [H, P]; dt_bias [H]; dt_limit (lo, hi);
+    initial_state [b, H, P, N] fp32 or None (zeros).
+    Returns y [b, L, H, P] in x.dtype and the final state [b, H, P, N] fp32.
+    """
+    b, L, H, P = x.shape
+    G, N = B.shape[-2:]
+    ct = _compute_dtype(x)
+    Q = chunk_size
+    nchunks = -(-L // Q)
+    pad = nchunks * Q - L
+
+    dt = softplus_dt(dt, dt_bias, dt_limit)  # [b, L, H]
+    xf, Bf, Cf = x.to(ct), B.to(ct), C.to(ct)
+    if pad:
+        # Padding positions get dt = 0: no decay, no input, so the state passes through.
+        dt = F.pad(dt, (0, 0, 0, pad))
+        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+
+    xc = xf.view(b, nchunks, Q, H, P)
+    dtc = dt.view(b, nchunks, Q, H)
+    Bc = _heads(Bf.view(b, nchunks, Q, G, N), H, dim=3)
+    Cc = _heads(Cf.view(b, nchunks, Q, G, N), H, dim=3)
+    dA = (dtc * A.to(ct)).permute(0, 1, 3, 2)  # [b, c, H, Q]
+    dA_cs = torch.cumsum(dA, dim=-1)
+    xdt = xc * dtc[..., None]  # [b, c, Q, H, P]
+
+    # 1. Within each chunk: y_diag[q] = sum_{s<=q} (C_q . B_s) exp(a_q - a_s) dt_s x_s.
+    decay = torch.exp(_segsum(dA))  # [b, c, H, Q, Q]
+    scores = torch.einsum("bcqhn,bcshn->bchqs", Cc, Bc) * decay
+    y = torch.einsum("bchqs,bcshp->bcqhp", scores, xdt)
+    del decay, scores
+
+    # 2. Each chunk's own end state, starting from zero.
+    to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # [b, c, H, Q]
+    chunk_states = torch.einsum("bcshn,bchs,bcshp->bchpn", Bc, to_end, xdt)
+
+    # 3. Carry states across chunk boundaries, starting from the initial state.
+    state = (
+        torch.zeros(b, H, P, N, dtype=ct, device=x.device)
+        if initial_state is None
+        else initial_state.to(ct)
+    )
+    chunk_decay = torch.exp(dA_cs[..., -1])  # [b, c, H]
+    starts = []
+    for c in range(nchunks):
+        starts.append(state)
+        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
+    start_states = torch.stack(starts, dim=1)  # [b, c, H, P, N]
+
+    # 4. Contribution of the state entering each chunk: y_off[q] = exp(a_q) C_q . S_in.
+    y = y + torch.einsum("bcqhn,bchpn->bcqhp", Cc, start_states) * torch.exp(dA_cs).permute(0, 1, 3, 2)[..., None]
+
+    y = y.reshape(b, nchunks * Q, H, P)[:, :L]
+    y = y + _D_term(D.to(ct), x.to(ct))
+    return y.to(x.dtype), state.to(torch.float64 if ct == torch.float64 else torch.float32)
+
+
+def ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state):
+    """One token of the recurrence; updates `ssm_state` in place.
+
+    x [b, H, P]; dt [b, H] raw; B, C [b, G, N]; ssm_state [b, H, P, N] fp32.
+    Returns y [b, H, P] in x.dtype:  S = exp(dt A) S + dt x B^T;  y = S C + D x.
+    """
+    H = x.shape[1]
+    ct = ssm_state.dtype
+    dt = softplus_dt(dt, dt_bias, dt_limit).to(ct)  # [b, H]
+    dA = torch.exp(dt * A.to(ct))
+    Bh = _heads(B.to(ct), H, dim=1)  # [b, H, N]
+    Ch = _heads(C.to(ct), H, dim=1)
+    xf = x.to(ct)
+    ssm_state.mul_(dA[..., None, None]).add_((xf * dt[..., None])[..., None] * Bh[:, :, None, :])
+    y = torch.einsum("bhpn,bhn->bhp", ssm_state, Ch) + _D_term(D.to(ct), xf)
+    return y.to(x.dtype)
+
+
+def causal_conv1d(xBC, weight, bias, conv_state):
+    """Depthwise causal conv + SiLU over a prompt, continuing from `conv_state`.
+
+    xBC [b, L, C]; weight [C, K]; bias [C] or None; conv_state [b, C, K-1] holds the K-1
+    inputs before this prompt (oldest first) and is overwritten with the last K-1 inputs.
+    Returns [b, L, C] in xBC.dtype.
+    """
+    b, L, Cdim = xBC.shape
+    K = weight.shape[-1]
+    window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # [b, C, K-1+L]
+    out = F.conv1d(window, weight[:, None, :].to(xBC.dtype), bias, groups=Cdim)  # [b, C, L]
+    conv_state.copy_(window[:, :, -(K - 1):])
+    return F.silu(out).transpose(1, 2)
+
+
+def conv1d_step(xBC, weight, bias, conv_state):
+    """One token of the causal conv: xBC [b, C] -> [b, C]; shifts `conv_state` in place."""
+    window = torch.cat([conv_state, xBC[:, :, None].to(conv_state.dtype)], dim=-1)  # [b, C, K]
+    out = (window * weight.to(window.dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias
+    conv_state.copy_(window[:, :, 1:])
+    return F.silu(out).to(xBC.dtype)
+
+
+def gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False):
+    """RMSNorm over each group of `group_size` channels, gated by silu(z).
+
+    norm_before_gate False: RMSNorm_g(y * silu(z)) * w;  True: RMSNorm_g(y) * w * silu(z).
+    """
+    shape = y.shape
+    ct = _compute_dtype(y)
+    yf, zf = y.to(ct), z.to(ct)
+    if not norm_before_gate:
+        yf = yf * F.silu(zf)
+    g = yf.view(*shape[:-1], shape[-1] // group_size, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    out = g.view(shape) * weight.to(ct)
+    if norm_before_gate:
+        out = out * F.silu(zf)
+    return out.to(y.dtype)
+
+
+def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
+    """residual += x (in fp32 when asked); returns (RMSNorm(residual) * w in x.dtype, residual)."""
+    if residual is None:
+        residual = x.float() if residual_in_fp32 else x
+    else:
+        residual = residual + x
+    r = residual.float() if residual.dtype != torch.float64 else residual
+    out = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * weight.to(r.dtype)
+    return out.to(x.dtype), residual
+
+
+def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
+                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False):
+    """One decode token of the mixer between in_proj and out_proj.
+
+    zxbcdt [b, 2*d_inner + 2*G*N + H] (in_proj output); conv_state [b, conv_dim, K-1] and
+    ssm_state [b, H, P, N] are updated in place. Returns the gated, normed y [b, d_inner].
+    """
+    b = zxbcdt.shape[0]
+    H, P, N = ssm_state.shape[1:]
+    d_inner = H * P
+    conv_dim = d_inner + 2 * ngroups * N
+    z, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, H], dim=-1)
+    xBC = conv1d_step(xBC, conv_weight, conv_bias, conv_state)
+    x, B, C = torch.split(xBC, [d_inner, ngroups * N, ngroups * N], dim=-1)
+    y = ssd_decode_step(
+        x.reshape(b, H, P), dt, A, B.reshape(b, ngroups, N), C.reshape(b, ngroups, N),
+        D, dt_bias, dt_limit, ssm_state,
+    )
+    return gated_rmsnorm(y.reshape(b, d_inner), z, norm_weight, d_inner // ngroups, eps, norm_before_gate)

@@ -1,0 +1,134 @@
+"""Mamba2LM: embeddings, pre-norm Mamba-2 blocks, final norm, lm_head.
+
+Parameter names follow the HF layout (`backbone.embeddings.weight`,
+`backbone.layers.N.mixer.in_proj.weight`, ...); checkpoint.py maps the other formats onto it.
+The numerics live in the backend (kernels/); this file only wires the pieces together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Mamba2Config
+from .kernels import get_backend
+from .state import Mamba2State
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.nheads
+        self.in_proj = nn.Linear(cfg.d_model, cfg.in_proj_dim, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
+        # dt_bias, A_log and D stay fp32 whatever the model dtype (fp16 A overflows).
+        self.dt_bias = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        self.D = nn.Parameter(torch.ones((H, cfg.headdim) if cfg.D_has_hdim else (H,), dtype=torch.float32))
+        self.norm = RMSNorm(cfg.d_inner)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        self.register_buffer("A", torch.zeros(H, dtype=torch.float32), persistent=False)
+
+    def prepare(self) -> None:
+        """Derived tensors, computed once after the weights are in place."""
+        self.A = -torch.exp(self.A_log.detach().float())
+        self.conv_weight = self.conv1d.weight.detach()[:, 0, :]  # [C, K] view
+
+    def forward(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, backend) -> torch.Tensor:
+        cfg = self.cfg
+        b, L, _ = u.shape
+        if L == 1:
+            zxbcdt = self.in_proj(u[:, 0])
+            y = backend.mixer_decode_step(
+                zxbcdt, self.conv_weight, self.conv1d.bias, conv_state, self.A, self.D, self.dt_bias,
+                cfg.dt_limit, self.norm.weight, ssm_state, cfg.ngroups, cfg.layer_norm_epsilon,
+                cfg.norm_before_gate,
+            )
+            return self.out_proj(y)[:, None]
+
+        H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+        z, xBC, dt = torch.split(self.in_proj(u), [cfg.d_inner, cfg.conv_dim, H], dim=-1)
+        xBC = backend.causal_conv1d(xBC, self.conv_weight, self.conv1d.bias, conv_state)
+        x, B, C = torch.split(xBC, [cfg.d_inner, G * N, G * N], dim=-1)
+        y, final_state = backend.ssd_prefill(
+            x.reshape(b, L, H, P), dt, self.A, B.reshape(b, L, G, N), C.reshape(b, L, G, N),
+            self.D, self.dt_bias, cfg.dt_limit, cfg.chunk_size, initial_state=ssm_state,
+        )
+        ssm_state.copy_(final_state)
+        y = backend.gated_rmsnorm(
+            y.reshape(b, L, cfg.d_inner), z, self.norm.weight, cfg.d_inner // G,
+            cfg.layer_norm_epsilon, cfg.norm_before_gate,
+        )
+        return self.out_proj(y)
+
+
+class Mamba2Block(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model)
+        self.mixer = Mamba2Mixer(cfg)
+
+
+class Mamba2Backbone(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model)
+
+
+class Mamba2LM(nn.Module):
+    def __init__(self, cfg: Mamba2Config, backend: str = "torch"):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Mamba2Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.backend_name = backend
+        self.backend = get_backend(backend, "cpu") if backend == "torch" else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embeddings.weight.dtype
+
+    def set_backend(self, name: str) -> str:
+        """Select 'torch', 'triton' or 'auto' for this model's device; returns the name chosen."""
+        self.backend = get_backend(name, self.device.type)
+        self.backend_name = self.backend.name
+        return self.backend_name
+
+    def prepare(self) -> "Mamba2LM":
+        """Tie weights and compute derived tensors; call once the weights are loaded."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        for layer in self.backbone.layers:
+            layer.mixer.prepare()
+        return self
+
+    def new_state(self, batch_size: int = 1) -> Mamba2State:
+        return Mamba2State.zeros(self.cfg, batch_size, self.device, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, state: Mamba2State, logits_to_keep: int | None = None) -> torch.Tensor:
+        """input_ids [B, L] -> fp32 logits [B, L or logits_to_keep, vocab]; `state` is advanced in place."""
+        cfg, be = self.cfg, self.backend
+        h = self.backbone.embeddings(input_ids)
+        residual = None
+        for i, layer in enumerate(self.backbone.layers):
+            normed, residual = be.add_rmsnorm(h, residual, layer.norm.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
+            h = layer.mixer(normed, state.conv[i], state.ssm[i], be)
+        if logits_to_keep:
+            h, residual = h[:, -logits_to_keep:], residual[:, -logits_to_keep:]
+        normed, _ = be.add_rmsnorm(h, residual, self.backbone.norm_f.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
+        logits = F.linear(normed, self.lm_head.weight)
+        return logits[..., : cfg.vocab_size].float()
