@@ -1,0 +1,157 @@
+"""Triton depthwise causal conv1d + SiLU: over a prompt, and one token at a time.
+
+Conv state layout: conv_state [b, C, K-1], the K-1 inputs before the current one, oldest
+first (the interface's layout). Products and sums are fp32; the output is rounded once to
+the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import Mamba2Error
+
+CONV_CONFIG = {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4}
+CONV_STEP_CONFIG = {"BLOCK_C": 256, "num_warps": 4}
+
+
+@triton.jit
+def conv_window_step(xbc_ptr, cs_ptr, w_ptr, b_ptr, ch, cmask, offs_k, stride_cs_c, stride_w_c,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One token of the conv for channels `ch`: returns (window [C, BLOCK_K], output fp32).
+
+    window[:, j] is the conv state for j < K-1 and the new input at j = K-1, in the conv
+    state's dtype; the output is SiLU(window . w + bias), rounded to the input's dtype.
+    The caller shifts the window into the state once no one else reads it.
+    """
+    xin = tl.load(xbc_ptr + ch, mask=cmask, other=0.0)
+    kk = offs_k[None, :]
+    old = tl.load(cs_ptr + ch[:, None] * stride_cs_c + kk, mask=cmask[:, None] & (kk < K - 1), other=0.0)
+    window = tl.where(kk == K - 1, xin[:, None].to(old.dtype), old)
+    w = tl.load(w_ptr + ch[:, None] * stride_w_c + kk, mask=cmask[:, None] & (kk < K), other=0.0)
+    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    out = acc * tl.sigmoid(acc)
+    return window, out.to(xin.dtype).to(tl.float32)
+
+
+@triton.jit
+def _conv_step_kernel(
+    xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, Cdim,
+    stride_x_b, stride_w_c, stride_cs_b, stride_cs_c, stride_out_b,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    bi = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < Cdim
+    offs_k = tl.arange(0, BLOCK_K)
+    cs = cs_ptr + bi * stride_cs_b
+    window, out = conv_window_step(xbc_ptr + bi * stride_x_b, cs, w_ptr, b_ptr, ch, cmask, offs_k,
+                                   stride_cs_c, stride_w_c, K, HAS_BIAS)
+    tl.store(out_ptr + bi * stride_out_b + ch, out.to(out_ptr.dtype.element_ty), mask=cmask)
+    tl.debug_barrier()  # every thread has read the old window before anyone shifts it
+    kk = offs_k[None, :]
+    tl.store(cs + ch[:, None] * stride_cs_c + (kk - 1), window, mask=cmask[:, None] & (kk >= 1) & (kk < K))
+
+
+@triton.jit
+def _causal_conv_kernel(
+    xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, L, Cdim,
+    stride_x_b, stride_x_l, stride_w_c, stride_cs_b, stride_cs_c, stride_out_b, stride_out_l,
+    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    bi = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tmask = t < L
+    cmask = ch < Cdim
+    x_base = xbc_ptr + bi * stride_x_b
+    cs_base = cs_ptr + bi * stride_cs_b
+    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        # Input t - (K-1) + k: from the prompt when >= 0, else from the conv state.
+        src = t - (K - 1) + k
+        from_x = tl.load(x_base + src[:, None].to(tl.int64) * stride_x_l + ch[None, :],
+                         mask=((src >= 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        from_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (src + K - 1)[:, None],
+                         mask=((src < 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ch * stride_w_c + k, mask=cmask, other=0.0).to(tl.float32)
+        acc += (from_x + from_s) * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    out = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + bi * stride_out_b + t[:, None].to(tl.int64) * stride_out_l + ch[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+
+
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise Mamba2Error(f"{op}: {msg}")
+
+
+def _check_conv_args(op, xBC, weight, bias, conv_state, b, Cdim):
+    _check(xBC.dtype in (torch.float16, torch.bfloat16, torch.float32), op, f"unsupported dtype {xBC.dtype}")
+    _check(weight.dim() == 2 and weight.shape[0] == Cdim, op,
+           f"weight must be [C={Cdim}, K], got {tuple(weight.shape)}")
+    K = weight.shape[1]
+    _check(K >= 2, op, f"conv width must be >= 2, got {K}")
+    _check(bias is None or bias.shape == (Cdim,), op, f"bias must be [{Cdim}]")
+    _check(conv_state.shape == (b, Cdim, K - 1), op,
+           f"conv_state must be [b, C, K-1] = {(b, Cdim, K - 1)}, got {tuple(conv_state.shape)}")
+    _check(conv_state.stride(-1) == 1, op, "conv_state must be contiguous in its last dim (updated in place)")
+    _check(all(t.device == xBC.device for t in (weight, conv_state)), op, "all tensors must be on one device")
+    return K
+
+
+def conv1d_step(xBC, weight, bias, conv_state):
+    """One token: xBC [b, C] -> SiLU(conv) [b, C]; shifts `conv_state` in place."""
+    op = "conv1d_step"
+    _check(xBC.dim() == 2, op, f"xBC must be [b, C], got {tuple(xBC.shape)}")
+    b, Cdim = xBC.shape
+    K = _check_conv_args(op, xBC, weight, bias, conv_state, b, Cdim)
+    xBC = xBC if xBC.stride(-1) == 1 else xBC.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    out = torch.empty((b, Cdim), dtype=xBC.dtype, device=xBC.device)
+    BLOCK_C = CONV_STEP_CONFIG["BLOCK_C"]
+    _conv_step_kernel[(b, triton.cdiv(Cdim, BLOCK_C))](
+        xBC, weight, bias if bias is not None else weight, conv_state, out, Cdim,
+        xBC.stride(0), weight.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
+        K=K, BLOCK_C=BLOCK_C, BLOCK_K=triton.next_power_of_2(K), HAS_BIAS=bias is not None,
+        num_warps=CONV_STEP_CONFIG["num_warps"],
+    )
+    return out
+
+
+def causal_conv1d(xBC, weight, bias, conv_state):
+    """Depthwise causal conv + SiLU over a prompt; same contract as `torch_ref.causal_conv1d`.
+
+    xBC [b, L, C] (any row stride); conv_state [b, C, K-1] is read for the first K-1
+    outputs and then overwritten with the last K-1 inputs. Returns [b, L, C] in xBC.dtype.
+    """
+    op = "causal_conv1d"
+    _check(xBC.dim() == 3, op, f"xBC must be [b, L, C], got {tuple(xBC.shape)}")
+    b, L, Cdim = xBC.shape
+    K = _check_conv_args(op, xBC, weight, bias, conv_state, b, Cdim)
+    xBC = xBC if xBC.stride(-1) == 1 else xBC.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    out = torch.empty((b, L, Cdim), dtype=xBC.dtype, device=xBC.device)
+    if L == 0 or b == 0:
+        return out
+    BL, BC = CONV_CONFIG["BLOCK_L"], CONV_CONFIG["BLOCK_C"]
+    _causal_conv_kernel[(b, triton.cdiv(L, BL), triton.cdiv(Cdim, BC))](
+        xBC, weight, bias if bias is not None else weight, conv_state, out, L, Cdim,
+        xBC.stride(0), xBC.stride(1), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+        out.stride(0), out.stride(1),
+        K=K, BLOCK_L=BL, BLOCK_C=BC, HAS_BIAS=bias is not None, num_warps=CONV_CONFIG["num_warps"],
+    )
+    # The new state is the last K-1 inputs; written after the kernel (same stream), which
+    # has read the old state by then. Short prompts keep part of the old state.
+    Km1 = K - 1
+    if L >= Km1:
+        conv_state.copy_(xBC[:, L - Km1:, :].transpose(1, 2))
+    else:
+        conv_state.copy_(torch.cat([conv_state[:, :, L:], xBC.transpose(1, 2).to(conv_state.dtype)], dim=-1))
+    return out

@@ -1,0 +1,300 @@
+"""Triton decode step: one token through the mixer between in_proj and out_proj, one launch.
+
+`mixer_decode_step` runs one program per (sequence, head, block of P rows):
+
+1. depthwise conv over the window [conv_state, new input] + bias + SiLU for the program's
+   x channels and for its group's B and C channels (cheap, so every head of a group
+   recomputes B and C rather than waiting for one another);
+2. dt = clamp(softplus(dt + dt_bias)); S = exp(dt A) S + dt x B^T in place (fp32);
+   y = S C + D x;
+3. the gated per-group RMSNorm. A group spans many programs, so each program leaves its
+   gated y (fp32) and its sum of squares in a scratch buffer and bumps the group's
+   arrival counter; the program that arrives last normalizes the whole group, writes the
+   output, shifts the group's B and C conv windows (every program of the group has read
+   them by then) and resets the counter for the next call. Partial sums are added in a
+   fixed order, so the result does not depend on which program comes last.
+
+The state slice of a program is read and written by the same threads in one tile, so the
+in-place update has no hazard; the kernel is never autotuned (a tuning run would apply
+the update several times). Scratch buffers are allocated once per shape and reused, so
+the step can be captured in a CUDA graph after one warm-up call. Calls that share a
+scratch buffer must not run concurrently on different streams.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import Mamba2Error
+from .conv import conv_window_step
+from .ssd import softplus_clamp
+
+# Fixed launch configuration (benchmarks/NOTES.md). BLOCK_P splits a head's P rows over
+# programs: more programs in flight for batch 1.
+STEP_CONFIG = {"BLOCK_P": 64, "num_warps": 4}
+
+_scratch: dict = {}
+
+
+@triton.jit
+def _state_update(state_ptrs, s_mask, x, dt, A, Bv, Cv, Dv):
+    """S = exp(dt A) S + dt x B^T (stored in place); returns y = S C + D x (fp32)."""
+    state = tl.load(state_ptrs, mask=s_mask, other=0.0)
+    state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(state_ptrs, state, mask=s_mask)
+    return tl.sum(state * Cv[None, :], axis=1) + Dv * x
+
+
+@triton.jit
+def _ssd_step_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, state_ptr, y_ptr,
+    H, P, N, heads_per_group, dt_lo, dt_hi,
+    stride_x_b, stride_x_h, stride_dt_b, stride_B_b, stride_B_g, stride_C_b, stride_C_g,
+    stride_D_h, stride_D_p, stride_s_b, stride_s_h, stride_s_p, stride_y_b, stride_y_h,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DT_CLAMP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    npb = tl.cdiv(P, BLOCK_P)
+    pb = pid % npb
+    h = (pid // npb) % H
+    bi = (pid // (npb * H)).to(tl.int64)
+    g = h // heads_per_group
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    pmask = offs_p < P
+    nmask = offs_n < N
+    s_mask = pmask[:, None] & nmask[None, :]
+    state_ptrs = state_ptr + bi * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
+
+    x = tl.load(x_ptr + bi * stride_x_b + h * stride_x_h + offs_p, mask=pmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + bi * stride_dt_b + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+    dt = softplus_clamp(dt, dt_lo, dt_hi, DT_CLAMP)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    Bv = tl.load(B_ptr + bi * stride_B_b + g * stride_B_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + bi * stride_C_b + g * stride_C_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
+    y = _state_update(state_ptrs, s_mask, x, dt, A, Bv, Cv, Dv)
+    tl.store(y_ptr + bi * stride_y_b + h * stride_y_h + offs_p, y.to(y_ptr.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _mixer_step_kernel(
+    zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr, norm_w_ptr,
+    ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr,
+    H, P, N, G, heads_per_group, d_inner, eps, dt_lo, dt_hi,
+    stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
+    stride_s_b, stride_s_h, stride_s_p, stride_out_b,
+    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    npb = tl.cdiv(P, BLOCK_P)
+    pb = pid % npb
+    h = (pid // npb) % H
+    bi64 = (pid // (npb * H)).to(tl.int64)
+    g = h // heads_per_group
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    pmask = offs_p < P
+    nmask = offs_n < N
+    s_mask = pmask[:, None] & nmask[None, :]
+
+    # Issue the big load (the state slice) first so its latency overlaps the conv.
+    state_ptrs = ssm_ptr + bi64 * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
+    state = tl.load(state_ptrs, mask=s_mask, other=0.0)
+
+    zx = zx_ptr + bi64 * stride_zx_b
+    xbc = zx + d_inner  # the conv input starts after z
+    cs = conv_state_ptr + bi64 * stride_cs_b
+    ch_x = h * P + offs_p
+    ch_B = d_inner + g * N + offs_n
+    ch_C = d_inner + G * N + g * N + offs_n
+    win_x, x = conv_window_step(xbc, cs, conv_w_ptr, conv_b_ptr, ch_x, pmask, offs_k,
+                                stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    win_B, Bv = conv_window_step(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, offs_k,
+                                 stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    win_C, Cv = conv_window_step(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, offs_k,
+                                 stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+
+    conv_dim = d_inner + 2 * G * N
+    dt = tl.load(xbc + conv_dim + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+    dt = softplus_clamp(dt, dt_lo, dt_hi, DT_CLAMP)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
+
+    state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(state_ptrs, state, mask=s_mask)
+    y = tl.sum(state * Cv[None, :], axis=1) + Dv * x
+    # y passes through the model dtype, as the unfused path (and prefill) would store it.
+    y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+    if NORM_BEFORE_GATE:
+        yv = y
+    else:
+        z = tl.load(zx + ch_x, mask=pmask, other=0.0).to(tl.float32)
+        yv = y * (z * tl.sigmoid(z))
+    yv = tl.where(pmask, yv, 0.0)
+    tl.store(ybuf_ptr + bi64 * d_inner + ch_x, yv, mask=pmask)
+    nss = heads_per_group * npb
+    slot = g * nss + (h % heads_per_group) * npb + pb
+    tl.store(ssbuf_ptr + bi64 * (G * nss) + slot, tl.sum(yv * yv, axis=0))
+
+    # Every thread has read its conv window: shift in this program's own x channels.
+    tl.debug_barrier()
+    kshift = (offs_k[None, :] >= 1) & (offs_k[None, :] < K)
+    tl.store(cs + ch_x[:, None] * stride_cs_c + (offs_k[None, :] - 1), win_x, mask=pmask[:, None] & kshift)
+
+    # Arrive at the group's counter; acq_rel publishes the scratch writes above and, for
+    # the last arrival, makes every other program's writes visible.
+    count_ptrs = count_ptr + bi64 * G + g
+    arrived = tl.atomic_add(count_ptrs, 1, sem="acq_rel")
+    if arrived == nss - 1:
+        GS = heads_per_group * P
+        offs_gs = tl.arange(0, BLOCK_GS)
+        gsmask = offs_gs < GS
+        ch_g = g * GS + offs_gs
+        offs_ss = tl.arange(0, BLOCK_SS)
+        ss = tl.load(ssbuf_ptr + bi64 * (G * nss) + g * nss + offs_ss, mask=offs_ss < nss, other=0.0,
+                     cache_modifier=".cg")
+        rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / GS + eps)
+        yg = tl.load(ybuf_ptr + bi64 * d_inner + ch_g, mask=gsmask, other=0.0, cache_modifier=".cg")
+        o = yg * rstd * tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
+        if NORM_BEFORE_GATE:
+            zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
+            o = o * (zg * tl.sigmoid(zg))
+        tl.store(out_ptr + bi64 * stride_out_b + ch_g, o.to(out_ptr.dtype.element_ty), mask=gsmask)
+        # All programs of the group have read the B and C windows: shift them now.
+        tl.store(cs + ch_B[:, None] * stride_cs_c + (offs_k[None, :] - 1), win_B, mask=nmask[:, None] & kshift)
+        tl.store(cs + ch_C[:, None] * stride_cs_c + (offs_k[None, :] - 1), win_C, mask=nmask[:, None] & kshift)
+        tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
+
+
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise Mamba2Error(f"{op}: {msg}")
+
+
+def _D_2d(D: torch.Tensor, H: int, P: int) -> torch.Tensor:
+    D = D.float()
+    return D if D.dim() == 2 else D[:, None].expand(H, P)
+
+
+def _dt_limit_args(dt_limit) -> tuple[float, float, bool]:
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    clamp = lo > 0.0 or hi != float("inf")
+    return lo, (hi if hi != float("inf") else 3.0e38), clamp
+
+
+def _check_state(op: str, ssm_state: torch.Tensor, shape: tuple) -> None:
+    _check(ssm_state.dtype == torch.float32, op, f"ssm_state must be fp32, got {ssm_state.dtype}")
+    _check(tuple(ssm_state.shape) == shape, op, f"ssm_state must be {shape}, got {tuple(ssm_state.shape)}")
+    _check(ssm_state.stride(-1) == 1, op, "ssm_state must be contiguous in its last dim (it is updated in place)")
+
+
+def ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state):
+    """One token; same contract as `torch_ref.ssd_decode_step` (ssm_state updated in place)."""
+    op = "ssd_decode_step"
+    _check(x.dim() == 3, op, f"x must be [b, H, P], got {tuple(x.shape)}")
+    b, H, P = x.shape
+    _check(B.dim() == 3 and B.shape == C.shape and B.shape[0] == b,
+           op, f"B and C must be [b, G, N], got {tuple(B.shape)} and {tuple(C.shape)}")
+    G, N = B.shape[1:]
+    _check(H % G == 0, op, f"ngroups {G} must divide nheads {H}")
+    _check(dt.shape == (b, H), op, f"dt must be [b, H] = {(b, H)}, got {tuple(dt.shape)}")
+    _check(D.shape in ((H,), (H, P)), op, f"D must be [H] or [H, P], got {tuple(D.shape)}")
+    _check_state(op, ssm_state, (b, H, P, N))
+    x, B, C, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C, dt))
+    D2 = _D_2d(D, H, P)
+    A = A.float().contiguous()
+    dt_bias = dt_bias.float().contiguous()
+    lo, hi, clamp = _dt_limit_args(dt_limit)
+    y = torch.empty((b, H, P), dtype=x.dtype, device=x.device)
+    BLOCK_P = min(STEP_CONFIG["BLOCK_P"], triton.next_power_of_2(P))
+    npb = triton.cdiv(P, BLOCK_P)
+    _ssd_step_kernel[(b * H * npb,)](
+        x, dt, A, B, C, D2, dt_bias, ssm_state, y, H, P, N, H // G, lo, hi,
+        x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        D2.stride(0), D2.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2),
+        y.stride(0), y.stride(1),
+        BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), DT_CLAMP=clamp,
+        num_warps=STEP_CONFIG["num_warps"],
+    )
+    return y
+
+
+def _scratch_for(device, b: int, d_inner: int, nslots: int, G: int):
+    key = (str(device), b, d_inner, nslots, G)
+    buf = _scratch.get(key)
+    if buf is None:
+        buf = (
+            torch.empty((b, d_inner), dtype=torch.float32, device=device),
+            torch.empty((b, nslots), dtype=torch.float32, device=device),
+            torch.zeros((b, G), dtype=torch.int32, device=device),
+        )
+        _scratch[key] = buf
+    return buf
+
+
+def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
+                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False, *, block_p=None):
+    """One decode token of the mixer; same contract as `torch_ref.mixer_decode_step`.
+
+    zxbcdt [b, 2*d_inner + 2*G*N + H]; conv_state [b, conv_dim, K-1] and ssm_state
+    [b, H, P, N] (fp32) are updated in place. Returns the gated, normed y [b, d_inner].
+    """
+    op = "mixer_decode_step"
+    _check(ssm_state.dim() == 4, op, f"ssm_state must be [b, H, P, N], got {tuple(ssm_state.shape)}")
+    b, H, P, N = ssm_state.shape
+    G = int(ngroups)
+    _check(G > 0 and H % G == 0, op, f"ngroups {G} must divide nheads {H}")
+    d_inner = H * P
+    conv_dim = d_inner + 2 * G * N
+    _check(zxbcdt.dim() == 2 and zxbcdt.shape == (b, 2 * d_inner + 2 * G * N + H), op,
+           f"zxbcdt must be [b, 2*d_inner + 2*G*N + H] = {(b, 2 * d_inner + 2 * G * N + H)}, "
+           f"got {tuple(zxbcdt.shape)}")
+    _check(zxbcdt.dtype in (torch.float16, torch.bfloat16, torch.float32), op, f"unsupported dtype {zxbcdt.dtype}")
+    _check(conv_weight.dim() == 2 and conv_weight.shape[0] == conv_dim, op,
+           f"conv_weight must be [conv_dim={conv_dim}, K], got {tuple(conv_weight.shape)}")
+    K = conv_weight.shape[1]
+    _check(K >= 2, op, f"conv width must be >= 2, got {K}")
+    _check(conv_state.shape == (b, conv_dim, K - 1), op,
+           f"conv_state must be [b, conv_dim, K-1] = {(b, conv_dim, K - 1)}, got {tuple(conv_state.shape)}")
+    _check(conv_state.stride(-1) == 1, op, "conv_state must be contiguous in its last dim (updated in place)")
+    _check(conv_bias is None or conv_bias.shape == (conv_dim,), op, f"conv_bias must be [{conv_dim}]")
+    _check(norm_weight.shape == (d_inner,), op, f"norm_weight must be [{d_inner}], got {tuple(norm_weight.shape)}")
+    _check(D.shape in ((H,), (H, P)), op, f"D must be [H] or [H, P], got {tuple(D.shape)}")
+    _check(A.shape == (H,) and dt_bias.shape == (H,), op, "A and dt_bias must be [H]")
+    _check_state(op, ssm_state, (b, H, P, N))
+    tensors = (zxbcdt, conv_weight, conv_state, A, D, dt_bias, norm_weight, ssm_state)
+    _check(all(t.device == ssm_state.device for t in tensors), op, "all tensors must be on one device")
+
+    zxbcdt = zxbcdt if zxbcdt.stride(-1) == 1 else zxbcdt.contiguous()
+    conv_weight = conv_weight if conv_weight.stride(-1) == 1 else conv_weight.contiguous()
+    conv_bias_arg = conv_bias.contiguous() if conv_bias is not None else conv_weight
+    D2 = _D_2d(D, H, P)
+    A = A.float().contiguous()
+    dt_bias = dt_bias.float().contiguous()
+    norm_weight = norm_weight.contiguous()
+    lo, hi, clamp = _dt_limit_args(dt_limit)
+
+    BLOCK_P = min(block_p or STEP_CONFIG["BLOCK_P"], triton.next_power_of_2(P))
+    npb = triton.cdiv(P, BLOCK_P)
+    hpg = H // G
+    out = torch.empty((b, d_inner), dtype=zxbcdt.dtype, device=zxbcdt.device)
+    ybuf, ssbuf, counts = _scratch_for(zxbcdt.device, b, d_inner, H * npb, G)
+    _mixer_step_kernel[(b * H * npb,)](
+        zxbcdt, conv_weight, conv_bias_arg, conv_state, A, D2, dt_bias, norm_weight,
+        ssm_state, out, ybuf, ssbuf, counts,
+        H, P, N, G, hpg, d_inner, float(eps), lo, hi,
+        zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+        D2.stride(0), D2.stride(1),
+        ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
+        K=K, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
+        HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
+        num_warps=STEP_CONFIG["num_warps"],
+    )
+    return out

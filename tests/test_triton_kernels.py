@@ -1,0 +1,318 @@
+"""The triton backend against the torch reference and the float64 recurrence, small shapes.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1,
+set here before Triton is imported). The interpreter computes tl.dot on bf16 wrongly, so
+bf16 runs only on a GPU (tests/test_triton_gpu.py). Every output the kernels allocate is
+poisoned with NaN, so an element a kernel forgets to write fails the comparison.
+"""
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mamba2_cli.errors import Mamba2Error  # noqa: E402
+from mamba2_cli.kernels import torch_ref  # noqa: E402
+from reference import rel_err, sequential_ssd  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INF = float("inf")
+
+
+@pytest.fixture(scope="module")
+def tb():
+    """The triton backend; a missing Triton skips, except under CI=true where it fails."""
+    if importlib.util.find_spec("triton") is None:
+        msg = "triton is not installed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{msg}, and CI=true forbids skipping the kernel tests")
+        pytest.skip(msg)
+    from mamba2_cli.kernels import triton_backend
+
+    return triton_backend
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled tensors (ints: a sentinel), so unwritten outputs show."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        t.fill_(math.nan if (t.is_floating_point() or t.is_complex()) else -12345)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def ssd_inputs(b, L, H, P, G, N, dtype, *, D_per_channel=False, init=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+    return dict(
+        x=rn(b, L, H, P).to(dtype),
+        dt=rn(b, L, H),
+        A=-torch.exp(rn(H, scale=0.5)),
+        B=rn(b, L, G, N).to(dtype),
+        C=rn(b, L, G, N).to(dtype),
+        D=rn(H, P) if D_per_channel else rn(H),
+        dt_bias=rn(H, scale=0.5) - 1.0,
+        initial_state=rn(b, H, P, N) if init else None,
+    )
+
+
+def run_ssd(fn, inp, dt_limit=(0.0, INF), chunk_size=16, **kw):
+    return fn(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["dt_bias"], dt_limit,
+              chunk_size, inp["initial_state"], **kw)
+
+
+def sequential(inp, dt_limit=(0.0, INF)):
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in inp.items()}
+    return sequential_ssd(cpu["x"], cpu["dt"], cpu["A"], cpu["B"], cpu["C"], cpu["D"], cpu["dt_bias"], dt_limit,
+                          cpu["initial_state"])
+
+
+# (b, L, H, P, G, N): ragged L (not a multiple of the kernel's chunk), G > 1, P != N, batch > 1.
+SSD_SHAPES = [
+    (2, 70, 4, 32, 2, 16),
+    (1, 5, 2, 16, 1, 32),
+    (1, 130, 4, 16, 4, 16),
+]
+
+
+@pytest.mark.parametrize("shape", SSD_SHAPES, ids=lambda s: "b{}-L{}-H{}-P{}-G{}-N{}".format(*s))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)], ids=["fp32", "fp16"])
+def test_ssd_prefill_matches_float64_recurrence(tb, shape, dtype, tol):
+    inp = ssd_inputs(*shape, dtype, D_per_channel=shape[0] == 1)
+    y, state = run_ssd(tb.ssd_prefill, inp)
+    y_ref, state_ref = sequential(inp)
+    assert y.dtype == dtype and y.shape == inp["x"].shape
+    assert state.dtype == torch.float32 and state.shape == state_ref.shape
+    assert rel_err(y.cpu(), y_ref) < tol
+    assert rel_err(state.cpu(), state_ref) < tol
+
+
+def test_ssd_prefill_matches_torch_reference_without_initial_state(tb):
+    inp = ssd_inputs(2, 37, 4, 16, 2, 32, torch.float32, init=False, seed=1)
+    y, state = run_ssd(tb.ssd_prefill, inp)
+    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, inp)
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(state, state_ref) < 1e-5
+
+
+def test_ssd_prefill_applies_dt_limit(tb):
+    inp = ssd_inputs(1, 40, 2, 16, 1, 16, torch.float32, seed=2)
+    limit = (0.05, 0.3)
+    y, state = run_ssd(tb.ssd_prefill, inp, dt_limit=limit)
+    y_ref, state_ref = sequential(inp, dt_limit=limit)
+    assert rel_err(y.cpu(), y_ref) < 1e-5
+    assert rel_err(state.cpu(), state_ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"CB_PRECOMPUTED": False},
+        {"CHUNK": 32, "BLOCK_P": 16},
+        {"CHUNK": 16, "BLOCK_P": 32, "CB_PRECOMPUTED": False},
+    ],
+    ids=["cb-inline", "chunk32-p16", "chunk16-inline"],
+)
+def test_ssd_prefill_configs_give_the_same_result(tb, config):
+    inp = ssd_inputs(2, 45, 4, 32, 2, 16, torch.float32, seed=3)
+    y, state = run_ssd(tb.ssd_prefill, inp, config=config)
+    y_ref, state_ref = run_ssd(tb.ssd_prefill, inp)
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(state, state_ref) < 1e-5
+
+
+def test_ssd_prefill_in_pieces_equals_whole(tb):
+    inp = ssd_inputs(1, 50, 2, 16, 2, 16, torch.float32, seed=4)
+    y, state = run_ssd(tb.ssd_prefill, inp)
+    cut = 23
+    first = {k: (v[:, :cut] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+    rest = {k: (v[:, cut:] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+    y1, s1 = run_ssd(tb.ssd_prefill, first)
+    rest["initial_state"] = s1
+    y2, s2 = run_ssd(tb.ssd_prefill, rest)
+    assert rel_err(torch.cat([y1, y2], dim=1), y) < 1e-5
+    assert rel_err(s2, state) < 1e-5
+
+
+def test_ssd_prefill_reads_strided_views(tb):
+    # As the model calls it: x, B, C are views into one conv output, dt a view into in_proj's.
+    b, L, H, P, G, N = 1, 33, 4, 16, 2, 16
+    inp = ssd_inputs(b, L, H, P, G, N, torch.float32, seed=5)
+    xBC = torch.cat([inp["x"].reshape(b, L, H * P), inp["B"].reshape(b, L, G * N), inp["C"].reshape(b, L, G * N)], -1)
+    wide_dt = torch.cat([torch.randn(b, L, 7, device=DEVICE), inp["dt"]], -1)
+    x, B, C = torch.split(xBC, [H * P, G * N, G * N], dim=-1)
+    y, state = tb.ssd_prefill(x.reshape(b, L, H, P), wide_dt[..., 7:], inp["A"], B.reshape(b, L, G, N),
+                              C.reshape(b, L, G, N), inp["D"], inp["dt_bias"], (0.0, INF), 16, inp["initial_state"])
+    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, inp)
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(state, state_ref) < 1e-5
+
+
+def test_ssd_prefill_rejects_mismatched_shapes(tb):
+    inp = ssd_inputs(1, 8, 4, 16, 2, 16, torch.float32)
+    with pytest.raises(Mamba2Error, match="ngroups"):
+        tb.ssd_prefill(inp["x"], inp["dt"], inp["A"], inp["B"][:, :, :1].expand(1, 8, 3, 16).contiguous(),
+                       inp["C"][:, :, :1].expand(1, 8, 3, 16).contiguous(), inp["D"], inp["dt_bias"], (0.0, INF), 16)
+    with pytest.raises(Mamba2Error, match="initial_state"):
+        tb.ssd_prefill(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["dt_bias"], (0.0, INF), 16,
+                       inp["initial_state"].double())
+
+
+def step_inputs(b, H, P, G, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+    return dict(x=rn(b, H, P).to(dtype), dt=rn(b, H), A=-torch.exp(rn(H, scale=0.5)), B=rn(b, G, N).to(dtype),
+                C=rn(b, G, N).to(dtype), D=rn(H), dt_bias=rn(H, scale=0.5) - 1.0, ssm_state=rn(b, H, P, N))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+def test_ssd_decode_step_matches_reference(tb, dtype, tol):
+    inp = step_inputs(2, 4, 32, 2, 16, dtype)
+    ref_state = inp["ssm_state"].clone()
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")] + [(0.0, INF)]
+    y = tb.ssd_decode_step(*args, inp["ssm_state"])
+    y_ref = torch_ref.ssd_decode_step(*args, ref_state)
+    assert y.dtype == dtype
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(inp["ssm_state"], ref_state) < 1e-6
+
+
+def conv_inputs(b, L, Cdim, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, L, Cdim, generator=g).to(DEVICE, dtype), torch.randn(Cdim, K, generator=g).to(DEVICE, dtype),
+            torch.randn(Cdim, generator=g).to(DEVICE, dtype), torch.randn(b, Cdim, K - 1, generator=g).to(DEVICE, dtype))
+
+
+@pytest.mark.parametrize("L", [2, 41], ids=["L-shorter-than-window", "L41"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+def test_causal_conv1d_matches_reference(tb, L, dtype, tol):
+    xBC, w, bias, cs = conv_inputs(2, L, 40, 4, dtype)
+    wide = torch.cat([xBC, torch.randn(2, L, 5, device=DEVICE).to(dtype)], -1)[..., :40]  # a strided view
+    cs_ref = cs.clone()
+    out = tb.causal_conv1d(wide, w, bias, cs)
+    out_ref = torch_ref.causal_conv1d(xBC.clone(), w, bias, cs_ref)
+    assert rel_err(out, out_ref) < tol
+    assert torch.equal(cs, cs_ref)
+
+
+def test_conv1d_step_matches_reference(tb):
+    xBC, w, bias, cs = conv_inputs(3, 1, 300, 4, torch.float32)
+    cs_ref = cs.clone()
+    out = tb.conv1d_step(xBC[:, 0], w, None, cs)
+    out_ref = torch_ref.conv1d_step(xBC[:, 0], w, None, cs_ref)
+    assert rel_err(out, out_ref) < 1e-6
+    assert torch.equal(cs, cs_ref)
+
+
+def mixer_inputs(b, H, P, G, N, K, dtype, D_per_channel=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+    d_inner = H * P
+    conv_dim = d_inner + 2 * G * N
+    return dict(
+        conv_weight=rn(conv_dim, K, scale=0.5).to(dtype), conv_bias=rn(conv_dim).to(dtype),
+        conv_state=rn(b, conv_dim, K - 1).to(dtype), A=-torch.exp(rn(H, scale=0.5)),
+        D=rn(H, P) if D_per_channel else rn(H), dt_bias=rn(H, scale=0.5) - 1.0,
+        norm_weight=(1.0 + rn(d_inner, scale=0.1)).to(dtype), ssm_state=rn(b, H, P, N),
+    ), (lambda: rn(b, 2 * d_inner + 2 * G * N + H).to(dtype))
+
+
+def run_mixer(fn, st, zxbcdt, G, nbg, dt_limit=(0.0, INF), **kw):
+    return fn(zxbcdt, st["conv_weight"], st["conv_bias"], st["conv_state"], st["A"], st["D"], st["dt_bias"],
+              dt_limit, st["norm_weight"], st["ssm_state"], G, 1e-5, nbg, **kw)
+
+
+@pytest.mark.parametrize(
+    "b,H,P,G,N,nbg,block_p",
+    [
+        (2, 4, 32, 2, 16, False, None),
+        (1, 4, 16, 1, 32, True, None),
+        (3, 6, 32, 3, 16, False, 16),  # a head split over two programs
+    ],
+    ids=["G2", "G1-norm-before-gate", "split-P"],
+)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)], ids=["fp32", "fp16"])
+def test_mixer_decode_step_matches_reference_over_steps(tb, b, H, P, G, N, nbg, block_p, dtype, tol):
+    st, draw = mixer_inputs(b, H, P, G, N, 4, dtype, D_per_channel=nbg)
+    ref = {k: v.clone() for k, v in st.items()}
+    limit = (0.01, 2.0) if nbg else (0.0, INF)
+    for _ in range(3):  # consecutive calls: the conv window shifts, the arrival counters reset
+        zxbcdt = draw()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, G, nbg, limit, block_p=block_p)
+        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
+        assert out.dtype == dtype and out.shape == (b, H * P)
+        assert rel_err(out, out_ref) < tol
+        assert rel_err(st["ssm_state"], ref["ssm_state"]) < tol  # fp16: the reference convolves in fp16
+        assert torch.equal(st["conv_state"], ref["conv_state"])
+
+
+def test_mixer_decode_steps_continue_a_prefill(tb):
+    # Decoding token by token from a prefill's state gives what a longer prefill gives.
+    inp = ssd_inputs(1, 20, 4, 16, 2, 16, torch.float32, seed=6)
+    y, state = run_ssd(tb.ssd_prefill, inp)
+    head = {k: (v[:, :17] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+    _, s = run_ssd(tb.ssd_prefill, head)
+    for t in range(17, 20):
+        yt = tb.ssd_decode_step(inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
+                                inp["D"], inp["dt_bias"], (0.0, INF), s)
+        assert rel_err(yt, y[:, t]) < 1e-5
+    assert rel_err(s, state) < 1e-5
+
+
+@pytest.mark.parametrize("nbg", [False, True], ids=["gate-then-norm", "norm-then-gate"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+def test_gated_rmsnorm_matches_reference(tb, nbg, dtype, tol):
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(2, 5, 96, generator=g).to(DEVICE, dtype)
+    zw = torch.randn(2, 5, 130, generator=g).to(DEVICE, dtype)
+    z = zw[..., 10:106]  # a strided view, as the split of in_proj's output is
+    w = torch.randn(96, generator=g).to(DEVICE, dtype)
+    out = tb.gated_rmsnorm(y, z, w, 24, 1e-5, nbg)
+    out_ref = torch_ref.gated_rmsnorm(y, z, w, 24, 1e-5, nbg)
+    assert out.dtype == dtype
+    assert rel_err(out, out_ref) < tol
+
+
+@pytest.mark.parametrize(
+    "res_dtype,residual_in_fp32",
+    [(None, True), (torch.float32, True), ("x", False), (None, False)],
+    ids=["first-layer-fp32", "fp32-residual", "residual-in-x-dtype", "first-layer-x-dtype"],
+)
+def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 100, generator=g).to(DEVICE, torch.float16)
+    w = torch.randn(100, generator=g).to(DEVICE, torch.float16)
+    residual = None
+    if res_dtype is not None:
+        residual = torch.randn(3, 2, 100, generator=g).to(DEVICE, x.dtype if res_dtype == "x" else res_dtype)
+    out, res = tb.add_rmsnorm(x, residual, w, 1e-5, residual_in_fp32)
+    out_ref, res_ref = torch_ref.add_rmsnorm(x, residual, w, 1e-5, residual_in_fp32)
+    assert out.dtype == out_ref.dtype and res.dtype == res_ref.dtype
+    assert rel_err(out, out_ref) < 2e-3
+    assert rel_err(res, res_ref) < 1e-6
+
+
+def test_backend_exposes_the_reference_operations(tb):
+    ops = ["ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step", "gated_rmsnorm", "add_rmsnorm",
+           "mixer_decode_step"]
+    assert tb.name == "triton"
+    for op in ops:
+        assert callable(getattr(tb, op)), op
