@@ -143,32 +143,64 @@ def internal_name(name: str) -> str:
     return name
 
 
-def _iter_tensors(path: Path):
-    """Yield (name, tensor on CPU) from one weight file, memory-mapped where possible."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
+
+def _read_safetensors(path: Path):
+    """Yield (name, CPU tensor) from a .safetensors file, one tensor in memory at a time.
+
+    Plain reads rather than a memory map: a mapped file's pages stay resident beside the
+    converted copies, which would double peak host memory when the dtype changes.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise Mamba2Error(f"{path}: not a valid safetensors file (bad header length)")
         try:
-            f = safe_open(str(path), framework="pt", device="cpu")
-            names = list(f.keys())
-        except Exception as e:  # SafetensorError, OSError: a corrupt or truncated file
-            raise Mamba2Error(f"{path}: not a valid safetensors file ({e})") from None
-        for n in names:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise Mamba2Error(f"{path}: not a valid safetensors file (unreadable header)") from None
+        if not isinstance(header, dict):
+            raise Mamba2Error(f"{path}: not a valid safetensors file (header is not an object)")
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             try:
-                t = f.get_tensor(n)
-            except Exception as e:
-                raise Mamba2Error(f"{path}: cannot read tensor {n!r} ({e})") from None
+                dtype = _ST_DTYPES[info["dtype"]]
+                shape = [int(s) for s in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise Mamba2Error(f"{path}: tensor {name!r} has an unsupported or malformed entry") from None
+            nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            if end - begin != nbytes or base + end > size or begin < 0:
+                raise Mamba2Error(f"{path}: tensor {name!r} lies outside the file or has the wrong size (truncated?)")
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            f.seek(base + begin)
+            if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
+                raise Mamba2Error(f"{path}: file ends inside tensor {name!r} (truncated?)")
+            yield name, buf.view(dtype).reshape(shape)
+
+
+def _iter_tensors(path: Path):
+    """Yield (name, tensor on CPU) from one weight file."""
+    if path.suffix == ".safetensors":
+        yield from _read_safetensors(path)
+        return
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle errors, zip errors, refused globals
+        raise Mamba2Error(f"{path}: cannot load as a weights-only PyTorch file ({e})") from None
+    if not isinstance(sd, dict):
+        raise Mamba2Error(f"{path}: holds no state dict")
+    for n, t in sd.items():
+        if isinstance(t, torch.Tensor):
             yield n, t
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # pickle errors, zip errors, refused globals
-            raise Mamba2Error(f"{path}: cannot load as a weights-only PyTorch file ({e})") from None
-        if not isinstance(sd, dict):
-            raise Mamba2Error(f"{path}: holds no state dict")
-        for n, t in sd.items():
-            if isinstance(t, torch.Tensor):
-                yield n, t
 
 
 def load_weights(model: Mamba2LM, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -40,13 +39,18 @@ def _fail(message: str, code: int = EXIT_USER_ERROR):
     raise typer.Exit(code)
 
 
-def _closed_stdout():
-    # Nothing more can reach the reader; silence the interpreter's own flush at exit.
+def _silence_stdout():
+    # Nothing more can reach the reader; point stdout at /dev/null so the interpreter's
+    # own flush at exit does not complain.
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
+
+
+def _closed_stdout():
+    _silence_stdout()
     raise typer.Exit(EXIT_SIGPIPE)
 
 
@@ -283,39 +287,37 @@ def version():
 
 
 def main():
-    # A closed pipe should end us quietly, not with a traceback from the interpreter.
+    """Entry point: every way out is an exit code and at most a short message, never a traceback."""
+    click_error, abort = _click_exception_types()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except Mamba2Error as e:
         _print_error(str(e))
-        sys.exit(EXIT_USER_ERROR)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+        code = EXIT_USER_ERROR
+    except (KeyboardInterrupt, abort):  # click turns Ctrl-C into Abort
         sys.stderr.write("\ninterrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
     except BrokenPipeError:
-        try:
-            _closed_stdout()
-        except typer.Exit:
-            sys.exit(EXIT_SIGPIPE)
-    except _click_errors() as e:
+        _silence_stdout()
+        code = EXIT_SIGPIPE
+    except click_error as e:
         e.show()
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except MemoryError:
         _print_error("out of memory")
-        sys.exit(EXIT_USER_ERROR)
+        code = EXIT_USER_ERROR
     except RuntimeError as e:
-        if "out of memory" in str(e).lower():
-            _print_error("out of memory on the device; try a smaller --batch-size, a shorter prompt or --dtype bfloat16")
-            sys.exit(EXIT_USER_ERROR)
-        raise
+        if "out of memory" not in str(e).lower():
+            raise
+        _print_error("out of memory on the device; try a smaller --batch-size, a shorter prompt or --dtype bfloat16")
+        code = EXIT_USER_ERROR
+    sys.exit(code if isinstance(code, int) else 0)
 
 
-def _click_errors():
-    import click
-
-    return (click.exceptions.ClickException,)
+def _click_exception_types():
+    # Typer ships its own copy of click; find its exception classes through Typer's names.
+    base = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return base, typer.Abort
 
 
 def _print_error(msg: str) -> None:

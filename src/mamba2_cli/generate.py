@@ -187,7 +187,14 @@ def stream_generate(
             seen[0, tid] = True
         logits = decode_one_token(model, token, state)
         yield GenerationEvent(text, tid)
-    tail = stops.flush() if not stops.stopped else ""
+    if not stops.stopped:
+        rest = detok.flush()  # an unfinished UTF-8 character decodes as U+FFFD, as a full decode has it
+        tail = stops.feed(rest) if rest else ""
+        tail += "" if stops.stopped else stops.flush()
+        if stops.stopped:
+            finish = "stop"
+    else:
+        tail = ""
     _sync(device)
     t_end = time.perf_counter()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import load_checkpoint, random_model, resolve_device, resolve_dtype
-from .config import preset_config
+from .config import preset_config, read_config
 from .hub import resolve_model_dir
 from .model import Mamba2LM
 from .tokenizer import Tokenizer, byte_level_tokenizer
@@ -20,6 +20,7 @@ def load_model(model: str, device: str | torch.device = "auto", dtype: str | tor
     """
     dev = resolve_device(device)
     model_dir = resolve_model_dir(model)
+    read_config(model_dir)  # a bad config is the first thing to report
     tokenizer = Tokenizer.from_dir(model_dir)
     m = load_checkpoint(model_dir, dev, dtype, backend, batch_size)
     return m, tokenizer

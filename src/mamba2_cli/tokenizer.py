@@ -7,11 +7,11 @@ bos = eos = pad = 0 while the tokenizer has <unk>=0, <s>=1, </s>=2.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers.decoders import DecodeStream
 
 from .errors import Mamba2Error
 
@@ -47,6 +47,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of byte-fallback tokens (`<0x41>`), empty for byte-level BPE tokenizers."""
+        vocab = self.tok.get_vocab(with_added_tokens=False)
+        return frozenset(i for t, i in vocab.items() if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
 
     @property
     def eos_id(self) -> int | None:
@@ -110,22 +116,61 @@ class Tokenizer:
         the whole text, so a generated "▁x" after a prompt reads " x", as in a full decode.
         """
         stream = self.stream(prefix)
-        return "".join(s for i in ids if (s := stream.step(i)) is not None)
+        text = "".join(s for i in ids if (s := stream.step(i)) is not None)
+        return text + stream.flush()
 
     def stream(self, prefix: list[int] | None = None) -> "StreamDecoder":
         return StreamDecoder(self, prefix or [])
 
 
 class StreamDecoder:
-    """Turns token ids into text as they arrive; bytes of a split UTF-8 character wait for the rest."""
+    """Turns token ids into text as they arrive; bytes of a split UTF-8 character wait for the rest.
+
+    Everything it returns, `flush()` included, adds up to the generated part of a full
+    decode of prompt + generated ids. Each step decodes a short window of ids twice (up to
+    the last emitted token, and with the new ones) and emits the difference once it does not
+    end in an unfinished character; decoders that strip a leading space strip it from both.
+    (tokenizers' DecodeStream does the same but raises on invalid UTF-8, which sampling can
+    produce from byte-fallback tokens.)
+
+    A run of byte-fallback tokens (<0xE4>...) decodes as a whole: one invalid byte turns every
+    byte of the run into U+FFFD, even bytes that formed valid characters. So nothing is
+    emitted while the run may still grow.
+    """
 
     def __init__(self, tokenizer: Tokenizer, prefix: list[int]):
         self.tokenizer = tokenizer
-        # Only the tail of the prompt matters as context for the decoder.
-        self._ds = DecodeStream(list(prefix[-8:]), skip_special_tokens=True)
+        self.ids = list(prefix[-8:])  # the tail of the prompt is context enough
+        self.n_prefix = len(self.ids)
+        self.window_start = 0  # start of the decoding window
+        self.read = len(self.ids)  # ids before this are emitted
+        self.emitted = ""
 
     def step(self, token_id: int) -> str | None:
-        return self._ds.step(self.tokenizer.tok, int(token_id))
+        self.ids.append(int(token_id))
+        if int(token_id) in self.tokenizer.byte_fallback_ids:
+            return None
+        dec = self.tokenizer.decode
+        before = dec(self.ids[self.window_start : self.read])
+        after = dec(self.ids[self.window_start :])
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            out = after[len(before):]
+            self.window_start, self.read = self.read, len(self.ids)
+            self.emitted += out
+            return out
+        return None
+
+    def flush(self) -> str:
+        """What a full decode has that the stream still holds back (an unfinished character)."""
+        dec = self.tokenizer.decode
+        head = dec(self.ids[: self.n_prefix])
+        full = dec(self.ids)
+        total = full[len(head):] if full.startswith(head) else dec(self.ids[self.n_prefix:])
+        if not total.startswith(self.emitted):
+            return ""
+        rest = total[len(self.emitted):]
+        self.emitted = total
+        return rest
 
 
 def byte_level_tokenizer() -> Tokenizer:

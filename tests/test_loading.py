@@ -1,0 +1,170 @@
+"""Loading checkpoints: every tensor checked, clear errors, bounded host memory, tokenizer ids."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import random_weights, tiny_shape, write_hf
+from mamba2_cli import Mamba2Error, load_model
+from mamba2_cli import checkpoint as ck
+from mamba2_cli.config import preset_config
+
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+def rewrite_weights(d: Path, edit):
+    path = d / "model.safetensors"
+    sd = load_file(str(path))
+    edit(sd)
+    save_file(sd, str(path))
+
+
+def test_missing_tensor_is_named(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")
+    rewrite_weights(d, lambda sd: sd.pop("backbone.layers.1.mixer.dt_bias"))
+    with pytest.raises(Mamba2Error, match=r"missing tensor 'backbone.layers.1.mixer.dt_bias'.*\[8\]"):
+        load_model(str(d), device="cpu")
+
+
+def test_unexpected_tensor_is_named(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")
+    rewrite_weights(d, lambda sd: sd.update({"backbone.layers.0.mixer.extra": torch.zeros(3)}))
+    with pytest.raises(Mamba2Error, match="unexpected tensor 'backbone.layers.0.mixer.extra'"):
+        load_model(str(d), device="cpu")
+
+
+def test_misshaped_tensor_gives_both_shapes(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")
+    rewrite_weights(d, lambda sd: sd.update({"backbone.layers.0.mixer.A_log": torch.zeros(5)}))
+    with pytest.raises(Mamba2Error, match=r"'backbone.layers.0.mixer.A_log' has shape \[5\], the config needs \[8\]"):
+        load_model(str(d), device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_safetensors_is_a_clear_error(make_checkpoint, damage):
+    d, _, _ = make_checkpoint("hf")
+    path = d / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}[damage])
+    with pytest.raises(Mamba2Error, match="model.safetensors"):
+        load_model(str(d), device="cpu")
+
+
+def test_pickled_code_is_refused(make_checkpoint):
+    d, _, _ = make_checkpoint("mamba_ssm")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code from a checkpoint",))
+
+    torch.save({"backbone.embedding.weight": Evil()}, d / "pytorch_model.bin")
+    with pytest.raises(Mamba2Error, match="weights-only"):
+        load_model(str(d), device="cpu")
+
+
+def test_weights_land_in_the_requested_dtype_with_fp32_ssm_params(make_checkpoint):
+    d, _, _ = make_checkpoint("mistral")
+    model, _ = load_model(str(d), device="cpu", dtype="bfloat16")
+    mixer = model.backbone.layers[0].mixer
+    assert model.backbone.embeddings.weight.dtype == torch.bfloat16
+    assert mixer.in_proj.weight.dtype == torch.bfloat16
+    assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_bias.dtype == torch.float32
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_tied_embeddings_share_storage(make_checkpoint):
+    d, _, _ = make_checkpoint("hf", shape=tiny_shape(tie_embeddings=True))
+    model, _ = load_model(str(d), device="cpu")
+    assert model.lm_head.weight.data_ptr() == model.backbone.embeddings.weight.data_ptr()
+
+
+def test_not_enough_memory_gives_both_numbers(monkeypatch):
+    monkeypatch.setattr(ck, "available_memory", lambda device: 2_000_000_000)
+    cfg = preset_config("codestral-7b")
+    with pytest.raises(Mamba2Error, match=r"needs 14\.\d\d GB .* 2\.00 GB available"):
+        ck.resolve_dtype("bfloat16", cfg, torch.device("cpu"))
+
+
+def test_auto_dtype_on_cpu_is_fp32_when_it_fits_else_bf16(monkeypatch):
+    cfg = preset_config("codestral-7b")
+    monkeypatch.setattr(ck, "available_memory", lambda device: 64_000_000_000)
+    assert ck.resolve_dtype("auto", cfg, torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(ck, "available_memory", lambda device: 20_000_000_000)
+    assert ck.resolve_dtype("auto", cfg, torch.device("cpu")) == torch.bfloat16
+
+
+def test_special_ids_come_from_tokenizer_files_not_config(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")  # config.json says bos = eos = pad = 0
+    _, tok = load_model(str(d), device="cpu")
+    assert (tok.bos_id, tok.eos_ids) == (1, {2})
+    assert tok.encode("def")[0] == 1
+
+
+def test_add_bos_token_false_is_honoured(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["add_bos_token"] = False
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _, tok = load_model(str(d), device="cpu")
+    assert 1 not in tok.encode("def fibonacci")
+
+
+def test_sentencepiece_tokenizer_gets_one_bos(make_checkpoint, mistral_tokenizer_dir):
+    d, _, _ = make_checkpoint("mistral", shape=tiny_shape(vocab_size=32768), tokenizer_dir=mistral_tokenizer_dir)
+    _, tok = load_model(str(d), device="cpu")
+    ids = tok.encode("def f():")
+    assert ids[0] == 1 and ids[1] != 1 and tok.eos_ids == {2}
+
+
+def test_missing_directory_and_files(tmp_path):
+    with pytest.raises(Mamba2Error, match="no such model directory"):
+        load_model(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(Mamba2Error, match="no tokenizer.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    from mamba2_cli import load_model
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    load_model(sys.argv[1], device="cpu", dtype=sys.argv[3])  # warm-up: code pages, allocator
+    base = rss()
+    model, _ = load_model(sys.argv[2], device="cpu", dtype=sys.argv[3])
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+""")
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("big")
+    shape = tiny_shape(d_model=1024, n_layer=6, vocab_size=16384, headdim=64, d_state=128, ngroups=1, chunk_size=64)
+    write_hf(d, shape, random_weights(shape))
+    return d
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_peak_host_memory_while_loading_stays_under_1_5x_the_weight_file(make_checkpoint, big_checkpoint, bpe_tokenizer_dir, dtype):
+    import shutil
+
+    for f in bpe_tokenizer_dir.iterdir():
+        shutil.copy(f, big_checkpoint / f.name)
+    small, _, _ = make_checkpoint("hf")
+    size = (big_checkpoint / "model.safetensors").stat().st_size
+    assert size > 250e6
+    # A process forked from this (large) one inherits its RSS high-water mark into ru_maxrss
+    # across exec; a small intermediate Python gives the measuring process a clean count.
+    launcher = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-c", RSS_SCRIPT, str(small),
+                          str(big_checkpoint), dtype],
+                         capture_output=True, text=True, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, check=True)
+    growth = int(out.stdout.strip())
+    assert growth < 1.5 * size, f"peak grew {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
