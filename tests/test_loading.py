@@ -122,11 +122,19 @@ def test_sentencepiece_tokenizer_gets_one_bos(make_checkpoint, mistral_tokenizer
     assert ids[0] == 1 and ids[1] != 1 and tok.eos_ids == {2}
 
 
-def test_missing_directory_and_files(tmp_path):
+def test_missing_directory_and_files(tmp_path, make_checkpoint):
     with pytest.raises(Mamba2Error, match="no such model directory"):
         load_model(str(tmp_path / "nope"), device="cpu")
-    with pytest.raises(Mamba2Error, match="no tokenizer.json"):
+    with pytest.raises(Mamba2Error, match="no config.json"):
         load_model(str(tmp_path), device="cpu")
+    d, _, _ = make_checkpoint("hf")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(Mamba2Error, match="no tokenizer.json"):
+        load_model(str(d), device="cpu")
+    d, _, _ = make_checkpoint("hf")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(Mamba2Error, match="no weights found"):
+        load_model(str(d), device="cpu")
 
 
 RSS_SCRIPT = textwrap.dedent("""
