@@ -28,30 +28,9 @@ def softplus_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, 
     return dt
 
 
-def _heads(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
-    # Head h reads group h // (H / G): consecutive heads share a group (repeat_interleave).
-    g = t.shape[dim]
-    return t if g == nheads else t.repeat_interleave(nheads // g, dim=dim)
-
-
 def _D_term(D: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # D is [H] or [H, P]; x is [..., H, P].
     return x * (D[:, None] if D.dim() == 1 else D).to(x.dtype)
-
-
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """a [..., Q] -> [..., Q, Q] with out[i, j] = sum(a[j+1 .. i]) for j <= i, -inf above.
-
-    Built from masked cumulative sums rather than cumsum differences, so a long run of
-    strong decay does not cancel catastrophically.
-    """
-    Q = a.shape[-1]
-    x = a[..., None].expand(*a.shape, Q)  # x[..., i, j] = a[i]
-    lower = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device), diagonal=-1)
-    x = x.masked_fill(~lower, 0)
-    s = torch.cumsum(x, dim=-2)
-    keep = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device), diagonal=0)
-    return s.masked_fill(~keep, float("-inf"))
 
 
 def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None):
@@ -61,13 +40,17 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     B, C [b, L, G, N]; D [H] or [H, P]; dt_bias [H]; dt_limit (lo, hi);
     initial_state [b, H, P, N] fp32 or None (zeros).
     Returns y [b, L, H, P] in x.dtype and the final state [b, H, P, N] fp32.
+
+    Heads are handled as (group, head-in-group) so B and C are never copied per head:
+    head h = g * (H / G) + j reads group g, as repeat_interleave would have it.
     """
     b, L, H, P = x.shape
     G, N = B.shape[-2:]
+    hpg = H // G
     ct = _compute_dtype(x)
     Q = chunk_size
-    nchunks = -(-L // Q)
-    pad = nchunks * Q - L
+    nc = -(-L // Q)
+    pad = nc * Q - L
 
     dt = softplus_dt(dt, dt_bias, dt_limit)  # [b, L, H]
     xf, Bf, Cf = x.to(ct), B.to(ct), C.to(ct)
@@ -78,43 +61,48 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
         Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
 
-    xc = xf.view(b, nchunks, Q, H, P)
-    dtc = dt.view(b, nchunks, Q, H)
-    Bc = _heads(Bf.view(b, nchunks, Q, G, N), H, dim=3)
-    Cc = _heads(Cf.view(b, nchunks, Q, G, N), H, dim=3)
-    dA = (dtc * A.to(ct)).permute(0, 1, 3, 2)  # [b, c, H, Q]
-    dA_cs = torch.cumsum(dA, dim=-1)
-    xdt = xc * dtc[..., None]  # [b, c, Q, H, P]
+    # Layouts: [b, c, G, hpg, Q, ...] for per-head work, [b, c, G, Q, N] for B and C.
+    dtc = dt.view(b, nc, Q, G, hpg).permute(0, 1, 3, 4, 2)  # [b, c, G, hpg, Q]
+    a = torch.cumsum(dtc * A.to(ct).view(G, hpg, 1), dim=-1)  # cumulative log-decay in each chunk
+    xdt = (xf.view(b, nc, Q, G, hpg, P) * dt.view(b, nc, Q, G, hpg, 1)).permute(0, 1, 3, 4, 2, 5)
+    Bc = Bf.view(b, nc, Q, G, N).transpose(2, 3)  # [b, c, G, Q, N]
+    Cc = Cf.view(b, nc, Q, G, N).transpose(2, 3)
 
-    # 1. Within each chunk: y_diag[q] = sum_{s<=q} (C_q . B_s) exp(a_q - a_s) dt_s x_s.
-    decay = torch.exp(_segsum(dA))  # [b, c, H, Q, Q]
-    scores = torch.einsum("bcqhn,bcshn->bchqs", Cc, Bc) * decay
-    y = torch.einsum("bchqs,bcshp->bcqhp", scores, xdt)
-    del decay, scores
+    # 1. Within each chunk: y[q] = sum_{s<=q} (C_q . B_s) exp(a_q - a_s) dt_s x_s.
+    #    a_q - a_s is a difference inside one chunk, where fp32 keeps it accurate.
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp((a[..., :, None] - a[..., None, :]).masked_fill_(~causal, float("-inf")))
+    CB = torch.matmul(Cc, Bc.transpose(-1, -2))  # [b, c, G, Q, Q], once per group
+    y = torch.matmul(decay.mul_(CB[:, :, :, None]), xdt)  # [b, c, G, hpg, Q, P]
+    del decay
 
-    # 2. Each chunk's own end state, starting from zero.
-    to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # [b, c, H, Q]
-    chunk_states = torch.einsum("bcshn,bchs,bcshp->bchpn", Bc, to_end, xdt)
+    # 2. Each chunk's own end state, starting from zero: sum_s exp(a_end - a_s) dt_s x_s B_s^T.
+    # Heads of a group share B, so one matmul per group covers them: [hpg*P, Q] @ [Q, N].
+    to_end = torch.exp(a[..., -1:] - a)  # [b, c, G, hpg, Q]
+    xw = (xdt * to_end[..., None]).transpose(-1, -2).reshape(b, nc, G, hpg * P, Q)
+    chunk_states = torch.matmul(xw, Bc).view(b, nc, G, hpg, P, N)
 
     # 3. Carry states across chunk boundaries, starting from the initial state.
     state = (
-        torch.zeros(b, H, P, N, dtype=ct, device=x.device)
+        torch.zeros(b, G, hpg, P, N, dtype=ct, device=x.device)
         if initial_state is None
-        else initial_state.to(ct)
+        else initial_state.to(ct).reshape(b, G, hpg, P, N)
     )
-    chunk_decay = torch.exp(dA_cs[..., -1])  # [b, c, H]
+    chunk_decay = torch.exp(a[..., -1])  # [b, c, G, hpg]
     starts = []
-    for c in range(nchunks):
+    for c in range(nc):
         starts.append(state)
-        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
-    start_states = torch.stack(starts, dim=1)  # [b, c, H, P, N]
+        state = state * chunk_decay[:, c, :, :, None, None] + chunk_states[:, c]
+    start_states = torch.stack(starts, dim=1)  # [b, c, G, hpg, P, N]
 
-    # 4. Contribution of the state entering each chunk: y_off[q] = exp(a_q) C_q . S_in.
-    y = y + torch.einsum("bcqhn,bchpn->bcqhp", Cc, start_states) * torch.exp(dA_cs).permute(0, 1, 3, 2)[..., None]
+    # 4. The state entering each chunk: y[q] += exp(a_q) C_q . S_in.
+    S_in = start_states.permute(0, 1, 2, 5, 3, 4).reshape(b, nc, G, N, hpg * P)
+    y_off = torch.matmul(Cc, S_in).view(b, nc, G, Q, hpg, P).transpose(3, 4)  # [b, c, G, hpg, Q, P]
+    y = y.add_(y_off * torch.exp(a)[..., None])
 
-    y = y.reshape(b, nchunks * Q, H, P)[:, :L]
-    y = y + _D_term(D.to(ct), x.to(ct))
-    return y.to(x.dtype), state.to(torch.float64 if ct == torch.float64 else torch.float32)
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, H, P)[:, :L]
+    y = y + _D_term(D.to(ct), xf[:, :L])
+    return y.to(x.dtype), state.reshape(b, H, P, N).to(torch.float64 if ct == torch.float64 else torch.float32)
 
 
 def ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state):
@@ -123,16 +111,16 @@ def ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state):
     x [b, H, P]; dt [b, H] raw; B, C [b, G, N]; ssm_state [b, H, P, N] fp32.
     Returns y [b, H, P] in x.dtype:  S = exp(dt A) S + dt x B^T;  y = S C + D x.
     """
-    H = x.shape[1]
+    b, H, P = x.shape
+    G, N = B.shape[-2:]
     ct = ssm_state.dtype
     dt = softplus_dt(dt, dt_bias, dt_limit).to(ct)  # [b, H]
     dA = torch.exp(dt * A.to(ct))
-    Bh = _heads(B.to(ct), H, dim=1)  # [b, H, N]
-    Ch = _heads(C.to(ct), H, dim=1)
-    xf = x.to(ct)
-    ssm_state.mul_(dA[..., None, None]).add_((xf * dt[..., None])[..., None] * Bh[:, :, None, :])
-    y = torch.einsum("bhpn,bhn->bhp", ssm_state, Ch) + _D_term(D.to(ct), xf)
-    return y.to(x.dtype)
+    S = ssm_state.view(b, G, H // G, P, N)  # head h = g * (H / G) + j reads group g
+    xdt = (x.to(ct) * dt[..., None]).view(b, G, H // G, P, 1)
+    S.mul_(dA.view(b, G, H // G, 1, 1)).addcmul_(xdt, B.to(ct).view(b, G, 1, 1, N))
+    y = torch.matmul(S.view(b, G, (H // G) * P, N), C.to(ct).view(b, G, N, 1)).view(b, H, P)
+    return (y + _D_term(D.to(ct), x.to(ct))).to(x.dtype)
 
 
 def causal_conv1d(xBC, weight, bias, conv_state):
@@ -144,10 +132,16 @@ def causal_conv1d(xBC, weight, bias, conv_state):
     """
     b, L, Cdim = xBC.shape
     K = weight.shape[-1]
-    window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # [b, C, K-1+L]
-    out = F.conv1d(window, weight[:, None, :].to(xBC.dtype), bias, groups=Cdim)  # [b, C, L]
-    conv_state.copy_(window[:, :, -(K - 1):])
-    return F.silu(out).transpose(1, 2)
+    # Time-major [b, K-1+L, C]: each tap is one strided multiply-add over contiguous channels.
+    window = torch.cat([conv_state.transpose(1, 2).to(xBC.dtype), xBC], dim=1)
+    w = weight.to(xBC.dtype)
+    out = window[:, 0:L] * w[:, 0]
+    for k in range(1, K):
+        out.addcmul_(window[:, k : k + L], w[:, k])
+    if bias is not None:
+        out += bias.to(out.dtype)
+    conv_state.copy_(window[:, L:].transpose(1, 2))
+    return F.silu(out, inplace=True)
 
 
 def conv1d_step(xBC, weight, bias, conv_state):
