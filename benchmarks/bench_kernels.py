@@ -87,28 +87,50 @@ def ssd_flops(b, L, chunk=256):
     return b * nc * (H * per_chunk_head + G * 2 * chunk * chunk * N)
 
 
+def _c(CHUNK=64, BLOCK_P=64, num_warps=8, num_stages=3, CB_PRECOMPUTED=True, PREFETCH=0, STATE_T=True,
+       D_IN_SCORES=True, FOLD_DECAY=False, maxnreg=None):
+    return dict(CHUNK=CHUNK, BLOCK_P=BLOCK_P, num_warps=num_warps, num_stages=num_stages,
+                CB_PRECOMPUTED=CB_PRECOMPUTED, PREFETCH=PREFETCH, STATE_T=STATE_T, D_IN_SCORES=D_IN_SCORES,
+                FOLD_DECAY=FOLD_DECAY, maxnreg=maxnreg)
+
+
 SSD_CONFIGS = [
-    dict(CHUNK=64, BLOCK_P=64, num_warps=8, num_stages=2, CB_PRECOMPUTED=True),
-    dict(CHUNK=64, BLOCK_P=64, num_warps=4, num_stages=2, CB_PRECOMPUTED=True),
-    dict(CHUNK=64, BLOCK_P=64, num_warps=8, num_stages=1, CB_PRECOMPUTED=True),
-    dict(CHUNK=64, BLOCK_P=64, num_warps=8, num_stages=2, CB_PRECOMPUTED=False),
-    dict(CHUNK=64, BLOCK_P=64, num_warps=4, num_stages=2, CB_PRECOMPUTED=False),
-    dict(CHUNK=64, BLOCK_P=32, num_warps=4, num_stages=2, CB_PRECOMPUTED=True),
-    dict(CHUNK=64, BLOCK_P=32, num_warps=8, num_stages=2, CB_PRECOMPUTED=True),
-    dict(CHUNK=64, BLOCK_P=32, num_warps=4, num_stages=2, CB_PRECOMPUTED=False),
-    dict(CHUNK=64, BLOCK_P=32, num_warps=4, num_stages=3, CB_PRECOMPUTED=True),
-    dict(CHUNK=128, BLOCK_P=64, num_warps=8, num_stages=2, CB_PRECOMPUTED=True),
-    dict(CHUNK=128, BLOCK_P=64, num_warps=8, num_stages=1, CB_PRECOMPUTED=True),
-    dict(CHUNK=128, BLOCK_P=32, num_warps=8, num_stages=2, CB_PRECOMPUTED=True),
-    dict(CHUNK=128, BLOCK_P=32, num_warps=4, num_stages=2, CB_PRECOMPUTED=True),
-    dict(CHUNK=128, BLOCK_P=64, num_warps=8, num_stages=2, CB_PRECOMPUTED=False),
-    dict(CHUNK=32, BLOCK_P=64, num_warps=4, num_stages=2, CB_PRECOMPUTED=True),
-    dict(CHUNK=32, BLOCK_P=32, num_warps=4, num_stages=3, CB_PRECOMPUTED=True),
+    _c(num_stages=2, STATE_T=False, D_IN_SCORES=False),  # round 1's default, the control
+    _c(CHUNK=32, BLOCK_P=32, num_warps=4, STATE_T=False, D_IN_SCORES=False),  # round 1's best
+    _c(),
+    _c(num_stages=2),
+    _c(PREFETCH=1),
+    _c(PREFETCH=2, num_stages=1),
+    _c(BLOCK_P=32, num_warps=4),
+    _c(BLOCK_P=32, num_warps=4, num_stages=2),
+    _c(CHUNK=32, BLOCK_P=32, num_warps=4),
+    _c(CHUNK=32, BLOCK_P=32, num_warps=4, maxnreg=128),
+    _c(CHUNK=32, BLOCK_P=64, num_warps=4),
+    _c(CB_PRECOMPUTED=False),
+    _c(CHUNK=128, num_stages=2, CB_PRECOMPUTED=False),
+    _c(STATE_T=False),
+    _c(D_IN_SCORES=False),
+    _c(BLOCK_P=32, num_warps=4, num_stages=2, maxnreg=168),
 ]
 
 
+def compiled_stats(fn):
+    """(registers, spills) of the kernel `fn` compiled last, where Triton exposes them."""
+    try:
+        for cache in fn.device_caches.values():
+            kernels = list(cache[0].values())
+            if kernels:
+                k = kernels[-1]
+                return f"r{k.n_regs}/s{k.n_spills}"
+    except Exception:
+        pass
+    return "?"
+
+
 def cfg_name(c):
-    return "Q{CHUNK} p{BLOCK_P} w{num_warps} s{num_stages} {cb}".format(cb="cb" if c["CB_PRECOMPUTED"] else "inl", **c)
+    flags = "".join(f for f, on in (("T", c["STATE_T"]), ("D", c["D_IN_SCORES"]), ("F", c["FOLD_DECAY"])) if on)
+    return "Q{CHUNK} p{BLOCK_P} w{num_warps} s{num_stages} {cb} pf{PREFETCH} {flags}{r}".format(
+        cb="cb" if c["CB_PRECOMPUTED"] else "inl", flags=flags, r=f" r{c['maxnreg']}" if c["maxnreg"] else "", **c)
 
 
 def bench_ssd(sweep: bool, deadline: float):
@@ -133,7 +155,7 @@ def bench_ssd(sweep: bool, deadline: float):
             ms = bench(lambda: run_ssd(ssd.ssd_prefill, inputs[(b, L)], config=cfg))
             results[cfg_name(cfg)] = (ms, cfg)
             row("ssd", f"{cfg_name(cfg)} b{b} L{L}", ms, err=f"{err:.1e}",
-                TFLOPs=round(ssd_flops(b, L) / (ms * 1e-3) / 1e12, 1))
+                TFLOPs=round(ssd_flops(b, L) / (ms * 1e-3) / 1e12, 1), regs=compiled_stats(ssd._ssd_scan_kernel))
         except Exception as e:  # a config that does not compile or fit: report, keep going
             print(f"ssd {cfg_name(cfg)}: {type(e).__name__}: {str(e)[:200]}", flush=True)
     best = sorted(results.values(), key=lambda r: r[0])[:3]
@@ -207,13 +229,14 @@ def bench_decode(copy_tbps: float, sweep: bool):
             errs.append(max(rel_err(out, out_ref), rel_err(st["ssm_state"], ref["ssm_state"])))
         print(f"decode   check b{b}: max rel err {max(errs):.1e}", flush=True)
 
-    variants = [(64, 4), (32, 4), (16, 4), (64, 8), (32, 2)] if sweep else [(64, 4)]
+    variants = [(64, 4), (32, 4), (32, 2), (16, 2), (64, 8)] if sweep else [(step.STEP_CONFIG['BLOCK_P'], step.STEP_CONFIG['num_warps'])]
     best = None
     for bp, nw in variants:
         step.STEP_CONFIG["num_warps"] = nw
         graph = graph_of(step.mixer_decode_step, layers, block_p=bp)
         ms = bench(graph.replay) / len(layers)
-        row("decode", f"mixer step b1, CUDA graph of 64 layers, p{bp} w{nw} (per layer)", ms, target_us=5.0)
+        row("decode", f"mixer step b1, CUDA graph of 64 layers, p{bp} w{nw} (per layer)", ms, target_us=5.0,
+            regs=compiled_stats(step._mixer_step_kernel))
         if best is None or ms < best[0]:
             best = (ms, bp, nw)
         del graph
@@ -269,12 +292,35 @@ def bench_misc():
     row("misc", "add_rmsnorm triton b1 (decode, Python launch)", bench(lambda: norm.add_rmsnorm(x1, r1, w2, 1e-5)))
 
 
+def profile(cfg_json: str):
+    """One warm-up and one measured launch of each hot kernel, for ncu."""
+    cfg = json.loads(cfg_json) if cfg_json else {}
+    inp = ssd_inputs(1, 4096, seed=1)
+    for _ in range(2):
+        run_ssd(ssd.ssd_prefill, inp, config=cfg)
+    for b in (64, 1):
+        st = mixer_layers(1, b, seed=b)[0]
+        for _ in range(2):
+            call_mixer(step.mixer_decode_step, st)
+    torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="try every config, not only the defaults")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop the SSD sweep after this long")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--profile", nargs="?", const="", default=None, metavar="SSD_CONFIG_JSON",
+                    help="launch each hot kernel twice (for ncu) and exit")
+    ap.add_argument("--ssd", default="", help="JSON of SSD config overrides for the run")
+    ap.add_argument("--step", default="", help="JSON of STEP_CONFIG overrides for the run")
     args = ap.parse_args()
+    if args.step:
+        step.STEP_CONFIG.update(json.loads(args.step))
+    if args.ssd:
+        ssd.SCAN_CONFIG.update(json.loads(args.ssd))
+    if args.profile is not None:
+        return profile(args.profile)
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
     import triton

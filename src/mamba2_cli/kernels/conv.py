@@ -18,24 +18,40 @@ CONV_STEP_CONFIG = {"BLOCK_C": 256, "num_warps": 4}
 
 
 @triton.jit
-def conv_window_step(xbc_ptr, cs_ptr, w_ptr, b_ptr, ch, cmask, offs_k, stride_cs_c, stride_w_c,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """One token of the conv for channels `ch`: returns (window [C, BLOCK_K], output fp32).
-
-    window[:, j] is the conv state for j < K-1 and the new input at j = K-1, in the conv
-    state's dtype; the output is SiLU(window . w + bias), rounded to the input's dtype.
-    The caller shifts the window into the state once no one else reads it.
+def conv_taps(xbc_ptr, cs_ptr, w_ptr, b_ptr, ch, cmask, stride_cs_c, stride_w_c,
+              K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """SiLU(conv) of one token for channels `ch`: the K-1 inputs in the conv state, then the
+    new one (cast to the state's dtype, as it will be stored). Rounded to the input dtype,
+    returned as fp32. One 1D load per tap keeps the result in a plain 1D layout, so the
+    caller's big tiles keep theirs (a 2D window tile here once made Triton convert the
+    whole SSM state between layouts).
     """
     xin = tl.load(xbc_ptr + ch, mask=cmask, other=0.0)
-    kk = offs_k[None, :]
-    old = tl.load(cs_ptr + ch[:, None] * stride_cs_c + kk, mask=cmask[:, None] & (kk < K - 1), other=0.0)
-    window = tl.where(kk == K - 1, xin[:, None].to(old.dtype), old)
-    w = tl.load(w_ptr + ch[:, None] * stride_w_c + kk, mask=cmask[:, None] & (kk < K), other=0.0)
-    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    w_last = tl.load(w_ptr + ch * stride_w_c + (K - 1), mask=cmask, other=0.0).to(tl.float32)
+    acc = xin.to(cs_ptr.dtype.element_ty).to(tl.float32) * w_last
+    for k in tl.static_range(K - 1):
+        old = tl.load(cs_ptr + ch * stride_cs_c + k, mask=cmask, other=0.0).to(tl.float32)
+        acc += old * tl.load(w_ptr + ch * stride_w_c + k, mask=cmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     out = acc * tl.sigmoid(acc)
-    return window, out.to(xin.dtype).to(tl.float32)
+    return out.to(xin.dtype).to(tl.float32)
+
+
+@triton.jit
+def conv_window(xbc_ptr, cs_ptr, ch, cmask, offs_k, stride_cs_c, K: tl.constexpr):
+    """The window [C, BLOCK_K] (conv state, then the new input) in the state's dtype."""
+    kk = offs_k[None, :]
+    old = tl.load(cs_ptr + ch[:, None] * stride_cs_c + kk, mask=cmask[:, None] & (kk < K - 1), other=0.0)
+    new = tl.load(xbc_ptr + ch[:, None] + kk * 0, mask=cmask[:, None] & (kk == K - 1), other=0.0)
+    return tl.where(kk == K - 1, new.to(old.dtype), old)
+
+
+@triton.jit
+def shift_in(cs_ptr, window, ch, cmask, offs_k, stride_cs_c, K: tl.constexpr):
+    """conv_state <- window[:, 1:]. Only once every reader of the old state is done."""
+    kk = offs_k[None, :]
+    tl.store(cs_ptr + ch[:, None] * stride_cs_c + (kk - 1), window, mask=cmask[:, None] & (kk >= 1) & (kk < K))
 
 
 @triton.jit
@@ -48,13 +64,13 @@ def _conv_step_kernel(
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = ch < Cdim
     offs_k = tl.arange(0, BLOCK_K)
+    xbc = xbc_ptr + bi * stride_x_b
     cs = cs_ptr + bi * stride_cs_b
-    window, out = conv_window_step(xbc_ptr + bi * stride_x_b, cs, w_ptr, b_ptr, ch, cmask, offs_k,
-                                   stride_cs_c, stride_w_c, K, HAS_BIAS)
+    out = conv_taps(xbc, cs, w_ptr, b_ptr, ch, cmask, stride_cs_c, stride_w_c, K, HAS_BIAS)
+    window = conv_window(xbc, cs, ch, cmask, offs_k, stride_cs_c, K)
     tl.store(out_ptr + bi * stride_out_b + ch, out.to(out_ptr.dtype.element_ty), mask=cmask)
     tl.debug_barrier()  # every thread has read the old window before anyone shifts it
-    kk = offs_k[None, :]
-    tl.store(cs + ch[:, None] * stride_cs_c + (kk - 1), window, mask=cmask[:, None] & (kk >= 1) & (kk < K))
+    shift_in(cs, window, ch, cmask, offs_k, stride_cs_c, K)
 
 
 @triton.jit

@@ -36,7 +36,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md); the scan
 # writes the final state, and none of these kernels is autotuned.
-SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 2, "CB_PRECOMPUTED": True}
+SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 2, "CB_PRECOMPUTED": True,
+               "PREFETCH": 0, "FOLD_DECAY": False, "STATE_T": False, "D_IN_SCORES": False,
+               "maxnreg": None}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
 
 
@@ -102,7 +104,8 @@ def _ssd_scan_kernel(
     stride_s_b, stride_s_h, stride_s_p,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     CB_PRECOMPUTED: tl.constexpr, HAS_INIT: tl.constexpr, DT_CLAMP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, FOLD_DECAY: tl.constexpr,
+    STATE_T: tl.constexpr, D_IN_SCORES: tl.constexpr,
 ):
     # Program order: P block fastest, then head, then sequence, so the heads of one group
     # (which read the same B, C and C B^T) run side by side and share L2.
@@ -123,13 +126,23 @@ def _ssd_scan_kernel(
     A = tl.load(A_ptr + h).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
     Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
+    D_h = tl.load(D_ptr + h * stride_D_h).to(tl.float32)
 
-    s_off = bi * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
-    s_mask = pmask[:, None] & nmask[None, :]
-    if HAS_INIT:
-        state = tl.load(init_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    if STATE_T:
+        # The state held as S^T [N, P]: both products that touch it then take it as is.
+        s_off = bi * stride_s_b + h * stride_s_h + offs_p[None, :] * stride_s_p + offs_n[:, None]
+        s_mask = pmask[None, :] & nmask[:, None]
+        if HAS_INIT:
+            state = tl.load(init_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
+        else:
+            state = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
     else:
-        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        s_off = bi * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
+        s_mask = pmask[:, None] & nmask[None, :]
+        if HAS_INIT:
+            state = tl.load(init_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
+        else:
+            state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
     # Base pointers advance by one chunk per trip (64-bit pointer arithmetic, so long
     # prompts cannot overflow 32-bit offsets).
@@ -140,43 +153,97 @@ def _ssd_scan_kernel(
     C_base = C_ptr + bi * stride_C_b + g * stride_C_g
     cb_base = cb_ptr + ((bi * nchunks) * G + g) * (CHUNK * CHUNK)
 
+    if PREFETCH:
+        # Registers hold the next chunk's dt and x while this one computes, so their
+        # latency hides behind a whole chunk step. (Triton pipelines loads that feed a dot
+        # directly, B and C, through shared memory by itself when num_stages > 1; with
+        # PREFETCH > 1, B, C and C B^T are prefetched into registers too.)
+        tmask_n = offs_q < L
+        dt_n = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask_n, other=0.0)
+        x_n = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
+                      mask=tmask_n[:, None] & pmask[None, :], other=0.0)
+        if PREFETCH > 1:
+            C_n = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
+                          mask=tmask_n[:, None] & nmask[None, :], other=0.0)
+            B_n = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
+                          mask=tmask_n[:, None] & nmask[None, :], other=0.0)
+            if CB_PRECOMPUTED:
+                cb_n = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
+
     for c in range(0, nchunks):
         tmask = (c * CHUNK + offs_q) < L
-        dt = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dt_raw = dt_n
+            xm = x_n
+            tmask_n = ((c + 1) * CHUNK + offs_q) < L
+            dt_n = tl.load(dt_base + (CHUNK + offs_q) * stride_dt_l, mask=tmask_n, other=0.0)
+            x_n = tl.load(x_base + (CHUNK + offs_q)[:, None] * stride_x_l + offs_p[None, :],
+                          mask=tmask_n[:, None] & pmask[None, :], other=0.0)
+        else:
+            dt_raw = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask, other=0.0)
+            xm = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
+                         mask=tmask[:, None] & pmask[None, :], other=0.0)
+        if PREFETCH > 1:
+            Cm = C_n
+            Bm = B_n
+            C_n = tl.load(C_base + (CHUNK + offs_q)[:, None] * stride_C_l + offs_n[None, :],
+                          mask=tmask_n[:, None] & nmask[None, :], other=0.0)
+            B_n = tl.load(B_base + (CHUNK + offs_q)[:, None] * stride_B_l + offs_n[None, :],
+                          mask=tmask_n[:, None] & nmask[None, :], other=0.0)
+            if CB_PRECOMPUTED:
+                cb = cb_n
+                cb_n = tl.load(cb_base + G * CHUNK * CHUNK + offs_q[:, None] * CHUNK + offs_q[None, :],
+                               mask=(tl.zeros((CHUNK, CHUNK), dtype=tl.int32) + c + 1) < nchunks, other=0.0)
+        else:
+            Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
+                         mask=tmask[:, None] & nmask[None, :], other=0.0)
+            Bm = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
+                         mask=tmask[:, None] & nmask[None, :], other=0.0)
+            if CB_PRECOMPUTED:
+                cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
+
         # Positions past L get dt = 0: no decay and no input, the state passes through.
-        dt = tl.where(tmask, softplus_clamp(dt + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
+        dt = tl.where(tmask, softplus_clamp(dt_raw.to(tl.float32) + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
         dA = dt * A
         a = tl.cumsum(dA, axis=0)
         a_end = tl.sum(dA, axis=0)
 
-        xm = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
-                     mask=tmask[:, None] & pmask[None, :], other=0.0)
-        Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
-                     mask=tmask[:, None] & nmask[None, :], other=0.0)
-        Bm = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
-                     mask=tmask[:, None] & nmask[None, :], other=0.0)
-
-        # The state entering the chunk, seen from each position: exp(a_q) C_q . S_in.
-        y = tl.dot(Cm, tl.trans(state.to(xm.dtype)), input_precision=DOT_PRECISION)
-        y = y * tl.exp(a)[:, None]
-
         # Inside the chunk. Decay exponents are differences of one chunk's cumsum, so
         # they stay small; the upper triangle is clamped before exp (it is masked anyway).
-        if CB_PRECOMPUTED:
-            cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
-        else:
+        if not CB_PRECOMPUTED:
             cb = tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PRECISION)
         decay = tl.exp(tl.minimum(a[:, None] - a[None, :], 0.0))
         scores = tl.where(causal, cb * decay * dt[None, :], 0.0)
-        y += tl.dot(scores.to(xm.dtype), xm, input_precision=DOT_PRECISION)
-        y += Dv[None, :] * xm.to(tl.float32)
+        if D_IN_SCORES:
+            # D x as D on the diagonal of the in-chunk product (D per head only).
+            scores += tl.where(offs_q[:, None] == offs_q[None, :], D_h, 0.0)
+
+        # The state entering the chunk, seen from each position: exp(a_q) C_q . S_in.
+        if STATE_T:
+            s_op = state.to(xm.dtype)
+        else:
+            s_op = tl.trans(state.to(xm.dtype))
+        if FOLD_DECAY:
+            # exp(a_q) scales C's rows, so both products share one accumulator.
+            Ce = (Cm.to(tl.float32) * tl.exp(a)[:, None]).to(xm.dtype)
+            y = tl.dot(Ce, s_op, input_precision=DOT_PRECISION)
+            y = tl.dot(scores.to(xm.dtype), xm, acc=y, input_precision=DOT_PRECISION)
+        else:
+            y = tl.dot(Cm, s_op, input_precision=DOT_PRECISION)
+            y = y * tl.exp(a)[:, None]
+            y += tl.dot(scores.to(xm.dtype), xm, input_precision=DOT_PRECISION)
+        if not D_IN_SCORES:
+            y += Dv[None, :] * xm.to(tl.float32)
         tl.store(y_base + offs_q[:, None] * stride_y_l + offs_p[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=tmask[:, None] & pmask[None, :])
 
         # Carry the state to the chunk's end.
         w = tl.exp(a_end - a) * dt
         xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
-        state = state * tl.exp(a_end) + tl.dot(tl.trans(xw), Bm, input_precision=DOT_PRECISION)
+        if STATE_T:
+            state = state * tl.exp(a_end) + tl.dot(tl.trans(Bm), xw, input_precision=DOT_PRECISION)
+        else:
+            state = state * tl.exp(a_end) + tl.dot(tl.trans(xw), Bm, input_precision=DOT_PRECISION)
 
         x_base += CHUNK * stride_x_l
         y_base += CHUNK * stride_y_l
@@ -261,6 +328,8 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         cb = y  # unused
 
     init = initial_state if initial_state is not None else final
+    # maxnreg caps registers per thread so that two programs share an SM (CUDA only).
+    launch_extra = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") and x.is_cuda else {}
     _ssd_scan_kernel[(b * H * npb,)](
         x, dt, A, B, C, D2, dt_bias, cb, init, y, final,
         L, H, P, N, G, H // G, nchunks, lo, hi if hi != float("inf") else 3.0e38,
@@ -274,6 +343,8 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         CHUNK=CHUNK, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
         CB_PRECOMPUTED=bool(cfg["CB_PRECOMPUTED"]), HAS_INIT=initial_state is not None,
         DT_CLAMP=dt_clamp, DOT_PRECISION=precision,
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]),
+        PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]), STATE_T=bool(cfg["STATE_T"]),
+        D_IN_SCORES=bool(cfg["D_IN_SCORES"]) and D.dim() == 1,
+        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch_extra,
     )
     return y, final

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..errors import Mamba2Error
-from .conv import conv_window_step
+from .conv import conv_taps, conv_window, shift_in
 from .ssd import softplus_clamp
 
 # Fixed launch configuration (benchmarks/NOTES.md). BLOCK_P splits a head's P rows over
@@ -113,12 +113,10 @@ def _mixer_step_kernel(
     ch_x = h * P + offs_p
     ch_B = d_inner + g * N + offs_n
     ch_C = d_inner + G * N + g * N + offs_n
-    win_x, x = conv_window_step(xbc, cs, conv_w_ptr, conv_b_ptr, ch_x, pmask, offs_k,
-                                stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
-    win_B, Bv = conv_window_step(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, offs_k,
-                                 stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
-    win_C, Cv = conv_window_step(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, offs_k,
-                                 stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    x = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_x, pmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    win_x = conv_window(xbc, cs, ch_x, pmask, offs_k, stride_cs_c, K)
 
     conv_dim = d_inner + 2 * G * N
     dt = tl.load(xbc + conv_dim + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
@@ -127,7 +125,6 @@ def _mixer_step_kernel(
     Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
 
     state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
-    tl.store(state_ptrs, state, mask=s_mask)
     y = tl.sum(state * Cv[None, :], axis=1) + Dv * x
     # y passes through the model dtype, as the unfused path (and prefill) would store it.
     y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -142,33 +139,38 @@ def _mixer_step_kernel(
     slot = g * nss + (h % heads_per_group) * npb + pb
     tl.store(ssbuf_ptr + bi64 * (G * nss) + slot, tl.sum(yv * yv, axis=0))
 
-    # Every thread has read its conv window: shift in this program's own x channels.
-    tl.debug_barrier()
-    kshift = (offs_k[None, :] >= 1) & (offs_k[None, :] < K)
-    tl.store(cs + ch_x[:, None] * stride_cs_c + (offs_k[None, :] - 1), win_x, mask=pmask[:, None] & kshift)
+    # What the group's last program needs and can fetch now, before the wait.
+    GS = heads_per_group * P
+    offs_gs = tl.arange(0, BLOCK_GS)
+    gsmask = offs_gs < GS
+    ch_g = g * GS + offs_gs
+    norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
 
-    # Arrive at the group's counter; acq_rel publishes the scratch writes above and, for
-    # the last arrival, makes every other program's writes visible.
+    # Arrive at the group's counter. The barrier puts every thread's scratch writes (and
+    # conv-state reads) before the release; acq_rel then makes the other programs'
+    # writes visible to the last arrival. The state is stored after the arrival, so the
+    # release does not wait for those 32 KB of stores.
+    tl.debug_barrier()
     count_ptrs = count_ptr + bi64 * G + g
     arrived = tl.atomic_add(count_ptrs, 1, sem="acq_rel")
+    tl.store(state_ptrs, state, mask=s_mask)
+    shift_in(cs, win_x, ch_x, pmask, offs_k, stride_cs_c, K)
     if arrived == nss - 1:
-        GS = heads_per_group * P
-        offs_gs = tl.arange(0, BLOCK_GS)
-        gsmask = offs_gs < GS
-        ch_g = g * GS + offs_gs
         offs_ss = tl.arange(0, BLOCK_SS)
         ss = tl.load(ssbuf_ptr + bi64 * (G * nss) + g * nss + offs_ss, mask=offs_ss < nss, other=0.0,
                      cache_modifier=".cg")
         rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / GS + eps)
         yg = tl.load(ybuf_ptr + bi64 * d_inner + ch_g, mask=gsmask, other=0.0, cache_modifier=".cg")
-        o = yg * rstd * tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
+        o = yg * rstd * norm_w
         if NORM_BEFORE_GATE:
             zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
             o = o * (zg * tl.sigmoid(zg))
         tl.store(out_ptr + bi64 * stride_out_b + ch_g, o.to(out_ptr.dtype.element_ty), mask=gsmask)
-        # All programs of the group have read the B and C windows: shift them now.
-        tl.store(cs + ch_B[:, None] * stride_cs_c + (offs_k[None, :] - 1), win_B, mask=nmask[:, None] & kshift)
-        tl.store(cs + ch_C[:, None] * stride_cs_c + (offs_k[None, :] - 1), win_C, mask=nmask[:, None] & kshift)
+        # Every program of the group has read the B and C windows: shift them now.
+        win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
+        win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
+        shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
+        shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
         tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
 
 
