@@ -95,22 +95,18 @@ def _c(CHUNK=64, BLOCK_P=64, num_warps=8, num_stages=3, CB_PRECOMPUTED=True, PRE
 
 
 SSD_CONFIGS = [
-    _c(num_stages=2, STATE_T=False, D_IN_SCORES=False),  # round 1's default, the control
-    _c(CHUNK=32, BLOCK_P=32, num_warps=4, STATE_T=False, D_IN_SCORES=False),  # round 1's best
-    _c(),
-    _c(num_stages=2),
-    _c(PREFETCH=1),
-    _c(PREFETCH=2, num_stages=1),
-    _c(BLOCK_P=32, num_warps=4),
-    _c(BLOCK_P=32, num_warps=4, num_stages=2),
-    _c(CHUNK=32, BLOCK_P=32, num_warps=4),
-    _c(CHUNK=32, BLOCK_P=32, num_warps=4, maxnreg=128),
-    _c(CHUNK=32, BLOCK_P=64, num_warps=4),
-    _c(CB_PRECOMPUTED=False),
-    _c(CHUNK=128, num_stages=2, CB_PRECOMPUTED=False),
-    _c(STATE_T=False),
-    _c(D_IN_SCORES=False),
-    _c(BLOCK_P=32, num_warps=4, num_stages=2, maxnreg=168),
+    _c(PREFETCH=1),  # the default after round 2
+    _c(PREFETCH=1, num_stages=2),
+    _c(PREFETCH=1, BLOCK_P=32, num_warps=4, num_stages=2),
+    _c(PREFETCH=1, BLOCK_P=32, num_warps=4, num_stages=3),
+    _c(PREFETCH=1, BLOCK_P=64, num_warps=4, num_stages=2),
+    _c(PREFETCH=1, STATE_T=False),
+    _c(PREFETCH=1, D_IN_SCORES=False),
+    _c(PREFETCH=1, STATE_T=False, D_IN_SCORES=False),
+    _c(PREFETCH=1, FOLD_DECAY=True),
+    _c(CHUNK=32, BLOCK_P=32, num_warps=4, PREFETCH=1, STATE_T=False, D_IN_SCORES=False),
+    _c(CHUNK=32, BLOCK_P=64, num_warps=4, PREFETCH=1, STATE_T=False, D_IN_SCORES=False),
+    _c(CHUNK=32, BLOCK_P=32, num_warps=4, STATE_T=False, D_IN_SCORES=False),  # round 2's best plain
 ]
 
 
@@ -142,30 +138,32 @@ def bench_ssd(sweep: bool, deadline: float):
     y_ref, s_ref = run_ssd(torch_ref.ssd_prefill, ref_in)
     ms = bench(lambda: run_ssd(torch_ref.ssd_prefill, ref_in), rep=50)
     row("ssd", "torch_ref fp32, b1 L4096", ms)
-    configs = SSD_CONFIGS if sweep else SSD_CONFIGS[:1]
+    configs = SSD_CONFIGS if sweep else [None]
     results = {}
     for cfg in configs:
         if time.time() > deadline:
             print("ssd sweep: out of time, stopping", flush=True)
             break
+        name = cfg_name(cfg) if cfg else "default"
         try:
             y, s = run_ssd(ssd.ssd_prefill, inp, config=cfg)
             err = max(rel_err(y, y_ref), rel_err(s, s_ref))
-            b, L = 1, 16384
-            ms = bench(lambda: run_ssd(ssd.ssd_prefill, inputs[(b, L)], config=cfg))
-            results[cfg_name(cfg)] = (ms, cfg)
-            row("ssd", f"{cfg_name(cfg)} b{b} L{L}", ms, err=f"{err:.1e}",
-                TFLOPs=round(ssd_flops(b, L) / (ms * 1e-3) / 1e12, 1), regs=compiled_stats(ssd._ssd_scan_kernel))
+            times = []
+            for b, L, target in shapes:
+                ms = bench(lambda: run_ssd(ssd.ssd_prefill, inputs[(b, L)], config=cfg))
+                times.append(ms)
+                row("ssd", f"{name} b{b} L{L}", ms, err=f"{err:.1e}", target_ms=target,
+                    TFLOPs=round(ssd_flops(b, L) / (ms * 1e-3) / 1e12, 1), regs=compiled_stats(ssd._ssd_scan_kernel))
+            results[name] = (times, cfg)
         except Exception as e:  # a config that does not compile or fit: report, keep going
-            print(f"ssd {cfg_name(cfg)}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    best = sorted(results.values(), key=lambda r: r[0])[:3]
-    for ms16, cfg in best:
-        for b, L, target in shapes[1:]:
-            ms = bench(lambda: run_ssd(ssd.ssd_prefill, inputs[(b, L)], config=cfg))
-            row("ssd", f"{cfg_name(cfg)} b{b} L{L}", ms, target_ms=target,
-                TFLOPs=round(ssd_flops(b, L) / (ms * 1e-3) / 1e12, 1))
+            print(f"ssd {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    for i, (b, L, target) in enumerate(shapes):
+        name, (times, _) = min(results.items(), key=lambda kv: kv[1][0][i])
+        print(f"ssd      best b{b} L{L}: {name}: {times[i] * 1e3:.1f} us (target {target * 1e3:.0f} us)", flush=True)
+    best = [min(results.values(), key=lambda r: r[0][0])] if results else []
+    best = [(t[0], c) for t, c in best]
     # Where the time goes, for the best config: the C B^T pre-pass alone.
-    if best:
+    if best and best[0][1]:
         cfg = best[0][1]
         if cfg["CB_PRECOMPUTED"]:
             inp16 = inputs[(1, 16384)]
@@ -229,38 +227,59 @@ def bench_decode(copy_tbps: float, sweep: bool):
             errs.append(max(rel_err(out, out_ref), rel_err(st["ssm_state"], ref["ssm_state"])))
         print(f"decode   check b{b}: max rel err {max(errs):.1e}", flush=True)
 
-    variants = [(64, 4), (32, 4), (32, 2), (16, 2), (64, 8)] if sweep else [(step.STEP_CONFIG['BLOCK_P'], step.STEP_CONFIG['num_warps'])]
+    small = [dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=True), dict(BLOCK_P=64, num_warps=4, PREFETCH_TAIL=True),
+             dict(BLOCK_P=16, num_warps=2, PREFETCH_TAIL=True), dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=False),
+             dict(BLOCK_P=16, num_warps=4, PREFETCH_TAIL=True)]
+    large = [dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=False, maxnreg=128),
+             dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=False), dict(BLOCK_P=16, num_warps=2, PREFETCH_TAIL=False),
+             dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=True, maxnreg=128),
+             dict(BLOCK_P=64, num_warps=8, PREFETCH_TAIL=False, maxnreg=128)]
+    if not sweep:
+        small, large = [dict(step.STEP_CONFIG)], [dict(step.STEP_CONFIG_LARGE)]
+    base_small, base_large = dict(step.STEP_CONFIG), dict(step.STEP_CONFIG_LARGE)
     best = None
-    for bp, nw in variants:
-        step.STEP_CONFIG["num_warps"] = nw
-        graph = graph_of(step.mixer_decode_step, layers, block_p=bp)
+    for v in small:
+        step.STEP_CONFIG.clear(); step.STEP_CONFIG.update(dict(base_small, **v))
+        graph = graph_of(step.mixer_decode_step, layers)
         ms = bench(graph.replay) / len(layers)
-        row("decode", f"mixer step b1, CUDA graph of 64 layers, p{bp} w{nw} (per layer)", ms, target_us=5.0,
+        row("decode", f"mixer step b1, CUDA graph of 64 layers, {step_name(v)} (per layer)", ms, target_us=5.0,
             regs=compiled_stats(step._mixer_step_kernel))
         if best is None or ms < best[0]:
-            best = (ms, bp, nw)
+            best = (ms, v)
         del graph
-    _, bp, nw = best
-    step.STEP_CONFIG["num_warps"] = nw
-    ms = bench(lambda: call_mixer(step.mixer_decode_step, layers[0], block_p=bp))
-    row("decode", f"mixer step b1, one call from Python, p{bp} w{nw}", ms)
-    try:
-        graph = graph_of(torch_ref.mixer_decode_step, layers[:8])
-        ms = bench(graph.replay) / 8
-        row("decode", "torch_ref mixer step b1, CUDA graph (per layer)", ms)
-        del graph
-    except Exception as e:
-        print(f"torch_ref graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    step.STEP_CONFIG.clear(); step.STEP_CONFIG.update(dict(base_small, **best[1]))
+    ms = bench(lambda: call_mixer(step.mixer_decode_step, layers[0]))
+    row("decode", f"mixer step b1, one call from Python, {step_name(best[1])}", ms)
+    print(f"decode   best b1: {step_name(best[1])}: {best[0] * 1e3:.2f} us per layer (target 5 us)", flush=True)
+    if sweep:
+        try:
+            graph = graph_of(torch_ref.mixer_decode_step, layers[:8])
+            ms = bench(graph.replay) / 8
+            row("decode", "torch_ref mixer step b1, CUDA graph (per layer)", ms)
+            del graph
+        except Exception as e:
+            print(f"torch_ref graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
     st64 = mixer_layers(1, 64, seed=64)[0]
     state_bytes = 2 * st64["ssm_state"].numel() * 4
-    for bp, nw in (variants if sweep else [(bp, nw)]):
-        step.STEP_CONFIG["num_warps"] = nw
-        ms = bench(lambda: call_mixer(step.mixer_decode_step, st64, block_p=bp))
+    best64 = None
+    for v in large:
+        step.STEP_CONFIG_LARGE.clear(); step.STEP_CONFIG_LARGE.update(dict(base_large, **v))
+        ms = bench(lambda: call_mixer(step.mixer_decode_step, st64))
         share = state_bytes / (ms * 1e-3) / 1e12 / copy_tbps
-        row("decode", f"mixer step b64 p{bp} w{nw}", ms, state_share_of_copy=f"{share:.1%}", target=">=85%")
-    step.STEP_CONFIG["num_warps"] = nw
-    return bp, nw
+        row("decode", f"mixer step b64 {step_name(v)}", ms, state_share_of_copy=f"{share:.1%}", target=">=85%",
+            regs=compiled_stats(step._mixer_step_kernel))
+        if best64 is None or ms < best64[0]:
+            best64 = (ms, v, share)
+    step.STEP_CONFIG_LARGE.clear(); step.STEP_CONFIG_LARGE.update(dict(base_large, **best64[1]))
+    print(f"decode   best b64: {step_name(best64[1])}: {best64[0] * 1e3:.1f} us, {best64[2]:.1%} of copy bandwidth",
+          flush=True)
+    return best, best64
+
+
+def step_name(v):
+    return "p{BLOCK_P} w{num_warps} {t}{r}".format(t="tail" if v.get("PREFETCH_TAIL") else "notail",
+                                                  r=f" r{v['maxnreg']}" if v.get("maxnreg") else "", **v)
 
 
 def bench_misc():
@@ -274,7 +293,14 @@ def bench_misc():
     out_t = conv.causal_conv1d(xBC, w, bias, cs.clone())
     out_r = torch_ref.causal_conv1d(xBC, w, bias, cs.clone())
     print(f"misc     check causal_conv1d rel err {rel_err(out_t, out_r):.1e}", flush=True)
-    row("misc", "causal_conv1d triton b1 L16384", bench(lambda: conv.causal_conv1d(xBC, w, bias, cs)))
+    base = dict(conv.CONV_CONFIG)
+    for v in [dict(BLOCK_L=32, BLOCK_C=128, num_warps=4), dict(BLOCK_L=64, BLOCK_C=128, num_warps=4),
+              dict(BLOCK_L=128, BLOCK_C=64, num_warps=4), dict(BLOCK_L=64, BLOCK_C=256, num_warps=8),
+              dict(BLOCK_L=128, BLOCK_C=128, num_warps=8)]:
+        conv.CONV_CONFIG.update(v)
+        row("misc", "causal_conv1d triton b1 L16384 l{BLOCK_L} c{BLOCK_C} w{num_warps}".format(**v),
+            bench(lambda: conv.causal_conv1d(xBC, w, bias, cs)))
+    conv.CONV_CONFIG.update(base)
     row("misc", "causal_conv1d torch_ref b1 L16384", bench(lambda: torch_ref.causal_conv1d(xBC, w, bias, cs)))
     y = torch.randn(1, L, D_INNER, generator=g, device="cuda", dtype=torch.bfloat16)
     nw = torch.randn(D_INNER, generator=g, device="cuda", dtype=torch.bfloat16)
@@ -317,6 +343,7 @@ def main():
     args = ap.parse_args()
     if args.step:
         step.STEP_CONFIG.update(json.loads(args.step))
+        step.STEP_CONFIG_LARGE.update(json.loads(args.step))
     if args.ssd:
         ssd.SCAN_CONFIG.update(json.loads(args.ssd))
     if args.profile is not None:

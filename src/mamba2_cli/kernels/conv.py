@@ -103,20 +103,21 @@ def _causal_conv_kernel(
              out.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
 
-def _check(cond: bool, op: str, msg: str) -> None:
+def _check(cond: bool, op: str, msg) -> None:
+    """Raise a Mamba2Error when cond is false; msg may be a callable, formatted only then."""
     if not cond:
-        raise Mamba2Error(f"{op}: {msg}")
+        raise Mamba2Error(f"{op}: {msg() if callable(msg) else msg}")
 
 
 def _check_conv_args(op, xBC, weight, bias, conv_state, b, Cdim):
-    _check(xBC.dtype in (torch.float16, torch.bfloat16, torch.float32), op, f"unsupported dtype {xBC.dtype}")
+    _check(xBC.dtype in (torch.float16, torch.bfloat16, torch.float32), op, lambda: f"unsupported dtype {xBC.dtype}")
     _check(weight.dim() == 2 and weight.shape[0] == Cdim, op,
-           f"weight must be [C={Cdim}, K], got {tuple(weight.shape)}")
+           lambda: f"weight must be [C={Cdim}, K], got {tuple(weight.shape)}")
     K = weight.shape[1]
-    _check(K >= 2, op, f"conv width must be >= 2, got {K}")
-    _check(bias is None or bias.shape == (Cdim,), op, f"bias must be [{Cdim}]")
+    _check(K >= 2, op, lambda: f"conv width must be >= 2, got {K}")
+    _check(bias is None or bias.shape == (Cdim,), op, lambda: f"bias must be [{Cdim}]")
     _check(conv_state.shape == (b, Cdim, K - 1), op,
-           f"conv_state must be [b, C, K-1] = {(b, Cdim, K - 1)}, got {tuple(conv_state.shape)}")
+           lambda: f"conv_state must be [b, C, K-1] = {(b, Cdim, K - 1)}, got {tuple(conv_state.shape)}")
     _check(conv_state.stride(-1) == 1, op, "conv_state must be contiguous in its last dim (updated in place)")
     _check(all(t.device == xBC.device for t in (weight, conv_state)), op, "all tensors must be on one device")
     return K
@@ -125,7 +126,7 @@ def _check_conv_args(op, xBC, weight, bias, conv_state, b, Cdim):
 def conv1d_step(xBC, weight, bias, conv_state):
     """One token: xBC [b, C] -> SiLU(conv) [b, C]; shifts `conv_state` in place."""
     op = "conv1d_step"
-    _check(xBC.dim() == 2, op, f"xBC must be [b, C], got {tuple(xBC.shape)}")
+    _check(xBC.dim() == 2, op, lambda: f"xBC must be [b, C], got {tuple(xBC.shape)}")
     b, Cdim = xBC.shape
     K = _check_conv_args(op, xBC, weight, bias, conv_state, b, Cdim)
     xBC = xBC if xBC.stride(-1) == 1 else xBC.contiguous()
@@ -148,7 +149,7 @@ def causal_conv1d(xBC, weight, bias, conv_state):
     outputs and then overwritten with the last K-1 inputs. Returns [b, L, C] in xBC.dtype.
     """
     op = "causal_conv1d"
-    _check(xBC.dim() == 3, op, f"xBC must be [b, L, C], got {tuple(xBC.shape)}")
+    _check(xBC.dim() == 3, op, lambda: f"xBC must be [b, L, C], got {tuple(xBC.shape)}")
     b, L, Cdim = xBC.shape
     K = _check_conv_args(op, xBC, weight, bias, conv_state, b, Cdim)
     xBC = xBC if xBC.stride(-1) == 1 else xBC.contiguous()

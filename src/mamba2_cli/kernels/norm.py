@@ -64,9 +64,10 @@ def _gated_rmsnorm_kernel(
     tl.store(out_ptr + row * stride_out + col, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(cond: bool, op: str, msg: str) -> None:
+def _check(cond: bool, op: str, msg) -> None:
+    """Raise a Mamba2Error when cond is false; msg may be a callable, formatted only then."""
     if not cond:
-        raise Mamba2Error(f"{op}: {msg}")
+        raise Mamba2Error(f"{op}: {msg() if callable(msg) else msg}")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -82,12 +83,12 @@ def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
     residual the residual is x (as fp32 when residual_in_fp32).
     """
     op = "add_rmsnorm"
-    _check(x.dtype in _FLOAT_DTYPES, op, f"unsupported dtype {x.dtype}")
+    _check(x.dtype in _FLOAT_DTYPES, op, lambda: f"unsupported dtype {x.dtype}")
     D = x.shape[-1]
-    _check(weight.shape == (D,), op, f"weight must be [{D}], got {tuple(weight.shape)}")
+    _check(weight.shape == (D,), op, lambda: f"weight must be [{D}], got {tuple(weight.shape)}")
     if residual is not None:
-        _check(residual.shape == x.shape, op, f"residual shape {tuple(residual.shape)} != x {tuple(x.shape)}")
-        _check(residual.dtype in _FLOAT_DTYPES, op, f"unsupported residual dtype {residual.dtype}")
+        _check(residual.shape == x.shape, op, lambda: f"residual shape {tuple(residual.shape)} != x {tuple(x.shape)}")
+        _check(residual.dtype in _FLOAT_DTYPES, op, lambda: f"unsupported residual dtype {residual.dtype}")
         res_dtype = torch.promote_types(residual.dtype, x.dtype)
     else:
         res_dtype = torch.float32 if residual_in_fp32 else x.dtype
@@ -110,11 +111,11 @@ def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
 def gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False):
     """Per-group RMSNorm gated by silu(z); same contract as `torch_ref.gated_rmsnorm`."""
     op = "gated_rmsnorm"
-    _check(y.dtype in _FLOAT_DTYPES, op, f"unsupported dtype {y.dtype}")
-    _check(z.shape == y.shape, op, f"z shape {tuple(z.shape)} != y {tuple(y.shape)}")
+    _check(y.dtype in _FLOAT_DTYPES, op, lambda: f"unsupported dtype {y.dtype}")
+    _check(z.shape == y.shape, op, lambda: f"z shape {tuple(z.shape)} != y {tuple(y.shape)}")
     d = y.shape[-1]
-    _check(weight.shape == (d,), op, f"weight must be [{d}], got {tuple(weight.shape)}")
-    _check(group_size > 0 and d % group_size == 0, op, f"group_size {group_size} must divide {d}")
+    _check(weight.shape == (d,), op, lambda: f"weight must be [{d}], got {tuple(weight.shape)}")
+    _check(group_size > 0 and d % group_size == 0, op, lambda: f"group_size {group_size} must divide {d}")
     y2, z2 = _rows(y), _rows(z)
     out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     M = y2.shape[0]

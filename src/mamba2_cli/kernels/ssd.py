@@ -35,10 +35,14 @@ from ..errors import Mamba2Error
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md); the scan
-# writes the final state, and none of these kernels is autotuned.
-SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 2, "CB_PRECOMPUTED": True,
-               "PREFETCH": 0, "FOLD_DECAY": False, "STATE_T": False, "D_IN_SCORES": False,
-               "maxnreg": None}
+# writes the final state, and none of these kernels is autotuned. SCAN_CONFIG_MANY
+# applies when there are many (sequence, head) programs, SCAN_CONFIG_FP32 to fp32 inputs
+# (whose tiles are twice the bytes).
+SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 3, "CB_PRECOMPUTED": True,
+               "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None}
+SCAN_CONFIG_MANY: dict = {}
+MANY_PROGRAMS = 512
+SCAN_CONFIG_FP32 = {"num_stages": 1}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
 
 
@@ -255,9 +259,10 @@ def _ssd_scan_kernel(
     tl.store(final_ptr + s_off, state, mask=s_mask)
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg) -> None:
+    """Raise a Mamba2Error when cond is false; msg may be a callable, formatted only then."""
     if not cond:
-        raise Mamba2Error(f"ssd_prefill: {msg}")
+        raise Mamba2Error(f"ssd_prefill: {msg() if callable(msg) else msg}")
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -271,29 +276,35 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     x.dtype; D [H] or [H, P]; dt_bias [H]; initial_state [b, H, P, N] fp32 or None.
     Returns y [b, L, H, P] in x.dtype and the final state [b, H, P, N] fp32.
     `chunk_size` is accepted for the interface; the kernel's own chunk gives the same sums.
-    `config` overrides SCAN_CONFIG keys (benchmarks use it).
+    `config` overrides the chosen configuration's keys (benchmarks use it).
     """
-    cfg = dict(SCAN_CONFIG, **(config or {}))
-    _check(x.dim() == 4, f"x must be [b, L, H, P], got shape {tuple(x.shape)}")
+    _check(x.dim() == 4, lambda: f"x must be [b, L, H, P], got shape {tuple(x.shape)}")
     b, L, H, P = x.shape
-    _check(x.dtype in _FLOAT_DTYPES, f"x dtype {x.dtype} not supported (fp16, bf16, fp32)")
+    _check(x.dtype in _FLOAT_DTYPES, lambda: f"x dtype {x.dtype} not supported (fp16, bf16, fp32)")
     _check(B.dim() == 4 and C.dim() == 4 and B.shape == C.shape and B.shape[:2] == (b, L),
-           f"B and C must be [b, L, G, N] matching x; got {tuple(B.shape)} and {tuple(C.shape)}")
+           lambda: f"B and C must be [b, L, G, N] matching x; got {tuple(B.shape)} and {tuple(C.shape)}")
     G, N = B.shape[-2:]
-    _check(H % G == 0, f"ngroups {G} must divide nheads {H}")
-    _check(B.dtype == x.dtype and C.dtype == x.dtype, f"B, C dtype ({B.dtype}, {C.dtype}) must match x ({x.dtype})")
-    _check(dt.shape == (b, L, H), f"dt must be [b, L, H] = {(b, L, H)}, got {tuple(dt.shape)}")
+    _check(H % G == 0, lambda: f"ngroups {G} must divide nheads {H}")
+    _check(B.dtype == x.dtype and C.dtype == x.dtype, lambda: f"B, C dtype ({B.dtype}, {C.dtype}) must match x ({x.dtype})")
+    _check(dt.shape == (b, L, H), lambda: f"dt must be [b, L, H] = {(b, L, H)}, got {tuple(dt.shape)}")
     _check(A.shape == (H,) and dt_bias.shape == (H,), "A and dt_bias must be [H]")
-    _check(D.shape in ((H,), (H, P)), f"D must be [H] or [H, P], got {tuple(D.shape)}")
-    _check(16 <= P and 16 <= N and N <= 256, f"headdim P={P} must be >= 16 and d_state N={N} in 16..256")
+    _check(D.shape in ((H,), (H, P)), lambda: f"D must be [H] or [H, P], got {tuple(D.shape)}")
+    _check(16 <= P and 16 <= N and N <= 256, lambda: f"headdim P={P} must be >= 16 and d_state N={N} in 16..256")
     tensors = [x, dt, A, B, C, D, dt_bias] + ([initial_state] if initial_state is not None else [])
     _check(all(t.device == x.device for t in tensors), "all tensors must be on one device")
     if initial_state is not None:
         _check(initial_state.shape == (b, H, P, N) and initial_state.dtype == torch.float32,
-               f"initial_state must be fp32 [b, H, P, N] = {(b, H, P, N)}, got "
+               lambda: f"initial_state must be fp32 [b, H, P, N] = {(b, H, P, N)}, got "
                f"{initial_state.dtype} {tuple(initial_state.shape)}")
         # The kernel reads the initial state with the final state's (contiguous) strides.
         initial_state = initial_state.contiguous()
+
+    cfg = dict(SCAN_CONFIG)
+    if b * H >= MANY_PROGRAMS:
+        cfg.update(SCAN_CONFIG_MANY)
+    if x.dtype == torch.float32:
+        cfg.update(SCAN_CONFIG_FP32)
+    cfg.update(config or {})
 
     y = torch.empty((b, L, H, P), dtype=x.dtype, device=x.device)
     final = torch.empty((b, H, P, N), dtype=torch.float32, device=x.device)
