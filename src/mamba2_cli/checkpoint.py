@@ -212,7 +212,8 @@ def place(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) 
     """
     leaf = name.rsplit(".", 1)[-1]
     t = t.to(device=device, dtype=torch.float32 if leaf in FP32_PARAMS else dtype)
-    if device.type == "cpu" and t.dim() == 2 and name.endswith(("proj.weight", "lm_head.weight")):
+    # The embedding too: tied checkpoints use it as lm_head, and a strided row gather costs nothing.
+    if device.type == "cpu" and t.dim() == 2 and name.endswith(("proj.weight", "lm_head.weight", "embeddings.weight")):
         t = t.t().contiguous().t()
     return t
 

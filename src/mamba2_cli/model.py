@@ -42,17 +42,20 @@ class Mamba2Mixer(nn.Module):
         self.A = -torch.exp(self.A_log.detach().float())
         self.conv_weight = self.conv1d.weight.detach()[:, 0, :]  # [C, K] view
 
+    scan_chunk: int = 0  # block length of the prefill scan, chosen by the backend (see set_backend)
+
     def forward(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, backend) -> torch.Tensor:
         cfg = self.cfg
         b, L, _ = u.shape
         if L == 1:
-            zxbcdt = self.in_proj(u[:, 0])
+            # Plain F.linear, not the modules' __call__: per-token Python overhead adds up on CPU.
+            zxbcdt = F.linear(u[:, 0], self.in_proj.weight, self.in_proj.bias)
             y = backend.mixer_decode_step(
                 zxbcdt, self.conv_weight, self.conv1d.bias, conv_state, self.A, self.D, self.dt_bias,
                 cfg.dt_limit, self.norm.weight, ssm_state, cfg.ngroups, cfg.layer_norm_epsilon,
                 cfg.norm_before_gate,
             )
-            return self.out_proj(y)[:, None]
+            return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
 
         H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         z, xBC, dt = torch.split(self.in_proj(u), [cfg.d_inner, cfg.conv_dim, H], dim=-1)
@@ -60,7 +63,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = torch.split(xBC, [cfg.d_inner, G * N, G * N], dim=-1)
         y, final_state = backend.ssd_prefill(
             x.reshape(b, L, H, P), dt, self.A, B.reshape(b, L, G, N), C.reshape(b, L, G, N),
-            self.D, self.dt_bias, cfg.dt_limit, cfg.chunk_size, initial_state=ssm_state,
+            self.D, self.dt_bias, cfg.dt_limit, self.scan_chunk, initial_state=ssm_state,
         )
         ssm_state.copy_(final_state)
         y = backend.gated_rmsnorm(
@@ -86,13 +89,13 @@ class Mamba2Backbone(nn.Module):
 
 
 class Mamba2LM(nn.Module):
-    def __init__(self, cfg: Mamba2Config, backend: str = "torch"):
+    def __init__(self, cfg: Mamba2Config):
         super().__init__()
         self.cfg = cfg
         self.backbone = Mamba2Backbone(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        self.backend_name = backend
-        self.backend = get_backend(backend, "cpu") if backend == "torch" else None
+        self.backend_name = None
+        self.backend = None  # set_backend, once the weights are on their device
 
     @property
     def device(self) -> torch.device:
@@ -106,6 +109,9 @@ class Mamba2LM(nn.Module):
         """Select 'torch', 'triton' or 'auto' for this model's device; returns the name chosen."""
         self.backend = get_backend(name, self.device.type)
         self.backend_name = self.backend.name
+        choose = getattr(self.backend, "scan_chunk_size", lambda q, device_type: q)
+        for layer in self.backbone.layers:
+            layer.mixer.scan_chunk = choose(self.cfg.chunk_size, self.device.type)
         return self.backend_name
 
     def prepare(self) -> "Mamba2LM":
@@ -126,7 +132,7 @@ class Mamba2LM(nn.Module):
         residual = None
         for i, layer in enumerate(self.backbone.layers):
             normed, residual = be.add_rmsnorm(h, residual, layer.norm.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
-            h = layer.mixer(normed, state.conv[i], state.ssm[i], be)
+            h = layer.mixer.forward(normed, state.conv[i], state.ssm[i], be)
         if logits_to_keep:
             h, residual = h[:, -logits_to_keep:], residual[:, -logits_to_keep:]
         normed, _ = be.add_rmsnorm(h, residual, self.backbone.norm_f.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
