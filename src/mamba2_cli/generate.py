@@ -46,6 +46,63 @@ def decode_one_token(model: Mamba2LM, tokens: torch.Tensor, state: Mamba2State) 
     return model(tokens.view(-1, 1), state)[:, -1]
 
 
+class DecodeGraph:
+    """The decode step of the whole model for one state, captured once as a CUDA graph.
+
+    Input tokens, state and logits live in static buffers; a call copies the tokens in and
+    replays embedding, every layer, the final norm and lm_head in one launch. Warm-up runs
+    before the capture (compiling kernels, allocating scratch) advance the state, so it is
+    saved and put back.
+    """
+
+    def __init__(self, model: Mamba2LM, state: Mamba2State):
+        device = model.device
+        self.state = state
+        self.tokens = torch.zeros(state.batch_size, dtype=torch.long, device=device)
+        saved = state.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                decode_one_token(model, self.tokens, state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.inference_mode(), torch.cuda.graph(self.graph):
+                self.logits = decode_one_token(model, self.tokens, state)
+        except Exception as e:
+            raise Mamba2Error(f"CUDA graph capture of the decode step failed ({e}); "
+                              "run with --no-cuda-graph to decode without it") from None
+        state.copy_(saved)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens.view(-1))
+        self.graph.replay()
+        return self.logits
+
+
+def owned_state(model: Mamba2LM, batch_size: int) -> Mamba2State:
+    """A zeroed state the model keeps for callers that bring none, reused from call to call
+    so its CUDA graph is captured once."""
+    states = model.__dict__.setdefault("_owned_states", {})
+    if batch_size not in states:
+        states[batch_size] = model.new_state(batch_size)
+    states[batch_size].reset()
+    return states[batch_size]
+
+
+def decode_step_fn(model: Mamba2LM, state: Mamba2State, cuda_graph: bool = True):
+    """tokens [B] -> logits [B, V], advancing `state`: a CUDA graph replay on GPUs (captured
+    once per model and state, then cached), the eager forward elsewhere."""
+    if model.device.type != "cuda" or not cuda_graph:
+        return lambda tokens: decode_one_token(model, tokens, state)
+    cache = model.__dict__.setdefault("_decode_graphs", {})
+    key = (state.ssm.data_ptr(), state.conv.data_ptr(), state.batch_size, model.backend_name)
+    if key not in cache:
+        cache[key] = DecodeGraph(model, state)
+    return cache[key]
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -121,6 +178,7 @@ def stream_generate(
     ignore_eos: bool = False,
     state: Mamba2State | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    cuda_graph: bool = True,
 ) -> Iterator[GenerationEvent]:
     """Generate from `prompt` (text, or token ids used as they are), yielding text as it appears.
 
@@ -138,7 +196,7 @@ def stream_generate(
     if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
         raise Mamba2Error(f"prompt token id out of range for a vocabulary of {vocab}")
     if state is None:
-        state = model.new_state(1)
+        state = owned_state(model, 1)
     generator = None
     if not params.greedy:
         generator = torch.Generator(device=device)
@@ -151,6 +209,7 @@ def stream_generate(
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
         seen[0, ids[0]] = True
+    step_fn = decode_step_fn(model, state, cuda_graph)  # capture (once) before the clock starts
 
     eos_ids = set() if ignore_eos else tokenizer.eos_ids
     detok = tokenizer.stream(prompt_ids)
@@ -184,8 +243,8 @@ def stream_generate(
             yield GenerationEvent(text, tid)
             break
         if seen is not None:
-            seen[0, tid] = True
-        logits = decode_one_token(model, token, state)
+            seen.scatter_(1, token.view(-1, 1), True)
+        logits = step_fn(token)
         yield GenerationEvent(text, tid)
     if not stops.stopped:
         rest = detok.flush()  # an unfinished UTF-8 character decodes as U+FFFD, as a full decode has it
