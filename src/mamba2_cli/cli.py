@@ -120,6 +120,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reported in --json)."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past the end-of-text token."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the generated text."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of text."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No statistics on stderr."),
@@ -167,7 +168,7 @@ def run(
         events = stream_generate(
             m, tok, text_in, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or (),
-            ignore_eos=ignore_eos,
+            ignore_eos=ignore_eos, cuda_graph=not no_cuda_graph,
         )
         for event in events:
             if event.text and not as_json:
@@ -226,15 +227,20 @@ def bench(
     dtype: str = typer.Option("auto", "--dtype"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     prompt_len: int = typer.Option(128, "--prompt-len", min=1),
-    gen_len: int = typer.Option(64, "--gen-len", min=0),
+    gen_len: int = typer.Option(64, "--gen-len", min=1),
     batch_size: int = typer.Option(1, "--batch-size", min=1),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Also measure decode after a context of this many tokens."),
     repeats: int = typer.Option(3, "--repeats", min=1),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    fmt: str = typer.Option("table", "--format", help="table or md."),
 ):
     """Measure prefill and decode speed on random-weight presets or a real checkpoint."""
-    from .bench import bench_model, environment
+    from .bench import bench_model, bytes_per_decode_step, copy_bandwidth, environment
     from .checkpoint import resolve_device
 
+    if fmt not in ("table", "md"):
+        _fail(f"unknown format {fmt!r}; choose table or md")
     if threads:
         import torch
 
@@ -244,40 +250,63 @@ def bench(
     preset = preset or (None if model else "mamba2-130m")
     dev = resolve_device(device)
     backends = ["torch", "triton"] if backend == "all" else [backend]
+    lengths = [prompt_len] + ([depth] if depth else [])
+    m = tok = None
     rows = []
-    m = None
-    for b in backends:
-        if m is None:
-            if model:
-                from .loader import load_model
+    from rich.progress import Progress
 
-                m, _ = load_model(model, dev, dtype, b, batch_size)
+    with Progress(transient=True, console=_stderr(), disable=as_json) as progress:
+        task = progress.add_task("benchmarking", total=len(backends) * len(lengths) * (repeats + 1) + 1)
+        bw = copy_bandwidth(dev)
+        progress.advance(task)
+        for b in backends:
+            if m is None:
+                if model:
+                    from .loader import load_model
+
+                    m, tok = load_model(model, dev, dtype, b, batch_size)
+                else:
+                    from .loader import load_preset
+
+                    m, _ = load_preset(preset, dev, dtype, b, batch_size=batch_size)
             else:
-                from .loader import load_preset
-
-                m, _ = load_preset(preset, dev, dtype, b, batch_size=batch_size)
-        else:
-            m.set_backend(b)
-        r = bench_model(m, prompt_len, gen_len, batch_size, repeats)
-        r.update(backend=m.backend_name, model=model or f"preset:{preset}", dtype=str(m.dtype).removeprefix("torch."))
-        rows.append(r)
+                m.set_backend(b)
+            for L in lengths:
+                r = bench_model(m, L, gen_len, batch_size, repeats, cuda_graph=not no_cuda_graph, tokenizer=tok,
+                                on_step=lambda: progress.advance(task))
+                step_bytes = bytes_per_decode_step(m, batch_size)
+                r.update(backend=m.backend_name, model=model or f"preset:{preset}",
+                         dtype=str(m.dtype).removeprefix("torch."), bytes_per_step=step_bytes,
+                         bandwidth_share=step_bytes * r["decode_tok_s"] / bw)
+                rows.append(r)
     env = environment(dev)
+    env["copy_bandwidth_bytes_s"] = bw
     if as_json:
         sys.stdout.write(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+        return
+    cols = ("backend", "prompt", "graph", "first token ms", "prefill tok/s", "decode tok/s", "ms/token",
+            "of copy bw", "peak memory")
+    cells = [(r["backend"], str(r["prompt_len"]), "yes" if r["cuda_graph"] else "no", f"{r['ttft_s'] * 1e3:,.1f}",
+              f"{r['prefill_tok_s']:,.0f}", f"{r['decode_tok_s']:,.1f}", f"{r['decode_ms_per_step']:.2f}",
+              f"{r['bandwidth_share'] * 100:.0f} %", _human_bytes(r["peak_memory_bytes"])) for r in rows]
+    title = f"mamba2 bench · {rows[0]['model']} · {rows[0]['dtype']} · batch {batch_size}"
+    footer = (f"{env['device']} · copy {bw / 1e9:,.0f} GB/s · {env['threads']} threads · torch {env['torch']} · "
+              f"triton {env['triton']} · commit {env['commit']}")
+    if fmt == "md":
+        lines = [f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        sys.stdout.write("\n".join(lines + ["", footer, ""]))
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"mamba2 bench · {rows[0]['model']} · {rows[0]['dtype']} · batch {batch_size}")
-    for col in ("backend", "prompt", "prefill tok/s", "decode tok/s", "ms/token", "peak memory"):
+    t = Table(title=title)
+    for col in cols:
         t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(r["backend"], str(r["prompt_len"]), f"{r['prefill_tok_s']:,.0f}",
-                  _fmt(r["decode_tok_s"], "", digits=1), _fmt(r["decode_ms_per_step"], "", digits=2),
-                  _human_bytes(r["peak_memory_bytes"]))
+    for c in cells:
+        t.add_row(*c)
     Console().print(t)
-    Console().print(f"[dim]{env['device']} · {env['threads']} threads · torch {env['torch']} · "
-                    f"triton {env['triton']} · commit {env['commit']}[/]")
+    Console().print(f"[dim]{footer}[/]")
 
 
 @app.command()
