@@ -34,15 +34,19 @@ from ..errors import Mamba2Error
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md); the scan
-# writes the final state, and none of these kernels is autotuned. SCAN_CONFIG_MANY
-# applies when there are many (sequence, head) programs, SCAN_CONFIG_FP32 to fp32 inputs
-# (whose tiles are twice the bytes).
-SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 3, "CB_PRECOMPUTED": True,
+# Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md, round 3); the scan
+# writes the final state, and none of these kernels is autotuned.
+# SCAN_CONFIG: few programs (batch 1: 512 of them, P split in two), latency-bound.
+# SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on, about 4 per SM
+#   of an H200 (batch 8 at Codestral shapes measured; the crossover itself was not).
+# SCAN_CONFIG_FP32: fp32 inputs (tiles twice the bytes; the configuration tested on the GPU).
+SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 2, "CB_PRECOMPUTED": True,
                "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None}
-SCAN_CONFIG_MANY: dict = {}
+SCAN_CONFIG_MANY = {"CHUNK": 32, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": 1,
+                    "STATE_T": False, "D_IN_SCORES": False}
 MANY_PROGRAMS = 512
-SCAN_CONFIG_FP32 = {"num_stages": 1}
+SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1, "PREFETCH": 1,
+                    "STATE_T": True, "D_IN_SCORES": True}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
 
 
@@ -300,7 +304,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         initial_state = initial_state.contiguous()
 
     cfg = dict(SCAN_CONFIG)
-    if b * H >= MANY_PROGRAMS:
+    if b * H * triton.cdiv(P, 64) >= MANY_PROGRAMS:
         cfg.update(SCAN_CONFIG_MANY)
     if x.dtype == torch.float32:
         cfg.update(SCAN_CONFIG_FP32)
