@@ -185,12 +185,14 @@ def mixer_layers(nlayers, b, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     layers = []
     for _ in range(nlayers):
-        dt_init = torch.exp(torch.rand(H, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        u = torch.rand(H, generator=g, device="cuda")
+        dt_init = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         layers.append(dict(
             conv_weight=torch.randn(CONV_DIM, K, generator=g, device="cuda").to(torch.bfloat16) * 0.5,
             conv_bias=torch.randn(CONV_DIM, generator=g, device="cuda").to(torch.bfloat16) * 0.1,
             conv_state=torch.randn(b, CONV_DIM, K - 1, generator=g, device="cuda").to(torch.bfloat16),
-            A=-torch.exp(torch.rand(H, generator=g, device="cuda") * 2.77), D=torch.randn(H, generator=g, device="cuda"),
+            A=-torch.exp(torch.rand(H, generator=g, device="cuda") * 2.77),
+            D=torch.randn(H, generator=g, device="cuda"),
             dt_bias=dt_init + torch.log(-torch.expm1(-dt_init)),
             norm_weight=torch.ones(D_INNER, device="cuda", dtype=torch.bfloat16),
             ssm_state=torch.randn(b, H, P, N, generator=g, device="cuda") * 0.1,

@@ -33,7 +33,8 @@ def sequential_ssd_heads(x, dt, A, B, C, D, dt_bias, dt_limit, initial_state=Non
     Dm = D[:, None] if D.dim() == 1 else D
     y = torch.empty_like(x)
     for t in range(L):
-        S = torch.exp(dt[:, t] * A)[..., None, None] * S + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        S = (torch.exp(dt[:, t] * A)[..., None, None] * S
+             + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :])
         y[:, t] = torch.einsum("bhpn,bhn->bhp", S, Ch[:, t]) + x[:, t] * Dm
     return y, S
 
@@ -43,7 +44,8 @@ def test_vectorized_reference_matches_sequential_reference():
     b, L, nh, hp, ng, n = 2, 9, 4, 3, 2, 5
     args = (torch.randn(b, L, nh, hp, generator=g), torch.randn(b, L, nh, generator=g),
             -torch.rand(nh, generator=g), torch.randn(b, L, ng, n, generator=g), torch.randn(b, L, ng, n, generator=g),
-            torch.randn(nh, generator=g), torch.randn(nh, generator=g), (0.0, INF), torch.randn(b, nh, hp, n, generator=g))
+            torch.randn(nh, generator=g), torch.randn(nh, generator=g), (0.0, INF),
+            torch.randn(b, nh, hp, n, generator=g))
     y, s = sequential_ssd_heads(*args)
     y_ref, s_ref = sequential_ssd(*args)
     assert rel_err(y, y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
@@ -103,7 +105,8 @@ def test_ssd_prefill_long_bf16_matches_torch_reference(tb):
     # Many chunks in one program: L = 8191 (ragged), batch 2, with an initial state.
     inp = codestral_ssd_inputs(2, 8191, torch.bfloat16, seed=7)
     y, state = run_ssd(tb.ssd_prefill, inp)
-    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, {k: (v.float() if v is not None else None) for k, v in inp.items()})
+    as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
+    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, as_fp32)
     assert rel_err(y, y_ref) <= 1e-2
     assert rel_err(state, state_ref) <= 1e-2
 

@@ -210,7 +210,8 @@ def test_ssd_decode_step_matches_reference(tb, dtype, tol):
 def conv_inputs(b, L, Cdim, K, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, L, Cdim, generator=g).to(DEVICE, dtype), torch.randn(Cdim, K, generator=g).to(DEVICE, dtype),
-            torch.randn(Cdim, generator=g).to(DEVICE, dtype), torch.randn(b, Cdim, K - 1, generator=g).to(DEVICE, dtype))
+            torch.randn(Cdim, generator=g).to(DEVICE, dtype),
+            torch.randn(b, Cdim, K - 1, generator=g).to(DEVICE, dtype))
 
 
 @pytest.mark.parametrize("L", [2, 41], ids=["L-shorter-than-window", "L41"])

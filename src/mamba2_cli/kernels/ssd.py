@@ -289,7 +289,8 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
            lambda: f"B and C must be [b, L, G, N] matching x; got {tuple(B.shape)} and {tuple(C.shape)}")
     G, N = B.shape[-2:]
     _check(H % G == 0, lambda: f"ngroups {G} must divide nheads {H}")
-    _check(B.dtype == x.dtype and C.dtype == x.dtype, lambda: f"B, C dtype ({B.dtype}, {C.dtype}) must match x ({x.dtype})")
+    _check(B.dtype == x.dtype and C.dtype == x.dtype,
+           lambda: f"B, C dtype ({B.dtype}, {C.dtype}) must match x ({x.dtype})")
     _check(dt.shape == (b, L, H), lambda: f"dt must be [b, L, H] = {(b, L, H)}, got {tuple(dt.shape)}")
     _check(A.shape == (H,) and dt_bias.shape == (H,), "A and dt_bias must be [H]")
     _check(D.shape in ((H,), (H, P)), lambda: f"D must be [H] or [H, P], got {tuple(D.shape)}")

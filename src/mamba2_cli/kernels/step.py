@@ -258,7 +258,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     _check(zxbcdt.dim() == 2 and zxbcdt.shape == (b, 2 * d_inner + 2 * G * N + H), op,
            lambda: f"zxbcdt must be [b, 2*d_inner + 2*G*N + H] = {(b, 2 * d_inner + 2 * G * N + H)}, "
            f"got {tuple(zxbcdt.shape)}")
-    _check(zxbcdt.dtype in (torch.float16, torch.bfloat16, torch.float32), op, lambda: f"unsupported dtype {zxbcdt.dtype}")
+    _check(zxbcdt.dtype in (torch.float16, torch.bfloat16, torch.float32), op,
+           lambda: f"unsupported dtype {zxbcdt.dtype}")
     _check(conv_weight.dim() == 2 and conv_weight.shape[0] == conv_dim, op,
            lambda: f"conv_weight must be [conv_dim={conv_dim}, K], got {tuple(conv_weight.shape)}")
     K = conv_weight.shape[1]
@@ -267,7 +268,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
            lambda: f"conv_state must be [b, conv_dim, K-1] = {(b, conv_dim, K - 1)}, got {tuple(conv_state.shape)}")
     _check(conv_state.stride(-1) == 1, op, "conv_state must be contiguous in its last dim (updated in place)")
     _check(conv_bias is None or conv_bias.shape == (conv_dim,), op, lambda: f"conv_bias must be [{conv_dim}]")
-    _check(norm_weight.shape == (d_inner,), op, lambda: f"norm_weight must be [{d_inner}], got {tuple(norm_weight.shape)}")
+    _check(norm_weight.shape == (d_inner,), op,
+           lambda: f"norm_weight must be [{d_inner}], got {tuple(norm_weight.shape)}")
     _check(D.shape in ((H,), (H, P)), op, lambda: f"D must be [H] or [H, P], got {tuple(D.shape)}")
     _check(A.shape == (H,) and dt_bias.shape == (H,), op, "A and dt_bias must be [H]")
     _check_state(op, ssm_state, (b, H, P, N))
