@@ -19,6 +19,14 @@ accepted and ignored.
 C B^T depends on the group, not the head: a first small kernel computes it once per
 (sequence, chunk, group) in fp32 so the scan does not repeat it for every head of a group.
 
+Switches of the scan kernel (constexprs; the configurations below pick them):
+PREFETCH   1: the next chunk's x and dt are loaded into registers during this chunk (the
+           measured win); 2: B, C and C B^T too. 0: plain loads.
+STATE_T    hold S^T [N, P], so neither product that uses the state needs a transpose.
+D_IN_SCORES  D x as D on the diagonal of the in-chunk product (D per head only): saves a
+           layout conversion; D then enters through the 16-bit operand (2^-9 relative).
+FOLD_DECAY exp(a_q) folded into C so both y products share one accumulator (measured slower).
+
 Numerics: dt, A, decays and the carried state are fp32. Matrix products take 16-bit
 operands (the input dtype) with fp32 accumulation, as upstream does; with fp32 inputs they
 run in full fp32 ("ieee"), never tf32, so fp32 results stay within 1e-4 of float64.
@@ -36,7 +44,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md, round 3); the scan
 # writes the final state, and none of these kernels is autotuned.
-# SCAN_CONFIG: few programs (batch 1: 512 of them, P split in two), latency-bound.
+# SCAN_CONFIG: few programs (batch 1: 256 of them, P split in two), latency-bound.
 # SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on, about 4 per SM
 #   of an H200 (batch 8 at Codestral shapes measured; the crossover itself was not).
 # SCAN_CONFIG_FP32: fp32 inputs (tiles twice the bytes; the configuration tested on the GPU).
