@@ -21,7 +21,8 @@ C B^T depends on the group, not the head: a first small kernel computes it once 
 
 Switches of the scan kernel (constexprs; the configurations below pick them):
 PREFETCH   1: the next chunk's x and dt are loaded into registers during this chunk (the
-           measured win); 2: B, C and C B^T too. 0: plain loads.
+           measured win); 2: B, C and C B^T too. 0: plain loads (miscompiled with P
+           block 32 by Triton 3.6 on the H200: wrong states, NOTES.md round 4).
 STATE_T    hold S^T [N, P], so neither product that uses the state needs a transpose.
 D_IN_SCORES  D x as D on the diagonal of the in-chunk product (D per head only): saves a
            layout conversion; D then enters through the 16-bit operand (2^-9 relative).
@@ -57,6 +58,15 @@ SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1,
                     "STATE_T": True, "D_IN_SCORES": True}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
 
+# The chunk count is never specialized. Triton compiles an integer argument equal to 1 as a
+# constant, so a prompt of one chunk (L <= CHUNK) got a kernel of its own with the chunk
+# loop unrolled away; on the H200 (Triton 3.6) that variant of the P-block-32 scan returned a
+# wrong final state (relative error ~1) and at times faulted with an illegal memory access
+# (benchmarks/NOTES.md, round 4). Now every prompt runs the looped kernel. L stays
+# specialized: its divisibility by 16 saves instructions in the masks (the kernel for
+# L % 16 == 0 is the one measured), and L = 1 compiles a looped kernel as well.
+_LENGTH_ARGS = ["nchunks"]
+
 
 @triton.jit
 def softplus_clamp(v, dt_lo, dt_hi, DT_CLAMP: tl.constexpr):
@@ -75,7 +85,7 @@ def softplus_clamp(v, dt_lo, dt_hi, DT_CLAMP: tl.constexpr):
     return sp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _chunk_cb_kernel(
     C_ptr, B_ptr, cb_ptr,
     L, N, nchunks, G,
@@ -107,7 +117,7 @@ def _chunk_cb_kernel(
     tl.store(out + offs_q[:, None] * CHUNK + offs_q[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _ssd_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, cb_ptr, init_ptr, y_ptr, final_ptr,
     L, H, P, N, G, heads_per_group, nchunks, dt_lo, dt_hi,
