@@ -133,7 +133,7 @@ def test_download_fetches_one_format_then_runs_from_the_cache_with_the_hub_gone(
     assert shard.is_symlink() and Path(os.path.realpath(shard)).name == repos[CODESTRAL].sha256[shard.name]
     err = p.stderr.decode()
     assert "fetching model-00001-of-00002.safetensors" in err and "\x1b[" not in err  # plain lines, no TTY
-    assert "verified 2 SHA-256" in err  # the two LFS shards
+    assert "SHA-256 verified for 2" in err  # the two LFS shards
 
     hub.stop()
     n = len(hub.log)

@@ -99,6 +99,10 @@ def _human_bytes(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def _fmt(v, unit: str, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if v is None else f"{v * scale:,.{digits}f} {unit}"
 
@@ -311,12 +315,14 @@ def download(
     r = fetch(repo, revision or at, fmt=fmt, include=include, exclude=exclude, local_dir=local_dir, token=token,
               progress=_progress(quiet))
     if not quiet:
-        fetched = (f"fetched {r.fetched_files} file(s), {human_bytes(r.fetched_bytes)}" if r.fetched_files
+        what = f"{r.format} checkpoint, {len(r.files)} files" if r.format else f"{len(r.files)} files"
+        if r.tokenizer_files:
+            what += f" + GPT-NeoX tokenizer ({len(r.tokenizer_files)} files)"
+        fetched = (f"fetched {r.fetched_files} files, {human_bytes(r.fetched_bytes)}" if r.fetched_files
                    else "nothing to fetch")
-        checked = f", verified {r.verified_files} SHA-256" if r.verified_files else ""
-        what = f"{r.format} format" if r.format else "selected files"
-        _stderr().print(f"{repo} @ {r.commit[:12]}: {len(r.files)} files ({what}, {human_bytes(r.total_bytes)}); "
-                        f"{fetched}{checked}", highlight=False, markup=False)
+        checked = f"; SHA-256 verified for {r.verified_files}" if r.verified_files else ""
+        _stderr().print(f"{repo} @ {r.commit[:12]}: {what}, {human_bytes(r.total_bytes)}; {fetched}{checked}",
+                        highlight=False, markup=False, soft_wrap=True)
     typer.echo(str(r.path))
 
 
@@ -342,7 +348,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
     if cached:
         t = Table(title="Mamba-2 models in the local cache")
         for col in ("model", "revision", "format", "size", "status"):
-            t.add_column(col, justify="right" if col == "size" else "left")
+            t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
         for m in cached:
             rev = ", ".join(m.refs) + f" ({m.commit[:8]})" if m.refs else m.commit[:12]
             status = "complete" if not m.missing else f"partial: missing {', '.join(m.missing[:2])}"
@@ -386,7 +392,7 @@ def info(
         ("config", f"d_model {c['d_model']} · {c['n_layer']} layers · {c['expand'] * c['d_model'] // c['headdim']} heads × "
                    f"headdim {c['headdim']} · {c['ngroups']} group(s) · d_state {c['d_state']} · d_conv {c['d_conv']} · "
                    f"chunk {c['chunk_size']} · vocab {c['vocab_size']}" + (" · tied embeddings" if c["tie_embeddings"] else "")),
-        ("parameters", f"{d['parameters']:,} ({d['parameters'] / 1e9:.2f} B)"),
+        ("parameters", f"{d['parameters']:,} ({_count(d['parameters'])})"),
         ("on disk", f"{human_bytes(d['bytes_on_disk'])} ({len(d['weight_files'])} weight file(s), "
                     f"{human_bytes(d['weights_bytes_on_disk'])})"),
         ("dtype", f"{d['stored_dtype'] or '?'} (as stored)"),

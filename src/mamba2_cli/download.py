@@ -348,17 +348,20 @@ class _RichProgress(Progress):
         if not self.started:
             self.bars.start()
             self.started = True
+            # First, so it stays on top; shown once the plan is known.
+            self.total = self.bars.add_task("total", total=None, visible=False)
 
     def plan(self, files, total, done):
         self._start()
-        self.total = self.bars.add_task(f"[bold]total ({files} files)", total=total, completed=done)
+        self.bars.update(self.total, description=f"[bold]total ({files} files)", total=total, completed=done,
+                         visible=True)
 
     def file(self, name, total, fetch=True):
         self._start()
         return _RichTask(self, name, total, fetch)
 
     def note(self, text):
-        self.bars.console.print(text, highlight=False, markup=False)
+        self.bars.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def close(self):
         if self.started:
@@ -379,11 +382,11 @@ class _RichTask(FileTask):
     def advance(self, n):
         self.done += n
         self.p.bars.advance(self.id, n)
-        if self.fetch and self.p.total is not None:
+        if self.fetch:
             self.p.bars.advance(self.p.total, n)
 
     def restart(self):
-        if self.fetch and self.p.total is not None:
+        if self.fetch:
             self.p.bars.advance(self.p.total, -self.done)
         self.done = 0
         self.p.bars.update(self.id, completed=0)
@@ -626,13 +629,14 @@ class DownloadResult:
     path: Path  # the model directory: the cache snapshot, or local_dir
     repo_id: str
     commit: str
-    format: str | None  # hf | mistral, None for --include downloads
+    format: str | None  # hf | mamba_ssm | mistral; None for --include downloads
     files: list[str]
     total_bytes: int  # of the files selected
     fetched_bytes: int  # over the network this time
     fetched_files: int
     verified_files: int  # SHA-256 computed this time
     tokenizer_dir: Path | None = None  # where GPT-NeoX's tokenizer went (mamba_ssm checkpoints)
+    tokenizer_files: list[str] = field(default_factory=list)
 
 
 class _Downloader:
@@ -830,8 +834,9 @@ def _download(dl: _Downloader, repo_id, revision, fmt, include, exclude, local_d
         # The config first: a repo that is not a Mamba-2 model is refused before its weights.
         dl.run_all(dl.fetch, [(job, listing[n]) for n in meta])
         cfg = _check_config(job, repo_id)
+        fmt = cfg.format if cfg is not None else fmt  # hf-style files may hold a mamba_ssm checkpoint
         index = job.target.dir / "model.safetensors.index.json"
-        if fmt == "hf" and index.is_file():
+        if index.is_file():
             rest = _shards_from_index(index, listing, repo_id) + [n for n in rest if not _SHARD.fullmatch(n)]
         names = meta + _filter(rest, None, exclude)
         if (cfg is not None and cfg.format == "mamba_ssm" and "tokenizer.json" not in listing
@@ -864,6 +869,7 @@ def _download(dl: _Downloader, repo_id, revision, fmt, include, exclude, local_d
         total_bytes=sum(f.size or 0 for j in jobs for f in j.files), fetched_bytes=dl.fetched_bytes,
         fetched_files=dl.fetched_files, verified_files=dl.verified,
         tokenizer_dir=companion.target.dir if companion else None,
+        tokenizer_files=[f.path for f in companion.files] if companion else [],
     )
 
 
