@@ -16,7 +16,7 @@ What huggingface_hub 2.4 and mamba2 send, and what this server answers:
 
 Faults for tests: `drop_after[path] = n` closes the connection after n bytes of the next
 GET of that file (once); `corrupt.add(path)` serves that file with one byte changed while
-advertising the true SHA-256. Every request is appended to `log`.
+advertising the true SHA-256; `throttle[path] = s` pauses s seconds after each 16 KiB. Every request is appended to `log`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -85,6 +86,7 @@ class HubServer:
         self.log: list[Request] = []
         self.drop_after: dict[str, int] = {}
         self.corrupt: set[str] = set()
+        self.throttle: dict[str, float] = {}  # path -> seconds to wait after each 16 KiB sent
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -269,6 +271,19 @@ def _make_handler(server: HubServer):
             headers["Accept-Ranges"] = "bytes"
             with server._lock:
                 drop = server.drop_after.pop(file, None) if body else None
+                pause = server.throttle.get(file) if body else None
+            if pause:
+                self._send(status, {**headers, "Content-Length": str(len(data))}, b"", body)
+                for i in range(0, len(data), 16384):
+                    try:
+                        self.wfile.write(data[i:i + 16384])
+                        self.wfile.flush()
+                    except OSError:  # the client went away
+                        self.close_connection = True
+                        return
+                    self.req.sent += len(data[i:i + 16384])
+                    time.sleep(pause)
+                return
             if drop is None:
                 return self._send(status, headers, data, body)
             # Promise the whole body, send part of it, then drop the connection.

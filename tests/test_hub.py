@@ -216,6 +216,31 @@ def test_a_dropped_connection_resumes_with_a_range_request(hub, env, repos):
     assert data == repos[CODESTRAL].files[shard]
 
 
+def test_an_interrupted_download_resumes_where_it_stopped(hub, env, repos):
+    import signal
+    import time
+
+    shard = "model-00001-of-00002.safetensors"
+    data = repos[CODESTRAL].files[shard]
+    hub.throttle[shard] = 0.2
+    proc = subprocess.Popen([sys.executable, "-m", "mamba2_cli", "download", "codestral"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    part = snapshot(env, CODESTRAL, repos).parents[1] / "blobs" / f"{repos[CODESTRAL].sha256[shard]}.incomplete"
+    deadline = time.monotonic() + 30
+    while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
+    have = part.stat().st_size
+    assert 0 < have < len(data)
+
+    hub.throttle.clear()
+    ok(mamba2("download", "codestral", env=env))
+    assert hub.gets(shard)[-1].range == f"bytes={have}-"
+    assert (snapshot(env, CODESTRAL, repos) / shard).read_bytes() == data
+
+
 def test_disk_full_midway_keeps_the_partial_file_and_the_next_run_resumes_it(hub, env, repos):
     size = len(repos["acme/tiny"].files["model.safetensors"])
     p = mamba2("download", "acme/tiny", env=env, limit_file_size=size // 2)
@@ -295,6 +320,31 @@ def test_no_network_and_offline_mode(hub, env, repos):
     fails(mamba2("info", "acme/tiny", env=offline), "not in the Hugging Face cache", "mamba2 download acme/tiny")
     fails(mamba2("info", "acme/tiny", "--offline", env=env), "mamba2 download acme/tiny")
     assert hub.log == []
+
+
+def test_xet_progress_adapter_follows_huggingface_hubs_reporter():
+    """hf_xet transfers cannot be served here; at least the bar huggingface_hub drives for them
+    must take its calls (the reporter is huggingface_hub's own, unpatched)."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
+
+    from mamba2_cli.download import FileTask, _XetBars
+
+    class Task(FileTask):
+        done = 0
+
+        def advance(self, n):
+            self.done += n
+
+    task = Task()
+    bars = type("Bars", (_XetBars,), {"task": task})
+    with XetDownloadProgressReporter(reconstruction_desc="x", total=1000, log_level=30, tqdm_class=bars) as r:
+        for written, received in ((300, 500), (1000, 900)):
+            r.update_progress(SimpleNamespace(total_bytes_completed=written, total_transfer_bytes_completed=received,
+                                              total_bytes_completion_rate=1.0, total_bytes=1000,
+                                              total_transfer_bytes_completion_rate=1.0))
+    assert task.done == 1000
 
 
 # ---------------------------------------------------------------------------------------

@@ -113,10 +113,9 @@ def select_files(names: Iterable[str], fmt: str | None = None, repo_id: str = "t
         meta = ["config.json"] + (["model.safetensors.index.json"] if "model.safetensors.index.json" in names else [])
         return fmt, meta, hf_weights + tokenizer
     if "tokenizer.json" not in names:
-        hint = "; --format hf takes the HF-format files, which have one" if has["hf"] and "tokenizer.json" in names else ""
         raise Mamba2Error(
             f"{repo_id}: the Mistral format's tokenizer is tokenizer.model.v3, which the `tokenizers` library "
-            f"cannot read, and the repo has no tokenizer.json{hint}"
+            "cannot read, and the repo has no tokenizer.json"
         )
     return fmt, ["params.json"], ["consolidated.safetensors"] + tokenizer
 
@@ -267,7 +266,14 @@ class _LocalDirTarget:
         return self.work / "download" / f"{f.path}.lock"
 
     def adopt(self, etag: str | None, f: RemoteFile) -> bool:
-        return False
+        """Keep a file already here (put by another tool) when its SHA-256 is the Hub's."""
+        p = self.path(f)
+        if f.sha256 is None or not p.is_file() or p.stat().st_size != f.size:
+            return False
+        if _hash_file(p).hexdigest() != f.sha256:
+            return False
+        self.record.put(f.path, p, f.etag, f.sha256)
+        return True
 
     def place(self, etag: str, f: RemoteFile, part: Path | None) -> None:
         if part is not None:
@@ -280,11 +286,18 @@ class _LocalDirTarget:
         pass
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _publish(part: Path, dest: Path) -> None:
     """Move a finished partial file into place with the permissions of a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(part, 0o666 & ~umask)
+    os.chmod(part, 0o666 & ~_UMASK)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, dest)
 
@@ -521,8 +534,8 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str):
     except (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
             httpx2.ProxyError) as e:
         reason = str(e).strip() or type(e).__name__
-        raise Mamba2Error(f"cannot reach the Hub at {endpoint} ({reason}); check the network, or work offline "
-                          "with models already in the cache (--offline)") from None
+        raise Mamba2Error(f"cannot reach the Hub at {endpoint} ({reason}); check the network (models already in "
+                          "the cache run without it)") from None
 
 
 def _url_of(e) -> str:
@@ -667,6 +680,7 @@ class _Downloader:
             self._fetch(job, f)
 
     def _fetch(self, job: _Job, f: RemoteFile) -> None:
+        import httpx2
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.utils import WeakFileLock, build_hf_headers
         from huggingface_hub.utils._runtime import is_xet_available
@@ -694,6 +708,12 @@ class _Downloader:
             task = self.progress.file(f.path, size)
             try:
                 digest, fetched = _transfer(meta.location, headers, part, size, f.sha256 is not None, task, self.stop)
+            except httpx2.TransportError as e:
+                have = part.stat().st_size if part.exists() else 0
+                raise Mamba2Error(
+                    f"downloading {f.path} failed {_RETRIES + 1} times in a row ({e}); the {human_bytes(have)} "
+                    "received are kept: run the same command again to resume"
+                ) from None
             except OSError as e:
                 if e.errno in _DISK_FULL:
                     have = part.stat().st_size if part.exists() else 0
