@@ -298,6 +298,8 @@ def test_not_enough_disk_space_gives_both_numbers_before_fetching_weights(hub, e
     (["download", "acme/mistral-only"], ["tokenizer.model.v3", "no tokenizer.json"]),
     (["download", CODESTRAL, "--format", "gguf"], ["unknown format 'gguf'"]),
     (["download", "acme/gpt2"], ["acme/gpt2 is not a model mamba2 can run", "gpt2"]),
+    (["download", "tiny"], ["random-weight preset", "--preset tiny"]),
+    (["download", "./x/y/z"], ["not an alias or a Hugging Face repo id"]),
 ])
 def test_download_errors_are_one_line(hub, env, args, words):
     fails(mamba2(*args, env=env), *words)
@@ -383,6 +385,9 @@ def test_info_and_models(hub, env, repos):
     assert d["bytes_on_disk"] == sum(len(files[f]) for f in HF_FILES)
 
     ok(mamba2("download", "mamba2-130m", env=env))
+    ssm = describe(snapshot(env, MAMBA2_130M, repos))  # pytorch_model.bin: dtype read through torch
+    assert ssm["format"] == "mamba_ssm" and ssm["stored_dtype"] == "float32" and ssm["weight_files"] == [
+        "pytorch_model.bin"]
     m = json.loads(ok(mamba2("models", "--json", env=env)).stdout)
     got = {c["repo_id"]: c for c in m["cached"]}
     assert set(got) == {CODESTRAL, MAMBA2_130M}  # not the tokenizer-only GPT-NeoX repo

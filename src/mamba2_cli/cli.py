@@ -307,9 +307,9 @@ def download(
 ):
     """Download the files of a model that mamba2 reads; print the directory they are in."""
     from .download import download as fetch, human_bytes
-    from .hub import expand_alias, split_revision
+    from .hub import parse_repo_spec
 
-    repo, at = split_revision(expand_alias(repo_id))
+    repo, at = parse_repo_spec(repo_id)
     if at and revision and at != revision:
         _fail(f"two revisions given: @{at} and --revision {revision}")
     r = fetch(repo, revision or at, fmt=fmt, include=include, exclude=exclude, local_dir=local_dir, token=token,

@@ -549,6 +549,15 @@ def _url_of(e) -> str:
 # Transfers
 
 
+def _xet_available() -> bool:
+    """What huggingface_hub checks before an hf_xet transfer: the package, and no HF_HUB_DISABLE_XET."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
+
+
 class _Stopped(Exception):
     """Another file failed or the user interrupted: stop, keeping the partial file."""
 
@@ -683,7 +692,6 @@ class _Downloader:
         import httpx2
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.utils import WeakFileLock, build_hf_headers
-        from huggingface_hub.utils._runtime import is_xet_available
 
         t = job.target
         if t.has(f) or t.adopt(f.etag, f):
@@ -693,7 +701,7 @@ class _Downloader:
                                     library_version=__version__)
         etag = meta.etag or f.etag
         size = meta.size if meta.size is not None else f.size
-        if meta.xet_file_data is not None and is_xet_available():
+        if meta.xet_file_data is not None and _xet_available():
             return self._fetch_xet(job, f, size)
         lock = t.lock(etag, f)
         lock.parent.mkdir(parents=True, exist_ok=True)

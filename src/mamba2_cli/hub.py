@@ -59,6 +59,20 @@ def expand_alias(spec: str) -> str:
     return f"{repo}@{rev}" if rev else repo
 
 
+def parse_repo_spec(spec: str, what: str = "not an alias or a Hugging Face repo id (org/name)") -> tuple[str, str | None]:
+    """An alias or 'org/name[@revision]' -> (repo id, revision); a preset name is refused with a hint."""
+    from .config import PRESETS
+
+    name = split_revision(spec)[0]
+    if name in PRESETS and name.lower() not in ALIASES:
+        real = " (-m codestral is the real Mamba-Codestral)" if name.startswith("codestral") else ""
+        raise Mamba2Error(f"{spec!r} is a random-weight preset, not a checkpoint: use --preset {name}{real}")
+    full = expand_alias(spec)
+    if not looks_like_repo_id(full):
+        raise Mamba2Error(f"{spec}: {what}")
+    return split_revision(full)
+
+
 def offline_mode(offline: bool = False) -> bool:
     """`--offline`, or HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set as huggingface_hub reads them."""
     if offline:
@@ -140,17 +154,8 @@ def resolve_model_dir(spec: str, *, offline: bool = False, progress=True, cache_
         if not path.is_dir():
             raise Mamba2Error(f"{spec}: is a file; give the model's directory")
         return path
-    from .config import PRESETS
-
-    name = split_revision(spec)[0]
-    if name in PRESETS and name.lower() not in ALIASES:
-        raise Mamba2Error(f"{spec!r} is a random-weight preset, not a checkpoint: use --preset {name}"
-                          f"{' (-m codestral is the real Mamba-Codestral)' if name.startswith('codestral') else ''}")
-    full = expand_alias(spec)
-    if not looks_like_repo_id(full):
-        raise Mamba2Error(f"{spec}: no such model directory, alias or Hugging Face repo id (org/name)")
-    repo, revision = split_revision(full)
-    label = spec if full == spec else f"{spec} ({repo})"
+    repo, revision = parse_repo_spec(spec, "no such model directory, alias or Hugging Face repo id (org/name)")
+    label = spec if split_revision(spec)[0] == repo else f"{spec} ({repo})"
     snap = cached_snapshot(repo, revision, cache_dir)
     missing = missing_files(snap) if snap is not None else None
     if missing == []:
