@@ -149,6 +149,26 @@ def test_a_second_download_fetches_nothing(hub, env, repos):
     again = hub.log[first:]
     assert [r.path for r in again] == ["/api/models/acme/tiny"]  # the commit is checked, no file is touched
     assert "nothing to fetch" in p.stderr.decode() and "SHA-256" not in p.stderr.decode()
+    q = ok(mamba2("download", "-q", "acme/tiny", env=env))
+    assert q.stderr == b"" and q.stdout.decode().strip() == str(snapshot(env, "acme/tiny", repos))
+
+
+def test_progress_on_a_terminal_is_rich_bars_with_a_total(hub, env):
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "mamba2_cli", "download", "codestral"], env)
+    out = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            out += chunk
+    except OSError:
+        pass
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")
+    text = out.decode(errors="replace")
+    assert "total (4 files)" in text and "model-00001-of-00002.safetensors" in text and "━" in text
 
 
 def test_mistral_format_takes_params_consolidated_and_tokenizer_json(hub, env, repos):

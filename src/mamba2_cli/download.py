@@ -356,13 +356,15 @@ class _RichProgress(Progress):
                          TimeRemainingColumn(), console=console, transient=False)
         self.total = None
         self.started = False
+        self._lock = threading.Lock()
 
     def _start(self):
-        if not self.started:
-            self.bars.start()
-            self.started = True
-            # First, so it stays on top; shown once the plan is known.
-            self.total = self.bars.add_task("total", total=None, visible=False)
+        with self._lock:  # files start on several threads; the total must be the first task
+            if not self.started:
+                self.bars.start()
+                # First, so it stays on top; shown once the plan is known.
+                self.total = self.bars.add_task("total", total=None, visible=False)
+                self.started = True
 
     def plan(self, files, total, done):
         self._start()
@@ -531,6 +533,11 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str):
         if status == 403:
             raise Mamba2Error(f"the Hub refused access to {repo_id} (403 Forbidden): {login}") from None
         raise Mamba2Error(f"the Hub answered HTTP {status} for {_url_of(e)}; try again later") from None
+    except OSError as e:  # from huggingface_hub's own transfers (hf_xet); this module's are caught closer
+        if e.errno not in _DISK_FULL:
+            raise
+        raise Mamba2Error(f"disk full while downloading {repo_id} ({e.strerror}): free some space and run the "
+                          "same command again") from None
     except (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
             httpx2.ProxyError) as e:
         reason = str(e).strip() or type(e).__name__
