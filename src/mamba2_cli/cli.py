@@ -159,10 +159,10 @@ def run(
         m, tok = load_preset(name, device, dtype, backend)
         model_name, revision = f"preset:{name}", None
     else:
-        from .hub import resolve_model_dir
+        from .hub import resolve_model
         from .loader import load_model
 
-        model_dir = resolve_model_dir(model, offline=offline, progress=_progress(quiet))
+        model_dir = resolve_model(model, offline=offline, progress=_progress(quiet))
         t0 = time.perf_counter()  # the load, not the download
         m, tok = load_model(str(model_dir), device, dtype, backend, offline=offline, progress=_progress(quiet))
         model_name, revision = model, _revision_of(model_dir)
@@ -255,6 +255,10 @@ def bench(
         torch.set_num_threads(threads)
     if model and preset:
         _fail("give either -m/--model or --preset, not both")
+    if model:  # fetched first, if need be, with the terminal to itself
+        from .hub import resolve_model
+
+        model = str(resolve_model(model, offline=offline))
     preset = preset or (None if model else "mamba2-130m")
     dev = resolve_device(device)
     backends = ["torch", "triton"] if backend == "all" else [backend]
@@ -265,7 +269,7 @@ def bench(
             if model:
                 from .loader import load_model
 
-                m, _ = load_model(model, dev, dtype, b, batch_size, offline=offline)
+                m, _ = load_model(model, dev, dtype, b, batch_size)
             else:
                 from .loader import load_preset
 
@@ -374,10 +378,10 @@ def info(
 ):
     """Format, shape, parameters, size, dtype, and the memory for weights and state of a model."""
     from .download import human_bytes
-    from .hub import resolve_model_dir
+    from .hub import resolve_model
     from .info import describe
 
-    model_dir = resolve_model_dir(model, offline=offline, progress=_progress(as_json))
+    model_dir = resolve_model(model, offline=offline, progress=_progress(as_json))
     d = describe(model_dir, batch_size, dtype)
     d["model"] = model
     d["revision"] = _revision_of(model_dir)

@@ -195,6 +195,22 @@ def tokenizer_dir(model_dir: Path, cfg, *, offline: bool = False, progress=True,
     return download(GPT_NEOX_TOKENIZER_REPO, cache_dir=cache_dir, progress=progress).path
 
 
+def resolve_model(spec: str, *, offline: bool = False, progress=True, cache_dir: str | Path | None = None) -> Path:
+    """resolve_model_dir, and the tokenizer too: afterwards loading `spec` needs no network.
+
+    The CLI calls this before anything that draws on the terminal, so download progress has
+    the terminal to itself."""
+    from .config import read_config
+
+    model_dir = resolve_model_dir(spec, offline=offline, progress=progress, cache_dir=cache_dir)
+    try:
+        cfg = read_config(model_dir)
+    except Mamba2Error:
+        return model_dir  # the loader reports it
+    tokenizer_dir(model_dir, cfg, offline=offline, progress=progress, cache_dir=cache_dir)
+    return model_dir
+
+
 @dataclass
 class CachedModel:
     repo_id: str
