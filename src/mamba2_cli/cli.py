@@ -255,10 +255,10 @@ def bench(
         torch.set_num_threads(threads)
     if model and preset:
         _fail("give either -m/--model or --preset, not both")
-    if model:  # fetched first, if need be, with the terminal to itself
+    if model:  # fetched first, if need be, with the terminal to itself; loading then finds it cached
         from .hub import resolve_model
 
-        model = str(resolve_model(model, offline=offline))
+        resolve_model(model, offline=offline)
     preset = preset or (None if model else "mamba2-130m")
     dev = resolve_device(device)
     backends = ["torch", "triton"] if backend == "all" else [backend]
