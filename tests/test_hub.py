@@ -341,6 +341,7 @@ def test_no_network_and_offline_mode(hub, env, repos):
     fails(mamba2("download", "acme/tiny", env=offline), "offline mode is on")
     fails(mamba2("info", "acme/tiny", env=offline), "not in the Hugging Face cache", "mamba2 download acme/tiny")
     fails(mamba2("info", "acme/tiny", "--offline", env=env), "mamba2 download acme/tiny")
+    fails(mamba2("bench", "-m", "acme/tiny", "--offline", env=env), "mamba2 download acme/tiny")
     assert hub.log == []
 
 
