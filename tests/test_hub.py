@@ -7,11 +7,9 @@ and its own HF cache; huggingface_hub is not patched. Transfers take the plain H
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 from pathlib import Path
