@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 
 DEFAULT_PRESET = "tiny"
+MODEL_HELP = ("Model directory, alias (`mamba2 models` lists them) or Hugging Face repo id[@revision]; "
+              "downloaded first when not in the local cache.")
 EXIT_USER_ERROR = 1
 EXIT_SIGPIPE = 141
 EXIT_INTERRUPTED = 130
@@ -97,6 +99,10 @@ def _human_bytes(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def _fmt(v, unit: str, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if v is None else f"{v * scale:,.{digits}f} {unit}"
 
@@ -104,8 +110,9 @@ def _fmt(v, unit: str, scale: float = 1.0, digits: int = 1) -> str:
 @app.command()
 def run(
     prompt: Optional[List[str]] = typer.Argument(None, help="Prompt text; read from stdin when absent."),
-    model: Optional[str] = typer.Option(None, "-m", "--model", help="Model directory or Hugging Face repo id (in the local cache)."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight model of a known shape instead of a checkpoint."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from this file."),
     device: str = typer.Option("auto", "-d", "--device", help="cpu, auto, a GPU number (0) or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
@@ -153,10 +160,13 @@ def run(
         m, tok = load_preset(name, device, dtype, backend)
         model_name, revision = f"preset:{name}", None
     else:
+        from .hub import resolve_model
         from .loader import load_model
 
-        m, tok = load_model(model, device, dtype, backend)
-        model_name, revision = model, _revision_of(model)
+        model_dir = resolve_model(model, offline=offline, progress=_progress(quiet))
+        t0 = time.perf_counter()  # the load, not the download
+        m, tok = load_model(str(model_dir), device, dtype, backend, offline=offline, progress=_progress(quiet))
+        model_name, revision = model, _revision_of(model_dir)
     load_s = time.perf_counter() - t0
 
     out = sys.stdout
@@ -210,18 +220,22 @@ def run(
         )
 
 
-def _revision_of(model: str) -> str | None:
+def _revision_of(model_dir: Path) -> str | None:
     """The snapshot hash a cached repo id resolved to (None for a plain directory)."""
-    from .hub import resolve_model_dir
+    return model_dir.name if model_dir.parent.name == "snapshots" else None
 
-    p = resolve_model_dir(model)
-    return p.name if p.parent.name == "snapshots" else None
+
+def _progress(quiet: bool):
+    from .download import progress_display
+
+    return progress_display(quiet)
 
 
 @app.command()
 def bench(
     preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight shape: mamba2-130m, mamba2-2.7b, codestral-7b, ..."),
-    model: Optional[str] = typer.Option(None, "-m", "--model", help="Benchmark a real checkpoint instead."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Benchmark a real checkpoint instead: " + MODEL_HELP),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
     backend: str = typer.Option("auto", "--backend", help="auto, torch, triton or all (side by side)."),
     device: str = typer.Option("auto", "-d", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -247,6 +261,10 @@ def bench(
         torch.set_num_threads(threads)
     if model and preset:
         _fail("give either -m/--model or --preset, not both")
+    if model:  # fetched first, if need be, with the terminal to itself; loading then finds it cached
+        from .hub import resolve_model
+
+        resolve_model(model, offline=offline)
     preset = preset or (None if model else "mamba2-130m")
     dev = resolve_device(device)
     backends = ["torch", "triton"] if backend == "all" else [backend]
@@ -307,6 +325,118 @@ def bench(
         t.add_row(*c)
     Console().print(t)
     Console().print(f"[dim]{footer}[/]")
+
+
+@app.command()
+def download(
+    repo_id: str = typer.Argument(..., help="org/name, org/name@revision, or an alias (`mamba2 models` lists them)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default main)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="hf or mistral, for repos that ship both (default hf)."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Only files matching this glob (repeatable), instead of the format's files."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip files matching this glob (repeatable)."),
+    local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Put the files in this directory instead of the Hugging Face cache."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN, or the one `hf auth login` saved)."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress on stderr."),
+):
+    """Download the files of a model that mamba2 reads; print the directory they are in."""
+    from .download import download as fetch, human_bytes
+    from .hub import parse_repo_spec
+
+    repo, at = parse_repo_spec(repo_id)
+    if at and revision and at != revision:
+        _fail(f"two revisions given: @{at} and --revision {revision}")
+    r = fetch(repo, revision or at, fmt=fmt, include=include, exclude=exclude, local_dir=local_dir, token=token,
+              progress=_progress(quiet))
+    if not quiet:
+        what = f"{r.format} checkpoint, {len(r.files)} files" if r.format else f"{len(r.files)} files"
+        if r.tokenizer_files:
+            what += f" + GPT-NeoX tokenizer ({len(r.tokenizer_files)} files)"
+        fetched = (f"fetched {r.fetched_files} files, {human_bytes(r.fetched_bytes)}" if r.fetched_files
+                   else "nothing to fetch")
+        checked = f"; SHA-256 verified for {r.verified_files}" if r.verified_files else ""
+        _stderr().print(f"{repo} @ {r.commit[:12]}: {what}, {human_bytes(r.total_bytes)}; {fetched}{checked}",
+                        highlight=False, markup=False, soft_wrap=True)
+    typer.echo(str(r.path))
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")):
+    """List the Mamba-2 models in the local Hugging Face cache, and the aliases for real checkpoints."""
+    from .download import human_bytes
+    from .hub import ALIASES, cached_models
+
+    cached = cached_models()
+    aliased = {m.repo_id for m in cached if not m.missing}
+    if as_json:
+        obj = {"cached": [{"repo_id": m.repo_id, "commit": m.commit, "refs": m.refs, "path": str(m.path),
+                           "format": m.format, "size": m.size, "complete": not m.missing, "missing": m.missing}
+                          for m in cached],
+               "aliases": [{"alias": a, "repo_id": r, "cached": r in aliased} for a, r in ALIASES.items()]}
+        sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    if cached:
+        t = Table(title="Mamba-2 models in the local cache")
+        for col in ("model", "revision", "format", "size", "status"):
+            t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+        for m in cached:
+            rev = ", ".join(m.refs) + f" ({m.commit[:8]})" if m.refs else m.commit[:12]
+            status = "complete" if not m.missing else f"partial: missing {', '.join(m.missing[:2])}"
+            t.add_row(m.repo_id, rev, m.format, human_bytes(m.size), status)
+        out.print(t)
+    else:
+        out.print("no Mamba-2 models in the local cache")
+    t = Table(title="aliases (for -m; --preset names random-weight shapes)")
+    for col in ("alias", "repo", "cached"):
+        t.add_column(col)
+    for a, r in ALIASES.items():
+        t.add_row(a, r, "yes" if r in aliased else "no")
+    out.print(t)
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Sequences in flight, for the memory figure."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: as stored)."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Format, shape, parameters, size, dtype, and the memory for weights and state of a model."""
+    from .download import human_bytes
+    from .hub import resolve_model
+    from .info import describe
+
+    model_dir = resolve_model(model, offline=offline, progress=_progress(as_json))
+    d = describe(model_dir, batch_size, dtype)
+    d["model"] = model
+    d["revision"] = _revision_of(model_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=1) + "\n")
+        return
+    c, st, mem = d["config"], d["state_per_sequence"], d["memory"]
+    rev = f" @ {d['revision'][:12]}" if d["revision"] else ""
+    rows = [
+        ("model", f"{model}{rev}  ({d['path']})"),
+        ("format", d["format"]),
+        ("config", f"d_model {c['d_model']} · {c['n_layer']} layers · {c['expand'] * c['d_model'] // c['headdim']} heads × "
+                   f"headdim {c['headdim']} · {c['ngroups']} group(s) · d_state {c['d_state']} · d_conv {c['d_conv']} · "
+                   f"chunk {c['chunk_size']} · vocab {c['vocab_size']}" + (" · tied embeddings" if c["tie_embeddings"] else "")),
+        ("parameters", f"{d['parameters']:,} ({_count(d['parameters'])})"),
+        ("on disk", f"{human_bytes(d['bytes_on_disk'])} ({len(d['weight_files'])} weight file(s), "
+                    f"{human_bytes(d['weights_bytes_on_disk'])})"),
+        ("dtype", f"{d['stored_dtype'] or '?'} (as stored)"),
+        ("state", f"{human_bytes(st['total'])} per sequence: conv {human_bytes(st['conv'])} ({mem['dtype']}) + "
+                  f"SSM {human_bytes(st['ssm'])} (float32), whatever the context length"),
+        ("memory", f"{human_bytes(mem['total'])} at batch {mem['batch_size']}: weights {human_bytes(mem['weights'])} "
+                   f"({mem['dtype']}) + state {human_bytes(mem['state'])}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{width}}  {v}")
 
 
 @app.command()
