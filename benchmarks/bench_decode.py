@@ -82,6 +82,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="codestral-7b")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--million", action="store_true", help="also prefill 1,000,000 tokens")
     args = ap.parse_args()
     rows, checks = [], {}
     dev = torch.device("cuda")
@@ -169,6 +170,19 @@ def main():
     if not args.quick:
         st = decode_tok_s(model, tok, 65536, gen)
         rows.append(("triton decode b1 after 65536", f"{st['decode_tok_s']:.1f} tok/s", ""))
+        print(rows[-1], flush=True)
+    if args.million:
+        L = 1_000_000
+        idsL = torch.randint(3, cfg.vocab_size, (1, L), device=dev)
+        weights = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        st = model.new_state(1)
+        prefill(model, idsL, st).argmax(-1).tolist()
+        t = time.perf_counter() - t0
+        extra = torch.cuda.max_memory_allocated() - weights
+        rows.append((f"triton prefill {L:,} tokens", f"{t:.1f} s", f"{L / t:,.0f} tok/s; peak {extra / 1e9:.2f} GB above the weights"))
+        print(rows[-1], flush=True)
 
     print("\n=== checks")
     for k, v in checks.items():
