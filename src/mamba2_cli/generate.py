@@ -146,6 +146,45 @@ class Request:
             raise Mamba2Error("the prompt is empty")
         return ids
 
+    # Settings a JSON line may give per prompt, with their types.
+    JSON_KEYS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
+                 "repetition_penalty": float, "seed": int, "stop": list, "ignore_eos": bool}
+
+    @classmethod
+    def from_json(cls, obj, defaults: dict, where: str) -> "Request":
+        """A request from one JSONL object: {"prompt": ..., and any of JSON_KEYS}; the rest from `defaults`."""
+        if not isinstance(obj, dict):
+            raise Mamba2Error(f"{where}: expected a JSON object with a \"prompt\"")
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise Mamba2Error(f"{where}: \"prompt\" must be a non-empty string")
+        settings = dict(defaults)
+        for key, value in obj.items():
+            if key == "prompt":
+                continue
+            kind = cls.JSON_KEYS.get(key)
+            if kind is None:
+                raise Mamba2Error(f"{where}: unknown key {key!r} (known: prompt, {', '.join(cls.JSON_KEYS)})")
+            if key == "stop" and isinstance(value, str):
+                value = [value]
+            ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                  or kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if key == "stop":
+                ok = ok and all(isinstance(v, str) for v in value)
+            if key == "seed" and value is None:
+                ok = True
+            if not ok:
+                raise Mamba2Error(f"{where}: {key!r} must be {'a list of strings' if kind is list else kind.__name__}")
+            settings[key] = value
+        req = cls(prompt, **settings)
+        try:
+            SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty).check()
+        except Mamba2Error as e:
+            raise Mamba2Error(f"{where}: {e}") from None
+        if req.max_tokens < 0:
+            raise Mamba2Error(f"{where}: max_tokens must be >= 0")
+        return req
+
 
 class _Sequence:
     """One request inside the loop: its ids, sampler, detokenizer, stop conditions, clocks."""
