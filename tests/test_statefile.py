@@ -15,8 +15,9 @@ from mamba2_cli import Mamba2Error, generate, load_model
 from mamba2_cli.generate import prefill
 from mamba2_cli.statefile import load_state, model_fingerprint, save_state
 
-A = "def fibonacci(n):\n"
-B = "    a, b = 0, 1\n    for _ in range(n):"
+# Texts whose tokens split cleanly at the join: tokens(A) + tokens(B) == tokens(A + B).
+A = "def fibonacci(n):"
+B = "\n    a, b = 0, 1\n    for _ in range(n):"
 
 
 @pytest.fixture
@@ -201,3 +202,47 @@ save_state({str(path)!r}, model, state, 99, 5)
         proc.wait(timeout=30)
     assert path.read_bytes() == before
     assert load_state(path, model).tokens == len(tok.encode(A))
+
+
+# ---------------------------------------------------------------------------------------
+# mamba2 run --save-state / --load-state
+
+
+def mamba2(*args, input=b""):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    p = subprocess.run([sys.executable, "-m", "mamba2_cli", *args], input=input, capture_output=True, env=env,
+                       timeout=120)
+    return p
+
+
+def run_json(*args, input=b""):
+    p = mamba2("run", "--device", "cpu", "--json", *args, input=input)
+    assert p.returncode == 0, p.stderr.decode()
+    return json.loads(p.stdout)
+
+
+def test_cli_save_state_then_load_state_continues_like_one_run(tiny, make_checkpoint, tmp_path):
+    model, tok, d = tiny
+    a, b = tok.encode(A), tok.encode(B, add_bos=False)
+    assert tok.encode(A + B) == a + b  # the texts split cleanly at the join
+    s1, s2 = tmp_path / "prompt.state", tmp_path / "gen.state"
+    whole = run_json("-m", str(d), "-n", "12", "--ignore-eos", "--save-state", str(s1), A)
+    assert whole["state"]["saved_tokens"] == len(a)
+    # no prompt and nothing on stdin: the saved text goes on
+    cont = run_json("-m", str(d), "-n", "12", "--ignore-eos", "--load-state", str(s1))
+    assert cont["token_ids"] == whole["token_ids"] and cont["prompt_tokens"] == 1
+    # a prompt after a saved state: as if both were one prompt
+    more = run_json("-m", str(d), "-n", "12", "--ignore-eos", "--load-state", str(s1), B)
+    assert more["token_ids"] == generate(model, tok, A + B, max_tokens=12, ignore_eos=True).token_ids
+    # saved after the generated text: the next run continues it
+    first = run_json("-m", str(d), "-n", "6", "--ignore-eos", "--save-state", str(s2), "--save-state-after",
+                     "generation", A)
+    rest = run_json("-m", str(d), "-n", "6", "--ignore-eos", "--load-state", str(s2))
+    assert first["token_ids"] + rest["token_ids"] == whole["token_ids"]
+    assert first["state"]["saved_tokens"] == len(a) + 6
+
+    other, _, _ = make_checkpoint("hf", seed=9)
+    p = mamba2("run", "-m", str(other), "--device", "cpu", "--load-state", str(s1), "x")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "another model" in err and "Traceback" not in err and err.count("\n") <= 2

@@ -166,10 +166,10 @@ class ChatSession:
         user = {"role": "user", "content": text}
         full = self.conversation_ids(self.messages + [user])
         before = self.ids
-        reread = full[: len(before)] != before or len(full) <= len(before)
-        if reread:
+        if full[: len(before)] != before or len(full) <= len(before):
             self.state.reset()
             before = []
+        reread = bool(self.messages) and not before  # the whole conversation goes through the model
         suffix = full[len(before) :]
         self.ids, self.last_token = [], None  # until the reply is complete the state is in flux
         settings = dict(self.settings)
@@ -181,7 +181,7 @@ class ChatSession:
                                          cancel=cancel, **settings):
                 if event.result is not None:
                     result = event.result
-                    self._record(user, before + suffix, suffix, result, reread and bool(self.messages))
+                    self._record(user, before + suffix, suffix, result, reread)
                 yield event
         finally:
             if result is None:  # abandoned mid-reply: the state holds an unknown amount; re-read next turn

@@ -427,11 +427,11 @@ def stream_batch(model: Mamba2LM, tokenizer: Tokenizer, requests: Sequence[Reque
 
 
 def generate_batch(model: Mamba2LM, tokenizer: Tokenizer, requests: Sequence[Request | str],
-                   **settings) -> list[GenerationResult]:
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, **settings) -> list[GenerationResult]:
     """Results in input order. Strings become Requests with the shared `settings`."""
     reqs = [r if isinstance(r, Request) else Request(r, **settings) for r in requests]
     results: list[GenerationResult | None] = [None] * len(reqs)
-    for i, event in stream_batch(model, tokenizer, reqs):
+    for i, event in stream_batch(model, tokenizer, reqs, prefill_chunk):
         if event.result is not None:
             results[i] = event.result
     return results
