@@ -246,3 +246,16 @@ def test_cli_save_state_then_load_state_continues_like_one_run(tiny, make_checkp
     p = mamba2("run", "-m", str(other), "--device", "cpu", "--load-state", str(s1), "x")
     err = p.stderr.decode()
     assert p.returncode == 1 and "another model" in err and "Traceback" not in err and err.count("\n") <= 2
+
+
+def test_state_benchmark_runs_on_the_tiny_preset(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_state.py"
+    spec = importlib.util.spec_from_file_location("bench_state", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.main(["--preset", "tiny", "--tokens", "200", "--device", "cpu", "--repeats", "1",
+                    "--dir", str(tmp_path), "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] == 200
+    assert r["resume_first_token_s"] > 0 and r["full_prefill_first_token_s"] > 0 and r["state_file_bytes"] > 0
