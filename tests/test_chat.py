@@ -13,7 +13,6 @@ import pytest
 from checkpoints import tiny_shape
 from mamba2_cli import Mamba2Error, load_model
 from mamba2_cli.chat import ChatSession, ChatTemplate
-from mamba2_cli.tokenizer import Tokenizer
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "COLUMNS": "200"}
 ENV.pop("CUDA_VISIBLE_DEVICES", None)

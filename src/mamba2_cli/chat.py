@@ -79,6 +79,14 @@ class ChatTemplate:
         except TemplateError as e:
             raise Mamba2Error(f"the chat template refused this conversation: {e}") from None
 
+    def shows_system_prompt(self) -> bool:
+        """Whether the template renders a system message at all (some drop it silently)."""
+        user = [{"role": "user", "content": "x"}]
+        try:
+            return self.render([{"role": "system", "content": "\ue002"}] + user) != self.render(user)
+        except Mamba2Error:
+            return False
+
     def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation (the template writes any BOS itself)."""
         return self.tokenizer.encode(self.render(messages, add_generation_prompt), add_bos=False)

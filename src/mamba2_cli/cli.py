@@ -413,6 +413,8 @@ def chat(
                           repetition_penalty=repetition_penalty, seed=seed)
     if load_state is not None:
         session.load(load_state)
+    if system and not session.template.shows_system_prompt():
+        _stderr().print("note: this model's chat template leaves system prompts out")
     if not quiet:
         template = "plain fallback template" if session.template.is_fallback else "the model's chat template"
         _stderr().print(f"[dim]{model_name} · load {load_s:.2f} s · {m.backend_name} on {m.device}, "

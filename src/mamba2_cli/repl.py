@@ -183,8 +183,11 @@ class ChatREPL:
             self.say("new conversation")
         elif name == "/system":
             s.set_system(arg or None)
+            shown = s.template.shows_system_prompt()
+            if arg and not shown:
+                self.say("note: this model's chat template leaves system prompts out")
             self.say(f"system prompt {'set' if arg else 'cleared'}"
-                     + (": the next turn re-reads the conversation" if s.messages else ""))
+                     + (": the next turn re-reads the conversation" if s.messages and shown else ""))
         elif name == "/stats":
             self.say(format_stats(s))
         elif name in ("/save", "/load"):

@@ -350,7 +350,8 @@ def load_state(path: str | os.PathLike, model: Mamba2LM, into: Mamba2State | Non
             lo = bad[0] * block
             raise Mamba2Error(f"{path}: damaged (checksum mismatch in bytes {lo:,}-{min(lo + block, nbytes):,} "
                               "of the state); save the state again")
-    for name, target in (("conv", state.conv), ("ssm", state.ssm)):
-        begin, stop = (int(o) for o in header[name]["data_offsets"])
-        target.copy_(buf[begin:stop].view(target.dtype).view(target.shape))
+    with torch.inference_mode():  # the target may be an inference tensor (made inside the generation loop)
+        for name, target in (("conv", state.conv), ("ssm", state.ssm)):
+            begin, stop = (int(o) for o in header[name]["data_offsets"])
+            target.copy_(buf[begin:stop].view(target.dtype).view(target.shape))
     return SavedState(state, tokens, last_token, extra, meta)
