@@ -167,13 +167,14 @@ def bench_ssd(sweep: bool, deadline: float):
         cfg = best[0][1]
         if cfg["CB_PRECOMPUTED"]:
             inp16 = inputs[(1, 16384)]
-            nch = math.ceil(16384 / cfg["CHUNK"])
-            cb = torch.empty((1, nch, G, cfg["CHUNK"], cfg["CHUNK"]), device="cuda")
             Bm, Cm = inp16["B"], inp16["C"]
+            L16 = Bm.shape[1]
+            nch = math.ceil(L16 / cfg["CHUNK"])
+            cb = torch.empty((1, nch, G, cfg["CHUNK"], cfg["CHUNK"]), device="cuda")
 
             def cb_only():
                 ssd._chunk_cb_kernel[(nch * G,)](
-                    Cm, Bm, cb, 16384, N, nch, G, Cm.stride(0), Cm.stride(1), Cm.stride(2),
+                    Cm, Bm, cb, L16, N, nch, G, Cm.stride(0), Cm.stride(1), Cm.stride(2),
                     Bm.stride(0), Bm.stride(1), Bm.stride(2), CHUNK=cfg["CHUNK"], BLOCK_N=128,
                     DOT_PRECISION="tf32", **ssd.CB_CONFIG)
             row("ssd", f"  of which C B^T pre-pass (Q{cfg['CHUNK']}) b1 L16384", bench(cb_only))
@@ -184,12 +185,14 @@ def mixer_layers(nlayers, b, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     layers = []
     for _ in range(nlayers):
-        dt_init = torch.exp(torch.rand(H, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        u = torch.rand(H, generator=g, device="cuda")
+        dt_init = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         layers.append(dict(
             conv_weight=torch.randn(CONV_DIM, K, generator=g, device="cuda").to(torch.bfloat16) * 0.5,
             conv_bias=torch.randn(CONV_DIM, generator=g, device="cuda").to(torch.bfloat16) * 0.1,
             conv_state=torch.randn(b, CONV_DIM, K - 1, generator=g, device="cuda").to(torch.bfloat16),
-            A=-torch.exp(torch.rand(H, generator=g, device="cuda") * 2.77), D=torch.randn(H, generator=g, device="cuda"),
+            A=-torch.exp(torch.rand(H, generator=g, device="cuda") * 2.77),
+            D=torch.randn(H, generator=g, device="cuda"),
             dt_bias=dt_init + torch.log(-torch.expm1(-dt_init)),
             norm_weight=torch.ones(D_INNER, device="cuda", dtype=torch.bfloat16),
             ssm_state=torch.randn(b, H, P, N, generator=g, device="cuda") * 0.1,
@@ -227,19 +230,14 @@ def bench_decode(copy_tbps: float, sweep: bool):
             errs.append(max(rel_err(out, out_ref), rel_err(st["ssm_state"], ref["ssm_state"])))
         print(f"decode   check b{b}: max rel err {max(errs):.1e}", flush=True)
 
-    small = [dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=True), dict(BLOCK_P=64, num_warps=4, PREFETCH_TAIL=True),
-             dict(BLOCK_P=16, num_warps=2, PREFETCH_TAIL=True), dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=False),
-             dict(BLOCK_P=16, num_warps=4, PREFETCH_TAIL=True)]
-    large = [dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=False, maxnreg=128),
-             dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=False), dict(BLOCK_P=16, num_warps=2, PREFETCH_TAIL=False),
-             dict(BLOCK_P=32, num_warps=4, PREFETCH_TAIL=True, maxnreg=128),
-             dict(BLOCK_P=64, num_warps=8, PREFETCH_TAIL=False, maxnreg=128)]
+    variants = [dict(BLOCK_P=16, num_warps=2), dict(BLOCK_P=32, num_warps=4), dict(BLOCK_P=64, num_warps=4),
+                dict(BLOCK_P=16, num_warps=4), dict(BLOCK_P=32, num_warps=2)]
     if not sweep:
-        small, large = [dict(step.STEP_CONFIG)], [dict(step.STEP_CONFIG_LARGE)]
-    base_small, base_large = dict(step.STEP_CONFIG), dict(step.STEP_CONFIG_LARGE)
+        variants = [dict(step.STEP_CONFIG)]
+    base = dict(step.STEP_CONFIG)
     best = None
-    for v in small:
-        step.STEP_CONFIG.clear(); step.STEP_CONFIG.update(dict(base_small, **v))
+    for v in variants:
+        step.STEP_CONFIG.update(v)
         graph = graph_of(step.mixer_decode_step, layers)
         ms = bench(graph.replay) / len(layers)
         row("decode", f"mixer step b1, CUDA graph of 64 layers, {step_name(v)} (per layer)", ms, target_us=5.0,
@@ -247,9 +245,9 @@ def bench_decode(copy_tbps: float, sweep: bool):
         if best is None or ms < best[0]:
             best = (ms, v)
         del graph
-    step.STEP_CONFIG.clear(); step.STEP_CONFIG.update(dict(base_small, **best[1]))
+    step.STEP_CONFIG.update(base)
     ms = bench(lambda: call_mixer(step.mixer_decode_step, layers[0]))
-    row("decode", f"mixer step b1, one call from Python, {step_name(best[1])}", ms)
+    row("decode", f"mixer step b1, one call from Python, {step_name(base)}", ms)
     print(f"decode   best b1: {step_name(best[1])}: {best[0] * 1e3:.2f} us per layer (target 5 us)", flush=True)
     if sweep:
         try:
@@ -263,23 +261,22 @@ def bench_decode(copy_tbps: float, sweep: bool):
     st64 = mixer_layers(1, 64, seed=64)[0]
     state_bytes = 2 * st64["ssm_state"].numel() * 4
     best64 = None
-    for v in large:
-        step.STEP_CONFIG_LARGE.clear(); step.STEP_CONFIG_LARGE.update(dict(base_large, **v))
+    for v in variants:
+        step.STEP_CONFIG.update(v)
         ms = bench(lambda: call_mixer(step.mixer_decode_step, st64))
         share = state_bytes / (ms * 1e-3) / 1e12 / copy_tbps
         row("decode", f"mixer step b64 {step_name(v)}", ms, state_share_of_copy=f"{share:.1%}", target=">=85%",
             regs=compiled_stats(step._mixer_step_kernel))
         if best64 is None or ms < best64[0]:
             best64 = (ms, v, share)
-    step.STEP_CONFIG_LARGE.clear(); step.STEP_CONFIG_LARGE.update(dict(base_large, **best64[1]))
+    step.STEP_CONFIG.update(base)
     print(f"decode   best b64: {step_name(best64[1])}: {best64[0] * 1e3:.1f} us, {best64[2]:.1%} of copy bandwidth",
           flush=True)
     return best, best64
 
 
 def step_name(v):
-    return "p{BLOCK_P} w{num_warps} {t}{r}".format(t="tail" if v.get("PREFETCH_TAIL") else "notail",
-                                                  r=f" r{v['maxnreg']}" if v.get("maxnreg") else "", **v)
+    return "p{BLOCK_P} w{num_warps}".format(**v)
 
 
 def bench_misc():
@@ -295,8 +292,7 @@ def bench_misc():
     print(f"misc     check causal_conv1d rel err {rel_err(out_t, out_r):.1e}", flush=True)
     base = dict(conv.CONV_CONFIG)
     for v in [dict(BLOCK_L=32, BLOCK_C=128, num_warps=4), dict(BLOCK_L=64, BLOCK_C=128, num_warps=4),
-              dict(BLOCK_L=128, BLOCK_C=64, num_warps=4), dict(BLOCK_L=64, BLOCK_C=256, num_warps=8),
-              dict(BLOCK_L=128, BLOCK_C=128, num_warps=8)]:
+              dict(BLOCK_L=64, BLOCK_C=256, num_warps=8)]:
         conv.CONV_CONFIG.update(v)
         row("misc", "causal_conv1d triton b1 L16384 l{BLOCK_L} c{BLOCK_C} w{num_warps}".format(**v),
             bench(lambda: conv.causal_conv1d(xBC, w, bias, cs)))
@@ -343,7 +339,6 @@ def main():
     args = ap.parse_args()
     if args.step:
         step.STEP_CONFIG.update(json.loads(args.step))
-        step.STEP_CONFIG_LARGE.update(json.loads(args.step))
     if args.ssd:
         ssd.SCAN_CONFIG.update(json.loads(args.ssd))
     if args.profile is not None:

@@ -33,7 +33,8 @@ def sequential_ssd_heads(x, dt, A, B, C, D, dt_bias, dt_limit, initial_state=Non
     Dm = D[:, None] if D.dim() == 1 else D
     y = torch.empty_like(x)
     for t in range(L):
-        S = torch.exp(dt[:, t] * A)[..., None, None] * S + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        S = (torch.exp(dt[:, t] * A)[..., None, None] * S
+             + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :])
         y[:, t] = torch.einsum("bhpn,bhn->bhp", S, Ch[:, t]) + x[:, t] * Dm
     return y, S
 
@@ -43,7 +44,8 @@ def test_vectorized_reference_matches_sequential_reference():
     b, L, nh, hp, ng, n = 2, 9, 4, 3, 2, 5
     args = (torch.randn(b, L, nh, hp, generator=g), torch.randn(b, L, nh, generator=g),
             -torch.rand(nh, generator=g), torch.randn(b, L, ng, n, generator=g), torch.randn(b, L, ng, n, generator=g),
-            torch.randn(nh, generator=g), torch.randn(nh, generator=g), (0.0, INF), torch.randn(b, nh, hp, n, generator=g))
+            torch.randn(nh, generator=g), torch.randn(nh, generator=g), (0.0, INF),
+            torch.randn(b, nh, hp, n, generator=g))
     y, s = sequential_ssd_heads(*args)
     y_ref, s_ref = sequential_ssd(*args)
     assert rel_err(y, y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
@@ -103,9 +105,62 @@ def test_ssd_prefill_long_bf16_matches_torch_reference(tb):
     # Many chunks in one program: L = 8191 (ragged), batch 2, with an initial state.
     inp = codestral_ssd_inputs(2, 8191, torch.bfloat16, seed=7)
     y, state = run_ssd(tb.ssd_prefill, inp)
-    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, {k: (v.float() if v is not None else None) for k, v in inp.items()})
+    as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
+    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, as_fp32)
     assert rel_err(y, y_ref) <= 1e-2
     assert rel_err(state, state_ref) <= 1e-2
+
+
+# Every short length (the prompts a chat sends), and both sides of several chunk boundaries:
+# one chunk, a ragged last chunk, exactly full chunks (64 and 32 are the configurations'
+# chunks), and more than one chunk.
+SWEEP_L = list(range(1, 71)) + [127, 128, 129, 191, 192, 193, 255, 256, 257, 511, 512, 513]
+
+
+def sweep_lengths(tb, lengths, b, dtype, init):
+    """ssd_prefill against torch_ref (fp32 math) at each length; returns the failures."""
+    bad = []
+    for L in lengths:
+        inp = codestral_ssd_inputs(b, L, dtype, seed=1000 + L, init=init)
+        y, state = run_ssd(tb.ssd_prefill, inp)
+        try:
+            torch.cuda.synchronize()
+        except Exception as e:  # a fault poisons the context: name the length, stop here
+            raise AssertionError(f"L={L} (earlier failures {bad}): {str(e)[:80]}") from e
+        as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
+        y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, as_fp32)
+        ey, es = rel_err(y, y_ref), rel_err(state, state_ref)
+        if not (ey <= 1e-2 and es <= 1e-2):  # NaN (an unwritten output) fails too
+            bad.append((L, f"{ey:.1e}", f"{es:.1e}"))
+    return bad
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["zero-state", "init-state"])
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("config", ["default", "many"])
+def test_ssd_prefill_length_sweep_matches_torch_reference(tb, monkeypatch, config, b, init):
+    """bf16 at Codestral shapes for every L in SWEEP_L against torch_ref, rel err <= 1e-2.
+
+    "default" is SCAN_CONFIG (batch 1 and 3 stay below MANY_PROGRAMS); "many" forces
+    SCAN_CONFIG_MANY, the large-batch configuration, at the same batches. Prompts of one
+    chunk once ran a separately compiled kernel that returned a wrong final state and at
+    times faulted (an illegal memory access at L=64); the long-length tests above never
+    reach that case.
+    """
+    from mamba2_cli.kernels import ssd
+
+    if config == "many":
+        monkeypatch.setattr(ssd, "MANY_PROGRAMS", 1)
+    else:
+        assert b * H * -(-P // 64) < ssd.MANY_PROGRAMS
+    bad = sweep_lengths(tb, SWEEP_L, b, torch.bfloat16, init)
+    assert not bad, f"(L, y err, state err) over 1e-2: {bad}"
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["zero-state", "init-state"])
+def test_ssd_prefill_short_lengths_fp16(tb, init):
+    bad = sweep_lengths(tb, [1, 2, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129], 1, torch.float16, init)
+    assert not bad, f"(L, y err, state err) over 1e-2: {bad}"
 
 
 def codestral_mixer(b, dtype, seed):

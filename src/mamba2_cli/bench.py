@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import decode_one_token, peak_memory_bytes, prefill
+from .generate import decode_step_fn, owned_state, peak_memory_bytes, prefill, stream_generate
 from .model import Mamba2LM
 
 
@@ -44,48 +44,92 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes per second a device-to-device copy moves (read + written): the ceiling for decode."""
+    if device.type == "cpu":
+        nbytes = min(nbytes, 256 << 20)
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(6):
+        t0 = _now(device)
+        b.copy_(a)
+        times.append(_now(device) - t0)
+    return 2 * nbytes / statistics.median(times[1:])
+
+
+def bytes_per_decode_step(model: Mamba2LM, batch_size: int) -> int:
+    """Weights read once (one embedding row per sequence) plus the fp32 state read and written."""
+    cfg = model.cfg
+    itemsize = model.dtype.itemsize
+    weights = cfg.num_parameters() * itemsize
+    if not cfg.tie_embeddings:  # the embedding table itself is not streamed, only its rows
+        weights -= (cfg.padded_vocab_size - batch_size) * cfg.d_model * itemsize
+    return weights + 2 * cfg.state_bytes(batch_size, itemsize)
+
+
 @torch.inference_mode()
 def bench_model(model: Mamba2LM, prompt_len: int, gen_len: int, batch_size: int = 1, repeats: int = 3,
-                seed: int = 0, on_step=None) -> dict:
+                seed: int = 0, cuda_graph: bool = True, tokenizer=None, on_step=None) -> dict:
     """Median prefill and decode times over `repeats` runs after one warm-up run.
 
-    Decode runs the same `decode_one_token` the generation loop runs, greedy, reading each
-    token back to the host as streaming does.
+    Batch 1 runs `stream_generate`, the loop `mamba2 run` uses (greedy, EOS ignored); larger
+    batches run the same prefill and decode-step functions over a batched state.
     """
     device = model.device
     g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, model.cfg.vocab_size, (batch_size, prompt_len), generator=g).to(device)
-    state = model.new_state(batch_size)
+    ids = torch.randint(0, model.cfg.vocab_size, (batch_size, prompt_len), generator=g)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prefill_times, decode_times = [], []
+    runs = []
     for r in range(repeats + 1):  # run 0 is the warm-up
-        state.reset()
-        t0 = _now(device)
-        logits = prefill(model, ids, state)
-        token = logits.argmax(-1)
-        token.tolist()
-        t1 = _now(device)
-        for _ in range(gen_len):
-            logits = decode_one_token(model, token, state)
-            token = logits.argmax(-1)
+        if batch_size == 1:
+            result = None
+            for event in stream_generate(model, tokenizer or _NullTokenizer(), ids[0].tolist(), max_tokens=gen_len + 1,
+                                         ignore_eos=True, cuda_graph=cuda_graph):
+                result = event.result or result
+            st = result.stats
+            runs.append((st["ttft_s"], st["decode_s"]))
+        else:
+            state = owned_state(model, batch_size)
+            step = decode_step_fn(model, state, cuda_graph)
+            t0 = _now(device)
+            token = prefill(model, ids.to(device), state).argmax(-1)
             token.tolist()
-        t2 = _now(device)
-        if r:
-            prefill_times.append(t1 - t0)
-            decode_times.append(t2 - t1)
+            t1 = _now(device)
+            for _ in range(gen_len):
+                token = step(token).argmax(-1)
+                token.tolist()
+            runs.append((t1 - t0, _now(device) - t1))
         if on_step:
             on_step()
-    prefill_s = statistics.median(prefill_times)
-    decode_s = statistics.median(decode_times)
+    ttft = statistics.median(r[0] for r in runs[1:])
+    decode_s = statistics.median(r[1] for r in runs[1:])
     return {
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "batch_size": batch_size,
         "repeats": repeats,
-        "prefill_s": prefill_s,
-        "prefill_tok_s": batch_size * prompt_len / prefill_s,
+        "cuda_graph": bool(cuda_graph and device.type == "cuda"),
+        "prefill_s": ttft,  # prompt in, first token on the host
+        "ttft_s": ttft,
+        "prefill_tok_s": batch_size * prompt_len / ttft,
         "decode_ms_per_step": 1e3 * decode_s / gen_len if gen_len else None,
         "decode_tok_s": gen_len / decode_s if gen_len else None,  # per sequence
         "peak_memory_bytes": peak_memory_bytes(device),
     }
+
+
+class _NullTokenizer:
+    """Token ids in, no text out: random-weight presets have no tokenizer worth running."""
+
+    eos_ids: set = set()
+
+    def stream(self, prefix):
+        return self
+
+    def step(self, token_id):
+        return None
+
+    def flush(self):
+        return ""

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 
 DEFAULT_PRESET = "tiny"
+MODEL_HELP = ("Model directory, alias (`mamba2 models` lists them) or Hugging Face repo id[@revision]; "
+              "downloaded first when not in the local cache.")
 EXIT_USER_ERROR = 1
 EXIT_SIGPIPE = 141
 EXIT_INTERRUPTED = 130
@@ -97,6 +99,10 @@ def _human_bytes(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def _fmt(v, unit: str, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if v is None else f"{v * scale:,.{digits}f} {unit}"
 
@@ -110,8 +116,8 @@ def _read_prompt_or_nothing(words: Optional[List[str]], file: Optional[Path]) ->
 
 
 def _load(model: Optional[str], preset: Optional[str], device: str, dtype: str, backend: str,
-          threads: Optional[int], quiet: bool, batch_size: int = 1):
-    """(model, tokenizer, model name, revision, load seconds) for -m or --preset."""
+          threads: Optional[int], quiet: bool, offline: bool = False, batch_size: int = 1):
+    """(model, tokenizer, model name, revision, load seconds) for -m (downloaded first if need be) or --preset."""
     if model and preset:
         _fail("give either -m/--model or --preset, not both")
     if threads:
@@ -128,10 +134,14 @@ def _load(model: Optional[str], preset: Optional[str], device: str, dtype: str, 
         m, tok = load_preset(name, device, dtype, backend, batch_size=batch_size)
         model_name, revision = f"preset:{name}", None
     else:
+        from .hub import resolve_model
         from .loader import load_model
 
-        m, tok = load_model(model, device, dtype, backend, batch_size)
-        model_name, revision = model, _revision_of(model)
+        model_dir = resolve_model(model, offline=offline, progress=_progress(quiet))
+        t0 = time.perf_counter()  # the load, not the download
+        m, tok = load_model(str(model_dir), device, dtype, backend, batch_size, offline=offline,
+                            progress=_progress(quiet))
+        model_name, revision = model, _revision_of(model_dir)
     return m, tok, model_name, revision, time.perf_counter() - t0
 
 
@@ -149,8 +159,9 @@ def _result_json(m, result, prompt: str, model_name: str, revision, seed, load_s
 @app.command()
 def run(
     prompt: Optional[List[str]] = typer.Argument(None, help="Prompt text; read from stdin when absent."),
-    model: Optional[str] = typer.Option(None, "-m", "--model", help="Model directory or Hugging Face repo id (in the local cache)."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight model of a known shape instead of a checkpoint."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt (with --batch: the prompts) from this file."),
     device: str = typer.Option("auto", "-d", "--device", help="cpu, auto, a GPU number (0) or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
@@ -165,6 +176,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reported in --json)."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past the end-of-text token."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the generated text."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of text (JSONL with --batch)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No statistics on stderr."),
@@ -191,8 +203,8 @@ def run(
             _fail("with --batch or --input the prompts come from stdin, -f or --input, not from arguments")
         if save_state or load_state:
             _fail("--save-state and --load-state work on one prompt, not with --batch or --input")
-        return _run_batch(model, preset, file, device, dtype, backend, threads, settings, echo, as_json, quiet,
-                          chat, system, input_file, batch)
+        return _run_batch(model, preset, offline, file, device, dtype, backend, threads, settings, not no_cuda_graph,
+                          echo, as_json, quiet, chat, system, input_file, batch)
 
     if load_state is not None:
         text_in = _read_prompt_or_nothing(prompt, file)
@@ -209,7 +221,7 @@ def run(
     if temperature > 0 and seed is None:
         settings["seed"] = seed = random.randrange(2**31)
 
-    m, tok, model_name, revision, load_s = _load(model, preset, device, dtype, backend, threads, quiet)
+    m, tok, model_name, revision, load_s = _load(model, preset, device, dtype, backend, threads, quiet, offline)
     from .generate import stream_generate
 
     saved, state_note = None, {}
@@ -241,7 +253,7 @@ def run(
             out.write(text_in)
             out.flush()
         events = stream_generate(m, tok, prompt_arg, state=state, last_token=saved.last_token if saved else None,
-                                 on_prompt=on_prompt, **settings)
+                                 on_prompt=on_prompt, cuda_graph=not no_cuda_graph, **settings)
         for event in events:
             if event.text and not as_json:
                 out.write(event.text)
@@ -319,8 +331,8 @@ def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool, s
     return requests
 
 
-def _run_batch(model, preset, file, device, dtype, backend, threads, settings, echo, as_json, quiet,
-               chat, system, input_file, batch):
+def _run_batch(model, preset, offline, file, device, dtype, backend, threads, settings, cuda_graph, echo, as_json,
+               quiet, chat, system, input_file, batch):
     from .generate import stream_batch
 
     requests = _read_batch(file, input_file, batch, settings)
@@ -328,7 +340,7 @@ def _run_batch(model, preset, file, device, dtype, backend, threads, settings, e
     for r in requests:
         if r.temperature > 0 and r.seed is None:
             r.seed = random.randrange(2**31)
-    m, tok, model_name, revision, load_s = _load(model, preset, device, dtype, backend, threads, quiet,
+    m, tok, model_name, revision, load_s = _load(model, preset, device, dtype, backend, threads, quiet, offline,
                                                  batch_size=len(requests))
     if chat:
         from .chat import ChatTemplate, one_shot_messages
@@ -343,7 +355,7 @@ def _run_batch(model, preset, file, device, dtype, backend, threads, settings, e
     shown = 0
     t0 = time.perf_counter()
     try:
-        for i, event in stream_batch(m, tok, requests):
+        for i, event in stream_batch(m, tok, requests, cuda_graph=cuda_graph):
             if event.result is None:
                 continue
             results[i] = event.result
@@ -384,8 +396,9 @@ def _run_batch(model, preset, file, device, dtype, backend, threads, settings, e
 
 @app.command()
 def chat(
-    model: Optional[str] = typer.Option(None, "-m", "--model", help="Model directory or Hugging Face repo id (in the local cache)."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight model of a known shape instead of a checkpoint."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
     device: str = typer.Option("auto", "-d", "--device", help="cpu, auto, a GPU number (0) or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
     backend: str = typer.Option("auto", "--backend", help="auto, torch or triton."),
@@ -399,6 +412,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (turn n uses seed + n)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     load_state: Optional[Path] = typer.Option(None, "--load-state", help="Continue a conversation saved with /save."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No model summary on stderr."),
 ):
     """Chat in the terminal; each turn reads only its new tokens, from the carried state."""
@@ -407,10 +421,10 @@ def chat(
     from .sampling import SamplingParams
 
     SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty).check()
-    m, tok, model_name, _, load_s = _load(model, preset, device, dtype, backend, threads, quiet)
+    m, tok, model_name, _, load_s = _load(model, preset, device, dtype, backend, threads, quiet, offline)
     session = ChatSession(m, tok, system=system, model_name=model_name, max_tokens=max_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repetition_penalty, seed=seed)
+                          repetition_penalty=repetition_penalty, seed=seed, cuda_graph=not no_cuda_graph)
     if load_state is not None:
         session.load(load_state)
     if system and not session.template.shows_system_prompt():
@@ -425,75 +439,223 @@ def chat(
         _closed_stdout()
 
 
-def _revision_of(model: str) -> str | None:
+def _revision_of(model_dir: Path) -> str | None:
     """The snapshot hash a cached repo id resolved to (None for a plain directory)."""
-    from .hub import resolve_model_dir
+    return model_dir.name if model_dir.parent.name == "snapshots" else None
 
-    p = resolve_model_dir(model)
-    return p.name if p.parent.name == "snapshots" else None
+
+def _progress(quiet: bool):
+    from .download import progress_display
+
+    return progress_display(quiet)
 
 
 @app.command()
 def bench(
     preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight shape: mamba2-130m, mamba2-2.7b, codestral-7b, ..."),
-    model: Optional[str] = typer.Option(None, "-m", "--model", help="Benchmark a real checkpoint instead."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Benchmark a real checkpoint instead: " + MODEL_HELP),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
     backend: str = typer.Option("auto", "--backend", help="auto, torch, triton or all (side by side)."),
     device: str = typer.Option("auto", "-d", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     prompt_len: int = typer.Option(128, "--prompt-len", min=1),
-    gen_len: int = typer.Option(64, "--gen-len", min=0),
+    gen_len: int = typer.Option(64, "--gen-len", min=1),
     batch_size: int = typer.Option(1, "--batch-size", min=1),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Also measure decode after a context of this many tokens."),
     repeats: int = typer.Option(3, "--repeats", min=1),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    fmt: str = typer.Option("table", "--format", help="table or md."),
 ):
     """Measure prefill and decode speed on random-weight presets or a real checkpoint."""
-    from .bench import bench_model, environment
+    from .bench import bench_model, bytes_per_decode_step, copy_bandwidth, environment
     from .checkpoint import resolve_device
 
+    if fmt not in ("table", "md"):
+        _fail(f"unknown format {fmt!r}; choose table or md")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     if model and preset:
         _fail("give either -m/--model or --preset, not both")
+    if model:  # fetched first, if need be, with the terminal to itself; loading then finds it cached
+        from .hub import resolve_model
+
+        resolve_model(model, offline=offline)
     preset = preset or (None if model else "mamba2-130m")
     dev = resolve_device(device)
     backends = ["torch", "triton"] if backend == "all" else [backend]
+    lengths = [prompt_len] + ([depth] if depth else [])
+    m = tok = None
     rows = []
-    m = None
-    for b in backends:
-        if m is None:
-            if model:
-                from .loader import load_model
+    from rich.progress import Progress
 
-                m, _ = load_model(model, dev, dtype, b, batch_size)
+    with Progress(transient=True, console=_stderr(), disable=as_json) as progress:
+        task = progress.add_task("benchmarking", total=len(backends) * len(lengths) * (repeats + 1) + 1)
+        bw = copy_bandwidth(dev)
+        progress.advance(task)
+        for b in backends:
+            if m is None:
+                if model:
+                    from .loader import load_model
+
+                    m, tok = load_model(model, dev, dtype, b, batch_size)
+                else:
+                    from .loader import load_preset
+
+                    m, _ = load_preset(preset, dev, dtype, b, batch_size=batch_size)
             else:
-                from .loader import load_preset
-
-                m, _ = load_preset(preset, dev, dtype, b, batch_size=batch_size)
-        else:
-            m.set_backend(b)
-        r = bench_model(m, prompt_len, gen_len, batch_size, repeats)
-        r.update(backend=m.backend_name, model=model or f"preset:{preset}", dtype=str(m.dtype).removeprefix("torch."))
-        rows.append(r)
+                m.set_backend(b)
+            for L in lengths:
+                r = bench_model(m, L, gen_len, batch_size, repeats, cuda_graph=not no_cuda_graph, tokenizer=tok,
+                                on_step=lambda: progress.advance(task))
+                step_bytes = bytes_per_decode_step(m, batch_size)
+                r.update(backend=m.backend_name, model=model or f"preset:{preset}",
+                         dtype=str(m.dtype).removeprefix("torch."), bytes_per_step=step_bytes,
+                         bandwidth_share=step_bytes * r["decode_tok_s"] / bw)
+                rows.append(r)
     env = environment(dev)
+    env["copy_bandwidth_bytes_s"] = bw
     if as_json:
         sys.stdout.write(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+        return
+    cols = ("backend", "prompt", "graph", "first token ms", "prefill tok/s", "decode tok/s", "ms/token",
+            "of copy bw", "peak memory")
+    cells = [(r["backend"], str(r["prompt_len"]), "yes" if r["cuda_graph"] else "no", f"{r['ttft_s'] * 1e3:,.1f}",
+              f"{r['prefill_tok_s']:,.0f}", f"{r['decode_tok_s']:,.1f}", f"{r['decode_ms_per_step']:.2f}",
+              f"{r['bandwidth_share'] * 100:.0f} %", _human_bytes(r["peak_memory_bytes"])) for r in rows]
+    title = f"mamba2 bench · {rows[0]['model']} · {rows[0]['dtype']} · batch {batch_size}"
+    footer = (f"{env['device']} · copy {bw / 1e9:,.0f} GB/s · {env['threads']} threads · torch {env['torch']} · "
+              f"triton {env['triton']} · commit {env['commit']}")
+    if fmt == "md":
+        lines = [f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        sys.stdout.write("\n".join(lines + ["", footer, ""]))
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"mamba2 bench · {rows[0]['model']} · {rows[0]['dtype']} · batch {batch_size}")
-    for col in ("backend", "prompt", "prefill tok/s", "decode tok/s", "ms/token", "peak memory"):
+    t = Table(title=title)
+    for col in cols:
         t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(r["backend"], str(r["prompt_len"]), f"{r['prefill_tok_s']:,.0f}",
-                  _fmt(r["decode_tok_s"], "", digits=1), _fmt(r["decode_ms_per_step"], "", digits=2),
-                  _human_bytes(r["peak_memory_bytes"]))
+    for c in cells:
+        t.add_row(*c)
     Console().print(t)
-    Console().print(f"[dim]{env['device']} · {env['threads']} threads · torch {env['torch']} · "
-                    f"triton {env['triton']} · commit {env['commit']}[/]")
+    Console().print(f"[dim]{footer}[/]")
+
+
+@app.command()
+def download(
+    repo_id: str = typer.Argument(..., help="org/name, org/name@revision, or an alias (`mamba2 models` lists them)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default main)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="hf or mistral, for repos that ship both (default hf)."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Only files matching this glob (repeatable), instead of the format's files."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip files matching this glob (repeatable)."),
+    local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Put the files in this directory instead of the Hugging Face cache."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN, or the one `hf auth login` saved)."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress on stderr."),
+):
+    """Download the files of a model that mamba2 reads; print the directory they are in."""
+    from .download import download as fetch, human_bytes
+    from .hub import parse_repo_spec
+
+    repo, at = parse_repo_spec(repo_id)
+    if at and revision and at != revision:
+        _fail(f"two revisions given: @{at} and --revision {revision}")
+    r = fetch(repo, revision or at, fmt=fmt, include=include, exclude=exclude, local_dir=local_dir, token=token,
+              progress=_progress(quiet))
+    if not quiet:
+        what = f"{r.format} checkpoint, {len(r.files)} files" if r.format else f"{len(r.files)} files"
+        if r.tokenizer_files:
+            what += f" + GPT-NeoX tokenizer ({len(r.tokenizer_files)} files)"
+        fetched = (f"fetched {r.fetched_files} files, {human_bytes(r.fetched_bytes)}" if r.fetched_files
+                   else "nothing to fetch")
+        checked = f"; SHA-256 verified for {r.verified_files}" if r.verified_files else ""
+        _stderr().print(f"{repo} @ {r.commit[:12]}: {what}, {human_bytes(r.total_bytes)}; {fetched}{checked}",
+                        highlight=False, markup=False, soft_wrap=True)
+    typer.echo(str(r.path))
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")):
+    """List the Mamba-2 models in the local Hugging Face cache, and the aliases for real checkpoints."""
+    from .download import human_bytes
+    from .hub import ALIASES, cached_models
+
+    cached = cached_models()
+    aliased = {m.repo_id for m in cached if not m.missing}
+    if as_json:
+        obj = {"cached": [{"repo_id": m.repo_id, "commit": m.commit, "refs": m.refs, "path": str(m.path),
+                           "format": m.format, "size": m.size, "complete": not m.missing, "missing": m.missing}
+                          for m in cached],
+               "aliases": [{"alias": a, "repo_id": r, "cached": r in aliased} for a, r in ALIASES.items()]}
+        sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    if cached:
+        t = Table(title="Mamba-2 models in the local cache")
+        for col in ("model", "revision", "format", "size", "status"):
+            t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+        for m in cached:
+            rev = ", ".join(m.refs) + f" ({m.commit[:8]})" if m.refs else m.commit[:12]
+            status = "complete" if not m.missing else f"partial: missing {', '.join(m.missing[:2])}"
+            t.add_row(m.repo_id, rev, m.format, human_bytes(m.size), status)
+        out.print(t)
+    else:
+        out.print("no Mamba-2 models in the local cache")
+    t = Table(title="aliases (for -m; --preset names random-weight shapes)")
+    for col in ("alias", "repo", "cached"):
+        t.add_column(col)
+    for a, r in ALIASES.items():
+        t.add_row(a, r, "yes" if r in aliased else "no")
+    out.print(t)
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Sequences in flight, for the memory figure."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: as stored)."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Format, shape, parameters, size, dtype, and the memory for weights and state of a model."""
+    from .download import human_bytes
+    from .hub import resolve_model
+    from .info import describe
+
+    model_dir = resolve_model(model, offline=offline, progress=_progress(as_json))
+    d = describe(model_dir, batch_size, dtype)
+    d["model"] = model
+    d["revision"] = _revision_of(model_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=1) + "\n")
+        return
+    c, st, mem = d["config"], d["state_per_sequence"], d["memory"]
+    rev = f" @ {d['revision'][:12]}" if d["revision"] else ""
+    rows = [
+        ("model", f"{model}{rev}  ({d['path']})"),
+        ("format", d["format"]),
+        ("config", f"d_model {c['d_model']} · {c['n_layer']} layers · {c['expand'] * c['d_model'] // c['headdim']} heads × "
+                   f"headdim {c['headdim']} · {c['ngroups']} group(s) · d_state {c['d_state']} · d_conv {c['d_conv']} · "
+                   f"chunk {c['chunk_size']} · vocab {c['vocab_size']}" + (" · tied embeddings" if c["tie_embeddings"] else "")),
+        ("parameters", f"{d['parameters']:,} ({_count(d['parameters'])})"),
+        ("on disk", f"{human_bytes(d['bytes_on_disk'])} ({len(d['weight_files'])} weight file(s), "
+                    f"{human_bytes(d['weights_bytes_on_disk'])})"),
+        ("dtype", f"{d['stored_dtype'] or '?'} (as stored)"),
+        ("state", f"{human_bytes(st['total'])} per sequence: conv {human_bytes(st['conv'])} ({mem['dtype']}) + "
+                  f"SSM {human_bytes(st['ssm'])} (float32), whatever the context length"),
+        ("memory", f"{human_bytes(mem['total'])} at batch {mem['batch_size']}: weights {human_bytes(mem['weights'])} "
+                   f"({mem['dtype']}) + state {human_bytes(mem['state'])}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{width}}  {v}")
 
 
 @app.command()

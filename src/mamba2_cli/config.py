@@ -115,7 +115,10 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(name: str) -> Mamba2Config:
     if name not in PRESETS:
-        raise Mamba2Error(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        from .hub import ALIASES
+
+        real = f" ({name!r} is a real checkpoint: -m {name})" if name.lower() in ALIASES else ""
+        raise Mamba2Error(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}{real}")
     return Mamba2Config(**PRESETS[name])
 
 

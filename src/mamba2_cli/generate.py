@@ -51,6 +51,63 @@ def decode_one_token(model: Mamba2LM, tokens: torch.Tensor, state: Mamba2State) 
     return model(tokens.view(-1, 1), state)[:, -1]
 
 
+class DecodeGraph:
+    """The decode step of the whole model for one state, captured once as a CUDA graph.
+
+    Input tokens, state and logits live in static buffers; a call copies the tokens in and
+    replays embedding, every layer, the final norm and lm_head in one launch. Warm-up runs
+    before the capture (compiling kernels, allocating scratch) advance the state, so it is
+    saved and put back.
+    """
+
+    def __init__(self, model: Mamba2LM, state: Mamba2State):
+        device = model.device
+        self.state = state
+        self.tokens = torch.zeros(state.batch_size, dtype=torch.long, device=device)
+        saved = state.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                decode_one_token(model, self.tokens, state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.inference_mode(), torch.cuda.graph(self.graph):
+                self.logits = decode_one_token(model, self.tokens, state)
+        except Exception as e:
+            raise Mamba2Error(f"CUDA graph capture of the decode step failed ({e}); "
+                              "run with --no-cuda-graph to decode without it") from None
+        state.copy_(saved)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens.view(-1))
+        self.graph.replay()
+        return self.logits
+
+
+def owned_state(model: Mamba2LM, batch_size: int) -> Mamba2State:
+    """A zeroed state the model keeps for callers that bring none, reused from call to call
+    so its CUDA graph is captured once."""
+    states = model.__dict__.setdefault("_owned_states", {})
+    if batch_size not in states:
+        states[batch_size] = model.new_state(batch_size)
+    states[batch_size].reset()
+    return states[batch_size]
+
+
+def decode_step_fn(model: Mamba2LM, state: Mamba2State, cuda_graph: bool = True):
+    """tokens [B] -> logits [B, V], advancing `state`: a CUDA graph replay on GPUs (captured
+    once per model and state, then cached), the eager forward elsewhere."""
+    if model.device.type != "cuda" or not cuda_graph:
+        return lambda tokens: decode_one_token(model, tokens, state)
+    cache = model.__dict__.setdefault("_decode_graphs", {})
+    key = (state.ssm.data_ptr(), state.conv.data_ptr(), state.batch_size, model.backend_name)
+    if key not in cache:
+        cache[key] = DecodeGraph(model, state)
+    return cache[key]
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -285,10 +342,42 @@ def _drop_rows(state: Mamba2State, n: int, finished: list[int]) -> list[int]:
     return order
 
 
+class _LiveRows:
+    """The decode step for the live rows of a batched state (they are kept at the front).
+
+    Eager: one forward over exactly the live rows. With CUDA graphs: a graph is captured per
+    batch size, so as rows leave, the step runs the next power of two at or above the live
+    count (the rows past the live ones hold finished sequences; their extra steps are thrown
+    away): a batch of B captures at most log2(B) + 1 graphs, not B.
+    """
+
+    def __init__(self, model: Mamba2LM, state: Mamba2State, cuda_graph: bool):
+        self.model, self.state = model, state
+        self.graphs = cuda_graph and model.device.type == "cuda"
+
+    def _rows(self, n: int) -> Mamba2State:
+        s = self.state
+        return s if n == s.batch_size else Mamba2State(s.conv[:, :n], s.ssm[:, :n])
+
+    def capture(self) -> None:
+        """Capture the full batch's graph now (before any clock starts), if graphs are used."""
+        if self.graphs:
+            decode_step_fn(self.model, self.state, True)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        if not self.graphs:
+            return decode_one_token(self.model, tokens, self._rows(n))
+        size = min(self.state.batch_size, 1 << (n - 1).bit_length())
+        if size > n:
+            tokens = torch.cat([tokens, tokens.new_zeros(size - n)])
+        return decode_step_fn(self.model, self._rows(size), True)(tokens)[:n]
+
+
 @torch.inference_mode()
 def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request], state: Mamba2State | None,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, on_prompt=None,
-                   cancel=None) -> Iterator[tuple[int, GenerationEvent]]:
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, on_prompt=None, cancel=None,
+                   cuda_graph: bool = True) -> Iterator[tuple[int, GenerationEvent]]:
     """The loop. Yields (request index, event) for a batch of requests, B >= 1.
 
     Each prompt is prefilled alone into its own row of the batched state, so prompts of any
@@ -305,10 +394,13 @@ def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request
     if B == 0:
         return
     if state is None:
-        state = model.new_state(B)
+        state = owned_state(model, B)
     elif state.batch_size != B:
         raise Mamba2Error(f"the state holds {state.batch_size} sequences, {B} requests were given")
     device = model.device
+    decode = _LiveRows(model, state, cuda_graph)
+    if any(s.max_tokens > 1 for s in seqs):
+        decode.capture()  # once per model and state, before the clock starts
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -345,9 +437,7 @@ def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request
             logits = logits[index]
             tokens = tokens[index] if tokens is not None else None
         if tokens is not None and rows:
-            live = state if len(rows) == state.batch_size else Mamba2State(state.conv[:, : len(rows)],
-                                                                            state.ssm[:, : len(rows)])
-            logits = decode_one_token(model, tokens, live)
+            logits = decode(tokens)
         yield from pending
         for i in done:
             yield i, seqs[i].final_event(t0, t_done, device)
@@ -386,6 +476,7 @@ def stream_generate(
     ignore_eos: bool = False,
     state: Mamba2State | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    cuda_graph: bool = True,
     last_token: int | None = None,
     on_prompt=None,
     cancel=None,
@@ -403,8 +494,8 @@ def stream_generate(
     req = Request(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
                   ignore_eos, last_token)
     hook = None if on_prompt is None else (lambda i, row, ids: on_prompt(row, ids))
-    for _, event in _generate_rows(model, tokenizer, [req], state if state is not None else model.new_state(1),
-                                   prefill_chunk, hook, cancel):
+    for _, event in _generate_rows(model, tokenizer, [req], state if state is not None else owned_state(model, 1),
+                                   prefill_chunk, hook, cancel, cuda_graph):
         yield event
 
 
@@ -417,13 +508,14 @@ def generate(model: Mamba2LM, tokenizer: Tokenizer, prompt: str | Sequence[int] 
 
 
 def stream_batch(model: Mamba2LM, tokenizer: Tokenizer, requests: Sequence[Request],
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[tuple[int, GenerationEvent]]:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 cuda_graph: bool = True) -> Iterator[tuple[int, GenerationEvent]]:
     """Generate for several requests as one batch; yields (request index, event).
 
     Events of different requests interleave; each request's own events come in order and
     its last one carries its result. Greedy output of each request equals its output alone.
     """
-    return _generate_rows(model, tokenizer, list(requests), None, prefill_chunk)
+    return _generate_rows(model, tokenizer, list(requests), None, prefill_chunk, cuda_graph=cuda_graph)
 
 
 def generate_batch(model: Mamba2LM, tokenizer: Tokenizer, requests: Sequence[Request | str],

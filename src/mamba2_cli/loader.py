@@ -6,22 +6,24 @@ import torch
 
 from .checkpoint import load_checkpoint, random_model, resolve_device, resolve_dtype
 from .config import preset_config, read_config
-from .hub import resolve_model_dir
+from .hub import resolve_model_dir, tokenizer_dir
 from .model import Mamba2LM
 from .tokenizer import Tokenizer, byte_level_tokenizer
 
 
 def load_model(model: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-               backend: str = "auto", batch_size: int = 1) -> tuple[Mamba2LM, Tokenizer]:
-    """Load a checkpoint directory or a cached HF repo id onto `device` in `dtype`.
+               backend: str = "auto", batch_size: int = 1, *, offline: bool = False,
+               progress=True) -> tuple[Mamba2LM, Tokenizer]:
+    """Load a checkpoint directory, an alias or a HF repo id[@revision] onto `device` in `dtype`.
 
-    dtype 'auto': bf16 on GPUs; on CPU fp32 when it fits, else bf16. backend 'auto': triton
-    on CUDA GPUs, torch elsewhere.
+    A repo id not in the local cache is downloaded first (with `progress` on stderr) unless
+    `offline` or HF_HUB_OFFLINE=1. dtype 'auto': bf16 on GPUs; on CPU fp32 when it fits,
+    else bf16. backend 'auto': triton on CUDA GPUs, torch elsewhere.
     """
     dev = resolve_device(device)
-    model_dir = resolve_model_dir(model)
-    read_config(model_dir)  # a bad config is the first thing to report
-    tokenizer = Tokenizer.from_dir(model_dir)
+    model_dir = resolve_model_dir(model, offline=offline, progress=progress)
+    cfg = read_config(model_dir)  # a bad config is the first thing to report
+    tokenizer = Tokenizer.from_dir(tokenizer_dir(model_dir, cfg, offline=offline, progress=progress))
     m = load_checkpoint(model_dir, dev, dtype, backend, batch_size)
     return m, tokenizer
 

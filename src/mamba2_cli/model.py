@@ -8,7 +8,6 @@ The numerics live in the backend (kernels/); this file only wires the pieces tog
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import Mamba2Config
@@ -48,17 +47,18 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         b, L, _ = u.shape
         if L == 1:
-            # Plain F.linear, not the modules' __call__: per-token Python overhead adds up on CPU.
-            zxbcdt = F.linear(u[:, 0], self.in_proj.weight, self.in_proj.bias)
+            # The backend's linear, not the modules' __call__: per-token overhead adds up.
+            zxbcdt = backend.linear(u[:, 0], self.in_proj.weight, self.in_proj.bias)
             y = backend.mixer_decode_step(
                 zxbcdt, self.conv_weight, self.conv1d.bias, conv_state, self.A, self.D, self.dt_bias,
                 cfg.dt_limit, self.norm.weight, ssm_state, cfg.ngroups, cfg.layer_norm_epsilon,
                 cfg.norm_before_gate,
             )
-            return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
+            return backend.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
 
         H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
-        z, xBC, dt = torch.split(self.in_proj(u), [cfg.d_inner, cfg.conv_dim, H], dim=-1)
+        zxbcdt = backend.linear(u, self.in_proj.weight, self.in_proj.bias)
+        z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, H], dim=-1)
         xBC = backend.causal_conv1d(xBC, self.conv_weight, self.conv1d.bias, conv_state)
         x, B, C = torch.split(xBC, [cfg.d_inner, G * N, G * N], dim=-1)
         y, final_state = backend.ssd_prefill(
@@ -70,7 +70,7 @@ class Mamba2Mixer(nn.Module):
             y.reshape(b, L, cfg.d_inner), z, self.norm.weight, cfg.d_inner // G,
             cfg.layer_norm_epsilon, cfg.norm_before_gate,
         )
-        return self.out_proj(y)
+        return backend.linear(y, self.out_proj.weight, self.out_proj.bias)
 
 
 class Mamba2Block(nn.Module):
@@ -136,5 +136,5 @@ class Mamba2LM(nn.Module):
         if logits_to_keep:
             h, residual = h[:, -logits_to_keep:], residual[:, -logits_to_keep:]
         normed, _ = be.add_rmsnorm(h, residual, self.backbone.norm_f.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
-        logits = F.linear(normed, self.lm_head.weight)
+        logits = be.linear(normed, self.lm_head.weight)
         return logits[..., : cfg.vocab_size].float()

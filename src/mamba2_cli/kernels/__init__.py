@@ -3,6 +3,8 @@
 A backend is a module that provides these functions (see `torch_ref` for the reference
 implementation and the exact semantics of each):
 
+    linear(x, weight, bias=None) -> x @ weight^T + bias
+        The projections; a fast backend streams weights for the few-row products of decode.
     ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None)
         -> (y [b, L, H, P] in x.dtype, final_state [b, H, P, N] fp32)
         Chunked SSD scan of a whole prompt, continuing from `initial_state`.

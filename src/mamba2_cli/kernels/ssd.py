@@ -19,6 +19,15 @@ accepted and ignored.
 C B^T depends on the group, not the head: a first small kernel computes it once per
 (sequence, chunk, group) in fp32 so the scan does not repeat it for every head of a group.
 
+Switches of the scan kernel (constexprs; the configurations below pick them):
+PREFETCH   1: the next chunk's x and dt are loaded into registers during this chunk (the
+           measured win); 2: B, C and C B^T too. 0: plain loads (miscompiled with P
+           block 32 by Triton 3.6 on the H200: wrong states, NOTES.md round 4).
+STATE_T    hold S^T [N, P], so neither product that uses the state needs a transpose.
+D_IN_SCORES  D x as D on the diagonal of the in-chunk product (D per head only): saves a
+           layout conversion; D then enters through the 16-bit operand (2^-9 relative).
+FOLD_DECAY exp(a_q) folded into C so both y products share one accumulator (measured slower).
+
 Numerics: dt, A, decays and the carried state are fp32. Matrix products take 16-bit
 operands (the input dtype) with fp32 accumulation, as upstream does; with fp32 inputs they
 run in full fp32 ("ieee"), never tf32, so fp32 results stay within 1e-4 of float64.
@@ -34,16 +43,29 @@ from ..errors import Mamba2Error
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md); the scan
-# writes the final state, and none of these kernels is autotuned. SCAN_CONFIG_MANY
-# applies when there are many (sequence, head) programs, SCAN_CONFIG_FP32 to fp32 inputs
-# (whose tiles are twice the bytes).
-SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 3, "CB_PRECOMPUTED": True,
+# Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md, round 3); the scan
+# writes the final state, and none of these kernels is autotuned.
+# SCAN_CONFIG: few programs (batch 1: 256 of them, P split in two), latency-bound.
+# SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on, about 4 per SM
+#   of an H200 (batch 8 at Codestral shapes measured; the crossover itself was not).
+# SCAN_CONFIG_FP32: fp32 inputs (tiles twice the bytes; the configuration tested on the GPU).
+SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 2, "CB_PRECOMPUTED": True,
                "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None}
-SCAN_CONFIG_MANY: dict = {}
+SCAN_CONFIG_MANY = {"CHUNK": 32, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": 1,
+                    "STATE_T": False, "D_IN_SCORES": False}
 MANY_PROGRAMS = 512
-SCAN_CONFIG_FP32 = {"num_stages": 1}
+SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1, "PREFETCH": 1,
+                    "STATE_T": True, "D_IN_SCORES": True}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
+
+# The chunk count is never specialized. Triton compiles an integer argument equal to 1 as a
+# constant, so a prompt of one chunk (L <= CHUNK) got a kernel of its own with the chunk
+# loop unrolled away; on the H200 (Triton 3.6) that variant of the P-block-32 scan returned a
+# wrong final state (relative error ~1) and at times faulted with an illegal memory access
+# (benchmarks/NOTES.md, round 4). Now every prompt runs the looped kernel. L stays
+# specialized: its divisibility by 16 saves instructions in the masks (the kernel for
+# L % 16 == 0 is the one measured), and L = 1 compiles a looped kernel as well.
+_LENGTH_ARGS = ["nchunks"]
 
 
 @triton.jit
@@ -63,7 +85,7 @@ def softplus_clamp(v, dt_lo, dt_hi, DT_CLAMP: tl.constexpr):
     return sp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _chunk_cb_kernel(
     C_ptr, B_ptr, cb_ptr,
     L, N, nchunks, G,
@@ -95,7 +117,7 @@ def _chunk_cb_kernel(
     tl.store(out + offs_q[:, None] * CHUNK + offs_q[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _ssd_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, cb_ptr, init_ptr, y_ptr, final_ptr,
     L, H, P, N, G, heads_per_group, nchunks, dt_lo, dt_hi,
@@ -285,7 +307,8 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
            lambda: f"B and C must be [b, L, G, N] matching x; got {tuple(B.shape)} and {tuple(C.shape)}")
     G, N = B.shape[-2:]
     _check(H % G == 0, lambda: f"ngroups {G} must divide nheads {H}")
-    _check(B.dtype == x.dtype and C.dtype == x.dtype, lambda: f"B, C dtype ({B.dtype}, {C.dtype}) must match x ({x.dtype})")
+    _check(B.dtype == x.dtype and C.dtype == x.dtype,
+           lambda: f"B, C dtype ({B.dtype}, {C.dtype}) must match x ({x.dtype})")
     _check(dt.shape == (b, L, H), lambda: f"dt must be [b, L, H] = {(b, L, H)}, got {tuple(dt.shape)}")
     _check(A.shape == (H,) and dt_bias.shape == (H,), "A and dt_bias must be [H]")
     _check(D.shape in ((H,), (H, P)), lambda: f"D must be [H] or [H, P], got {tuple(D.shape)}")
@@ -300,7 +323,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         initial_state = initial_state.contiguous()
 
     cfg = dict(SCAN_CONFIG)
-    if b * H >= MANY_PROGRAMS:
+    if b * H * triton.cdiv(P, 64) >= MANY_PROGRAMS:
         cfg.update(SCAN_CONFIG_MANY)
     if x.dtype == torch.float32:
         cfg.update(SCAN_CONFIG_FP32)

@@ -31,13 +31,10 @@ from ..errors import Mamba2Error
 from .conv import conv_taps, conv_window, shift_in
 from .ssd import softplus_clamp
 
-# Fixed launch configurations (benchmarks/NOTES.md), for small and large batches. BLOCK_P
-# splits a head's P rows over programs. Small batches are latency-bound: every program
-# also prefetches what the group's last program will need (PREFETCH_TAIL). Large batches
-# are bandwidth-bound: fewer registers per program, more programs in flight.
-STEP_CONFIG = {"BLOCK_P": 32, "num_warps": 4, "PREFETCH_TAIL": True, "maxnreg": None}
-STEP_CONFIG_LARGE = {"BLOCK_P": 16, "num_warps": 2, "PREFETCH_TAIL": False, "maxnreg": None}
-LARGE_BATCH = 16
+# Fixed launch configuration, measured on an H200 (benchmarks/NOTES.md): BLOCK_P splits a
+# head's P rows over programs, so batch 1 still has 512 programs in flight; 2 warps keep
+# the registers per program low enough for many programs per SM at large batch.
+STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 2}
 
 _scratch: dict = {}
 
@@ -92,7 +89,7 @@ def _mixer_step_kernel(
     stride_s_b, stride_s_h, stride_s_p, stride_out_b,
     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-    NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr, PREFETCH_TAIL: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     npb = tl.cdiv(P, BLOCK_P)
@@ -107,9 +104,7 @@ def _mixer_step_kernel(
     nmask = offs_n < N
     s_mask = pmask[:, None] & nmask[None, :]
 
-    # Every load is issued up front, the last program's inputs too: a load written after
-    # the compute (and the stores, above which the compiler will not hoist it) would start
-    # its own trip to memory only then, one more latency on the critical path.
+    # Issue the big load (the state slice) first so its latency overlaps the conv.
     state_ptrs = ssm_ptr + bi64 * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
     state = tl.load(state_ptrs, mask=s_mask, other=0.0)
 
@@ -123,24 +118,13 @@ def _mixer_step_kernel(
     Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
     Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
     win_x = conv_window(xbc, cs, ch_x, pmask, offs_k, stride_cs_c, K)
-    win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
-    win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
 
     conv_dim = d_inner + 2 * G * N
     dt = tl.load(xbc + conv_dim + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+    dt = softplus_clamp(dt, dt_lo, dt_hi, DT_CLAMP)
     A = tl.load(A_ptr + h).to(tl.float32)
     Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
-    z = tl.load(zx + ch_x, mask=pmask, other=0.0).to(tl.float32)
-    GS = heads_per_group * P
-    offs_gs = tl.arange(0, BLOCK_GS)
-    gsmask = offs_gs < GS
-    ch_g = g * GS + offs_gs
-    if PREFETCH_TAIL:
-        norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
-        if NORM_BEFORE_GATE:
-            zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
 
-    dt = softplus_clamp(dt, dt_lo, dt_hi, DT_CLAMP)
     state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
     y = tl.sum(state * Cv[None, :], axis=1) + Dv * x
     # y passes through the model dtype, as the unfused path (and prefill) would store it.
@@ -148,12 +132,20 @@ def _mixer_step_kernel(
     if NORM_BEFORE_GATE:
         yv = y
     else:
+        z = tl.load(zx + ch_x, mask=pmask, other=0.0).to(tl.float32)
         yv = y * (z * tl.sigmoid(z))
     yv = tl.where(pmask, yv, 0.0)
     tl.store(ybuf_ptr + bi64 * d_inner + ch_x, yv, mask=pmask)
     nss = heads_per_group * npb
     slot = g * nss + (h % heads_per_group) * npb + pb
     tl.store(ssbuf_ptr + bi64 * (G * nss) + slot, tl.sum(yv * yv, axis=0))
+
+    # What the group's last program needs and can fetch now, before the wait.
+    GS = heads_per_group * P
+    offs_gs = tl.arange(0, BLOCK_GS)
+    gsmask = offs_gs < GS
+    ch_g = g * GS + offs_gs
+    norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
 
     # Arrive at the group's counter. The barrier puts every thread's scratch writes (and
     # conv-state reads) before the release; acq_rel then makes the other programs'
@@ -170,15 +162,14 @@ def _mixer_step_kernel(
                      cache_modifier=".cg")
         rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / GS + eps)
         yg = tl.load(ybuf_ptr + bi64 * d_inner + ch_g, mask=gsmask, other=0.0, cache_modifier=".cg")
-        if not PREFETCH_TAIL:
-            norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
-            if NORM_BEFORE_GATE:
-                zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
         o = yg * rstd * norm_w
         if NORM_BEFORE_GATE:
+            zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
             o = o * (zg * tl.sigmoid(zg))
         tl.store(out_ptr + bi64 * stride_out_b + ch_g, o.to(out_ptr.dtype.element_ty), mask=gsmask)
         # Every program of the group has read the B and C windows: shift them now.
+        win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
+        win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
         shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
         shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
         tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
@@ -267,7 +258,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     _check(zxbcdt.dim() == 2 and zxbcdt.shape == (b, 2 * d_inner + 2 * G * N + H), op,
            lambda: f"zxbcdt must be [b, 2*d_inner + 2*G*N + H] = {(b, 2 * d_inner + 2 * G * N + H)}, "
            f"got {tuple(zxbcdt.shape)}")
-    _check(zxbcdt.dtype in (torch.float16, torch.bfloat16, torch.float32), op, lambda: f"unsupported dtype {zxbcdt.dtype}")
+    _check(zxbcdt.dtype in (torch.float16, torch.bfloat16, torch.float32), op,
+           lambda: f"unsupported dtype {zxbcdt.dtype}")
     _check(conv_weight.dim() == 2 and conv_weight.shape[0] == conv_dim, op,
            lambda: f"conv_weight must be [conv_dim={conv_dim}, K], got {tuple(conv_weight.shape)}")
     K = conv_weight.shape[1]
@@ -276,7 +268,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
            lambda: f"conv_state must be [b, conv_dim, K-1] = {(b, conv_dim, K - 1)}, got {tuple(conv_state.shape)}")
     _check(conv_state.stride(-1) == 1, op, "conv_state must be contiguous in its last dim (updated in place)")
     _check(conv_bias is None or conv_bias.shape == (conv_dim,), op, lambda: f"conv_bias must be [{conv_dim}]")
-    _check(norm_weight.shape == (d_inner,), op, lambda: f"norm_weight must be [{d_inner}], got {tuple(norm_weight.shape)}")
+    _check(norm_weight.shape == (d_inner,), op,
+           lambda: f"norm_weight must be [{d_inner}], got {tuple(norm_weight.shape)}")
     _check(D.shape in ((H,), (H, P)), op, lambda: f"D must be [H] or [H, P], got {tuple(D.shape)}")
     _check(A.shape == (H,) and dt_bias.shape == (H,), op, "A and dt_bias must be [H]")
     _check_state(op, ssm_state, (b, H, P, N))
@@ -292,11 +285,9 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     norm_weight = norm_weight.contiguous()
     lo, hi, clamp = _dt_limit_args(dt_limit)
 
-    cfg = STEP_CONFIG_LARGE if b >= LARGE_BATCH else STEP_CONFIG
-    BLOCK_P = min(block_p or cfg["BLOCK_P"], triton.next_power_of_2(P))
+    BLOCK_P = min(block_p or STEP_CONFIG["BLOCK_P"], triton.next_power_of_2(P))
     npb = triton.cdiv(P, BLOCK_P)
     hpg = H // G
-    extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and zxbcdt.is_cuda else {}
     out = torch.empty((b, d_inner), dtype=zxbcdt.dtype, device=zxbcdt.device)
     ybuf, ssbuf, counts = _scratch_for(zxbcdt.device, b, d_inner, H * npb, G)
     _mixer_step_kernel[(b * H * npb,)](
@@ -309,6 +300,6 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         K=K, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
         BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
-        PREFETCH_TAIL=bool(cfg["PREFETCH_TAIL"]), num_warps=cfg["num_warps"], **extra,
+        num_warps=STEP_CONFIG["num_warps"],
     )
     return out

@@ -24,6 +24,11 @@ def scan_chunk_size(chunk_size: int, device_type: str) -> int:
     return min(chunk_size, 64) if device_type == "cpu" else chunk_size
 
 
+def linear(x, weight, bias=None):
+    """x [..., K] @ weight[N, K]^T (+ bias): the projections (in_proj, out_proj, lm_head)."""
+    return F.linear(x, weight, bias)
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 

@@ -6,9 +6,11 @@ this project's Triton kernels. Imported only when backend 'triton' is chosen.
     ssd_decode_step    step.py
     causal_conv1d      conv.py  (and conv1d_step)
     add_rmsnorm        norm.py  (and gated_rmsnorm)
+    linear             gemv.py  matvec kernel for decode's few-row products, F.linear otherwise
 """
 
 from .conv import causal_conv1d, conv1d_step
+from .gemv import linear
 from .norm import add_rmsnorm, gated_rmsnorm
 from .ssd import ssd_prefill
 from .step import mixer_decode_step, ssd_decode_step
@@ -16,6 +18,6 @@ from .step import mixer_decode_step, ssd_decode_step
 name = "triton"
 
 __all__ = [
-    "name", "ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step",
+    "name", "linear", "ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step",
     "gated_rmsnorm", "add_rmsnorm", "mixer_decode_step",
 ]
