@@ -110,3 +110,33 @@ def test_cli_batch_from_lines_and_jsonl(model_dir, tiny, tmp_path):
     bad = mamba2("run", "-m", str(model_dir), "--input", str(jsonl))
     assert bad.returncode == 1 and b"prompts.jsonl line 2: unknown key 'tempurature'" in bad.stderr
     assert b"Traceback" not in bad.stderr
+
+
+def test_padded_steps_for_cuda_graph_sizes_leave_live_rows_unchanged(tiny, monkeypatch):
+    # On GPUs the live rows run in a batch of the next power of two (one CUDA graph per size);
+    # here the same padding runs eagerly.
+    import importlib
+
+    g = importlib.import_module("mamba2_cli.generate")  # the package's `generate` is the function
+    model, tok = tiny
+    sizes = []
+
+    def step_fn(model, state, cuda_graph=True):
+        sizes.append(state.batch_size)
+        return lambda tokens: g.decode_one_token(model, tokens, state)
+
+    monkeypatch.setattr(g, "decode_step_fn", step_fn)
+    init = g._LiveRows.__init__
+
+    def with_graphs(self, model, state, cuda_graph):
+        init(self, model, state, cuda_graph)
+        self.graphs = True
+
+    monkeypatch.setattr(g._LiveRows, "__init__", with_graphs)
+    lengths = [3, 20, 7, 12, 5]
+    requests = [Request(PROMPTS[i % 3], max_tokens=n) for i, n in enumerate(lengths)]
+    got = generate_batch(model, tok, requests)
+    monkeypatch.undo()
+    assert set(sizes) == {5, 4, 2, 1}
+    for req, r in zip(requests, got):
+        assert r.token_ids == generate(model, tok, req.prompt, max_tokens=req.max_tokens).token_ids
