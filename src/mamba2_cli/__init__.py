@@ -12,10 +12,16 @@ from .errors import Mamba2Error  # noqa: E402
 _LAZY = {
     "GenerationEvent": ".generate",
     "GenerationResult": ".generate",
+    "Request": ".generate",
     "generate": ".generate",
+    "generate_batch": ".generate",
+    "stream_batch": ".generate",
     "stream_generate": ".generate",
     "load_model": ".loader",
     "load_preset": ".loader",
+    "SavedState": ".statefile",
+    "load_state": ".statefile",
+    "save_state": ".statefile",
 }
 
 
@@ -46,8 +52,14 @@ __all__ = [
     "Mamba2Error",
     "GenerationEvent",
     "GenerationResult",
+    "Request",
+    "SavedState",
     "generate",
+    "generate_batch",
     "load_model",
     "load_preset",
+    "load_state",
+    "save_state",
+    "stream_batch",
     "stream_generate",
 ]

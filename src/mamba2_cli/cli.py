@@ -107,13 +107,62 @@ def _fmt(v, unit: str, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if v is None else f"{v * scale:,.{digits}f} {unit}"
 
 
+def _read_prompt_or_nothing(words: Optional[List[str]], file: Optional[Path]) -> Optional[str]:
+    """The prompt when one is given; None when there is none and nothing on stdin (continuing a state)."""
+    if words or file is not None or (sys.stdin is not None and not sys.stdin.isatty()):
+        text = _read_prompt(words, file)
+        return text or None
+    return None
+
+
+def _load(model: Optional[str], preset: Optional[str], device: str, dtype: str, backend: str,
+          threads: Optional[int], quiet: bool, offline: bool = False, batch_size: int = 1):
+    """(model, tokenizer, model name, revision, load seconds) for -m (downloaded first if need be) or --preset."""
+    if model and preset:
+        _fail("give either -m/--model or --preset, not both")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if model is None:
+        from .loader import load_preset
+
+        name = preset or DEFAULT_PRESET
+        if not preset and not quiet:
+            _stderr().print(f"no model given (-m): using the random-weight preset '{name}', which writes noise")
+        m, tok = load_preset(name, device, dtype, backend, batch_size=batch_size)
+        model_name, revision = f"preset:{name}", None
+    else:
+        from .hub import resolve_model
+        from .loader import load_model
+
+        model_dir = resolve_model(model, offline=offline, progress=_progress(quiet))
+        t0 = time.perf_counter()  # the load, not the download
+        m, tok = load_model(str(model_dir), device, dtype, backend, batch_size, offline=offline,
+                            progress=_progress(quiet))
+        model_name, revision = model, _revision_of(model_dir)
+    return m, tok, model_name, revision, time.perf_counter() - t0
+
+
+def _result_json(m, result, prompt: str, model_name: str, revision, seed, load_s: float, **more) -> dict:
+    return {
+        **more, "prompt": prompt, "text": result.text, "token_ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.token_ids),
+        "finish_reason": result.finish_reason, "model": model_name, "revision": revision,
+        "seed": seed, "dtype": str(m.dtype).removeprefix("torch."), "backend": m.backend_name,
+        "device": str(m.device), "versions": _versions(),
+        "stats": {"load_s": load_s, **result.stats},
+    }
+
+
 @app.command()
 def run(
     prompt: Optional[List[str]] = typer.Argument(None, help="Prompt text; read from stdin when absent."),
     model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight model of a known shape instead of a checkpoint."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
-    file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from this file."),
+    file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt (with --batch: the prompts) from this file."),
     device: str = typer.Option("auto", "-d", "--device", help="cpu, auto, a GPU number (0) or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
     backend: str = typer.Option("auto", "--backend", help="auto, torch or triton."),
@@ -129,73 +178,102 @@ def run(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past the end-of-text token."),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the generated text."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of text."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of text (JSONL with --batch)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No statistics on stderr."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt for --chat."),
+    save_state: Optional[Path] = typer.Option(None, "--save-state", help="Save the model state to this file."),
+    save_state_after: str = typer.Option("prompt", "--save-state-after", help="prompt or generation: when --save-state saves."),
+    load_state: Optional[Path] = typer.Option(None, "--load-state", help="Continue from a saved state: the prompt (if any) follows its text."),
+    batch: bool = typer.Option(False, "--batch", help="One prompt per line (stdin or -f), generated together as a batch."),
+    input_file: Optional[Path] = typer.Option(None, "--input", help="JSONL prompts ({\"prompt\": ..., per-prompt settings}) as one batch."),
 ):
     """Generate text from a prompt, streaming it to stdout."""
-    from .generate import stream_generate
     from .sampling import SamplingParams
 
-    err = _stderr()
-    text_in = _read_prompt(prompt, file)
-    if not text_in.strip():
-        _fail("the prompt is empty")
     SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty).check()
-    if model and preset:
-        _fail("give either -m/--model or --preset, not both")
-    if threads:
-        import torch
+    if save_state_after not in ("prompt", "generation"):
+        _fail(f"--save-state-after must be prompt or generation, not {save_state_after!r}")
+    if system is not None and not chat:
+        _fail("--system goes with --chat (or use mamba2 chat)")
+    settings = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
+    if batch or input_file is not None:
+        if prompt:
+            _fail("with --batch or --input the prompts come from stdin, -f or --input, not from arguments")
+        if save_state or load_state:
+            _fail("--save-state and --load-state work on one prompt, not with --batch or --input")
+        return _run_batch(model, preset, offline, file, device, dtype, backend, threads, settings, not no_cuda_graph,
+                          echo, as_json, quiet, chat, system, input_file, batch)
 
-        torch.set_num_threads(threads)
-    if temperature > 0 and seed is None:
-        seed = random.randrange(2**31)
-
-    t0 = time.perf_counter()
-    if model is None:
-        from .loader import load_preset
-
-        name = preset or DEFAULT_PRESET
-        if not preset and not quiet:
-            err.print(f"no model given (-m): using the random-weight preset '{name}', which writes noise")
-        m, tok = load_preset(name, device, dtype, backend)
-        model_name, revision = f"preset:{name}", None
+    if load_state is not None:
+        text_in = _read_prompt_or_nothing(prompt, file)
+        if chat:
+            _fail("--chat starts a conversation; to continue a saved one use mamba2 chat --load-state")
     else:
-        from .hub import resolve_model
-        from .loader import load_model
+        text_in = _read_prompt(prompt, file)
+        if not text_in.strip():
+            _fail("the prompt is empty")
+    if save_state is not None:
+        from .statefile import check_writable
 
-        model_dir = resolve_model(model, offline=offline, progress=_progress(quiet))
-        t0 = time.perf_counter()  # the load, not the download
-        m, tok = load_model(str(model_dir), device, dtype, backend, offline=offline, progress=_progress(quiet))
-        model_name, revision = model, _revision_of(model_dir)
-    load_s = time.perf_counter() - t0
+        check_writable(save_state)
+    if temperature > 0 and seed is None:
+        settings["seed"] = seed = random.randrange(2**31)
+
+    m, tok, model_name, revision, load_s = _load(model, preset, device, dtype, backend, threads, quiet, offline)
+    from .generate import stream_generate
+
+    saved, state_note = None, {}
+    if load_state is not None:
+        from .statefile import load_state as read_state
+
+        t0 = time.perf_counter()
+        saved = read_state(load_state, m)
+        state_note.update(loaded=str(load_state), loaded_tokens=saved.tokens, load_state_s=time.perf_counter() - t0)
+    prompt_arg = text_in
+    if chat:
+        from .chat import ChatTemplate, one_shot_messages
+
+        template = ChatTemplate(tok)
+        prompt_arg = template.prompt_ids(one_shot_messages(text_in, system))
+        settings["stop"] += template.stop
+    snapshot = {}
+    if save_state is not None and (save_state_after == "prompt" or max_tokens == 0):
+        def on_prompt(st, ids):  # the state before the prompt's last token: a file needs one unconsumed
+            snapshot.update(state=st.clone(), ids=ids)
+    else:
+        on_prompt = None
+    state = saved.state if saved is not None else m.new_state(1)
 
     out = sys.stdout
     result = None
     try:
-        if echo and not as_json:
+        if echo and not as_json and text_in:
             out.write(text_in)
             out.flush()
-        events = stream_generate(
-            m, tok, text_in, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or (),
-            ignore_eos=ignore_eos, cuda_graph=not no_cuda_graph,
-        )
+        events = stream_generate(m, tok, prompt_arg, state=state, last_token=saved.last_token if saved else None,
+                                 on_prompt=on_prompt, cuda_graph=not no_cuda_graph, **settings)
         for event in events:
             if event.text and not as_json:
                 out.write(event.text)
                 out.flush()
             result = event.result or result
-        if as_json:
-            import torch
+        if save_state is not None:
+            from .statefile import save_state as write_state
 
-            obj = {
-                "prompt": text_in, "text": result.text, "token_ids": result.token_ids,
-                "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.token_ids),
-                "finish_reason": result.finish_reason, "model": model_name, "revision": revision,
-                "seed": seed, "dtype": str(m.dtype).removeprefix("torch."), "backend": m.backend_name,
-                "device": str(m.device), "versions": _versions(),
-                "stats": {"load_s": load_s, **result.stats},
-            }
+            before = saved.tokens - 1 if saved is not None else 0  # the loaded last token is in prompt_tokens
+            if snapshot:
+                tokens, last, st = before + result.prompt_tokens, snapshot["ids"][-1], snapshot["state"]
+            else:
+                tokens = before + result.prompt_tokens + len(result.token_ids)
+                last, st = result.token_ids[-1], state
+            write_state(save_state, m, st, tokens, last, model_name=model_name)
+            state_note.update(saved=str(save_state), saved_tokens=tokens)
+        if as_json:
+            obj = _result_json(m, result, text_in or "", model_name, revision, seed, load_s)
+            if state_note:
+                obj["state"] = state_note
             out.write(json.dumps(obj, ensure_ascii=False) + "\n")
         elif result.text and not result.text.endswith("\n") and out.isatty():
             out.write("\n")
@@ -207,17 +285,158 @@ def run(
             out.flush()
         except BrokenPipeError:
             pass
-        err.print("\ninterrupted")
+        _stderr().print("\ninterrupted")
         raise typer.Exit(EXIT_INTERRUPTED)
     if not quiet:
         s = result.stats
-        err.print(
+        notes = ""
+        if "loaded" in state_note:
+            notes += f" · state of {state_note['loaded_tokens']} tokens loaded in {state_note['load_state_s']:.2f} s"
+        if "saved" in state_note:
+            notes += f" · state of {state_note['saved_tokens']} tokens saved to {state_note['saved']}"
+        _stderr().print(
             f"[dim]load {load_s:.2f} s · prompt {result.prompt_tokens} tokens · prefill "
             f"{_fmt(s['prefill_tok_s'], 'tok/s', digits=0)} · first token {_fmt(s['ttft_s'], 'ms', 1e3)} · "
             f"decode {_fmt(s['decode_tok_s'], 'tok/s')} ({len(result.token_ids)} tokens, "
             f"{result.finish_reason}) · peak memory {_human_bytes(s['peak_memory_bytes'])} · "
+            f"{m.backend_name} on {m.device}, {str(m.dtype).removeprefix('torch.')}{notes}[/]"
+        )
+
+
+def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool, settings: dict):
+    """(prompt texts, Requests) from --batch lines (stdin or -f) or --input JSONL."""
+    from .generate import Request
+
+    if batch and input_file is not None:
+        _fail("give --batch (one prompt per line) or --input FILE.jsonl, not both")
+    if input_file is not None:
+        if file is not None:
+            _fail("--input is the prompt file; -f goes with --batch")
+        text = _read_prompt(None, input_file)
+        requests = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{input_file} line {n}"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                _fail(f"{where}: not valid JSON ({e.msg})")
+            requests.append(Request.from_json(obj, settings, where))
+    else:
+        text = _read_prompt(None, file)
+        requests = [Request(line, **settings) for line in text.splitlines() if line.strip()]
+    if not requests:
+        _fail("no prompts: --batch reads one prompt per line, --input one JSON object per line")
+    return requests
+
+
+def _run_batch(model, preset, offline, file, device, dtype, backend, threads, settings, cuda_graph, echo, as_json,
+               quiet, chat, system, input_file, batch):
+    from .generate import stream_batch
+
+    requests = _read_batch(file, input_file, batch, settings)
+    texts = [r.prompt for r in requests]
+    for r in requests:
+        if r.temperature > 0 and r.seed is None:
+            r.seed = random.randrange(2**31)
+    m, tok, model_name, revision, load_s = _load(model, preset, device, dtype, backend, threads, quiet, offline,
+                                                 batch_size=len(requests))
+    if chat:
+        from .chat import ChatTemplate, one_shot_messages
+
+        template = ChatTemplate(tok)
+        for r in requests:
+            r.prompt = template.prompt_ids(one_shot_messages(r.prompt, system))
+            r.stop = list(r.stop) + list(template.stop)
+
+    out = sys.stdout
+    results = [None] * len(requests)
+    shown = 0
+    t0 = time.perf_counter()
+    try:
+        for i, event in stream_batch(m, tok, requests, cuda_graph=cuda_graph):
+            if event.result is None:
+                continue
+            results[i] = event.result
+            while shown < len(results) and results[shown] is not None:  # in input order, as soon as possible
+                r = results[shown]
+                if as_json:
+                    obj = _result_json(m, r, texts[shown], model_name, revision, requests[shown].seed, load_s,
+                                       index=shown)
+                    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                else:
+                    text = (texts[shown] if echo else "") + r.text
+                    out.write(("\n" if shown else "") + text + ("" if text.endswith("\n") else "\n"))
+                out.flush()
+                shown += 1
+    except BrokenPipeError:
+        _closed_stdout()
+    except KeyboardInterrupt:
+        try:
+            out.flush()
+        except BrokenPipeError:
+            pass
+        _stderr().print("\ninterrupted")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    wall = time.perf_counter() - t0
+    if not quiet:
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        generated = sum(len(r.token_ids) for r in results)
+        prefill_s = sum(r.stats["prefill_s"] for r in results)
+        decode_s = wall - prefill_s
+        _stderr().print(
+            f"[dim]load {load_s:.2f} s · batch of {len(results)} prompts, {prompt_tokens} tokens · prefill "
+            f"{_fmt(prompt_tokens / prefill_s if prefill_s > 0 else None, 'tok/s', digits=0)} · generated "
+            f"{generated} tokens, {_fmt(generated / decode_s if generated and decode_s > 0 else None, 'tok/s')} "
+            f"over the batch · peak memory {_human_bytes(max(r.stats['peak_memory_bytes'] for r in results))} · "
             f"{m.backend_name} on {m.device}, {str(m.dtype).removeprefix('torch.')}[/]"
         )
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Random-weight model of a known shape instead of a checkpoint."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the local cache."),
+    device: str = typer.Option("auto", "-d", "--device", help="cpu, auto, a GPU number (0) or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch or triton."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+    max_tokens: int = typer.Option(512, "-n", "--max-tokens", min=1, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "-t", "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Keep the smallest set of tokens with this much probability."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens less likely than min-p times the top one."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages tokens already seen."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (turn n uses seed + n)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    load_state: Optional[Path] = typer.Option(None, "--load-state", help="Continue a conversation saved with /save."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No model summary on stderr."),
+):
+    """Chat in the terminal; each turn reads only its new tokens, from the carried state."""
+    from .chat import ChatSession
+    from .repl import ChatREPL
+    from .sampling import SamplingParams
+
+    SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty).check()
+    m, tok, model_name, _, load_s = _load(model, preset, device, dtype, backend, threads, quiet, offline)
+    session = ChatSession(m, tok, system=system, model_name=model_name, max_tokens=max_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed, cuda_graph=not no_cuda_graph)
+    if load_state is not None:
+        session.load(load_state)
+    if system and not session.template.shows_system_prompt():
+        _stderr().print("note: this model's chat template leaves system prompts out")
+    if not quiet:
+        template = "plain fallback template" if session.template.is_fallback else "the model's chat template"
+        _stderr().print(f"[dim]{model_name} · load {load_s:.2f} s · {m.backend_name} on {m.device}, "
+                        f"{str(m.dtype).removeprefix('torch.')} · {template}[/]")
+    try:
+        ChatREPL(session).run()
+    except BrokenPipeError:
+        _closed_stdout()
 
 
 def _revision_of(model_dir: Path) -> str | None:

@@ -4,6 +4,11 @@
     decode_one_token(model, tokens, state) -> logits of the next position; state advanced
     stream_generate(model, tokenizer, prompt, ...) yields GenerationEvent as text appears
     generate(...)                          -> GenerationResult (the last event's result)
+    stream_batch(model, tokenizer, requests) yields (index, GenerationEvent) for a batch
+    generate_batch(...)                    -> [GenerationResult] in input order
+
+All four run `_generate_rows`, the loop for a batch of B >= 1 sequences; a single prompt
+is a batch of one.
 """
 
 from __future__ import annotations
@@ -163,10 +168,303 @@ class _StopMatcher:
         return out
 
 
+@dataclass
+class Request:
+    """One sequence to generate: its prompt and its own settings (a batch may mix them).
+
+    `prompt` is text or token ids used as they are. `last_token` continues a saved state
+    (see statefile.py): the state holds everything before it, it is fed first, the text
+    prompt is encoded without a BOS, and the prompt may then be empty (None): generation
+    simply continues.
+    """
+
+    prompt: str | Sequence[int] | None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    last_token: int | None = None
+
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[int]:
+        continuing = self.last_token is not None
+        if self.prompt is None or isinstance(self.prompt, str) and not self.prompt:
+            ids = []
+        elif isinstance(self.prompt, str):
+            ids = tokenizer.encode(self.prompt, add_bos=False if continuing else None)  # no BOS mid-text
+        else:
+            ids = [int(i) for i in self.prompt]
+        ids = [int(self.last_token)] + ids if continuing else ids
+        if not ids:
+            raise Mamba2Error("the prompt is empty")
+        return ids
+
+    # Settings a JSON line may give per prompt, with their types.
+    JSON_KEYS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
+                 "repetition_penalty": float, "seed": int, "stop": list, "ignore_eos": bool}
+
+    @classmethod
+    def from_json(cls, obj, defaults: dict, where: str) -> "Request":
+        """A request from one JSONL object: {"prompt": ..., and any of JSON_KEYS}; the rest from `defaults`."""
+        if not isinstance(obj, dict):
+            raise Mamba2Error(f"{where}: expected a JSON object with a \"prompt\"")
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise Mamba2Error(f"{where}: \"prompt\" must be a non-empty string")
+        settings = dict(defaults)
+        for key, value in obj.items():
+            if key == "prompt":
+                continue
+            kind = cls.JSON_KEYS.get(key)
+            if kind is None:
+                raise Mamba2Error(f"{where}: unknown key {key!r} (known: prompt, {', '.join(cls.JSON_KEYS)})")
+            if key == "stop" and isinstance(value, str):
+                value = [value]
+            ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                  or kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if key == "stop":
+                ok = ok and all(isinstance(v, str) for v in value)
+            if key == "seed" and value is None:
+                ok = True
+            if not ok:
+                raise Mamba2Error(f"{where}: {key!r} must be {'a list of strings' if kind is list else kind.__name__}")
+            settings[key] = value
+        req = cls(prompt, **settings)
+        try:
+            SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty).check()
+        except Mamba2Error as e:
+            raise Mamba2Error(f"{where}: {e}") from None
+        if req.max_tokens < 0:
+            raise Mamba2Error(f"{where}: max_tokens must be >= 0")
+        return req
+
+
+class _Sequence:
+    """One request inside the loop: its ids, sampler, detokenizer, stop conditions, clocks."""
+
+    def __init__(self, req: Request, tokenizer: Tokenizer, model: Mamba2LM):
+        self.params = SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p,
+                                     req.repetition_penalty).check()
+        if req.max_tokens < 0:
+            raise Mamba2Error(f"max tokens must be >= 0, got {req.max_tokens}")
+        self.max_tokens = req.max_tokens
+        self.prompt_ids = req.prompt_ids(tokenizer)
+        device, vocab = model.device, model.cfg.vocab_size
+        if max(self.prompt_ids) >= vocab or min(self.prompt_ids) < 0:
+            raise Mamba2Error(f"prompt token id out of range for a vocabulary of {vocab}")
+        self.generator = None
+        if not self.params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(req.seed if req.seed is not None else int(torch.seed() % 2**63))
+        self.seen = None
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(self.prompt_ids, device=device)] = True
+        self.eos_ids = set() if req.ignore_eos else tokenizer.eos_ids
+        self.detok = tokenizer.stream(self.prompt_ids)
+        self.stops = _StopMatcher(req.stop)
+        self.generated: list[int] = []
+        self.finish = "length"
+        self.prefill_s = 0.0
+        self.t_first: float | None = None
+
+    def accept(self, tid: int, cancelled: bool) -> tuple[GenerationEvent | None, bool]:
+        """Take a sampled token: the event to yield (if any), and whether the sequence is done.
+
+        A finished sequence's last token is never fed to the model: the state ends holding
+        prompt + generated[:-1], which is what a state file saved after generation records.
+        """
+        self.generated.append(tid)
+        if tid in self.eos_ids:
+            self.finish = "eos"
+            return None, True
+        piece = self.detok.step(tid)
+        text = self.stops.feed(piece) if piece else ""
+        if self.stops.stopped:
+            self.finish = "stop"
+            return (GenerationEvent(text, tid) if text else None), True
+        if len(self.generated) >= self.max_tokens:
+            return GenerationEvent(text, tid), True
+        if cancelled:
+            self.finish = "cancelled"
+            return GenerationEvent(text, tid), True
+        return GenerationEvent(text, tid), False
+
+    def final_event(self, t0: float, t_end: float, device: torch.device) -> GenerationEvent:
+        tail = ""
+        if not self.stops.stopped:
+            rest = self.detok.flush()  # an unfinished UTF-8 character decodes as U+FFFD, as a full decode has it
+            tail = self.stops.feed(rest) if rest else ""
+            tail += "" if self.stops.stopped else self.stops.flush()
+            if self.stops.stopped:
+                self.finish = "stop"
+        n_decode = max(len(self.generated) - 1, 0)
+        decode_s = t_end - self.t_first if self.t_first is not None else 0.0
+        stats = {
+            "prefill_s": self.prefill_s,
+            "prefill_tok_s": len(self.prompt_ids) / self.prefill_s if self.prefill_s > 0 else None,
+            "ttft_s": (self.t_first - t0) if self.t_first is not None else None,
+            "decode_s": decode_s,
+            "decode_tok_s": n_decode / decode_s if n_decode and decode_s > 0 else None,
+            "peak_memory_bytes": peak_memory_bytes(device),
+        }
+        result = GenerationResult(self.stops.text, self.generated, len(self.prompt_ids), self.finish, stats)
+        return GenerationEvent(tail, None, result)
+
+
+def _sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
+    """One token per row; rows with their own settings or seeds sample on their own."""
+    if len(seqs) == 1:
+        s = seqs[0]
+        return sample(logits, s.params, s.seen, s.generator)
+    if all(s.params.greedy and s.seen is None for s in seqs):
+        return logits.argmax(dim=-1)
+    return torch.cat([sample(logits[j : j + 1], s.params, s.seen, s.generator) for j, s in enumerate(seqs)])
+
+
+def _drop_rows(state: Mamba2State, n: int, finished: list[int]) -> list[int]:
+    """Remove the `finished` rows from the first n rows of `state` by moving the last live
+    rows into their places (one row copy per finished sequence). Returns, for each row that
+    remains, the row it came from."""
+    order = list(range(n))
+    for j in sorted(finished, reverse=True):
+        last = order.pop()
+        if j < len(order):
+            order[j] = last
+    for j, o in enumerate(order):  # sources lie past the new end, destinations before it
+        if o != j:
+            state.conv[:, j].copy_(state.conv[:, o])
+            state.ssm[:, j].copy_(state.ssm[:, o])
+    return order
+
+
+class _LiveRows:
+    """The decode step for the live rows of a batched state (they are kept at the front).
+
+    Eager: one forward over exactly the live rows. With CUDA graphs: a graph is captured per
+    batch size, so as rows leave, the step runs the next power of two at or above the live
+    count (the rows past the live ones hold finished sequences; their extra steps are thrown
+    away): a batch of B captures at most log2(B) + 1 graphs, not B.
+    """
+
+    def __init__(self, model: Mamba2LM, state: Mamba2State, cuda_graph: bool):
+        self.model, self.state = model, state
+        self.graphs = cuda_graph and model.device.type == "cuda"
+
+    def _rows(self, n: int) -> Mamba2State:
+        s = self.state
+        return s if n == s.batch_size else Mamba2State(s.conv[:, :n], s.ssm[:, :n])
+
+    def capture(self) -> None:
+        """Capture the full batch's graph now (before any clock starts), if graphs are used."""
+        if self.graphs:
+            decode_step_fn(self.model, self.state, True)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        if not self.graphs:
+            return decode_one_token(self.model, tokens, self._rows(n))
+        size = min(self.state.batch_size, 1 << (n - 1).bit_length())
+        if size > n:
+            tokens = torch.cat([tokens, tokens.new_zeros(size - n)])
+        return decode_step_fn(self.model, self._rows(size), True)(tokens)[:n]
+
+
+@torch.inference_mode()
+def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request], state: Mamba2State | None,
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, on_prompt=None, cancel=None,
+                   cuda_graph: bool = True) -> Iterator[tuple[int, GenerationEvent]]:
+    """The loop. Yields (request index, event) for a batch of requests, B >= 1.
+
+    Each prompt is prefilled alone into its own row of the batched state, so prompts of any
+    lengths share a batch with no padding through the recurrence. Then one model call per
+    step decodes every unfinished row; a finished row leaves the batch (the live rows are
+    kept packed at the front of the state).
+
+    on_prompt(i, row_state, prompt_ids) is called once row i holds all of its prompt but the
+    last token (a snapshot point: see statefile.py). cancel() is polled once per step; when
+    it says so, every sequence ends after its current token (finish reason "cancelled").
+    """
+    seqs = [_Sequence(r, tokenizer, model) for r in requests]  # every request is checked before any work
+    B = len(seqs)
+    if B == 0:
+        return
+    if state is None:
+        state = owned_state(model, B)
+    elif state.batch_size != B:
+        raise Mamba2Error(f"the state holds {state.batch_size} sequences, {B} requests were given")
+    device = model.device
+    decode = _LiveRows(model, state, cuda_graph)
+    if any(s.max_tokens > 1 for s in seqs):
+        decode.capture()  # once per model and state, before the clock starts
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = []
+    for i, s in enumerate(seqs):
+        t_start = time.perf_counter()
+        row = state.row(i)
+        ids = torch.tensor([s.prompt_ids], dtype=torch.long, device=device)
+        if on_prompt is not None:
+            if ids.shape[1] > 1:
+                prefill(model, ids[:, :-1], row, prefill_chunk)
+            on_prompt(i, row, s.prompt_ids)
+            ids = ids[:, -1:]
+        logits.append(prefill(model, ids, row, prefill_chunk))
+        _sync(device)
+        s.prefill_s = time.perf_counter() - t_start
+    logits = torch.cat(logits) if B > 1 else logits[0]
+
+    # Each step: drop the rows that finished, feed the live rows' tokens (one model call;
+    # on a GPU it runs while the events are handed out), hand out the events, sample.
+    rows = list(range(B))  # rows[j]: the request whose state is in row j of `state`
+    finished = [j for j in rows if seqs[j].max_tokens == 0]
+    pending: list[tuple[int, GenerationEvent]] = []
+    tokens = None
+    t_done = time.perf_counter()
+    while True:
+        done = [rows[j] for j in finished]
+        if finished:
+            order = _drop_rows(state, len(rows), finished)
+            rows = [rows[o] for o in order]
+            index = torch.tensor(order, dtype=torch.long, device=device)
+            logits = logits[index]
+            tokens = tokens[index] if tokens is not None else None
+        if tokens is not None and rows:
+            logits = decode(tokens)
+        yield from pending
+        for i in done:
+            yield i, seqs[i].final_event(t0, t_done, device)
+        if not rows:
+            return
+        tokens = _sample_rows(logits, [seqs[i] for i in rows])
+        tids = tokens.tolist()  # the one host sync per step
+        t_done = time.perf_counter()
+        cancelled = cancel is not None and cancel()
+        pending, finished = [], []
+        for j, (i, tid) in enumerate(zip(rows, tids)):
+            s = seqs[i]
+            if s.t_first is None:
+                s.t_first = t_done
+            event, over = s.accept(tid, cancelled)
+            if event is not None:
+                pending.append((i, event))
+            if over:
+                finished.append(j)
+            elif s.seen is not None:
+                s.seen[0, tid] = True
+
+
 def stream_generate(
     model: Mamba2LM,
     tokenizer: Tokenizer,
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | None,
     max_tokens: int = 256,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -179,102 +477,53 @@ def stream_generate(
     state: Mamba2State | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     cuda_graph: bool = True,
+    last_token: int | None = None,
+    on_prompt=None,
+    cancel=None,
 ) -> Iterator[GenerationEvent]:
     """Generate from `prompt` (text, or token ids used as they are), yielding text as it appears.
 
-    With `state` given, generation continues from it (and leaves it advanced); otherwise a
-    fresh state is used.
+    With `state` given, generation continues from it and leaves it advanced (holding prompt
+    and generated tokens but the last generated one); otherwise a fresh state is used.
+    `last_token`: the state came from a state file and this is its unconsumed last token
+    (SavedState.last_token); it is fed first, a text prompt gets no BOS, and with no prompt
+    (None) generation continues the saved text. on_prompt(state, prompt_ids) is called when
+    the state holds all of the prompt but its last token; cancel() ends generation after the
+    current token when it returns True.
     """
-    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty).check()
-    if max_tokens < 0:
-        raise Mamba2Error(f"max tokens must be >= 0, got {max_tokens}")
-    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    if not prompt_ids:
-        raise Mamba2Error("the prompt is empty")
-    device = model.device
-    vocab = model.cfg.vocab_size
-    if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
-        raise Mamba2Error(f"prompt token id out of range for a vocabulary of {vocab}")
-    if state is None:
-        state = owned_state(model, 1)
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
-        seen[0, ids[0]] = True
-    step_fn = decode_step_fn(model, state, cuda_graph)  # capture (once) before the clock starts
-
-    eos_ids = set() if ignore_eos else tokenizer.eos_ids
-    detok = tokenizer.stream(prompt_ids)
-    stops = _StopMatcher(stop)
-    generated: list[int] = []
-    finish = "length"
-
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = prefill(model, ids, state, prefill_chunk)
-    t_prefill = t_first = None
-    for step in range(max_tokens):
-        token = sample(logits, params, seen, generator)
-        tid = int(token.item())  # the one host sync per token
-        now = time.perf_counter()
-        if step == 0:
-            t_first = now
-            t_prefill = now  # sampling the first token belongs to the prefill
-        generated.append(tid)
-        if tid in eos_ids:
-            finish = "eos"
-            break
-        piece = detok.step(tid)
-        text = stops.feed(piece) if piece else ""
-        if stops.stopped:
-            finish = "stop"
-            if text:
-                yield GenerationEvent(text, tid)
-            break
-        if step + 1 == max_tokens:
-            yield GenerationEvent(text, tid)
-            break
-        if seen is not None:
-            seen.scatter_(1, token.view(-1, 1), True)
-        logits = step_fn(token)
-        yield GenerationEvent(text, tid)
-    if not stops.stopped:
-        rest = detok.flush()  # an unfinished UTF-8 character decodes as U+FFFD, as a full decode has it
-        tail = stops.feed(rest) if rest else ""
-        tail += "" if stops.stopped else stops.flush()
-        if stops.stopped:
-            finish = "stop"
-    else:
-        tail = ""
-    _sync(device)
-    t_end = time.perf_counter()
-
-    prefill_s = (t_prefill or t_end) - t0
-    n_decode = max(len(generated) - 1, 0)
-    decode_s = t_end - t_first if t_first is not None else 0.0
-    stats = {
-        "prefill_s": prefill_s,
-        "prefill_tok_s": len(prompt_ids) / prefill_s if prefill_s > 0 else None,
-        "ttft_s": (t_first - t0) if t_first is not None else None,
-        "decode_s": decode_s,
-        "decode_tok_s": n_decode / decode_s if n_decode and decode_s > 0 else None,
-        "peak_memory_bytes": peak_memory_bytes(device),
-    }
-    result = GenerationResult(stops.text, generated, len(prompt_ids), finish, stats)
-    yield GenerationEvent(tail, None, result)
+    req = Request(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+                  ignore_eos, last_token)
+    hook = None if on_prompt is None else (lambda i, row, ids: on_prompt(row, ids))
+    for _, event in _generate_rows(model, tokenizer, [req], state if state is not None else owned_state(model, 1),
+                                   prefill_chunk, hook, cancel, cuda_graph):
+        yield event
 
 
-def generate(model: Mamba2LM, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
+def generate(model: Mamba2LM, tokenizer: Tokenizer, prompt: str | Sequence[int] | None, **kwargs) -> GenerationResult:
     """Generate to the end; returns text, token_ids, finish_reason and stats."""
     result = None
     for event in stream_generate(model, tokenizer, prompt, **kwargs):
         result = event.result or result
     return result
+
+
+def stream_batch(model: Mamba2LM, tokenizer: Tokenizer, requests: Sequence[Request],
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 cuda_graph: bool = True) -> Iterator[tuple[int, GenerationEvent]]:
+    """Generate for several requests as one batch; yields (request index, event).
+
+    Events of different requests interleave; each request's own events come in order and
+    its last one carries its result. Greedy output of each request equals its output alone.
+    """
+    return _generate_rows(model, tokenizer, list(requests), None, prefill_chunk, cuda_graph=cuda_graph)
+
+
+def generate_batch(model: Mamba2LM, tokenizer: Tokenizer, requests: Sequence[Request | str],
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, **settings) -> list[GenerationResult]:
+    """Results in input order. Strings become Requests with the shared `settings`."""
+    reqs = [r if isinstance(r, Request) else Request(r, **settings) for r in requests]
+    results: list[GenerationResult | None] = [None] * len(reqs)
+    for i, event in stream_batch(model, tokenizer, reqs, prefill_chunk):
+        if event.result is not None:
+            results[i] = event.result
+    return results

@@ -6,7 +6,8 @@ Layout (this is also the layout of state files):
     ssm   [n_layer, batch, nheads, headdim, d_state]  fp32 always: a 16-bit state loses quality.
 
 Both are allocated once and updated in place, so their addresses stay fixed (a CUDA graph
-can own them). `state.conv[i]`, `state.ssm[i]` are layer i's views.
+can own them). `state.conv[i]`, `state.ssm[i]` are layer i's views. statefile.py saves and
+loads them.
 """
 
 from __future__ import annotations

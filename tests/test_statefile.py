@@ -1,0 +1,261 @@
+"""State files: a saved state continues exactly, belongs to one model and dtype, and survives crashes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import tiny_shape
+from mamba2_cli import Mamba2Error, generate, load_model
+from mamba2_cli.generate import prefill
+from mamba2_cli.statefile import load_state, model_fingerprint, save_state
+
+# Texts whose tokens split cleanly at the join: tokens(A) + tokens(B) == tokens(A + B).
+A = "def fibonacci(n):"
+B = "\n    a, b = 0, 1\n    for _ in range(n):"
+
+
+@pytest.fixture
+def tiny(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")
+    model, tok = load_model(str(d), device="cpu", dtype="float32")
+    return model, tok, d
+
+
+def saved_after(model, tok, ids, path):
+    """Save the state that stands for `ids` (all consumed but the last)."""
+    state = model.new_state(1)
+    if len(ids) > 1:
+        prefill(model, torch.tensor([ids[:-1]]), state)
+    save_state(path, model, state, len(ids), ids[-1])
+    return path
+
+
+def test_saved_state_fed_more_tokens_equals_feeding_everything_at_once(tiny, tmp_path):
+    model, tok, _ = tiny
+    a, b = tok.encode(A), tok.encode(B, add_bos=False)
+    whole = prefill(model, torch.tensor([a + b]), model.new_state(1))
+    saved = load_state(saved_after(model, tok, a, tmp_path / "a.state"), model)
+    assert saved.tokens == len(a) and saved.last_token == a[-1]
+    resumed = prefill(model, torch.tensor([[saved.last_token] + b]), saved.state)
+    torch.testing.assert_close(resumed, whole, rtol=1e-5, atol=1e-5)
+    # ... and so do the greedy tokens that follow, through the generation loop
+    again = load_state(tmp_path / "a.state", model)
+    cont = generate(model, tok, b, max_tokens=15, state=again.state, last_token=again.last_token)
+    assert cont.token_ids == generate(model, tok, a + b, max_tokens=15).token_ids
+
+
+def test_state_saved_after_generation_continues_the_text(tiny, tmp_path):
+    model, tok, _ = tiny
+    state = model.new_state(1)
+    first = generate(model, tok, A, max_tokens=10, ignore_eos=True, state=state)
+    a = tok.encode(A)
+    save_state(tmp_path / "g.state", model, state, len(a) + 10, first.token_ids[-1])
+    saved = load_state(tmp_path / "g.state", model)
+    rest = generate(model, tok, None, max_tokens=10, ignore_eos=True, state=saved.state, last_token=saved.last_token)
+    assert first.token_ids + rest.token_ids == generate(model, tok, A, max_tokens=20, ignore_eos=True).token_ids
+
+
+def test_a_state_file_is_a_plain_safetensors_file(tiny, tmp_path):
+    from safetensors import safe_open
+
+    model, tok, _ = tiny
+    path = saved_after(model, tok, tok.encode(A), tmp_path / "s.state")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == {"conv", "ssm"}
+        assert f.get_tensor("ssm").dtype == torch.float32
+        assert list(f.get_tensor("conv").shape) == [2, 1, model.cfg.conv_dim, 3]
+    assert meta["tokens"] == str(len(tok.encode(A))) and meta["dtype"] == "float32"
+    assert meta["model_fingerprint"] == model_fingerprint(model) and meta["mamba2_version"]
+
+
+def test_fingerprint_tells_apart_same_config_other_weights(make_checkpoint, tmp_path):
+    d1, _, _ = make_checkpoint("hf", seed=1)
+    d2, _, sd = make_checkpoint("hf", seed=2)
+    m1, tok = load_model(str(d1), device="cpu", dtype="float32")
+    m2, _ = load_model(str(d2), device="cpu", dtype="float32")
+    assert m1.cfg == m2.cfg and model_fingerprint(m1) != model_fingerprint(m2)
+    path = saved_after(m1, tok, tok.encode(A), tmp_path / "s.state")
+    with pytest.raises(Mamba2Error, match="another model.*same config, different weights"):
+        load_state(path, m2)
+    # one weight changed a little, anywhere in a tensor, is another model too
+    sd = {k: v.clone() for k, v in sd.items()}
+    sd["backbone.layers.1.mixer.out_proj.weight"] += 1e-3
+    d3, _, _ = make_checkpoint("hf", sd=sd)
+    m3, _ = load_model(str(d3), device="cpu", dtype="float32")
+    assert model_fingerprint(m3) != model_fingerprint(m2)
+
+
+def test_fingerprint_ignores_checkpoint_format_and_memory_layout(make_checkpoint):
+    shape = tiny_shape(pad_vocab_size_multiple=1)
+    d1, _, sd = make_checkpoint("hf", shape=shape, seed=4)
+    d2, _, _ = make_checkpoint("mistral", shape=shape, sd=sd)
+    m1, _ = load_model(str(d1), device="cpu", dtype="float32")
+    m2, _ = load_model(str(d2), device="cpu", dtype="float32")
+    fp = model_fingerprint(m1)
+    assert model_fingerprint(m2) == fp
+    w = m1.lm_head.weight
+    m1.lm_head.weight = torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)  # other strides
+    assert model_fingerprint(m1) == fp
+
+
+def test_a_state_of_another_shape_or_dtype_is_refused(make_checkpoint, tiny, tmp_path):
+    model, tok, d = tiny
+    path = saved_after(model, tok, tok.encode(A), tmp_path / "s.state")
+    bf16, _ = load_model(str(d), device="cpu", dtype="bfloat16")
+    with pytest.raises(Mamba2Error, match="float32 model.*--dtype float32"):
+        load_state(path, bf16)
+    d2, _, _ = make_checkpoint("hf", shape=tiny_shape(n_layer=3))
+    other, _ = load_model(str(d2), device="cpu", dtype="float32")
+    with pytest.raises(Mamba2Error, match="another model.*n_layer 2 vs 3"):
+        load_state(path, other)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncated-data", "truncated"),
+    ("truncated-header", "not a mamba2 state file"),
+    ("flipped-byte", "damaged .checksum"),
+    ("garbage", "not a mamba2 state file"),
+    ("empty", "not a mamba2 state file"),
+    ("plain-safetensors", "without mamba2 state metadata"),
+    ("bad-metadata", "damaged"),
+])
+def test_damaged_state_files_are_clear_errors(tiny, tmp_path, damage, words):
+    model, tok, _ = tiny
+    path = saved_after(model, tok, tok.encode(A), tmp_path / "s.state")
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    if damage == "truncated-data":
+        path.write_bytes(data[: len(data) - 100])
+    elif damage == "truncated-header":
+        path.write_bytes(data[:50])
+    elif damage == "flipped-byte":
+        i = 8 + header_len + (len(data) - 8 - header_len) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "plain-safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(3)}, str(path))
+    elif damage == "bad-metadata":
+        head = json.loads(data[8 : 8 + header_len])
+        head["__metadata__"]["tokens"] = "many"
+        raw = json.dumps(head).encode()
+        raw += b" " * (-len(raw) % 8)
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + header_len:])
+    with pytest.raises(Mamba2Error, match=words):
+        load_state(path, model)
+    with pytest.raises(Mamba2Error, match="does not exist"):
+        load_state(tmp_path / "nope.state", model)
+
+
+def test_a_failed_write_leaves_the_old_file_intact(tiny, tmp_path, monkeypatch):
+    model, tok, _ = tiny
+    (tmp_path / "states").mkdir()
+    path = saved_after(model, tok, tok.encode(A), tmp_path / "states" / "s.state")
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(Mamba2Error, match="cannot write state file.*No space left"):
+        saved_after(model, tok, tok.encode(A + B), path)
+    assert path.read_bytes() == before and os.listdir(path.parent) == ["s.state"]  # no temp file left behind
+    monkeypatch.undo()
+    assert load_state(path, model).tokens == len(tok.encode(A))
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file_intact(tiny, tmp_path):
+    model, tok, d = tiny
+    path = saved_after(model, tok, tok.encode(A), tmp_path / "s.state")
+    before = path.read_bytes()
+    # A second process rewrites the file and is killed while its data is on the way to disk.
+    script = f"""
+import os, sys, time, torch
+from mamba2_cli import load_model
+from mamba2_cli.statefile import save_state
+model, tok = load_model({str(d)!r}, device="cpu", dtype="float32")
+state = model.new_state(1)
+state.ssm.fill_(7.0)
+def stuck(fd):
+    print("writing", flush=True)
+    time.sleep(60)
+os.fsync = stuck
+save_state({str(path)!r}, model, state, 99, 5)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline() == b"writing\n"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert path.read_bytes() == before
+    assert load_state(path, model).tokens == len(tok.encode(A))
+
+
+# ---------------------------------------------------------------------------------------
+# mamba2 run --save-state / --load-state
+
+
+def mamba2(*args, input=b""):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    p = subprocess.run([sys.executable, "-m", "mamba2_cli", *args], input=input, capture_output=True, env=env,
+                       timeout=120)
+    return p
+
+
+def run_json(*args, input=b""):
+    p = mamba2("run", "--device", "cpu", "--json", *args, input=input)
+    assert p.returncode == 0, p.stderr.decode()
+    return json.loads(p.stdout)
+
+
+def test_cli_save_state_then_load_state_continues_like_one_run(tiny, make_checkpoint, tmp_path):
+    model, tok, d = tiny
+    a, b = tok.encode(A), tok.encode(B, add_bos=False)
+    assert tok.encode(A + B) == a + b  # the texts split cleanly at the join
+    s1, s2 = tmp_path / "prompt.state", tmp_path / "gen.state"
+    whole = run_json("-m", str(d), "-n", "12", "--ignore-eos", "--save-state", str(s1), A)
+    assert whole["state"]["saved_tokens"] == len(a)
+    # no prompt and nothing on stdin: the saved text goes on
+    cont = run_json("-m", str(d), "-n", "12", "--ignore-eos", "--load-state", str(s1))
+    assert cont["token_ids"] == whole["token_ids"] and cont["prompt_tokens"] == 1
+    # a prompt after a saved state: as if both were one prompt
+    more = run_json("-m", str(d), "-n", "12", "--ignore-eos", "--load-state", str(s1), B)
+    assert more["token_ids"] == generate(model, tok, A + B, max_tokens=12, ignore_eos=True).token_ids
+    # saved after the generated text: the next run continues it
+    first = run_json("-m", str(d), "-n", "6", "--ignore-eos", "--save-state", str(s2), "--save-state-after",
+                     "generation", A)
+    rest = run_json("-m", str(d), "-n", "6", "--ignore-eos", "--load-state", str(s2))
+    assert first["token_ids"] + rest["token_ids"] == whole["token_ids"]
+    assert first["state"]["saved_tokens"] == len(a) + 6
+
+    other, _, _ = make_checkpoint("hf", seed=9)
+    p = mamba2("run", "-m", str(other), "--device", "cpu", "--load-state", str(s1), "x")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "another model" in err and "Traceback" not in err and err.count("\n") <= 2
+
+
+def test_state_benchmark_runs_on_the_tiny_preset(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_state.py"
+    spec = importlib.util.spec_from_file_location("bench_state", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.main(["--preset", "tiny", "--tokens", "200", "--device", "cpu", "--repeats", "1",
+                    "--dir", str(tmp_path), "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] == 200
+    assert r["resume_first_token_s"] > 0 and r["full_prefill_first_token_s"] > 0 and r["state_file_bytes"] > 0
