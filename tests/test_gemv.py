@@ -45,7 +45,7 @@ def test_linear_uses_matmul_for_many_rows_and_matvec_for_few(gemv_mod):
     x = torch.randn(2, 5, 16, device=DEVICE)
     w = torch.randn(12, 16, device=DEVICE)
     assert rel_err(gemv_mod.linear(x, w), F.linear(x, w)) < 1e-5
-    assert rel_err(gemv_mod.linear(x[:1, :3], w), F.linear(x[:1, :3], w)) < 1e-5
+    assert rel_err(gemv_mod.linear(x[:1, :1], w), F.linear(x[:1, :1], w)) < 1e-5
 
 
 def test_gemv_refuses_mismatched_shapes(gemv_mod):

@@ -14,14 +14,25 @@ def greedy_tokens(model, tok, prompt, n, **kw):
             if e.token_id is not None]
 
 
-def test_triton_and_torch_logits_agree_on_a_codestral_shaped_model():
-    model, _ = load_preset("codestral-7b", "cuda", "bfloat16", "triton")
+def test_triton_is_as_accurate_as_the_reference_on_a_codestral_shaped_model():
+    # bf16 rounding alone moves this random 64-layer model's logits by ~7 % (torch backend,
+    # bf16 vs fp32; benchmarks/NOTES.md), so the two bf16 backends cannot agree to 2e-2.
+    # What holds: in fp32 they agree to 1e-4, and in bf16 triton is no further from the fp32
+    # logits than the torch reference is.
     ids = torch.randint(3, 32768, (1, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    with torch.inference_mode():
-        got = model(ids, model.new_state(1))
-        model.set_backend("torch")
-        want = model(ids, model.new_state(1))
-    assert rel_err(got, want) <= 2e-2
+
+    def logits(model, backend):
+        model.set_backend(backend)
+        with torch.inference_mode():
+            return model(ids, model.new_state(1))
+
+    m32, _ = load_preset("codestral-7b", "cuda", "float32", "torch")
+    exact = logits(m32, "torch")
+    assert rel_err(logits(m32, "triton"), exact) <= 1e-4
+    del m32
+    torch.cuda.empty_cache()
+    m16, _ = load_preset("codestral-7b", "cuda", "bfloat16", "torch")
+    assert rel_err(logits(m16, "triton"), exact) <= 1.25 * rel_err(logits(m16, "torch"), exact)
 
 
 def test_greedy_tokens_identical_across_backends_on_a_tiny_fp32_model():

@@ -280,7 +280,7 @@ def random_model(cfg: Mamba2Config, device: torch.device, dtype: torch.dtype, se
                 # Each block adds a small update to the residual stream, as in trained models;
                 # at full scale 64 random blocks amplify rounding (bf16 vs fp32 logits: 7 %).
                 std /= math.sqrt(cfg.n_layer)
-            t = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=g)
+            t = torch.empty(shape, device=device).normal_(0.0, std, generator=g)  # fp32 draws: same weights in any dtype
         sd[name] = place(name, t, device, dtype)
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["backbone.embeddings.weight"]

@@ -82,10 +82,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return y
 
 
+# Rows up to which `linear` takes the kernel. Measured on the H200 (benchmarks/NOTES.md): the
+# 129 matvecs of a Codestral decode step take 3.88 ms at 1 row (88 % of copy bandwidth, cuBLAS
+# 4.04 ms) but 36.5 ms at 8 rows (cuBLAS 4.15 ms): the 8-row configuration is far off, so
+# batches use cuBLAS until it is tuned.
+KERNEL_ROWS = 1
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the matvec kernel for the few-row products of decode."""
+    """F.linear, with the matvec kernel for the single-row products of batch-1 decode."""
     rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS or weight.stride(-1) != 1 or not x.is_cuda and not _interpreting():
+    if rows > KERNEL_ROWS or weight.stride(-1) != 1 or not x.is_cuda and not _interpreting():
         return F.linear(x, weight, bias)
     return gemv(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
