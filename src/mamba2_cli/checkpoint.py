@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import Mamba2Config, read_config
+from . import safetensors_format
 from .errors import Mamba2Error
 from .model import Mamba2LM
 
@@ -143,13 +144,6 @@ def internal_name(name: str) -> str:
     return name
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def _read_safetensors(path: Path):
     """Yield (name, CPU tensor) from a .safetensors file, one tensor in memory at a time.
 
@@ -158,26 +152,17 @@ def _read_safetensors(path: Path):
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
-            raise Mamba2Error(f"{path}: not a valid safetensors file (bad header length)")
         try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise Mamba2Error(f"{path}: not a valid safetensors file (unreadable header)") from None
-        if not isinstance(header, dict):
-            raise Mamba2Error(f"{path}: not a valid safetensors file (header is not an object)")
+            header, base = safetensors_format.read_header(f, size)
+        except safetensors_format.HeaderError as e:
+            reason = {"length": "bad header length", "json": "unreadable header"}.get(e.kind, "header is not an object")
+            raise Mamba2Error(f"{path}: not a valid safetensors file ({reason})") from None
         header.pop("__metadata__", None)
-        base = 8 + n
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             try:
-                dtype = _ST_DTYPES[info["dtype"]]
-                shape = [int(s) for s in info["shape"]]
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
+                dtype, shape, begin, end, nbytes = safetensors_format.entry(info)
+            except safetensors_format.HeaderError:
                 raise Mamba2Error(f"{path}: tensor {name!r} has an unsupported or malformed entry") from None
-            nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
             if end - begin != nbytes or base + end > size or begin < 0:
                 raise Mamba2Error(f"{path}: tensor {name!r} lies outside the file or has the wrong size (truncated?)")
             buf = torch.empty(nbytes, dtype=torch.uint8)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from . import safetensors_format
 from .errors import Mamba2Error
 from .model import Mamba2LM
 from .state import Mamba2State
@@ -46,8 +46,6 @@ BLOCK_BYTES = 16 << 20
 # Elements sampled from every weight tensor for the fingerprint: 4 KiB of fp32, 2 KiB of bf16.
 FINGERPRINT_SAMPLES = 1024
 
-_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-_ST_DTYPES = {v: k for k, v in _ST_NAMES.items()}
 
 
 @dataclass
@@ -172,7 +170,7 @@ def save_state(path: str | os.PathLike, model: Mamba2LM, state: Mamba2State, tok
     header: dict = {}
     for name, t in tensors.items():
         b = _tensor_bytes(t)
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+        header[name] = {"dtype": safetensors_format.NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [len(data), len(data) + len(b)]}
         data += b
     view = memoryview(data)
@@ -260,21 +258,19 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict, dict, int]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            first = f.read(8)
-            n = int.from_bytes(first, "little") if len(first) == 8 else -1
-            if n <= 1 or 8 + n > size:
-                raise Mamba2Error(f"{path}: not a mamba2 state file (no safetensors header; damaged or truncated?)")
-            raw = f.read(n)
+            header, data_start = safetensors_format.read_header(f, size)
     except FileNotFoundError:
         raise Mamba2Error(f"state file {path} does not exist") from None
     except IsADirectoryError:
         raise Mamba2Error(f"state file {path} is a directory") from None
     except OSError as e:
         raise Mamba2Error(f"cannot read state file {path}: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise Mamba2Error(f"{path}: not a mamba2 state file (unreadable header; damaged?)") from None
+    except safetensors_format.HeaderError as e:
+        if e.kind == "length":
+            raise Mamba2Error(f"{path}: not a mamba2 state file (no safetensors header; damaged or truncated?)") from None
+        if e.kind == "json":
+            raise Mamba2Error(f"{path}: not a mamba2 state file (unreadable header; damaged?)") from None
+        header, data_start = None, 0  # JSON but not an object: reported below as missing metadata
     meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise Mamba2Error(f"{path}: not a mamba2 state file (a safetensors file without mamba2 state metadata)")
@@ -285,17 +281,14 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict, dict, int]:
     if version > FORMAT_VERSION:
         raise Mamba2Error(f"{path} was written by mamba2 {meta.get('mamba2_version', '?')} in state format "
                           f"{version}; this mamba2 ({_version()}) reads format {FORMAT_VERSION}: upgrade it")
-    data_start = 8 + n
     end = 0
     for name in ("conv", "ssm"):
         e = header.get(name)
         try:
-            dtype = _ST_DTYPES[e["dtype"]]
-            shape = [int(s) for s in e["shape"]]
-            begin, stop = (int(o) for o in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            _, _, begin, stop, nbytes = safetensors_format.entry(e)
+        except safetensors_format.HeaderError:
             raise Mamba2Error(f"{path}: damaged state file (tensor {name!r} missing or malformed)") from None
-        if stop - begin != math.prod(shape) * torch.tensor([], dtype=dtype).element_size() or begin < 0:
+        if stop - begin != nbytes or begin < 0:
             raise Mamba2Error(f"{path}: damaged state file (tensor {name!r} has the wrong size)")
         end = max(end, stop)
     if data_start + end > size:
@@ -343,9 +336,9 @@ def load_state(path: str | os.PathLike, model: Mamba2LM, into: Mamba2State | Non
         raise Mamba2Error(f"a state file holds one sequence; the target state has a batch of {state.batch_size}")
     for name, target in (("conv", state.conv), ("ssm", state.ssm)):
         e = header[name]
-        if list(e["shape"]) != list(target.shape) or _ST_DTYPES[e["dtype"]] != target.dtype:
+        if list(e["shape"]) != list(target.shape) or safetensors_format.DTYPES[e["dtype"]] != target.dtype:
             raise Mamba2Error(f"{path}: tensor {name!r} is {e['dtype']} {e['shape']}, this model's state is "
-                              f"{_ST_NAMES.get(target.dtype)} {list(target.shape)}")
+                              f"{safetensors_format.NAMES.get(target.dtype)} {list(target.shape)}")
     try:
         tokens = int(meta["tokens"])
         last_token = int(meta["last_token"]) if meta.get("last_token") else None
