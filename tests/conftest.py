@@ -29,6 +29,16 @@ def mistral_tokenizer_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny HF-format model (two groups, seed 5) with the trained BPE tokenizer; read-only."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    shape = checkpoints.tiny_shape()
+    checkpoints.write_hf(d, shape, checkpoints.random_weights(shape, seed=5))
+    checkpoints.train_tokenizer(d)
+    return d
+
+
 @pytest.fixture
 def make_checkpoint(tmp_path, bpe_tokenizer_dir):
     """make_checkpoint(fmt, shape=None, seed=0, tokenizer_dir=None, **writer_kwargs) -> (dir, shape, sd)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import TEXT, tiny_shape
+from checkpoints import TEXT
 from mamba2_cli import Mamba2Error, generate, load_model
 from mamba2_cli.generate import Request, generate_batch, stream_batch
 
@@ -17,17 +17,6 @@ ENV.pop("CUDA_VISIBLE_DEVICES", None)
 
 # 1 token, a few, and several hundred (many scan chunks and prefill pieces).
 PROMPTS = ["x", "def fibonacci(n):", TEXT[:900]]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import checkpoints
-
-    d = tmp_path_factory.mktemp("batch-model")
-    shape = tiny_shape()
-    checkpoints.write_hf(d, shape, checkpoints.random_weights(shape, seed=5))
-    checkpoints.train_tokenizer(d)
-    return d
 
 
 @pytest.fixture(scope="module")

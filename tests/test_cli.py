@@ -31,19 +31,6 @@ def no_traceback(p):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import shutil
-
-    import checkpoints
-
-    d = tmp_path_factory.mktemp("cli-model")
-    shape = tiny_shape()
-    checkpoints.write_hf(d, shape, checkpoints.random_weights(shape, seed=5))
-    checkpoints.train_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def sp_model_dir(tmp_path_factory):
     import checkpoints
 
