@@ -57,12 +57,16 @@ class Mamba2Mixer(nn.Module):
             return backend.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
 
         H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+        if torch.is_grad_enabled():  # training (scripts/train_tiny.py): derived tensors stay attached
+            A, conv_weight = -torch.exp(self.A_log.float()), self.conv1d.weight[:, 0, :]
+        else:
+            A, conv_weight = self.A, self.conv_weight
         zxbcdt = backend.linear(u, self.in_proj.weight, self.in_proj.bias)
         z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, H], dim=-1)
-        xBC = backend.causal_conv1d(xBC, self.conv_weight, self.conv1d.bias, conv_state)
+        xBC = backend.causal_conv1d(xBC, conv_weight, self.conv1d.bias, conv_state)
         x, B, C = torch.split(xBC, [cfg.d_inner, G * N, G * N], dim=-1)
         y, final_state = backend.ssd_prefill(
-            x.reshape(b, L, H, P), dt, self.A, B.reshape(b, L, G, N), C.reshape(b, L, G, N),
+            x.reshape(b, L, H, P), dt, A, B.reshape(b, L, G, N), C.reshape(b, L, G, N),
             self.D, self.dt_bias, cfg.dt_limit, self.scan_chunk, initial_state=ssm_state,
         )
         ssm_state.copy_(final_state)
@@ -126,7 +130,7 @@ class Mamba2LM(nn.Module):
         return Mamba2State.zeros(self.cfg, batch_size, self.device, self.dtype)
 
     def forward(self, input_ids: torch.Tensor, state: Mamba2State, logits_to_keep: int | None = None) -> torch.Tensor:
-        """input_ids [B, L] -> fp32 logits [B, L or logits_to_keep, vocab]; `state` is advanced in place."""
+        """input_ids [B, L] -> fp32 (float64 for float64 models) logits [B, L or logits_to_keep, vocab]; `state` is advanced in place."""
         cfg, be = self.cfg, self.backend
         h = self.backbone.embeddings(input_ids)
         residual = None
@@ -137,4 +141,5 @@ class Mamba2LM(nn.Module):
             h, residual = h[:, -logits_to_keep:], residual[:, -logits_to_keep:]
         normed, _ = be.add_rmsnorm(h, residual, self.backbone.norm_f.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
         logits = be.linear(normed, self.lm_head.weight)
-        return logits[..., : cfg.vocab_size].float()
+        logits = logits[..., : cfg.vocab_size]
+        return logits if logits.dtype == torch.float64 else logits.float()  # float64 models: the references

@@ -88,7 +88,9 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     decay = torch.exp((a[..., :, None] - a[..., None, :]).masked_fill_(~causal, float("-inf")))
     CB = torch.matmul(Cc, Bc.transpose(-1, -2))  # [b, c, G, Q, Q], once per group
-    y = torch.matmul(decay.mul_(CB[:, :, :, None]), xdt)  # [b, c, G, hpg, Q, P]
+    # In place when no gradient is taken: autograd keeps exp's output for the backward pass.
+    decay = decay * CB[:, :, :, None] if torch.is_grad_enabled() else decay.mul_(CB[:, :, :, None])
+    y = torch.matmul(decay, xdt)  # [b, c, G, hpg, Q, P]
     del decay
 
     # 2. Each chunk's own end state, starting from zero: sum_s exp(a_end - a_s) dt_s x_s B_s^T.
@@ -103,6 +105,8 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         if initial_state is None
         else initial_state.to(ct).reshape(b, G, hpg, P, N)
     )
+    if torch.is_grad_enabled() and initial_state is not None:
+        state = state.clone()  # autograd keeps it, and callers overwrite their state in place
     chunk_decay = torch.exp(a[..., -1])  # [b, c, G, hpg]
     starts = []
     for c in range(nc):
