@@ -74,7 +74,8 @@ def collect(stdlib: Path) -> list[tuple[str, str, bytes]]:
 
 
 def function_headers(source: str) -> list[tuple[int, str]]:
-    """(line number, dedented header text) of every def in `source` whose body starts on a later line."""
+    """(line number, header text as written, indentation included) of every def in `source`
+    whose body starts on a later line."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -87,13 +88,13 @@ def function_headers(source: str) -> list[tuple[int, str]]:
         start, body_line = node.lineno - 1, node.body[0].lineno - 1
         # The header ends at the first line after which a body parses (comments may follow it).
         for end in range(start, min(body_line, start + 6)):
-            text = textwrap.dedent("\n".join(lines[start : end + 1]))
+            text = "\n".join(lines[start : end + 1]).rstrip()
             try:
-                ast.parse(text + "\n    pass\n")
+                ast.parse(textwrap.dedent(text) + "\n    pass\n")
             except SyntaxError:
                 continue
-            if text.rstrip().endswith(":"):
-                out.append((node.lineno, text.rstrip()))
+            if text.endswith(":"):
+                out.append((node.lineno, text))
             break
     return sorted(out)
 

@@ -22,9 +22,8 @@ app = typer.Typer(
     help="Generate text with Mamba-2 language models.",
 )
 
-DEFAULT_PRESET = "tiny"
-MODEL_HELP = ("Model directory, alias (`mamba2 models` lists them) or Hugging Face repo id[@revision]; "
-              "downloaded first when not in the local cache.")
+MODEL_HELP = ("Model directory, built-in model or alias (`mamba2 models` lists them), or Hugging Face repo "
+              "id[@revision], downloaded first when not in the local cache.")
 EXIT_USER_ERROR = 1
 EXIT_SIGPIPE = 141
 EXIT_INTERRUPTED = 130
@@ -125,14 +124,18 @@ def _load(model: Optional[str], preset: Optional[str], device: str, dtype: str, 
 
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    if model is None and preset is None:
+        from .hub import DEFAULT_MODEL
+
+        model = DEFAULT_MODEL
+        if not quiet:
+            _stderr().print(f"no model given (-m): using the built-in {DEFAULT_MODEL} model, a small Mamba-2 "
+                            "that writes Python (-m names another)")
     if model is None:
         from .loader import load_preset
 
-        name = preset or DEFAULT_PRESET
-        if not preset and not quiet:
-            _stderr().print(f"no model given (-m): using the random-weight preset '{name}', which writes noise")
-        m, tok = load_preset(name, device, dtype, backend, batch_size=batch_size)
-        model_name, revision = f"preset:{name}", None
+        m, tok = load_preset(preset, device, dtype, backend, batch_size=batch_size)
+        model_name, revision = f"preset:{preset}", None
     else:
         from .hub import resolve_model
         from .loader import load_model
@@ -582,12 +585,14 @@ def download(
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")):
     """List the Mamba-2 models in the local Hugging Face cache, and the aliases for real checkpoints."""
     from .download import human_bytes
-    from .hub import ALIASES, cached_models
+    from .hub import ALIASES, BUILTIN, DEFAULT_MODEL, cached_models
 
     cached = cached_models()
     aliased = {m.repo_id for m in cached if not m.missing}
+    builtin = [{"name": n, "path": str(p), "default": n == DEFAULT_MODEL,
+                "size": sum(f.stat().st_size for f in p.glob("*.safetensors"))} for n, p in BUILTIN.items()]
     if as_json:
-        obj = {"cached": [{"repo_id": m.repo_id, "commit": m.commit, "refs": m.refs, "path": str(m.path),
+        obj = {"builtin": builtin, "cached": [{"repo_id": m.repo_id, "commit": m.commit, "refs": m.refs, "path": str(m.path),
                            "format": m.format, "size": m.size, "complete": not m.missing, "missing": m.missing}
                           for m in cached],
                "aliases": [{"alias": a, "repo_id": r, "cached": r in aliased} for a, r in ALIASES.items()]}
@@ -597,6 +602,12 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
     from rich.table import Table
 
     out = Console(highlight=False)
+    t = Table(title="built into mamba2 (no download)")
+    for col in ("model", "weights", "note"):
+        t.add_column(col)
+    for b in builtin:
+        t.add_row(b["name"], human_bytes(b["size"]), "default for run and chat; writes Python" if b["default"] else "")
+    out.print(t)
     if cached:
         t = Table(title="Mamba-2 models in the local cache")
         for col in ("model", "revision", "format", "size", "status"):

@@ -25,6 +25,21 @@ ALIASES = {
     "mamba2-2.7b": "state-spaces/mamba2-2.7b",
 }
 
+# Models that ship inside the package (see scripts/train_tiny.py); `run` uses the first by default.
+BUILTIN = {"tiny-code": Path(__file__).resolve().parent / "assets" / "tiny-code"}
+DEFAULT_MODEL = "tiny-code"
+
+
+def builtin_dir(name: str) -> Path | None:
+    """The directory of a built-in model, None when `name` names none."""
+    path = BUILTIN.get(name.lower())
+    if path is None:
+        return None
+    if not (path / "config.json").is_file():
+        raise Mamba2Error(f"the built-in model {name!r} is missing from this installation ({path}); reinstall mamba2")
+    return path
+
+
 # mamba_ssm checkpoints carry no tokenizer; mamba_ssm's own scripts load this one.
 GPT_NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
 
@@ -154,6 +169,9 @@ def resolve_model_dir(spec: str, *, offline: bool = False, progress=True, cache_
         if not path.is_dir():
             raise Mamba2Error(f"{spec}: is a file; give the model's directory")
         return path
+    builtin = builtin_dir(spec)
+    if builtin is not None:
+        return builtin
     repo, revision = parse_repo_spec(spec, "no such model directory, alias or Hugging Face repo id (org/name)")
     label = spec if split_revision(spec)[0] == repo else f"{spec} ({repo})"
     snap = cached_snapshot(repo, revision, cache_dir)
