@@ -594,7 +594,8 @@ def bench(
     for t_title, t_cols, t_cells in tables:
         t = Table(title=t_title)
         for i, col in enumerate(t_cols):
-            t.add_column(col, justify="left" if i < 3 and t_cols is not cols or col == "note" else "right")
+            left = t_cols is not cols and (i < 3 or col == "note")
+            t.add_column(col, justify="left" if left else "right", no_wrap=col != "note")
         for c in t_cells:
             t.add_row(*c)
         out.print(t)
@@ -635,7 +636,7 @@ def _kernel_cells(r: dict) -> tuple:
     time_s = f"{ms:,.2f} ms" if ms >= 1 else f"{ms * 1e3:,.1f} µs"
     note = [x for x in (r["timing"] if r["timing"] != "per call" else None, r.get("note")) if x]
     if r.get("state_share_of_copy") is not None:
-        note.append(f"state alone {_pct(r['state_share_of_copy'])} of copy")
+        note.append(f"fp32 state alone: {_pct(r['state_share_of_copy'])} of copy")
     return (r["kernel"], r["case"], r["backend"], time_s, _num(r["tflop_s"]), _pct(r["share_of_matmul"]),
             _num(r["gb_s"]), _pct(r["share_of_copy"]), "–" if r["err"] is None else f"{r['err']:.1e}",
             "; ".join(note))

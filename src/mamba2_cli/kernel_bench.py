@@ -394,7 +394,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
             ms = time_it(lambda: run_ssd(be.ssd_prefill, inp, chunk))
             return _row(be.name, "ssd_prefill", f"b{b} L{L}", ms, ssd_flops(s, b, L), ssd_bytes(s, b, L, isz),
                         ceilings, batch=b, seqlen=L, err=err,
-                        note=f"FLOP at chunk {s.chunk}" + (f"; runs chunk {chunk}" if chunk != s.chunk else ""))
+                        note=f"FLOP at Q={s.chunk}" + (f", runs Q={chunk}" if chunk != s.chunk else ""))
         return "ssd_prefill", f"b{b} L{L}", go
 
     def decode_check(b) -> float:
@@ -417,13 +417,13 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
             if use_graph:
                 graph = graph_of(be.mixer_decode_step, layers, G)
                 ms = time_it(graph.replay) / n
-                timing = f"per layer, CUDA graph of {n} layer calls"
+                timing = f"per layer, CUDA graph of {n} layers"
             else:
                 def loop():
                     for st in layers:
                         call_mixer(be.mixer_decode_step, st, G)
                 ms = time_it(loop) / n
-                timing = f"per layer, eager loop of {n} layer calls"
+                timing = f"per layer, eager loop of {n} layers"
             sb = state_bytes(s, b)
             return _row(be.name, "mixer_decode_step", f"b{b}", ms, None, decode_bytes(s, b, isz), ceilings,
                         batch=b, err=err, timing=timing, state_bytes=sb,
@@ -506,7 +506,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
             err = rel_err(be.linear(x, w), torch_ref.linear(_fp32(x), _fp32(w))) if check else None
             ms = time_it(lambda: be.linear(x, w))
             return _row(be.name, "linear (matvec)", f"b1 {s.in_proj}x{s.d_model}", ms, 2 * s.in_proj * s.d_model,
-                        matvec_bytes(s, isz), ceilings, batch=1, err=err, note="in_proj of one decode token")
+                        matvec_bytes(s, isz), ceilings, batch=1, err=err, note="in_proj, 1 token")
         return "linear (matvec)", f"b1 {s.in_proj}x{s.d_model}", go
 
     cases = [ssd_case(b, L) for b, L in s.prefill] + [decode_small(), decode_large(), conv_case(),
