@@ -311,12 +311,19 @@ def call_mixer(fn, st: dict, ngroups: int, **kw):
 
 
 def graph_of(fn, layers: list[dict], ngroups: int, **kw) -> "torch.cuda.CUDAGraph":
-    """A CUDA graph of one decode step through every layer in `layers` (warmed up first)."""
-    for st in layers:  # compile, allocate scratch
-        call_mixer(fn, st, ngroups, **kw)
-    torch.cuda.synchronize()
+    """A CUDA graph of one decode step through every layer in `layers`, warmed up first (compiling
+    kernels, allocating scratch and library workspaces) on a side stream, as generate.py does."""
+    device = layers[0]["ssm_state"].device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for st in layers:
+                call_mixer(fn, st, ngroups, **kw)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.inference_mode(), torch.cuda.graph(graph):
         for st in layers:
             call_mixer(fn, st, ngroups, **kw)
     return graph
@@ -370,7 +377,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
 
     be = get_backend(backend, device.type)
     s, isz = shape, torch.tensor([], dtype=dtype).element_size()
-    H, P, G, N = s.nheads, s.headdim, s.ngroups, s.d_state
+    G = s.ngroups
     choose = getattr(be, "scan_chunk_size", lambda q, device_type: q)
     chunk = choose(s.chunk, device.type)  # the block length the model would run this backend's scan at
     use_graph = cuda_graph and device.type == "cuda"
@@ -514,7 +521,8 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
     assert len(cases) == case_count(s)
     for kernel, case, go in cases:
         try:
-            rows.append(go())
+            with torch.inference_mode():
+                rows.append(go())
         except torch.OutOfMemoryError:
             rows.append(dict(backend=be.name, kernel=kernel, case=case, error="out of memory"))
         finally:
