@@ -76,7 +76,7 @@ def test_time_ms_is_the_median_of_positive_call_times():
     assert len(calls) == 1 + 4  # the first call (also the estimate), then the measured ones
 
 
-def check_rows(rows, backend, shape, max_err):
+def check_rows(rows, backend, shape, max_err, itemsize=4, graph=False):
     assert len(rows) == kb.case_count(shape)
     assert [r["kernel"] for r in rows] == ["ssd_prefill"] * len(shape.prefill) + KERNELS[1:2] * 2 + KERNELS[2:]
     for r in rows:
@@ -92,13 +92,15 @@ def check_rows(rows, backend, shape, max_err):
     ssd = [r for r in rows if r["kernel"] == "ssd_prefill"]
     for r, (b, L) in zip(ssd, shape.prefill):
         assert (r["batch"], r["seqlen"], r["case"]) == (b, L, f"b{b} L{L}")
-        assert r["flop"] == kb.ssd_flops(shape, b, L) and r["bytes"] == kb.ssd_bytes(shape, b, L, 4)
+        assert r["flop"] == kb.ssd_flops(shape, b, L) and r["bytes"] == kb.ssd_bytes(shape, b, L, itemsize)
         assert r["tflop_s"] > 0 and r["share_of_matmul"] == pytest.approx(r["tflop_s"] * 1e12 / CEILINGS["matmul_flop_s"])
     dec = [r for r in rows if r["kernel"] == "mixer_decode_step"]
     assert [r["batch"] for r in dec] == list(shape.decode_batches)
-    assert dec[0]["timing"] == f"per layer, eager loop of {shape.decode_layers} layers"
+    how = "CUDA graph" if graph else "eager loop"
+    assert dec[0]["timing"] == f"per layer, {how} of {shape.decode_layers} layers"
     for r in dec:
-        assert r["bytes"] == kb.decode_bytes(shape, r["batch"], 4) and r["state_bytes"] == kb.state_bytes(shape, r["batch"])
+        assert r["bytes"] == kb.decode_bytes(shape, r["batch"], itemsize)
+        assert r["state_bytes"] == kb.state_bytes(shape, r["batch"])
         assert 0 < r["state_share_of_copy"] < r["share_of_copy"]
 
 
@@ -114,6 +116,13 @@ def test_harness_triton_backend():
         pytest.skip("Triton's interpreter was not chosen before triton was imported")
     rows = kb.run_kernels("triton", CPU, MICRO, torch.float32, CEILINGS)
     check_rows(rows, "triton", MICRO, 1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_harness_on_the_gpu_times_decode_in_a_cuda_graph(backend):
+    rows = kb.run_kernels(backend, torch.device("cuda"), kb.SHAPES["tiny"], torch.bfloat16, CEILINGS)
+    check_rows(rows, backend, kb.SHAPES["tiny"], 2e-2, itemsize=2, graph=True)
 
 
 def test_harness_reports_an_out_of_memory_case_and_goes_on(monkeypatch):
@@ -166,6 +175,16 @@ def test_bench_without_kernels_and_with_a_bad_shape():
     assert r["kernels"] is None and r["results"][0]["decode_tok_s"] > 0
     p = mamba2(*BENCH, "--kernel-shape", "huge")
     assert p.returncode == 1 and "unknown kernel shape 'huge'" in no_traceback(p)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_all_backends_on_the_gpu_side_by_side():
+    args = [a for a in BENCH if a not in ("--backend", "torch", "--device", "cpu")]
+    r = json.loads(ok(mamba2(*args, "--backend", "all", "--device", "cuda", "--json")).stdout)
+    assert r["environment"]["matmul"] == "bfloat16 8192^3" and r["kernels"]["interpreted"] is False
+    rows = r["kernels"]["rows"]
+    assert [x["backend"] for x in rows] == ["torch", "triton"] * kb.case_count(kb.SHAPES["tiny"])
+    assert all("CUDA graph" in x["timing"] for x in rows if x["kernel"] == "mixer_decode_step" and x["batch"] == 1)
 
 
 def test_bench_triton_on_cpu_without_the_interpreter_is_a_clear_error():

@@ -584,8 +584,7 @@ def bench(
             lines += [f"**{t_title}**", "", "| " + " | ".join(t_cols) + " |", "|" + "---|" * len(t_cols)]
             lines += ["| " + " | ".join(c) + " |" for c in t_cells]
             lines.append("")
-        sys.stdout.write("\n".join(lines + [ceilings_line, ""] + [n + "" for n in notes] + ([""] if notes else [])
-                                    + [footer, ""]))
+        sys.stdout.write("\n".join(lines + [ceilings_line, ""] + notes + ([""] if notes else []) + [footer, ""]))
         return
     from rich.console import Console
     from rich.table import Table
