@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mamba2_cli import load_preset, stream_generate
 from mamba2_cli.generate import decode_step_fn, prefill
+from mamba2_cli.kernel_bench import copy_bandwidth
 
 
 def rel(a, b):
@@ -42,13 +43,6 @@ def timed(fn, repeats=5, warmup=2):
         sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
-
-
-def copy_bandwidth():
-    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = timed(lambda: b.copy_(a), repeats=10)
-    return 2 * a.numel() / t
 
 
 def decode_tok_s(model, tok, prompt_len, gen_len, cuda_graph=True):
@@ -87,7 +81,7 @@ def main():
     rows, checks = [], {}
     dev = torch.device("cuda")
     print("GPU:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
 
     t0 = time.perf_counter()

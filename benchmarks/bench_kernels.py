@@ -1,12 +1,15 @@
-"""GPU checks and timings of the triton backend's kernels (issue 3), one Codestral layer.
+"""GPU checks, timings and config sweeps of the triton backend's kernels (issue 3), one Codestral layer.
 
-    PYTHONPATH=src python3 benchmarks/bench_kernels.py [--quick] [--sweep] [--out DIR]
+    PYTHONPATH=src python3 benchmarks/bench_kernels.py [--sweep] [--out DIR]
 
 Shapes: H 128, P 64, G 8, N 128, conv width 4, bf16 inputs, fp32 states. Prints a short
-table: device copy bandwidth (the ceiling), SSD prefill per config and length, the fused
-decode step (batch 1 inside a CUDA graph of 64 layer calls; batch 64 as a share of copy
-bandwidth), and the norms / conv against the torch reference. Times are medians of
-triton.testing.do_bench (CUDA events) after warm-up.
+table: the ceilings (device copy bandwidth, bf16 matmul FLOP/s), SSD prefill per config and
+length, the fused decode step (batch 1 inside a CUDA graph of 64 layers; batch 64 as a share
+of copy bandwidth), and the norms / conv against the torch reference. Inputs, FLOP and byte
+counts, ceilings and the timer (medians of CUDA events, L2 cleared before each call) come
+from `mamba2_cli.kernel_bench`, which `mamba2 bench` reports from too; this script adds the
+triton-only config sweeps. `--device cpu --shape tiny --dtype float32` runs it in Triton's
+CPU interpreter (TRITON_INTERPRET=1): a smoke test whose times mean nothing.
 """
 
 from __future__ import annotations
@@ -20,20 +23,20 @@ import sys
 import time
 
 import torch
-from triton.testing import do_bench
 
-from mamba2_cli.kernels import conv, norm, ssd, step, torch_ref
+from mamba2_cli import kernel_bench as kb
+from mamba2_cli.kernel_bench import rel_err, state_bytes, time_ms
 
-H, P, G, N, K = 128, 64, 8, 128, 4
-D_INNER = H * P
-CONV_DIM = D_INNER + 2 * G * N
-IN_PROJ = 2 * D_INNER + 2 * G * N + H
-INF = float("inf")
+S = kb.SHAPES["codestral"]  # main() may change these three
+DEV = torch.device("cuda")
+DTYPE = torch.bfloat16
 ROWS: list[dict] = []
+# The times upstream's kernels or this project's targets give for Codestral (ANCHORS.md, NOTES.md), ms.
+SSD_TARGET_MS = {(1, 16384): 0.80, (1, 4096): 0.30, (8, 4096): 1.70}
 
 
-def bench(fn, rep=100):
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+def bench(fn):
+    return time_ms(fn, DEV)
 
 
 def row(section, what, ms, **extra):
@@ -43,48 +46,22 @@ def row(section, what, ms, **extra):
     print(f"{section:8s} {what:58s} {ms * 1e3:10.1f} us  {tail}", flush=True)
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def copy_bandwidth():
-    n = 1 << 30  # 1 GiB each way
-    a = torch.randn(n // 4, device="cuda")
-    b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a))
-    tbps = 2 * n / (ms * 1e-3) / 1e12
-    row("ceiling", "device copy 1 GiB (read + write)", ms, TBps=round(tbps, 3))
-    del a, b
-    return tbps
+def ceilings():
+    bw = kb.copy_bandwidth(DEV)
+    nbytes = 1 << 30 if DEV.type == "cuda" else 256 << 20
+    row("ceiling", f"device copy {nbytes >> 20} MiB (read + write)", 2 * nbytes / bw * 1e3, TBps=round(bw / 1e12, 3))
+    flop_s, n = kb.matmul_ceiling(DEV, DTYPE)
+    row("ceiling", f"matmul {n}^3 {str(DTYPE).removeprefix('torch.')}", 2 * n**3 / flop_s * 1e3,
+        TFLOPs=round(flop_s / 1e12, 1))
+    return bw / 1e12
 
 
 def ssd_inputs(b, L, seed=0):
-    """As the model passes them: x, B, C views into one conv output, dt a view into in_proj's."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    zxbcdt = torch.randn(b, L, IN_PROJ, generator=g, device="cuda", dtype=torch.bfloat16)
-    xBC = torch.randn(b, L, CONV_DIM, generator=g, device="cuda", dtype=torch.bfloat16)
-    x, B, C = torch.split(xBC, [D_INNER, G * N, G * N], dim=-1)
-    dt_init = torch.exp(torch.rand(H, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    return dict(
-        x=x.reshape(b, L, H, P), dt=zxbcdt[..., -H:],
-        A=-torch.exp(torch.rand(H, generator=g, device="cuda") * math.log(16.0)),
-        B=B.reshape(b, L, G, N), C=C.reshape(b, L, G, N), D=torch.randn(H, generator=g, device="cuda"),
-        dt_bias=dt_init + torch.log(-torch.expm1(-dt_init)),
-        initial_state=torch.randn(b, H, P, N, generator=g, device="cuda") * 0.1,
-    )
+    return kb.ssd_inputs(S, b, L, DEV, DTYPE, seed)
 
 
 def run_ssd(fn, inp, **kw):
-    return fn(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["dt_bias"], (0.0, INF), 256,
-              inp["initial_state"], **kw)
-
-
-def ssd_flops(b, L, chunk=256):
-    # The standard count of the chunked algorithm (ANCHORS: ~145 GFLOP at L=16384).
-    nc = math.ceil(L / chunk)
-    per_chunk_head = 2 * chunk * chunk * P + 2 * chunk * P * N * 2
-    return b * nc * (H * per_chunk_head + G * 2 * chunk * chunk * N)
+    return kb.run_ssd(fn, inp, S.chunk, **kw)
 
 
 def _c(CHUNK=64, BLOCK_P=64, num_warps=8, num_stages=3, CB_PRECOMPUTED=True, PREFETCH=0, STATE_T=True,
@@ -130,14 +107,19 @@ def cfg_name(c):
 
 
 def bench_ssd(sweep: bool, deadline: float):
-    shapes = [(1, 16384, 0.80), (1, 4096, 0.30), (8, 4096, 1.70)]
+    from mamba2_cli.kernels import ssd, torch_ref
+
+    shapes = [(b, L, SSD_TARGET_MS.get((b, L))) for b, L in S.prefill]
+    # The case that picks the best config: the longest batch-1 prompt (L16384 for Codestral).
+    key = max(range(len(shapes)), key=lambda i: (shapes[i][0] == 1, shapes[i][1]))
     inputs = {s[:2]: ssd_inputs(*s[:2], seed=s[1]) for s in shapes}
-    # Correctness anchor at L=4096: torch reference (fp32 einsum path) vs the default config.
-    inp = inputs[(1, 4096)]
-    ref_in = {k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in inp.items()}
+    # Correctness anchor on the first case: torch reference (fp32 einsum path) vs each config.
+    b0, L0 = shapes[0][:2]
+    inp = inputs[(b0, L0)]
+    ref_in = {k: (v.float() if v.dtype != torch.float32 and v.is_floating_point() else v) for k, v in inp.items()}
     y_ref, s_ref = run_ssd(torch_ref.ssd_prefill, ref_in)
-    ms = bench(lambda: run_ssd(torch_ref.ssd_prefill, ref_in), rep=50)
-    row("ssd", "torch_ref fp32, b1 L4096", ms)
+    ms = bench(lambda: run_ssd(torch_ref.ssd_prefill, ref_in))
+    row("ssd", f"torch_ref fp32, b{b0} L{L0}", ms)
     configs = SSD_CONFIGS if sweep else [None]
     results = {}
     for cfg in configs:
@@ -153,76 +135,73 @@ def bench_ssd(sweep: bool, deadline: float):
                 ms = bench(lambda: run_ssd(ssd.ssd_prefill, inputs[(b, L)], config=cfg))
                 times.append(ms)
                 row("ssd", f"{name} b{b} L{L}", ms, err=f"{err:.1e}", target_ms=target,
-                    TFLOPs=round(ssd_flops(b, L) / (ms * 1e-3) / 1e12, 1), regs=compiled_stats(ssd._ssd_scan_kernel))
+                    TFLOPs=round(kb.ssd_flops(S, b, L) / (ms * 1e-3) / 1e12, 1),
+                    GBps=round(kb.ssd_bytes(S, b, L, DTYPE.itemsize) / (ms * 1e-3) / 1e9),
+                    regs=compiled_stats(ssd._ssd_scan_kernel))
             results[name] = (times, cfg)
         except Exception as e:  # a config that does not compile or fit: report, keep going
             print(f"ssd {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
     for i, (b, L, target) in enumerate(shapes):
+        if not results:
+            break
         name, (times, _) = min(results.items(), key=lambda kv: kv[1][0][i])
-        print(f"ssd      best b{b} L{L}: {name}: {times[i] * 1e3:.1f} us (target {target * 1e3:.0f} us)", flush=True)
-    best = [min(results.values(), key=lambda r: r[0][0])] if results else []
-    best = [(t[0], c) for t, c in best]
+        tail = f" (target {target * 1e3:.0f} us)" if target else ""
+        print(f"ssd      best b{b} L{L}: {name}: {times[i] * 1e3:.1f} us{tail}", flush=True)
+    best = [min(results.values(), key=lambda r: r[0][key])] if results else []
+    best = [(t[key], c) for t, c in best]
     # Where the time goes, for the best config: the C B^T pre-pass alone.
     if best and best[0][1]:
         cfg = best[0][1]
         if cfg["CB_PRECOMPUTED"]:
-            inp16 = inputs[(1, 16384)]
-            Bm, Cm = inp16["B"], inp16["C"]
-            L16 = Bm.shape[1]
-            nch = math.ceil(L16 / cfg["CHUNK"])
-            cb = torch.empty((1, nch, G, cfg["CHUNK"], cfg["CHUNK"]), device="cuda")
+            import triton
+
+            bk, Lk = shapes[key][:2]
+            Bm, Cm = inputs[(bk, Lk)]["B"], inputs[(bk, Lk)]["C"]
+            nch = math.ceil(Lk / cfg["CHUNK"])
+            cb = torch.empty((bk, nch, S.ngroups, cfg["CHUNK"], cfg["CHUNK"]), device=DEV)
 
             def cb_only():
-                ssd._chunk_cb_kernel[(nch * G,)](
-                    Cm, Bm, cb, L16, N, nch, G, Cm.stride(0), Cm.stride(1), Cm.stride(2),
-                    Bm.stride(0), Bm.stride(1), Bm.stride(2), CHUNK=cfg["CHUNK"], BLOCK_N=128,
-                    DOT_PRECISION="tf32", **ssd.CB_CONFIG)
-            row("ssd", f"  of which C B^T pre-pass (Q{cfg['CHUNK']}) b1 L16384", bench(cb_only))
+                ssd._chunk_cb_kernel[(bk * nch * S.ngroups,)](
+                    Cm, Bm, cb, Lk, S.d_state, nch, S.ngroups, Cm.stride(0), Cm.stride(1), Cm.stride(2),
+                    Bm.stride(0), Bm.stride(1), Bm.stride(2), CHUNK=cfg["CHUNK"],
+                    BLOCK_N=min(triton.next_power_of_2(S.d_state), 128),
+                    DOT_PRECISION="tf32" if DTYPE != torch.float32 else "ieee", **ssd.CB_CONFIG)
+            row("ssd", f"  of which C B^T pre-pass (Q{cfg['CHUNK']}) b{bk} L{Lk}", bench(cb_only))
     return [c for _, c in best]
 
 
 def mixer_layers(nlayers, b, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    layers = []
-    for _ in range(nlayers):
-        u = torch.rand(H, generator=g, device="cuda")
-        dt_init = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        layers.append(dict(
-            conv_weight=torch.randn(CONV_DIM, K, generator=g, device="cuda").to(torch.bfloat16) * 0.5,
-            conv_bias=torch.randn(CONV_DIM, generator=g, device="cuda").to(torch.bfloat16) * 0.1,
-            conv_state=torch.randn(b, CONV_DIM, K - 1, generator=g, device="cuda").to(torch.bfloat16),
-            A=-torch.exp(torch.rand(H, generator=g, device="cuda") * 2.77),
-            D=torch.randn(H, generator=g, device="cuda"),
-            dt_bias=dt_init + torch.log(-torch.expm1(-dt_init)),
-            norm_weight=torch.ones(D_INNER, device="cuda", dtype=torch.bfloat16),
-            ssm_state=torch.randn(b, H, P, N, generator=g, device="cuda") * 0.1,
-            zxbcdt=torch.randn(b, IN_PROJ, generator=g, device="cuda").to(torch.bfloat16),
-        ))
-    return layers
+    return kb.mixer_layers(S, nlayers, b, DEV, DTYPE, seed)
 
 
 def call_mixer(fn, st, **kw):
-    return fn(st["zxbcdt"], st["conv_weight"], st["conv_bias"], st["conv_state"], st["A"], st["D"], st["dt_bias"],
-              (0.0, INF), st["norm_weight"], st["ssm_state"], G, 1e-5, False, **kw)
+    return kb.call_mixer(fn, st, S.ngroups, **kw)
 
 
-def graph_of(fn, layers, **kw):
-    for st in layers:  # warm-up: compile, allocate scratch
-        call_mixer(fn, st, **kw)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+def timed_layers(fn, layers):
+    """ms per layer of one decode step through `layers`: a CUDA graph on GPUs, an eager loop elsewhere."""
+    if DEV.type == "cuda":
+        graph = kb.graph_of(fn, layers, S.ngroups)
+        ms = bench(graph.replay) / len(layers)
+        del graph
+        return ms, "CUDA graph"
+
+    def loop():
         for st in layers:
-            call_mixer(fn, st, **kw)
-    return graph
+            call_mixer(fn, st)
+    return bench(loop) / len(layers), "eager loop"
 
 
 def bench_decode(copy_tbps: float, sweep: bool):
-    layers = mixer_layers(64, 1)
+    from mamba2_cli.kernels import step, torch_ref
+
+    b_small, b_large = S.decode_batches
+    layers = mixer_layers(S.decode_layers, b_small)
     # Correctness at batch 1 and 5 against the torch reference (fp32 copies), 3 steps.
     for b in (1, 5):
         st = mixer_layers(1, b, seed=b)[0]
-        ref = {k: (v.float() if v.dtype == torch.bfloat16 else v).clone() for k, v in st.items()}
+        ref = {k: (v.float() if v.dtype != torch.float32 and v.is_floating_point() else v).clone()
+               for k, v in st.items()}
         errs = []
         for _ in range(3):
             out = call_mixer(step.mixer_decode_step, st)
@@ -238,41 +217,38 @@ def bench_decode(copy_tbps: float, sweep: bool):
     best = None
     for v in variants:
         step.STEP_CONFIG.update(v)
-        graph = graph_of(step.mixer_decode_step, layers)
-        ms = bench(graph.replay) / len(layers)
-        row("decode", f"mixer step b1, CUDA graph of 64 layers, {step_name(v)} (per layer)", ms, target_us=5.0,
-            regs=compiled_stats(step._mixer_step_kernel))
+        ms, how = timed_layers(step.mixer_decode_step, layers)
+        row("decode", f"mixer step b{b_small}, {how} of {len(layers)} layers, {step_name(v)} (per layer)", ms,
+            target_us=5.0, regs=compiled_stats(step._mixer_step_kernel))
         if best is None or ms < best[0]:
             best = (ms, v)
-        del graph
     step.STEP_CONFIG.update(base)
     ms = bench(lambda: call_mixer(step.mixer_decode_step, layers[0]))
-    row("decode", f"mixer step b1, one call from Python, {step_name(base)}", ms)
-    print(f"decode   best b1: {step_name(best[1])}: {best[0] * 1e3:.2f} us per layer (target 5 us)", flush=True)
+    row("decode", f"mixer step b{b_small}, one call from Python, {step_name(base)}", ms)
+    print(f"decode   best b{b_small}: {step_name(best[1])}: {best[0] * 1e3:.2f} us per layer (target 5 us)",
+          flush=True)
     if sweep:
         try:
-            graph = graph_of(torch_ref.mixer_decode_step, layers[:8])
-            ms = bench(graph.replay) / 8
-            row("decode", "torch_ref mixer step b1, CUDA graph (per layer)", ms)
-            del graph
+            ms, how = timed_layers(torch_ref.mixer_decode_step, layers[:8])
+            row("decode", f"torch_ref mixer step b{b_small}, {how} (per layer)", ms)
         except Exception as e:
             print(f"torch_ref graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
-    st64 = mixer_layers(1, 64, seed=64)[0]
-    state_bytes = 2 * st64["ssm_state"].numel() * 4
-    best64 = None
+    st_large = mixer_layers(1, b_large, seed=b_large)[0]
+    nbytes = state_bytes(S, b_large)
+    best_large = None
     for v in variants:
         step.STEP_CONFIG.update(v)
-        ms = bench(lambda: call_mixer(step.mixer_decode_step, st64))
-        share = state_bytes / (ms * 1e-3) / 1e12 / copy_tbps
-        row("decode", f"mixer step b64 {step_name(v)}", ms, state_share_of_copy=f"{share:.1%}", target=">=85%",
-            regs=compiled_stats(step._mixer_step_kernel))
-        if best64 is None or ms < best64[0]:
-            best64 = (ms, v, share)
+        ms = bench(lambda: call_mixer(step.mixer_decode_step, st_large))
+        share = nbytes / (ms * 1e-3) / 1e12 / copy_tbps
+        row("decode", f"mixer step b{b_large} {step_name(v)}", ms, state_share_of_copy=f"{share:.1%}",
+            target=">=85%", regs=compiled_stats(step._mixer_step_kernel))
+        if best_large is None or ms < best_large[0]:
+            best_large = (ms, v, share)
     step.STEP_CONFIG.update(base)
-    print(f"decode   best b64: {step_name(best64[1])}: {best64[0] * 1e3:.1f} us, {best64[2]:.1%} of copy bandwidth",
-          flush=True)
-    return best, best64
+    print(f"decode   best b{b_large}: {step_name(best_large[1])}: {best_large[0] * 1e3:.1f} us, "
+          f"{best_large[2]:.1%} of copy bandwidth", flush=True)
+    return best, best_large
 
 
 def step_name(v):
@@ -280,13 +256,15 @@ def step_name(v):
 
 
 def bench_misc():
-    g = torch.Generator(device="cuda").manual_seed(1)
-    L = 16384
-    zxbcdt = torch.randn(1, L, IN_PROJ, generator=g, device="cuda", dtype=torch.bfloat16)
-    z, xBC, _ = torch.split(zxbcdt, [D_INNER, CONV_DIM, H], dim=-1)
-    w = torch.randn(CONV_DIM, K, generator=g, device="cuda").to(torch.bfloat16)
-    bias = torch.randn(CONV_DIM, generator=g, device="cuda").to(torch.bfloat16)
-    cs = torch.zeros(1, CONV_DIM, K - 1, device="cuda", dtype=torch.bfloat16)
+    from mamba2_cli.kernels import conv, norm, torch_ref
+
+    g = torch.Generator(device=DEV).manual_seed(1)
+    L = S.long_len
+    zxbcdt = torch.randn(1, L, S.in_proj, generator=g, device=DEV).to(DTYPE)
+    z, xBC, _ = torch.split(zxbcdt, [S.d_inner, S.conv_dim, S.nheads], dim=-1)
+    w = torch.randn(S.conv_dim, S.d_conv, generator=g, device=DEV).to(DTYPE)
+    bias = torch.randn(S.conv_dim, generator=g, device=DEV).to(DTYPE)
+    cs = torch.zeros(1, S.conv_dim, S.d_conv - 1, device=DEV, dtype=DTYPE)
     out_t = conv.causal_conv1d(xBC, w, bias, cs.clone())
     out_r = torch_ref.causal_conv1d(xBC, w, bias, cs.clone())
     print(f"misc     check causal_conv1d rel err {rel_err(out_t, out_r):.1e}", flush=True)
@@ -294,40 +272,45 @@ def bench_misc():
     for v in [dict(BLOCK_L=32, BLOCK_C=128, num_warps=4), dict(BLOCK_L=64, BLOCK_C=128, num_warps=4),
               dict(BLOCK_L=64, BLOCK_C=256, num_warps=8)]:
         conv.CONV_CONFIG.update(v)
-        row("misc", "causal_conv1d triton b1 L16384 l{BLOCK_L} c{BLOCK_C} w{num_warps}".format(**v),
+        row("misc", f"causal_conv1d triton b1 L{L} " + "l{BLOCK_L} c{BLOCK_C} w{num_warps}".format(**v),
             bench(lambda: conv.causal_conv1d(xBC, w, bias, cs)))
     conv.CONV_CONFIG.update(base)
-    row("misc", "causal_conv1d torch_ref b1 L16384", bench(lambda: torch_ref.causal_conv1d(xBC, w, bias, cs)))
-    y = torch.randn(1, L, D_INNER, generator=g, device="cuda", dtype=torch.bfloat16)
-    nw = torch.randn(D_INNER, generator=g, device="cuda", dtype=torch.bfloat16)
-    o_t = norm.gated_rmsnorm(y, z, nw, D_INNER // G, 1e-5)
-    o_r = torch_ref.gated_rmsnorm(y, z, nw, D_INNER // G, 1e-5)
+    row("misc", f"causal_conv1d torch_ref b1 L{L}", bench(lambda: torch_ref.causal_conv1d(xBC, w, bias, cs)))
+    y = torch.randn(1, L, S.d_inner, generator=g, device=DEV).to(DTYPE)
+    nw = torch.randn(S.d_inner, generator=g, device=DEV).to(DTYPE)
+    gs = S.d_inner // S.ngroups
+    o_t = norm.gated_rmsnorm(y, z, nw, gs, kb.EPS)
+    o_r = torch_ref.gated_rmsnorm(y, z, nw, gs, kb.EPS)
     print(f"misc     check gated_rmsnorm rel err {rel_err(o_t, o_r):.1e}", flush=True)
-    row("misc", "gated_rmsnorm triton L16384", bench(lambda: norm.gated_rmsnorm(y, z, nw, D_INNER // G, 1e-5)))
-    row("misc", "gated_rmsnorm torch_ref L16384", bench(lambda: torch_ref.gated_rmsnorm(y, z, nw, D_INNER // G, 1e-5)))
-    x = torch.randn(L, 4096, generator=g, device="cuda", dtype=torch.bfloat16)
-    res = torch.randn(L, 4096, generator=g, device="cuda")
-    w2 = torch.randn(4096, generator=g, device="cuda", dtype=torch.bfloat16)
-    row("misc", "add_rmsnorm triton L16384 d4096", bench(lambda: norm.add_rmsnorm(x, res, w2, 1e-5)))
-    row("misc", "add_rmsnorm torch_ref L16384 d4096", bench(lambda: torch_ref.add_rmsnorm(x, res, w2, 1e-5)))
+    row("misc", f"gated_rmsnorm triton L{L}", bench(lambda: norm.gated_rmsnorm(y, z, nw, gs, kb.EPS)))
+    row("misc", f"gated_rmsnorm torch_ref L{L}", bench(lambda: torch_ref.gated_rmsnorm(y, z, nw, gs, kb.EPS)))
+    x = torch.randn(L, S.d_model, generator=g, device=DEV).to(DTYPE)
+    res = torch.randn(L, S.d_model, generator=g, device=DEV)
+    w2 = torch.randn(S.d_model, generator=g, device=DEV).to(DTYPE)
+    row("misc", f"add_rmsnorm triton L{L} d{S.d_model}", bench(lambda: norm.add_rmsnorm(x, res, w2, kb.EPS)))
+    row("misc", f"add_rmsnorm torch_ref L{L} d{S.d_model}", bench(lambda: torch_ref.add_rmsnorm(x, res, w2, kb.EPS)))
     x1, r1 = x[:1].contiguous(), res[:1].contiguous()
-    row("misc", "add_rmsnorm triton b1 (decode, Python launch)", bench(lambda: norm.add_rmsnorm(x1, r1, w2, 1e-5)))
+    row("misc", "add_rmsnorm triton b1 (decode, Python launch)", bench(lambda: norm.add_rmsnorm(x1, r1, w2, kb.EPS)))
 
 
 def profile(cfg_json: str):
     """One warm-up and one measured launch of each hot kernel, for ncu."""
+    from mamba2_cli.kernels import ssd, step
+
     cfg = json.loads(cfg_json) if cfg_json else {}
-    inp = ssd_inputs(1, 4096, seed=1)
+    inp = ssd_inputs(*S.prefill[0], seed=1)
     for _ in range(2):
         run_ssd(ssd.ssd_prefill, inp, config=cfg)
-    for b in (64, 1):
+    for b in reversed(S.decode_batches):
         st = mixer_layers(1, b, seed=b)[0]
         for _ in range(2):
             call_mixer(step.mixer_decode_step, st)
-    torch.cuda.synchronize()
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def main():
+def main(argv=None):
+    global S, DEV, DTYPE
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="try every config, not only the defaults")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop the SSD sweep after this long")
@@ -336,7 +319,14 @@ def main():
                     help="launch each hot kernel twice (for ncu) and exit")
     ap.add_argument("--ssd", default="", help="JSON of SSD config overrides for the run")
     ap.add_argument("--step", default="", help="JSON of STEP_CONFIG overrides for the run")
-    args = ap.parse_args()
+    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu with TRITON_INTERPRET=1")
+    ap.add_argument("--shape", default="codestral", choices=sorted(kb.SHAPES), help="layer shape (kernel_bench.SHAPES)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = ap.parse_args(argv)
+    S, DEV, DTYPE = kb.SHAPES[args.shape], torch.device(args.device), getattr(torch, args.dtype)
+    from mamba2_cli.kernels import get_backend, ssd, step
+
+    get_backend("triton", DEV.type)  # a clear message where the kernels cannot run
     if args.step:
         step.STEP_CONFIG.update(json.loads(args.step))
     if args.ssd:
@@ -344,18 +334,22 @@ def main():
     if args.profile is not None:
         return profile(args.profile)
     t0 = time.time()
-    props = torch.cuda.get_device_properties(0)
     import triton
 
-    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{datetime.date.today()}", flush=True)
-    tbps = copy_bandwidth()
+    if DEV.type == "cuda":
+        props = torch.cuda.get_device_properties(DEV)
+        device_name, where = props.name, f"{props.name}, {props.multi_processor_count} SMs"
+    else:
+        device_name = where = "cpu (Triton interpreter)"
+    print(f"# {where}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}; "
+          f"{S.name} layer: {S.describe()}, {args.dtype}", flush=True)
+    tbps = ceilings()
     best_ssd = bench_ssd(args.sweep, t0 + args.budget_s)
     bench_decode(tbps, args.sweep)
     bench_misc()
     print(f"# total {time.time() - t0:.0f} s; best ssd configs: {best_ssd}", flush=True)
     with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
-        json.dump({"device": props.name, "rows": ROWS}, f, indent=1)
+        json.dump({"device": device_name, "shape": S.as_dict(), "dtype": args.dtype, "rows": ROWS}, f, indent=1)
 
 
 if __name__ == "__main__":

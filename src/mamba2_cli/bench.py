@@ -44,18 +44,9 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes per second a device-to-device copy moves (read + written): the ceiling for decode."""
-    if device.type == "cpu":
-        nbytes = min(nbytes, 256 << 20)
-    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(6):
-        t0 = _now(device)
-        b.copy_(a)
-        times.append(_now(device) - t0)
-    return 2 * nbytes / statistics.median(times[1:])
+def prefill_flops(model: Mamba2LM, batch_size: int, prompt_len: int) -> int:
+    """2 x parameters x prompt tokens: the usual count (ANCHORS.md's prefill floor), scan work left out."""
+    return 2 * model.cfg.num_parameters() * batch_size * prompt_len
 
 
 def bytes_per_decode_step(model: Mamba2LM, batch_size: int) -> int:
