@@ -176,7 +176,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reported in --json)."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past the end-of-text token."),
-    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Prefill and decode eagerly on GPUs instead of replaying CUDA graphs."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the generated text."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of text (JSONL with --batch)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No statistics on stderr."),
@@ -412,7 +412,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (turn n uses seed + n)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     load_state: Optional[Path] = typer.Option(None, "--load-state", help="Continue a conversation saved with /save."),
-    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Prefill and decode eagerly on GPUs instead of replaying CUDA graphs."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No model summary on stderr."),
 ):
     """Chat in the terminal; each turn reads only its new tokens, from the carried state."""
@@ -464,7 +464,7 @@ def bench(
     batch_size: int = typer.Option(1, "--batch-size", min=1),
     depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Also measure decode after a context of this many tokens."),
     repeats: int = typer.Option(3, "--repeats", min=1),
-    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Prefill and decode eagerly on GPUs."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     fmt: str = typer.Option("table", "--format", help="table or md."),
 ):
