@@ -268,6 +268,23 @@ def main():
         stat, wall = loop_ttft(model, ids2048[0].tolist(), True, max(3, reps // 2))
         row("stream_generate 2048 (eager prefill: past the largest bucket): ttft", ms(statistics.median(stat)),
             stats(stat))
+        def pieces(n):  # the prompt in n graph-replayed pieces carried through the state
+            step = 2048 // n
+            st.reset()
+            for k in range(n):
+                logits = prefill(model, ids2048[:, k * step : (k + 1) * step], st, cuda_graph=True)
+            return logits
+
+        for n in (2, 4):
+            for _ in range(3):
+                pieces(n)
+            ts = []
+            for _ in range(reps):
+                sync()
+                t0 = time.perf_counter()
+                pieces(n).argmax(-1).tolist()
+                ts.append(time.perf_counter() - t0)
+            row(f"prefill 2048 alone, {n} graph pieces of {2048 // n}", ms(statistics.median(ts)), stats(ts))
         runner = PrefillGraphs(model, buckets=(2048,), stand_in=not CUDA)
         for _ in range(3):
             st.reset()

@@ -493,7 +493,8 @@ def bench(
     from rich.progress import Progress
 
     with Progress(transient=True, console=_stderr(), disable=as_json) as progress:
-        task = progress.add_task("benchmarking", total=len(backends) * len(lengths) * (repeats + 1) + 1)
+        warmups = 2 if dev.type == "cuda" and not no_cuda_graph else 1  # as bench_model runs them
+        task = progress.add_task("benchmarking", total=len(backends) * len(lengths) * (repeats + warmups) + 1)
         bw = copy_bandwidth(dev)
         progress.advance(task)
         for b in backends:
