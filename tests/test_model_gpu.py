@@ -1,9 +1,10 @@
-"""Whole-model checks on a GPU: backends agree, CUDA-graph decode equals eager decode."""
+"""Whole-model checks on a GPU: backends agree, CUDA-graph decode and prefill equal eager."""
 
 import pytest
 import torch
 
 from mamba2_cli import load_preset, stream_generate
+from mamba2_cli.generate import prefill, prefill_graphs
 from reference import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -50,3 +51,29 @@ def test_cuda_graph_replay_gives_the_eager_tokens(backend):
     eager = greedy_tokens(model, tok, prompt, 64, cuda_graph=False)
     graph = greedy_tokens(model, tok, prompt, 64, cuda_graph=True)
     assert len(eager) == 64 and graph == eager
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_prefill_graph_replays_the_padded_eager_prefill(backend):
+    model, _ = load_preset("mamba2-130m", "cuda", "bfloat16", backend)
+    ids = torch.randint(3, 50000, (1, 100), generator=torch.Generator().manual_seed(0))  # padded to 128
+    ref_state = model.new_state(1)
+    ref = prefill(model, ids, ref_state)  # eager, unpadded
+    state = model.new_state(1)
+    runs = []
+    for _ in range(3):  # eager padded, then captured and replayed, then replayed
+        state.reset()
+        runs.append((prefill(model, ids, state, cuda_graph=True), state.ssm.clone(), state.conv.clone()))
+    assert prefill_graphs(model).captures == 1
+    for logits, ssm, conv in runs:
+        assert torch.equal(logits, runs[0][0]) and torch.equal(ssm, runs[0][1]) and torch.equal(conv, runs[0][2])
+    # Padding changes only the row count of the projections, so the eager prompt is close.
+    assert rel_err(runs[0][0], ref) < 1e-2 and rel_err(runs[0][1], ref_state.ssm) < 1e-2
+
+
+def test_greedy_tokens_with_prefill_graphs_equal_eager_on_a_tiny_fp32_model():
+    model, tok = load_preset("tiny", "cuda", "float32", "triton")
+    prompt = list(range(3, 40))  # 37 tokens: padded to 64
+    eager = greedy_tokens(model, tok, prompt, 16, cuda_graph=False)
+    assert [greedy_tokens(model, tok, prompt, 16) for _ in range(3)] == [eager] * 3
+    assert prefill_graphs(model).captures == 1

@@ -179,7 +179,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reported in --json)."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past the end-of-text token."),
-    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Prefill and decode eagerly on GPUs instead of replaying CUDA graphs."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the generated text."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of text (JSONL with --batch)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No statistics on stderr."),
@@ -415,7 +415,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (turn n uses seed + n)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     load_state: Optional[Path] = typer.Option(None, "--load-state", help="Continue a conversation saved with /save."),
-    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs instead of replaying a CUDA graph."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Prefill and decode eagerly on GPUs instead of replaying CUDA graphs."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No model summary on stderr."),
 ):
     """Chat in the terminal; each turn reads only its new tokens, from the carried state."""
@@ -467,7 +467,7 @@ def bench(
     batch_size: int = typer.Option(1, "--batch-size", min=1),
     depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Also measure decode after a context of this many tokens."),
     repeats: int = typer.Option(3, "--repeats", min=1),
-    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on GPUs."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Prefill and decode eagerly on GPUs."),
     kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="Also time each kernel of one layer (SSD scan, decode step, conv, norms, matvec)."),
     kernel_shape: str = typer.Option("auto", "--kernel-shape", help="Layer of the kernel figures: codestral, small (a mamba2-130m layer, shorter lengths), tiny, or auto (codestral on GPUs, small on CPUs, tiny under Triton's CPU interpreter)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -502,7 +502,8 @@ def bench(
     from rich.progress import Progress
 
     with Progress(transient=True, console=_stderr(), disable=as_json) as progress:
-        total = len(backends) * (len(lengths) * (repeats + 1) + (case_count(kshape) if kshape else 0)) + 2
+        warmups = 2 if dev.type == "cuda" and not no_cuda_graph else 1  # as bench_model runs them
+        total = len(backends) * (len(lengths) * (repeats + warmups) + (case_count(kshape) if kshape else 0)) + 2
         task = progress.add_task("benchmarking", total=total)
         bw = copy_bandwidth(dev)
         progress.advance(task)

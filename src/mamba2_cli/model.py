@@ -43,10 +43,11 @@ class Mamba2Mixer(nn.Module):
 
     scan_chunk: int = 0  # block length of the prefill scan, chosen by the backend (see set_backend)
 
-    def forward(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, backend) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, backend,
+                seq_len: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         b, L, _ = u.shape
-        if L == 1:
+        if L == 1 and seq_len is None:
             # The backend's linear, not the modules' __call__: per-token overhead adds up.
             zxbcdt = backend.linear(u[:, 0], self.in_proj.weight, self.in_proj.bias)
             y = backend.mixer_decode_step(
@@ -63,13 +64,14 @@ class Mamba2Mixer(nn.Module):
             A, conv_weight = self.A, self.conv_weight
         zxbcdt = backend.linear(u, self.in_proj.weight, self.in_proj.bias)
         z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, H], dim=-1)
-        xBC = backend.causal_conv1d(xBC, conv_weight, self.conv1d.bias, conv_state)
+        xBC = backend.causal_conv1d(xBC, conv_weight, self.conv1d.bias, conv_state, seq_len=seq_len)
         x, B, C = torch.split(xBC, [cfg.d_inner, G * N, G * N], dim=-1)
-        y, final_state = backend.ssd_prefill(
+        # The scan writes the final state over the initial one, in place.
+        y, _ = backend.ssd_prefill(
             x.reshape(b, L, H, P), dt, A, B.reshape(b, L, G, N), C.reshape(b, L, G, N),
             self.D, self.dt_bias, cfg.dt_limit, self.scan_chunk, initial_state=ssm_state,
+            seq_len=seq_len, final_state=ssm_state,
         )
-        ssm_state.copy_(final_state)
         y = backend.gated_rmsnorm(
             y.reshape(b, L, cfg.d_inner), z, self.norm.weight, cfg.d_inner // G,
             cfg.layer_norm_epsilon, cfg.norm_before_gate,
@@ -124,20 +126,35 @@ class Mamba2LM(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.weight
         for layer in self.backbone.layers:
             layer.mixer.prepare()
+        # CUDA graphs captured before hold the addresses of the tensors just replaced.
+        for cache in ("_prefill_graphs", "_decode_graphs"):
+            self.__dict__.pop(cache, None)
         return self
 
     def new_state(self, batch_size: int = 1) -> Mamba2State:
         return Mamba2State.zeros(self.cfg, batch_size, self.device, self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, state: Mamba2State, logits_to_keep: int | None = None) -> torch.Tensor:
-        """input_ids [B, L] -> fp32 (float64 for float64 models) logits [B, L or logits_to_keep, vocab]; `state` is advanced in place."""
+    def forward(self, input_ids: torch.Tensor, state: Mamba2State, logits_to_keep: int | None = None,
+                seq_len: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L] -> fp32 (float64 for float64 models) logits [B, L or logits_to_keep, vocab]; `state` is advanced in place.
+
+        seq_len: None, or an integer tensor [B] on the model's device: row i holds seq_len[i]
+        real tokens followed by padding (any valid ids). The state advances over the real
+        tokens only and the logits [B, 1, vocab] are those of each row's last real token
+        (seq_len 0: the state is left as it was, the logits are meaningless). The length is
+        read on the device, so one CUDA graph serves prompts of any length up to L.
+        """
         cfg, be = self.cfg, self.backend
         h = self.backbone.embeddings(input_ids)
         residual = None
         for i, layer in enumerate(self.backbone.layers):
             normed, residual = be.add_rmsnorm(h, residual, layer.norm.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
-            h = layer.mixer.forward(normed, state.conv[i], state.ssm[i], be)
-        if logits_to_keep:
+            h = layer.mixer.forward(normed, state.conv[i], state.ssm[i], be, seq_len)
+        if seq_len is not None:
+            last = (seq_len.long() - 1).clamp(min=0).view(-1, 1, 1)
+            h = h.gather(1, last.expand(-1, 1, h.shape[-1]))
+            residual = residual.gather(1, last.expand(-1, 1, residual.shape[-1]))
+        elif logits_to_keep:
             h, residual = h[:, -logits_to_keep:], residual[:, -logits_to_keep:]
         normed, _ = be.add_rmsnorm(h, residual, self.backbone.norm_f.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
         logits = be.linear(normed, self.lm_head.weight)

@@ -5,14 +5,16 @@ implementation and the exact semantics of each):
 
     linear(x, weight, bias=None) -> x @ weight^T + bias
         The projections; a fast backend streams weights for the few-row products of decode.
-    ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None)
+    ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None,
+                seq_len=None, final_state=None)
         -> (y [b, L, H, P] in x.dtype, final_state [b, H, P, N] fp32)
-        Chunked SSD scan of a whole prompt, continuing from `initial_state`.
+        Chunked SSD scan of a whole prompt, continuing from `initial_state`. `final_state`,
+        if given, receives the result and may be `initial_state` itself (in place).
     ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state) -> y [b, H, P]
         One token; updates `ssm_state` [b, H, P, N] fp32 in place.
-    causal_conv1d(xBC, weight, bias, conv_state) -> [b, L, C]
+    causal_conv1d(xBC, weight, bias, conv_state, seq_len=None) -> [b, L, C]
         Depthwise causal conv + SiLU over a prompt from `conv_state` [b, C, K-1];
-        overwrites conv_state with the last K-1 inputs.
+        overwrites conv_state with the last K-1 inputs (before position seq_len).
     conv1d_step(xBC, weight, bias, conv_state) -> [b, C]
         One token of the same; shifts conv_state in place.
     gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False) -> like y
@@ -21,6 +23,11 @@ implementation and the exact semantics of each):
                       norm_weight, ssm_state, ngroups, eps, norm_before_gate) -> [b, d_inner]
         Everything of one decode token between in_proj and out_proj: conv window update,
         conv + SiLU, dt softplus/clamp, state update in place, y = S C + D x, gated norm.
+
+seq_len (prefill operations): None, or an integer tensor [b] on the device: row i holds
+seq_len[i] real positions, then padding that is never read (the SSM state passes through
+it, the conv state is taken before it; y there is zero). Read on the device, so a CUDA
+graph captured for L positions serves every shorter prompt (generate.PrefillGraphs).
 
 Layouts: x [b, L, H, P]; dt [b, L, H] (raw, before softplus and dt_bias); A [H] fp32,
 already -exp(A_log); B, C [b, L, G, N] with head h reading group h // (H / G);

@@ -13,7 +13,10 @@ import triton.language as tl
 
 from ..errors import Mamba2Error
 
-CONV_CONFIG = {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4}
+# STATE_BRANCH: only the first block of positions gathers from the conv state (a branch on
+# the program id) instead of every program issuing those gathers masked off; not yet timed
+# on a GPU against the old form (False), which benchmarks/gpu_ttft.py measures.
+CONV_CONFIG = {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4, "STATE_BRANCH": True}
 CONV_STEP_CONFIG = {"BLOCK_C": 256, "num_warps": 4}
 
 
@@ -75,12 +78,14 @@ def _conv_step_kernel(
 
 @triton.jit
 def _causal_conv_kernel(
-    xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, L, Cdim,
+    xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, len_ptr, L, Cdim,
     stride_x_b, stride_x_l, stride_w_c, stride_cs_b, stride_cs_c, stride_out_b, stride_out_l,
-    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, STATE_BRANCH: tl.constexpr,
 ):
     bi = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    pid_l = tl.program_id(1)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     tmask = t < L
     cmask = ch < Cdim
@@ -90,17 +95,49 @@ def _causal_conv_kernel(
     for k in tl.static_range(K):
         # Input t - (K-1) + k: from the prompt when >= 0, else from the conv state.
         src = t - (K - 1) + k
+        w = tl.load(w_ptr + ch * stride_w_c + k, mask=cmask, other=0.0).to(tl.float32)
         from_x = tl.load(x_base + src[:, None].to(tl.int64) * stride_x_l + ch[None, :],
                          mask=((src >= 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        from_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (src + K - 1)[:, None],
-                         mask=((src < 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + ch * stride_w_c + k, mask=cmask, other=0.0).to(tl.float32)
-        acc += (from_x + from_s) * w[None, :]
+        acc += from_x * w[None, :]
+        if not STATE_BRANCH:
+            from_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (src + K - 1)[:, None],
+                             mask=((src < 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            acc += from_s * w[None, :]
+    if STATE_BRANCH:
+        # Only the first block of positions reaches back into the conv state; the others skip
+        # these gathers (masked off, they still cost an instruction per element).
+        if pid_l == 0:
+            for k in tl.static_range(K - 1):
+                src = t - (K - 1) + k
+                w = tl.load(w_ptr + ch * stride_w_c + k, mask=cmask, other=0.0).to(tl.float32)
+                from_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (src + K - 1)[:, None],
+                                 mask=((src < 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                acc += from_s * w[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out = acc * tl.sigmoid(acc)
     tl.store(out_ptr + bi * stride_out_b + t[:, None].to(tl.int64) * stride_out_l + ch[None, :],
              out.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+
+    # The new conv state: the K-1 inputs before position n (n = the sequence's length), the
+    # older ones from the old state when n < K-1. Written by the first block of positions,
+    # the only program of these channels that reads the old state, once all its threads
+    # have read it: no other program touches these state entries, so no second launch.
+    if pid_l == 0:
+        if HAS_LEN:
+            n = tl.minimum(tl.maximum(tl.load(len_ptr + bi).to(tl.int32), 0), L)
+        else:
+            n = L
+        j = tl.arange(0, BLOCK_K)
+        p = n - (K - 1) + j
+        jmask = j < K - 1
+        new_x = tl.load(x_base + p[:, None].to(tl.int64) * stride_x_l + ch[None, :],
+                        mask=(jmask & (p >= 0))[:, None] & cmask[None, :], other=0.0)
+        new_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (p + K - 1)[:, None],
+                        mask=(jmask & (p < 0))[:, None] & cmask[None, :], other=0.0)
+        new = tl.where((p >= 0)[:, None], new_x.to(cs_ptr.dtype.element_ty), new_s)
+        tl.debug_barrier()
+        tl.store(cs_base + ch[None, :] * stride_cs_c + j[:, None], new, mask=jmask[:, None] & cmask[None, :])
 
 
 def _check(cond: bool, op: str, msg) -> None:
@@ -142,33 +179,33 @@ def conv1d_step(xBC, weight, bias, conv_state):
     return out
 
 
-def causal_conv1d(xBC, weight, bias, conv_state):
+def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
     """Depthwise causal conv + SiLU over a prompt; same contract as `torch_ref.causal_conv1d`.
 
     xBC [b, L, C] (any row stride); conv_state [b, C, K-1] is read for the first K-1
-    outputs and then overwritten with the last K-1 inputs. Returns [b, L, C] in xBC.dtype.
+    outputs and then overwritten with the K-1 inputs before position seq_len (L when None),
+    in the same launch. Returns [b, L, C] in xBC.dtype.
     """
     op = "causal_conv1d"
     _check(xBC.dim() == 3, op, lambda: f"xBC must be [b, L, C], got {tuple(xBC.shape)}")
     b, L, Cdim = xBC.shape
     K = _check_conv_args(op, xBC, weight, bias, conv_state, b, Cdim)
+    if seq_len is not None:
+        _check(seq_len.shape == (b,) and not seq_len.is_floating_point() and seq_len.device == xBC.device, op,
+               lambda: f"seq_len must be an integer tensor [b] = [{b}] on {xBC.device}")
     xBC = xBC if xBC.stride(-1) == 1 else xBC.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.empty((b, L, Cdim), dtype=xBC.dtype, device=xBC.device)
     if L == 0 or b == 0:
         return out
     BL, BC = CONV_CONFIG["BLOCK_L"], CONV_CONFIG["BLOCK_C"]
+    _check(K - 1 <= BL, op, lambda: f"conv width {K} is wider than a block of {BL} positions")
     _causal_conv_kernel[(b, triton.cdiv(L, BL), triton.cdiv(Cdim, BC))](
-        xBC, weight, bias if bias is not None else weight, conv_state, out, L, Cdim,
+        xBC, weight, bias if bias is not None else weight, conv_state, out,
+        seq_len if seq_len is not None else weight, L, Cdim,
         xBC.stride(0), xBC.stride(1), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
         out.stride(0), out.stride(1),
-        K=K, BLOCK_L=BL, BLOCK_C=BC, HAS_BIAS=bias is not None, num_warps=CONV_CONFIG["num_warps"],
+        K=K, BLOCK_L=BL, BLOCK_C=BC, BLOCK_K=max(2, triton.next_power_of_2(K - 1)), HAS_BIAS=bias is not None,
+        HAS_LEN=seq_len is not None, STATE_BRANCH=CONV_CONFIG["STATE_BRANCH"], num_warps=CONV_CONFIG["num_warps"],
     )
-    # The new state is the last K-1 inputs; written after the kernel (same stream), which
-    # has read the old state by then. Short prompts keep part of the old state.
-    Km1 = K - 1
-    if L >= Km1:
-        conv_state.copy_(xBC[:, L - Km1:, :].transpose(1, 2))
-    else:
-        conv_state.copy_(torch.cat([conv_state[:, :, L:], xBC.transpose(1, 2).to(conv_state.dtype)], dim=-1))
     return out

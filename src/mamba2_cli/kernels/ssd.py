@@ -85,15 +85,25 @@ def softplus_clamp(v, dt_lo, dt_hi, DT_CLAMP: tl.constexpr):
     return sp
 
 
+@triton.jit
+def row_length(len_ptr, bi, L, HAS_LEN: tl.constexpr):
+    """Real positions of sequence bi: seq_len[bi] (clamped to [0, L]) when given, else L."""
+    if HAS_LEN:
+        n = tl.minimum(tl.maximum(tl.load(len_ptr + bi).to(tl.int32), 0), L)
+    else:
+        n = L
+    return n
+
+
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _chunk_cb_kernel(
-    C_ptr, B_ptr, cb_ptr,
+    C_ptr, B_ptr, cb_ptr, len_ptr,
     L, N, nchunks, G,
     stride_C_b, stride_C_l, stride_C_g,
     stride_B_b, stride_B_l, stride_B_g,
-    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_LEN: tl.constexpr,
 ):
-    """cb[b, c, g] = C_chunk . B_chunk^T  ([CHUNK, CHUNK] fp32), zero rows past L."""
+    """cb[b, c, g] = C_chunk . B_chunk^T  ([CHUNK, CHUNK] fp32), zero rows past the sequence."""
     pid = tl.program_id(0)
     g = pid % G
     bc = pid // G
@@ -102,7 +112,7 @@ def _chunk_cb_kernel(
     offs_q = tl.arange(0, CHUNK)
     offs_n = tl.arange(0, BLOCK_N)
     t0 = c.to(tl.int64) * CHUNK
-    tmask = (t0 + offs_q) < L
+    tmask = (t0 + offs_q) < row_length(len_ptr, bi, L, HAS_LEN)
     C_base = C_ptr + bi * stride_C_b + t0 * stride_C_l + g * stride_C_g
     B_base = B_ptr + bi * stride_B_b + t0 * stride_B_l + g * stride_B_g
     acc = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
@@ -119,7 +129,7 @@ def _chunk_cb_kernel(
 
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _ssd_scan_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, cb_ptr, init_ptr, y_ptr, final_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, cb_ptr, init_ptr, y_ptr, final_ptr, len_ptr,
     L, H, P, N, G, heads_per_group, nchunks, dt_lo, dt_hi,
     stride_x_b, stride_x_l, stride_x_h,
     stride_dt_b, stride_dt_l, stride_dt_h,
@@ -131,7 +141,7 @@ def _ssd_scan_kernel(
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     CB_PRECOMPUTED: tl.constexpr, HAS_INIT: tl.constexpr, DT_CLAMP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, FOLD_DECAY: tl.constexpr,
-    STATE_T: tl.constexpr, D_IN_SCORES: tl.constexpr,
+    STATE_T: tl.constexpr, D_IN_SCORES: tl.constexpr, HAS_LEN: tl.constexpr,
 ):
     # Program order: P block fastest, then head, then sequence, so the heads of one group
     # (which read the same B, C and C B^T) run side by side and share L2.
@@ -141,6 +151,9 @@ def _ssd_scan_kernel(
     h = (pid // npb) % H
     bi = (pid // (npb * H)).to(tl.int64)
     g = h // heads_per_group
+    # Positions past the sequence's length n (padding) are masked out of every load: they
+    # read as zero, so the state passes through them unchanged and their y is zero.
+    n = row_length(len_ptr, bi, L, HAS_LEN)
 
     offs_q = tl.arange(0, CHUNK)
     offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -184,7 +197,7 @@ def _ssd_scan_kernel(
         # latency hides behind a whole chunk step. (Triton pipelines loads that feed a dot
         # directly, B and C, through shared memory by itself when num_stages > 1; with
         # PREFETCH > 1, B, C and C B^T are prefetched into registers too.)
-        tmask_n = offs_q < L
+        tmask_n = offs_q < n
         dt_n = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask_n, other=0.0)
         x_n = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
                       mask=tmask_n[:, None] & pmask[None, :], other=0.0)
@@ -197,11 +210,11 @@ def _ssd_scan_kernel(
                 cb_n = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
 
     for c in range(0, nchunks):
-        tmask = (c * CHUNK + offs_q) < L
+        tmask = (c * CHUNK + offs_q) < n
         if PREFETCH:
             dt_raw = dt_n
             xm = x_n
-            tmask_n = ((c + 1) * CHUNK + offs_q) < L
+            tmask_n = ((c + 1) * CHUNK + offs_q) < n
             dt_n = tl.load(dt_base + (CHUNK + offs_q) * stride_dt_l, mask=tmask_n, other=0.0)
             x_n = tl.load(x_base + (CHUNK + offs_q)[:, None] * stride_x_l + offs_p[None, :],
                           mask=tmask_n[:, None] & pmask[None, :], other=0.0)
@@ -260,8 +273,12 @@ def _ssd_scan_kernel(
             y += tl.dot(scores.to(xm.dtype), xm, input_precision=DOT_PRECISION)
         if not D_IN_SCORES:
             y += Dv[None, :] * xm.to(tl.float32)
+        if HAS_LEN:
+            ymask = (c * CHUNK + offs_q) < L  # padding gets its (zero) y too: no stale memory in y
+        else:
+            ymask = tmask
         tl.store(y_base + offs_q[:, None] * stride_y_l + offs_p[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=tmask[:, None] & pmask[None, :])
+                 mask=ymask[:, None] & pmask[None, :])
 
         # Carry the state to the chunk's end.
         w = tl.exp(a_end - a) * dt
@@ -291,12 +308,23 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None, *, config=None):
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    # A Python-side check costs less than a no-op dispatch; prefill calls this per layer.
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None, seq_len=None,
+                final_state=None, *, config=None):
     """Chunked SSD scan; same contract as `torch_ref.ssd_prefill`.
 
     x [b, L, H, P] (fp16, bf16 or fp32); dt [b, L, H]; A [H] fp32; B, C [b, L, G, N] in
     x.dtype; D [H] or [H, P]; dt_bias [H]; initial_state [b, H, P, N] fp32 or None.
     Returns y [b, L, H, P] in x.dtype and the final state [b, H, P, N] fp32.
+    seq_len [b] (integer, on the device): real positions per row, the rest is padding that
+    the kernels never read (the length is read on the device, so a CUDA graph captured for
+    L positions serves every shorter prompt). final_state: where to write the final state;
+    it may be initial_state itself (each program reads its slice of the state before it
+    writes the same slice, so the update is in place and needs no copy).
     `chunk_size` is accepted for the interface; the kernel's own chunk gives the same sums.
     `config` overrides the chosen configuration's keys (benchmarks use it).
     """
@@ -320,7 +348,18 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
                lambda: f"initial_state must be fp32 [b, H, P, N] = {(b, H, P, N)}, got "
                f"{initial_state.dtype} {tuple(initial_state.shape)}")
         # The kernel reads the initial state with the final state's (contiguous) strides.
-        initial_state = initial_state.contiguous()
+        initial_state = initial_state if initial_state.is_contiguous() else initial_state.contiguous()
+    if seq_len is not None:
+        _check(seq_len.shape == (b,) and not seq_len.is_floating_point() and seq_len.device == x.device,
+               lambda: f"seq_len must be an integer tensor [b] = [{b}] on {x.device}, got "
+               f"{seq_len.dtype} {tuple(seq_len.shape)} on {seq_len.device}")
+    out = final_state
+    if final_state is not None:
+        _check(final_state.shape == (b, H, P, N) and final_state.dtype == torch.float32
+               and final_state.device == x.device,
+               lambda: f"final_state must be fp32 [b, H, P, N] = {(b, H, P, N)} on {x.device}")
+        if not final_state.is_contiguous():
+            final_state = None  # computed into a new tensor, then copied
 
     cfg = dict(SCAN_CONFIG)
     if b * H * triton.cdiv(P, 64) >= MANY_PROGRAMS:
@@ -330,16 +369,21 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     cfg.update(config or {})
 
     y = torch.empty((b, L, H, P), dtype=x.dtype, device=x.device)
-    final = torch.empty((b, H, P, N), dtype=torch.float32, device=x.device)
+    final = final_state if final_state is not None else torch.empty((b, H, P, N), dtype=torch.float32,
+                                                                    device=x.device)
     if L == 0 or b == 0:
-        final.copy_(initial_state) if initial_state is not None else final.zero_()
-        return y, final
+        if initial_state is None:
+            final.zero_()
+        elif final.data_ptr() != initial_state.data_ptr():
+            final.copy_(initial_state)
+        return y, (out.copy_(final) if out is not None and out is not final else final)
 
     x, B, C, dt = (_last_dim_contiguous(t) for t in (x, B, C, dt))
-    A = A.float().contiguous()
-    dt_bias = dt_bias.float().contiguous()
-    D = D.float()
-    D2 = D if D.dim() == 2 else D[:, None].expand(H, P)
+    A = _f32(A)
+    dt_bias = _f32(dt_bias)
+    D2 = _f32(D)
+    # D per head is read with a zero stride along P (no expanded copy).
+    stride_D = (D2.stride(0), D2.stride(1)) if D2.dim() == 2 else (D2.stride(0), 0)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     dt_clamp = lo > 0.0 or hi != float("inf")
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -353,10 +397,11 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     if cfg["CB_PRECOMPUTED"]:
         cb = torch.empty((b, nchunks, G, CHUNK, CHUNK), dtype=torch.float32, device=x.device)
         _chunk_cb_kernel[(b * nchunks * G,)](
-            C, B, cb, L, N, nchunks, G,
+            C, B, cb, seq_len if seq_len is not None else A, L, N, nchunks, G,
             C.stride(0), C.stride(1), C.stride(2),
             B.stride(0), B.stride(1), B.stride(2),
-            CHUNK=CHUNK, BLOCK_N=min(BLOCK_N, 128), DOT_PRECISION=precision, **CB_CONFIG,
+            CHUNK=CHUNK, BLOCK_N=min(BLOCK_N, 128), DOT_PRECISION=precision, HAS_LEN=seq_len is not None,
+            **CB_CONFIG,
         )
     else:
         cb = y  # unused
@@ -365,20 +410,23 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     # maxnreg caps registers per thread so that two programs share an SM (CUDA only).
     launch_extra = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") and x.is_cuda else {}
     _ssd_scan_kernel[(b * H * npb,)](
-        x, dt, A, B, C, D2, dt_bias, cb, init, y, final,
+        x, dt, A, B, C, D2, dt_bias, cb, init, y, final, seq_len if seq_len is not None else A,
         L, H, P, N, G, H // G, nchunks, lo, hi if hi != float("inf") else 3.0e38,
         x.stride(0), x.stride(1), x.stride(2),
         dt.stride(0), dt.stride(1), dt.stride(2),
         B.stride(0), B.stride(1), B.stride(2),
         C.stride(0), C.stride(1), C.stride(2),
-        D2.stride(0), D2.stride(1),
+        stride_D[0], stride_D[1],
         y.stride(0), y.stride(1), y.stride(2),
         final.stride(0), final.stride(1), final.stride(2),
         CHUNK=CHUNK, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
         CB_PRECOMPUTED=bool(cfg["CB_PRECOMPUTED"]), HAS_INIT=initial_state is not None,
         DT_CLAMP=dt_clamp, DOT_PRECISION=precision,
         PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]), STATE_T=bool(cfg["STATE_T"]),
-        D_IN_SCORES=bool(cfg["D_IN_SCORES"]) and D.dim() == 1,
+        D_IN_SCORES=bool(cfg["D_IN_SCORES"]) and D.dim() == 1, HAS_LEN=seq_len is not None,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch_extra,
     )
+    if out is not None and out is not final:
+        out.copy_(final)
+        final = out
     return y, final

@@ -48,13 +48,26 @@ def _D_term(D: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x * (D[:, None] if D.dim() == 1 else D).to(x.dtype)
 
 
-def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None):
+def valid_positions(seq_len, L: int, device) -> torch.Tensor:
+    """[b, L] bool: position t of row i is real (t < seq_len[i]); the rest is padding."""
+    return torch.arange(L, device=device)[None, :] < seq_len.to(device)[:, None]
+
+
+def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None, seq_len=None,
+                final_state=None):
     """Chunked SSD scan over a whole prompt, continuing from `initial_state`.
 
     x [b, L, H, P]; dt [b, L, H] (raw, before softplus); A [H] fp32 (negative);
     B, C [b, L, G, N]; D [H] or [H, P]; dt_bias [H]; dt_limit (lo, hi);
     initial_state [b, H, P, N] fp32 or None (zeros).
     Returns y [b, L, H, P] in x.dtype and the final state [b, H, P, N] fp32.
+
+    seq_len: None, or an integer tensor [b] on the device: row i holds seq_len[i] real
+    positions followed by padding. Padding is never read: its dt, x, B and C count as zero,
+    so the state passes through it unchanged (the final state is the state after the real
+    positions) and its y is zero. With seq_len[i] = 0 the row's state is left as it was.
+    final_state: None, or an fp32 [b, H, P, N] tensor to write the final state into (it may
+    be `initial_state` itself: the update is then in place); it is also what is returned.
 
     Heads are handled as (group, head-in-group) so B and C are never copied per head:
     head h = g * (H / G) + j reads group g, as repeat_interleave would have it.
@@ -69,6 +82,11 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
 
     dt = softplus_dt(dt, dt_bias, dt_limit)  # [b, L, H]
     xf, Bf, Cf = x.to(ct), B.to(ct), C.to(ct)
+    if seq_len is not None:
+        # masked_fill, not a product with the mask: padding may hold anything, NaN included.
+        pad_pos = ~valid_positions(seq_len, L, x.device)
+        dt = dt.masked_fill(pad_pos[:, :, None], 0.0)
+        xf, Bf, Cf = (t.masked_fill(pad_pos[:, :, None, None], 0.0) for t in (xf, Bf, Cf))
     if pad:
         # Padding positions get dt = 0: no decay, no input, so the state passes through.
         dt = F.pad(dt, (0, 0, 0, pad))
@@ -121,7 +139,10 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, H, P)[:, :L]
     y = y + _D_term(D.to(ct), xf[:, :L])
-    return y.to(x.dtype), state.reshape(b, H, P, N).to(torch.float64 if ct == torch.float64 else torch.float32)
+    final = state.reshape(b, H, P, N).to(torch.float64 if ct == torch.float64 else torch.float32)
+    if final_state is not None:
+        final = final_state.copy_(final)
+    return y.to(x.dtype), final
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -149,12 +170,15 @@ def ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state):
     return _as(y, x.dtype)
 
 
-def causal_conv1d(xBC, weight, bias, conv_state):
+def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
     """Depthwise causal conv + SiLU over a prompt, continuing from `conv_state`.
 
     xBC [b, L, C]; weight [C, K]; bias [C] or None; conv_state [b, C, K-1] holds the K-1
     inputs before this prompt (oldest first) and is overwritten with the last K-1 inputs.
     Returns [b, L, C] in xBC.dtype.
+    seq_len: None, or an integer tensor [b] on the device (see `ssd_prefill`): row i's
+    conv state becomes the K-1 inputs before position seq_len[i] (older ones from the old
+    state when seq_len[i] < K-1); outputs at padded positions are unspecified.
     """
     b, L, Cdim = xBC.shape
     K = weight.shape[-1]
@@ -166,7 +190,13 @@ def causal_conv1d(xBC, weight, bias, conv_state):
         out.addcmul_(window[:, k : k + L], w[:, k])
     if bias is not None:
         out += bias.to(out.dtype)
-    conv_state.copy_(window[:, L:].transpose(1, 2))
+    if seq_len is None:
+        conv_state.copy_(window[:, L:].transpose(1, 2))
+    else:
+        # The state after row i's real inputs is window[i, n : n + K-1], n = seq_len[i].
+        n = seq_len.to(xBC.device, torch.long).clamp(0, L)
+        idx = n[:, None] + torch.arange(K - 1, device=xBC.device)
+        conv_state.copy_(window.gather(1, idx[:, :, None].expand(b, K - 1, Cdim)).transpose(1, 2))
     return F.silu(out, inplace=True)
 
 
