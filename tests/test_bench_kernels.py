@@ -112,8 +112,8 @@ def test_harness_torch_backend():
 
 def test_harness_triton_backend():
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter was not chosen before triton was imported")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs on CPU under Triton's interpreter (the GPU tests below cover a real GPU)")
     rows = kb.run_kernels("triton", CPU, MICRO, torch.float32, CEILINGS)
     check_rows(rows, "triton", MICRO, 1e-3)
 
