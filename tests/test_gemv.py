@@ -221,3 +221,61 @@ def test_decode_with_every_round5_switch_matches_the_torch_backend(gemv_mod, mod
     assert len(matvecs) == 7 * model.cfg.n_layer  # and every out_proj
     assert rel_err(outs["triton"], outs["torch"]) < 1e-4
     assert rel_err(outs["triton-state"], outs["torch-state"]) < 1e-4
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_CONFIGS = {  # what benchmarks/gpu_round5.py tries, one of each kind
+    "reduce": ("reduce", 2, 2048, 4, {}),
+    "acc": ("acc", 2, 2048, 4, {}),
+    "acc-evict-prefetch": ("acc", 4, 1024, 4, dict(evict_first=True, prefetch=True)),
+    "acc-pdl": ("acc", 2, 2048, 4, dict(pdl=True)),
+    "dot": ("dot", 64, 256, 4, dict(num_stages=3)),
+}
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+@pytest.mark.parametrize("M", [1, 8])
+def test_bf16_kernels_at_codestral_shapes(gemv_mod, name, M):
+    kind, bn, bk, warps, kw = GPU_CONFIGS[name]
+    cfg = gemv_mod.GemvConfig(kind, bn, bk, warps, **kw)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    for N, K in ((18560, 4096), (4096, 8192)):
+        x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(torch.bfloat16)
+        assert rel_err(gemv_mod.gemv(x, w, config=cfg), F.linear(x.float(), w.float())) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_dependent_matvecs_and_norms_in_a_cuda_graph_equal_eager_calls(gemv_mod, pdl):
+    # Each product reads the one before (as decode's chain does): with dependent launches the
+    # next kernel starts early and must still wait for its input.
+    C = gemv_mod.GemvConfig
+    mv, nm = C("acc", 2, 2048, 4, pdl=pdl), C("acc", 4, 1024, 4, pdl=pdl, one_pass=True)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    D, DI, L = 4096, 8192, 6
+    w_in = [(torch.randn(2 * DI, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16) for _ in range(L)]
+    w_out = [(torch.randn(D, DI, device="cuda", generator=g) / DI ** 0.5).to(torch.bfloat16) for _ in range(L)]
+    nw = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+    x0 = torch.randn(1, D, device="cuda", generator=g).to(torch.bfloat16)
+
+    def chain():
+        h, res = x0, None
+        for i in range(L):
+            z, res = gemv_mod.norm_gemv(h, res, nw, 1e-5, w_in[i], None, True, config=nm)
+            h = gemv_mod.gemv(z[:, :DI], w_out[i], config=mv)
+        return h, res
+
+    eager = chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
