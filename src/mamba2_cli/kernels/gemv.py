@@ -133,23 +133,29 @@ def _gemv_kernel(
 def _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K: tl.constexpr, EVICT: tl.constexpr):
     """The weight tile at column k0 < K (masked at the end of K unless K is a multiple of the tile)."""
     if EVEN_K:
-        return tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy=EVICT)
-    return tl.load(w_ptrs + k0, mask=n_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0, eviction_policy=EVICT)
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy=EVICT)
+    else:
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0, eviction_policy=EVICT)
+    return w
 
 
 @triton.jit
 def _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K: tl.constexpr):
     if EVEN_K:
-        return tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
-    return tl.load(x_ptrs + k0, mask=m_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+    else:
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+    return x
 
 
 @triton.jit
 def _fma(acc, w, x, ONE_ROW: tl.constexpr):
     """acc [BLOCK_N, BLOCK_K] (one row) or [BLOCK_M, BLOCK_N, BLOCK_K] += x * w, in fp32."""
     if ONE_ROW:
-        return acc + w.to(tl.float32) * x.to(tl.float32)
-    return acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        out = acc + w.to(tl.float32) * x.to(tl.float32)
+    else:
+        out = acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return out
 
 
 @triton.jit
