@@ -240,13 +240,16 @@ def gemv_variants_1row(gemv):
         C("acc", 8, 1024, 8),
         C("acc", 4, 512, 4),
         C("acc", 4, 1024, 4, evict_first=True, prefetch=True),
+        C("acc", 2, 1024, 4, prefetch=True),
+        C("acc", 4, 2048, 8, prefetch=True),
+        C("acc", 2, 2048, 4, evict_first=True, prefetch=True),
         C("dot", 32, 256, 4, num_stages=4),
         C("dot", 64, 128, 4, num_stages=4),
         C("dot", 64, 256, 4, num_stages=3),
         C("dot", 16, 512, 4, num_stages=3),
         C("acc", 2, 2048, 4, pdl=True),  # dependent launches last: a fault there costs no other figure
         C("acc", 2, 2048, 4, evict_first=True, pdl=True),
-    ], [0, 1, 13, 14, 19])
+    ], [0, 1, 13, 17, 22])
 
 
 def gemv_variants_8rows(gemv):
