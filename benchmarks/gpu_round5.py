@@ -7,20 +7,23 @@ Phases, each variant checked against torch before it is timed (a failed check or
 is printed and the variant skipped; nothing aborts the run), each phase stopped at its own
 allowance, and early enough to leave the later phases their time within --budget-s:
 
+0. the random Codestral model (load_preset; its projections are the matvec phases' weights);
 1. copy bandwidth (the ceiling);
 2. the 129 single-row matvecs of a Codestral decode step (64 x in_proj [18560, 4096],
    64 x out_proj [4096, 8192], lm_head [32768, 4096], bf16) in one CUDA graph: cuBLAS, the
    current kernel, and the new bodies (gemv.GemvConfig);
 3. add+RMSNorm then in_proj, 64 layers in one graph: separate launches vs norm_gemv variants;
 4. the fused decode step, 64 layers in one graph, batch 1: the current kernel, smaller P
-   blocks, the split (gated norm as a second kernel), the split's first kernel alone, PDL,
+   blocks, the split (gated norm as a second kernel), the split's first kernel alone, the
+   backend's own three kernels unfused (conv1d_step, ssd_decode_step, gated_rmsnorm), PDL,
    the state update alone, and empty launches (the floor of a graph node);
 5. whole-model decode (load_preset codestral-7b, bench_model) with the old and new choices,
    each checked against the old logits;
 6. the 129 matvecs at 8 rows (batch 8), and the model at batch 8 with the best 8-row kernel.
 
 Prints a summary table at the end; with OUT set, every line also goes to $OUT/round5.txt as
-it is printed (a run cut short keeps what it measured) and the figures to $OUT/round5.json. The "flip" lines say what to set in the package for the winners.
+it is printed (a run cut short keeps what it measured) and the figures to $OUT/round5.json.
+The "flip" lines say what to set in the package for the winners.
 """
 
 from __future__ import annotations
@@ -408,6 +411,22 @@ class _NoLaunch:
         return lambda *a, **k: None
 
 
+def unfused_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit, norm_weight, ssm_state,
+                 ngroups, eps, norm_before_gate=False, config=None):
+    """The decode step as three of the backend's own kernels (conv1d_step, ssd_decode_step,
+    gated_rmsnorm), composed as torch_ref composes it: the conv of B and C once per group."""
+    from mamba2_cli.kernels import conv, norm, step
+
+    b, H, P, N = ssm_state.shape
+    d_inner, GN = H * P, ngroups * N
+    z, xBC, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * GN, H], dim=-1)
+    xBC = conv.conv1d_step(xBC, conv_weight, conv_bias, conv_state)
+    x, B, C = torch.split(xBC, [d_inner, GN, GN], dim=-1)
+    y = step.ssd_decode_step(x.reshape(b, H, P), dt, A, B.reshape(b, ngroups, N), C.reshape(b, ngroups, N), D,
+                             dt_bias, dt_limit, ssm_state)
+    return norm.gated_rmsnorm(y.reshape(b, d_inner), z, norm_weight, d_inner // ngroups, eps, norm_before_gate)
+
+
 def bench_step(S, device, dtype, reps, deadline):
     from mamba2_cli.kernels import step, torch_ref
 
@@ -427,24 +446,25 @@ def bench_step(S, device, dtype, reps, deadline):
         ("split p16 w2: first kernel alone (no norm)", {**base, "split": True, "_a_only": True}),
         ("split p8 w1: first kernel alone (no norm)", {**base, "split": True, "BLOCK_P": 8, "num_warps": 1,
                                                         "_a_only": True}),
+        ("unfused: conv1d_step + ssd_decode_step + norm", {**base, "_unfused": True}),
         # dependent launches last: a fault there costs no other figure
         ("fused p16 w2 pdl", {**base, "pdl": True}),
         ("fused p8 w1 pdl", {**base, "BLOCK_P": 8, "num_warps": 1, "pdl": True}),
         ("split p16 w2 tail w4 pdl", {**base, "split": True, "pdl": True}),
     ]
-    variants = smoke(variants, [0, 7, 11, 13, 15])
+    variants = smoke(variants, [0, 7, 11, 13, 14, 16])
     # Correctness inputs: one layer, batch 1 and 3, fp32 copies for the reference.
     checks = {b: mixer_layers(S, 1, b, device, dtype, seed=10 + b)[0] for b in (1, 3)}
     layers = mixer_layers(S, S.layers, 1, device, dtype)
     results = {}
 
-    def check(cfg):
+    def check(fn, cfg):
         worst = 0.0
         for b, st0 in checks.items():
             st = {k: v.clone() for k, v in st0.items()}
             ref = {k: (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).clone() for k, v in st0.items()}
             for _ in range(3):
-                out = call_mixer(step.mixer_decode_step, S, st, config=cfg)
+                out = call_mixer(fn, S, st, config=cfg)
                 out_ref = call_mixer(torch_ref.mixer_decode_step, S, ref)
                 worst = max(worst, rel_err(out, out_ref), rel_err(st["ssm_state"], ref["ssm_state"]),
                             rel_err(st["conv_state"], ref["conv_state"]))
@@ -455,17 +475,18 @@ def bench_step(S, device, dtype, reps, deadline):
             log("  step: out of time, skipping the rest")
             break
         a_only = cfg.pop("_a_only", False)
+        fn = unfused_step if cfg.pop("_unfused", False) else step.mixer_decode_step
         saved = step._group_norm_kernel
         try:
             if not a_only:
-                e = check(cfg)
+                e = check(fn, cfg)
                 if not e < 2e-2:
                     log(f"  step {name:46s} FAIL check: rel err {e:.1e}")
                     continue
             else:
                 e = float("nan")
                 step._group_norm_kernel = _NoLaunch()
-            t = Timed(lambda: [call_mixer(step.mixer_decode_step, S, st, config=cfg) for st in layers], device)
+            t = Timed(lambda: [call_mixer(fn, S, st, config=cfg) for st in layers], device)
             per = 1e3 * t.ms(reps) / len(layers)
             t.free()
             log(f"  step {name:46s} {per:8.2f} us per layer  err {e:.1e}")
@@ -734,7 +755,8 @@ def run():
         try:
             rs = bench_step(S, device, torch.float16 if tiny else torch.bfloat16, reps, until(35, 120))
             RESULTS["step_us_per_layer"] = {k: v[0] for k, v in rs.items()}
-            cands = {k: v for k, v in rs.items() if not k.startswith("_") and not v[1].get("pdl")}
+            cands = {k: v for k, v in rs.items()
+                     if not k.startswith(("_", "unfused")) and not v[1].get("pdl")}  # package switches only
             if cands:
                 bname = min(cands, key=lambda k: cands[k][0])
                 best_step = BEST["step"] = cands[bname][1]
@@ -835,7 +857,7 @@ def summary(best1, best8, best_norm, best_step):
                      min(fu) if fu else None, "us", best_norm.name if best_norm else "-"))
     st = R.get("step_us_per_layer", {})
     if st:
-        cands = {k: v for k, v in st.items() if not k.startswith("_")}
+        cands = {k: v for k, v in st.items() if not k.startswith(("_", "unfused"))}
         rows.append(("decode step per layer: current / best", st.get("fused p16 w2 (current)"), None,
                      min(cands.values()) if cands else None, "us",
                      f"state-only {st.get('_state_only', float('nan')):.2f}, empty launch {st.get('_empty_1', float('nan')):.2f}"))

@@ -21,7 +21,7 @@ def test_round5_script_checks_and_times_every_phase_in_the_interpreter(tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     bad = [line for line in out.splitlines() if any(w in line for w in ("ERROR", "FAIL", "SUSPECT"))]
     assert not bad, "\n".join(bad)
-    for what in ("m1 acc n2 k2048 w4 evict pdl", "m1 dot", "norm fused", "norm separate", "step split",
+    for what in ("m1 acc n2 k2048 w4 evict pdl", "m1 dot", "norm fused", "norm separate", "step split", "step unfused",
                  "first kernel alone", "b1 baseline", "b1 all + pdl", "m8 dot", "b8 b8 kernel", "## SUMMARY",
                  "GEMV_CONFIG[1] = GemvConfig("):
         assert what in out, what

@@ -378,8 +378,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if cfg.kind == "reduce":
         _gemv_kernel[grid](*args, BLOCK_M=block_m, **common, **_launch_opts(cfg.with_(pdl=False), x.device))
     elif cfg.kind == "acc":
-        _gemv_acc_kernel[grid](*args, BLOCK_M=block_m, **common, EVICT=evict, PREFETCH=cfg.prefetch or _pdl(cfg, x.device),
-                               PDL=_pdl(cfg, x.device), **_launch_opts(cfg, x.device))
+        pdl = _pdl(cfg, x.device)
+        _gemv_acc_kernel[grid](*args, BLOCK_M=block_m, **common, EVICT=evict, PREFETCH=cfg.prefetch or pdl, PDL=pdl,
+                               **_launch_opts(cfg, x.device))
     elif cfg.kind == "dot":
         if weight.dtype != x.dtype:
             raise Mamba2Error(f"gemv: dot kernel needs one dtype, got {x.dtype} and {weight.dtype}")
