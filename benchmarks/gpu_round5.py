@@ -7,8 +7,8 @@ Phases, each variant checked against torch before it is timed (a failed check or
 is printed and the variant skipped; nothing aborts the run), each phase stopped at its own
 allowance, and early enough to leave the later phases their time within --budget-s:
 
-0. the random Codestral model (load_preset; its projections are the matvec phases' weights);
-1. copy bandwidth (the ceiling);
+1. copy bandwidth (the ceiling); the random Codestral model (load_preset: its projections
+   are the matvec phases' weights, one 15 GB copy for the whole run);
 2. the 129 single-row matvecs of a Codestral decode step (64 x in_proj [18560, 4096],
    64 x out_proj [4096, 8192], lm_head [32768, 4096], bf16) in one CUDA graph: cuBLAS, the
    current kernel, and the new bodies (gemv.GemvConfig);
