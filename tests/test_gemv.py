@@ -55,3 +55,227 @@ def test_gemv_refuses_mismatched_shapes(gemv_mod):
         gemv_mod.gemv(torch.randn(1, 8, device=DEVICE), torch.randn(4, 9, device=DEVICE))
     with pytest.raises(Mamba2Error, match="rows"):
         gemv_mod.gemv(torch.randn(9, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE))
+
+
+# Round-5 kernel bodies. Small tiles, so K spans several tiles and ends in a partial one.
+def _configs(g):
+    C = g.GemvConfig
+    return {
+        "reduce": C("reduce", 2, 64, 4),
+        "acc": C("acc", 2, 64, 4),
+        "acc-n4-evict": C("acc", 4, 32, 2, evict_first=True),
+        "acc-prefetch": C("acc", 2, 64, 4, prefetch=True),
+        "acc-pdl": C("acc", 2, 64, 4, pdl=True),  # no dependent launch off CUDA: same product
+        "acc-one-tile": C("acc", 8, 2048, 4),
+        "dot": C("dot", 16, 32, 4, num_stages=2),
+        "dot-n32-evict": C("dot", 32, 64, 4, evict_first=True),
+    }
+
+
+CONFIG_NAMES = ["reduce", "acc", "acc-n4-evict", "acc-prefetch", "acc-pdl", "acc-one-tile", "dot", "dot-n32-evict"]
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K", [256, 300])
+def test_every_gemv_kernel_matches_linear(gemv_mod, name, M, dtype, K):
+    cfg = _configs(gemv_mod)[name]
+    g = torch.Generator().manual_seed(M * K + 1)
+    N = 37  # not a multiple of any block: the last program is partly masked
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    w = torch.randn(N, K, generator=g).to(DEVICE, dtype)
+    b = torch.randn(N, generator=g).to(DEVICE, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    got = gemv_mod.gemv(x, w, b, config=cfg)
+    assert got.dtype == dtype and got.shape == (M, N)
+    assert rel_err(got, F.linear(x.double(), w.double(), b.double())) < tol
+    assert rel_err(gemv_mod.gemv(x, w, config=cfg), F.linear(x.double(), w.double())) < tol
+
+
+def test_gemv_reads_strided_rows_and_rejects_unknown_kinds(gemv_mod):
+    from mamba2_cli.errors import Mamba2Error
+
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(3, 200, generator=g).to(DEVICE)[:, :96]  # rows 200 apart
+    w = torch.randn(20, 96, generator=g).to(DEVICE)
+    for name in ("acc", "dot"):
+        assert rel_err(gemv_mod.gemv(xs, w, config=_configs(gemv_mod)[name]), F.linear(xs.double(), w.double())) < 1e-5
+    with pytest.raises(Mamba2Error, match="kind"):
+        gemv_mod.gemv(xs, w, config=gemv_mod.GemvConfig("nope"))
+
+
+def test_config_names_say_what_differs(gemv_mod):
+    c = gemv_mod.GemvConfig("acc", 4, 1024, 8, num_stages=2, evict_first=True, pdl=True)
+    assert c.name == "acc n4 k1024 w8 s2 evict pdl"
+    assert c.with_(block_n=2).name == "acc n2 k1024 w8 s2 evict pdl"
+
+
+def _norm_case(dtype, res, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, K, generator=g).to(DEVICE, dtype)
+    residual = None if res is None else (torch.randn(1, K, generator=g) * 3).to(DEVICE, dtype if res == "x" else res)
+    nw = (1 + 0.1 * torch.randn(K, generator=g)).to(DEVICE, dtype)
+    w = torch.randn(29, K, generator=g).to(DEVICE, dtype)
+    b = torch.randn(29, generator=g).to(DEVICE, dtype)
+    return x, residual, nw, w, b
+
+
+NORM_CASES = {  # residual given (dtype) and residual_in_fp32
+    "first-layer-fp32": (None, True),
+    "fp32-residual": (torch.float32, True),
+    "residual-in-x-dtype": ("x", False),
+    "first-layer-x-dtype": (None, False),
+}
+
+
+@pytest.mark.parametrize("case", list(NORM_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K,block_k", [(256, 64), (300, 64), (300, 512)], ids=["even", "partial", "one-tile"])
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+def test_norm_gemv_equals_add_rmsnorm_then_linear(gemv_mod, case, dtype, K, block_k, one_pass):
+    from mamba2_cli.kernels import torch_ref
+
+    res, fp32 = NORM_CASES[case]
+    x, residual, nw, w, b = _norm_case(dtype, res, K, seed=K + block_k)
+    cfg = gemv_mod.GemvConfig("acc", 4, block_k, 4, one_pass=one_pass)
+    y, res_out = gemv_mod.norm_gemv(x, residual, nw, 1e-5, w, b, fp32, config=cfg)
+    normed_ref, res_ref = torch_ref.add_rmsnorm(x, residual, nw, 1e-5, fp32)
+    assert res_out.dtype == res_ref.dtype and res_out.shape == x.shape
+    assert torch.equal(res_out, res_ref)
+    if one_pass:  # the normed row is never rounded: compare with the exact product
+        r = res_ref.double()
+        normed_ref = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    want = F.linear(normed_ref.double(), w.double(), b.double())
+    assert y.dtype == dtype and y.shape == (1, 29)
+    assert rel_err(y, want) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_norm_gemv_leaves_its_inputs_alone_and_refuses_bad_shapes(gemv_mod):
+    from mamba2_cli.errors import Mamba2Error
+
+    x, residual, nw, w, b = _norm_case(torch.float32, torch.float32, 128, seed=4)
+    x0, r0 = x.clone(), residual.clone()
+    _, res_out = gemv_mod.norm_gemv(x, residual, nw, 1e-5, w)
+    assert torch.equal(x, x0) and torch.equal(residual, r0)
+    assert res_out.data_ptr() != residual.data_ptr()
+    with pytest.raises(Mamba2Error, match="one row"):
+        gemv_mod.norm_gemv(torch.randn(2, 128, device=DEVICE), None, nw, 1e-5, w)
+    with pytest.raises(Mamba2Error, match="norm weight"):
+        gemv_mod.norm_gemv(x, residual, nw[:64], 1e-5, w)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_norm_linear_gives_the_pair_either_way(gemv_mod, monkeypatch, fuse):
+    from mamba2_cli.kernels import torch_ref
+
+    monkeypatch.setattr(gemv_mod, "FUSE_NORM", fuse)
+    calls = []
+    real = gemv_mod.norm_gemv
+    monkeypatch.setattr(gemv_mod, "norm_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, residual, nw, w, b = _norm_case(torch.float32, torch.float32, 96, seed=9)
+    x3, r3 = x.view(1, 1, 96), residual.view(1, 1, 96)
+    y, res = gemv_mod.norm_linear(x3, r3, nw, 1e-5, True, w, b)
+    y_ref, res_ref = torch_ref.norm_linear(x3, r3, nw, 1e-5, True, w, b)
+    assert y.shape == y_ref.shape == (1, 1, 29) and res.shape == (1, 1, 96)
+    assert rel_err(y, y_ref) < 1e-5 and torch.equal(res, res_ref)
+    assert len(calls) == (1 if fuse else 0)
+    # Two rows never take the fused kernel.
+    x2, r2 = torch.cat([x, x]), torch.cat([residual, residual])
+    y2, _ = gemv_mod.norm_linear(x2, r2, nw, 1e-5, True, w, b)
+    assert rel_err(y2, torch_ref.norm_linear(x2, r2, nw, 1e-5, True, w, b)[0]) < 1e-5
+    assert len(calls) == (1 if fuse else 0)
+
+
+def test_decode_with_every_round5_switch_matches_the_torch_backend(gemv_mod, model_dir, monkeypatch):
+    # The whole tiny model, decode steps through the triton backend (interpreter on CPU) with
+    # the fused norm, a new matvec body and the split decode step, against the torch backend.
+    from mamba2_cli import load_model
+    from mamba2_cli.kernels import step
+
+    monkeypatch.setattr(gemv_mod, "FUSE_NORM", True)
+    monkeypatch.setattr(gemv_mod, "NORM_GEMV_CONFIG", gemv_mod.GemvConfig("acc", 4, 16, 4, one_pass=True))
+    monkeypatch.setitem(gemv_mod.GEMV_CONFIG, 1, gemv_mod.GemvConfig("acc", 2, 32, 4, prefetch=True))
+    monkeypatch.setitem(step.STEP_CONFIG, "split", True)
+    monkeypatch.setitem(step.STEP_CONFIG, "BLOCK_P", 4)
+    fused = []
+    real = gemv_mod.norm_gemv
+    monkeypatch.setattr(gemv_mod, "norm_gemv", lambda *a, **k: fused.append(1) or real(*a, **k))
+    matvecs = []
+    real_gemv = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **k: matvecs.append(1) or real_gemv(*a, **k))
+    model, tok = load_model(str(model_dir), device="cpu", dtype="float32", backend="torch")
+    for p in model.parameters():  # on CPU projections are stored input-major; the kernels take rows
+        p.data = p.data.contiguous()
+    ids = tok.encode("def f(x):\n    return x")
+    outs = {}
+    for backend in ("torch", "triton"):
+        model.set_backend("torch")  # the prefill scan needs headdim >= 16; the tiny model has 8
+        state = model.new_state(1)
+        with torch.inference_mode():
+            model(torch.tensor([ids[:5]]), state)
+            model.set_backend(backend)
+            outs[backend] = torch.stack([model(torch.tensor([[t]]), state)[0, 0] for t in ids[5:12]])
+        outs[backend + "-state"] = state.ssm.clone()
+    assert len(fused) == 7 * (model.cfg.n_layer + 1)  # every pre-norm of every decode step
+    assert len(matvecs) == 7 * model.cfg.n_layer  # and every out_proj
+    assert rel_err(outs["triton"], outs["torch"]) < 1e-4
+    assert rel_err(outs["triton-state"], outs["torch-state"]) < 1e-4
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_CONFIGS = {  # what benchmarks/gpu_round5.py tries, one of each kind
+    "reduce": ("reduce", 2, 2048, 4, {}),
+    "acc": ("acc", 2, 2048, 4, {}),
+    "acc-evict-prefetch": ("acc", 4, 1024, 4, dict(evict_first=True, prefetch=True)),
+    "acc-pdl": ("acc", 2, 2048, 4, dict(pdl=True)),
+    "dot": ("dot", 64, 256, 4, dict(num_stages=3)),
+}
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+@pytest.mark.parametrize("M", [1, 8])
+def test_bf16_kernels_at_codestral_shapes(gemv_mod, name, M):
+    kind, bn, bk, warps, kw = GPU_CONFIGS[name]
+    cfg = gemv_mod.GemvConfig(kind, bn, bk, warps, **kw)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    for N, K in ((18560, 4096), (4096, 8192)):
+        x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(torch.bfloat16)
+        assert rel_err(gemv_mod.gemv(x, w, config=cfg), F.linear(x.float(), w.float())) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_dependent_matvecs_and_norms_in_a_cuda_graph_equal_eager_calls(gemv_mod, pdl):
+    # Each product reads the one before (as decode's chain does): with dependent launches the
+    # next kernel starts early and must still wait for its input.
+    C = gemv_mod.GemvConfig
+    mv, nm = C("acc", 2, 2048, 4, pdl=pdl), C("acc", 4, 1024, 4, pdl=pdl, one_pass=True)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    D, DI, L = 4096, 8192, 6
+    w_in = [(torch.randn(2 * DI, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16) for _ in range(L)]
+    w_out = [(torch.randn(D, DI, device="cuda", generator=g) / DI ** 0.5).to(torch.bfloat16) for _ in range(L)]
+    nw = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+    x0 = torch.randn(1, D, device="cuda", generator=g).to(torch.bfloat16)
+
+    def chain():
+        h, res = x0, None
+        for i in range(L):
+            z, res = gemv_mod.norm_gemv(h, res, nw, 1e-5, w_in[i], None, True, config=nm)
+            h = gemv_mod.gemv(z[:, :DI], w_out[i], config=mv)
+        return h, res
+
+    eager = chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])

@@ -280,6 +280,46 @@ def test_mixer_decode_step_matches_reference_over_steps(tb, b, H, P, G, N, nbg, 
         assert torch.equal(st["conv_state"], ref["conv_state"])
 
 
+@pytest.mark.parametrize("b,H,P,G,N,nbg,block_p", [
+    (2, 4, 32, 2, 16, False, 8),
+    (1, 4, 16, 1, 32, True, 4),
+    (3, 6, 32, 3, 16, False, 16),
+], ids=["G2-p8", "G1-norm-before-gate-p4", "G3-p16"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)], ids=["fp32", "fp16"])
+def test_split_mixer_decode_step_matches_reference_and_the_fused_step(tb, b, H, P, G, N, nbg, block_p, dtype, tol):
+    # The gated norm as a second kernel (STEP_CONFIG["split"]) instead of the group's last program.
+    st, draw = mixer_inputs(b, H, P, G, N, 4, dtype, D_per_channel=nbg, seed=11)
+    fused = {k: v.clone() for k, v in st.items()}
+    ref = {k: v.clone() for k, v in st.items()}
+    limit = (0.01, 2.0) if nbg else (0.0, INF)
+    for _ in range(3):
+        zxbcdt = draw()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, G, nbg, limit,
+                        config={"split": True, "BLOCK_P": block_p, "num_warps": 1, "tail_warps": 2})
+        out_fused = run_mixer(tb.mixer_decode_step, fused, zxbcdt, G, nbg, limit, config={"BLOCK_P": block_p})
+        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
+        assert out.dtype == dtype and out.shape == (b, H * P)
+        assert rel_err(out, out_ref) < tol
+        assert rel_err(st["ssm_state"], ref["ssm_state"]) < tol
+        assert torch.equal(st["conv_state"], ref["conv_state"])
+        # Same sums in the same order: the split changes where the norm runs, not its result.
+        assert torch.equal(out, out_fused) and torch.equal(st["ssm_state"], fused["ssm_state"])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split):
+    # STEP_CONFIG["pdl"]: on a GPU the step is launched early and loads its state before
+    # waiting (a no-op in the interpreter). Consecutive steps read what the last one wrote.
+    st, draw = mixer_inputs(2, 4, 32, 2, 16, 4, torch.float32, seed=12)
+    plain = {k: v.clone() for k, v in st.items()}
+    for _ in range(3):
+        zxbcdt = draw()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False, config={"pdl": True, "split": split})
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, False)
+        assert torch.equal(out, out_plain)
+        assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
+
+
 def test_mixer_decode_steps_continue_a_prefill(tb):
     # Decoding token by token from a prefill's state gives what a longer prefill gives.
     inp = ssd_inputs(1, 20, 4, 16, 2, 16, torch.float32, seed=6)
@@ -328,7 +368,7 @@ def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32):
 
 def test_backend_exposes_the_reference_operations(tb):
     ops = ["ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step", "gated_rmsnorm", "add_rmsnorm",
-           "mixer_decode_step"]
+           "mixer_decode_step", "norm_linear"]
     assert tb.name == "triton"
     for op in ops:
         assert callable(getattr(tb, op)), op

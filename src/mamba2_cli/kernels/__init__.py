@@ -19,6 +19,9 @@ implementation and the exact semantics of each):
         One token of the same; shifts conv_state in place.
     gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False) -> like y
     add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True) -> (normed, residual)
+    norm_linear(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None)
+        -> (linear(add_rmsnorm(...)[0], weight, bias), residual): the pre-norm and the
+        projection after it (decode's in_proj and lm_head), which a backend may fuse.
     mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
                       norm_weight, ssm_state, ngroups, eps, norm_before_gate) -> [b, d_inner]
         Everything of one decode token between in_proj and out_proj: conv window update,

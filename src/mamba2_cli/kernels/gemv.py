@@ -5,9 +5,28 @@ about 79 % of copy bandwidth on these shapes (../shared/ANCHORS.md), a plain row
 kernel more. Each program owns BLOCK_N output features and walks K in BLOCK_K tiles,
 reading its slice of W once and every row of x from cache, accumulating in fp32.
 No autotuning: configurations are fixed per batch size (benchmarks/NOTES.md).
+
+Kernel bodies (`GemvConfig.kind`), all selectable so one GPU run can compare them:
+
+    reduce  the first kernel: the product of each K tile is summed over K at once
+            (a cross-thread reduction per tile).
+    acc     a [BLOCK_N, BLOCK_K] fp32 accumulator per row of x, summed once at the end;
+            options: evict_first on the weight loads (they are read once), a register
+            double buffer of the next weight tile (prefetch), programmatic dependent
+            launch (pdl: the first weight tile is fetched before waiting for the kernel
+            that produces x).
+    dot     tensor cores: the rows of x padded to 16, tl.dot(W tile, x^T), Triton's
+            pipeliner streams the weight tiles through shared memory (num_stages).
+
+`norm_gemv` fuses the residual add + RMSNorm in front of a single-row product (the
+in_proj of every layer and lm_head): every program recomputes the norm of the 4096-wide
+row from cache and program 0 writes the new residual, which removes one launch per layer.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +34,66 @@ import triton
 import triton.language as tl
 
 from ..errors import Mamba2Error
+from .norm import add_rmsnorm
+
+try:  # programmatic dependent launch (Hopper and later); absent from old Triton builds
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:  # pragma: no cover
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
 
 MAX_ROWS = 8  # more rows than this: the product is a matmul, not a matvec
 
-# (BLOCK_N, BLOCK_K, num_warps) by padded row count.
-GEMV_CONFIG = {1: (2, 2048, 4), 2: (2, 1024, 4), 4: (4, 512, 4), 8: (4, 256, 4)}
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """How one matvec launch is laid out (see the module docstring for the kinds)."""
+
+    kind: str = "reduce"  # "reduce" | "acc" | "dot"
+    block_n: int = 2
+    block_k: int = 2048
+    num_warps: int = 4
+    num_stages: int | None = None  # None: Triton's default
+    evict_first: bool = False  # acc, dot: weights are read once; keep x in cache instead
+    prefetch: bool = False  # acc: load the next weight tile before this tile's products
+    pdl: bool = False  # acc: programmatic dependent launch (CUDA only)
+    one_pass: bool = False  # norm_gemv: scale by 1/rms after the product (x not rounded first)
+
+    @property
+    def name(self) -> str:
+        s = f"{self.kind} n{self.block_n} k{self.block_k} w{self.num_warps}"
+        if self.num_stages is not None:
+            s += f" s{self.num_stages}"
+        for flag in ("evict_first", "prefetch", "pdl", "one_pass"):
+            if getattr(self, flag):
+                s += " " + flag.replace("_first", "")
+        return s
+
+    def with_(self, **kw) -> "GemvConfig":
+        return replace(self, **kw)
+
+
+# Configuration by padded row count. 1 row: measured on the H200 (benchmarks/NOTES.md).
+GEMV_CONFIG = {
+    1: GemvConfig("reduce", 2, 2048, 4),
+    2: GemvConfig("reduce", 2, 1024, 4),
+    4: GemvConfig("reduce", 4, 512, 4),
+    8: GemvConfig("reduce", 4, 256, 4),
+}
+
+# The fused add + RMSNorm + matvec; used by `norm_linear` only when FUSE_NORM is set.
+NORM_GEMV_CONFIG = GemvConfig("acc", 4, 1024, 4)
+FUSE_NORM = False
 
 
 @triton.jit
@@ -55,13 +129,237 @@ def _gemv_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 8), weight [N, K] row-major -> [M, N] in x.dtype (fp32 accumulation)."""
+@triton.jit
+def _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K: tl.constexpr, EVICT: tl.constexpr):
+    """The weight tile at column k0 < K (masked at the end of K unless K is a multiple of the tile)."""
+    if EVEN_K:
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy=EVICT)
+    else:
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0, eviction_policy=EVICT)
+    return w
+
+
+@triton.jit
+def _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+    else:
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _fma(acc, w, x, ONE_ROW: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_K] (one row) or [BLOCK_M, BLOCK_N, BLOCK_K] += x * w, in fp32."""
+    if ONE_ROW:
+        out = acc + w.to(tl.float32) * x.to(tl.float32)
+    else:
+        out = acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return out
+
+
+@triton.jit
+def _gemv_acc_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVICT: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may start; it waits for us before reading
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    m_mask = rm < M
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PREFETCH:
+        # Register double buffer: tile k+1's weights are in flight while tile k is multiplied.
+        # The first tile is fetched before waiting on the kernel that writes x (PDL).
+        w = _w_tile(w_ptrs, 0, K, n_mask, rk, EVEN_K, EVICT)
+        if PDL:
+            gdc_wait()
+        k_last = ((K - 1) // BLOCK_K) * BLOCK_K
+        for k0 in range(0, k_last, BLOCK_K):
+            w_next = _w_tile(w_ptrs, k0 + BLOCK_K, K, n_mask, rk, EVEN_K, EVICT)
+            acc = _fma(acc, w, _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K), BLOCK_M == 1)
+            w = w_next
+        acc = _fma(acc, w, _x_tile(x_ptrs, k_last, K, m_mask, rk, EVEN_K), BLOCK_M == 1)
+    else:
+        if PDL:
+            gdc_wait()
+        for k0 in range(0, K, BLOCK_K):
+            w = _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K, EVICT)
+            acc = _fma(acc, w, _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K), BLOCK_M == 1)
+    if BLOCK_M == 1:
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gemv_dot_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    m_mask = rm < M
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: the weight rows fill the MMA's M
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy=EVICT)
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + rk) < K
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT)
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _norm_vec(x_ptr, res_ptr, res_out_ptr, nw_ptr, k0, rk, K, pid, rstd, HAS_RES: tl.constexpr,
+              WRITE_RES: tl.constexpr, EVEN_K: tl.constexpr, STORE: tl.constexpr, SCALE: tl.constexpr):
+    """Columns k0 + rk of the residual r = x (+ res) as stored (program 0 stores it when STORE)
+    and of the product's input: r * nw, or with SCALE the normed row r * rstd * nw rounded to
+    x's dtype, as add_rmsnorm would store it. Returns (input, r) in fp32."""
+    if EVEN_K:
+        r = tl.load(x_ptr + k0 + rk).to(tl.float32)
+        if HAS_RES:
+            r += tl.load(res_ptr + k0 + rk).to(tl.float32)
+        nw = tl.load(nw_ptr + k0 + rk).to(tl.float32)
+    else:
+        kmask = (k0 + rk) < K
+        r = tl.load(x_ptr + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r += tl.load(res_ptr + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
+        nw = tl.load(nw_ptr + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
+    if WRITE_RES:
+        r = r.to(res_out_ptr.dtype.element_ty)
+        if STORE:
+            tl.store(res_out_ptr + k0 + rk, r, mask=(k0 + rk) < tl.where(pid == 0, K, 0))
+        r = r.to(tl.float32)
+    if SCALE:
+        v = (r * rstd * nw).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        v = r * nw
+    return v, r
+
+
+@triton.jit
+def _norm_gemv_kernel(
+    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_wn,
+    HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT: tl.constexpr,
+    ONE_PASS: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+):
+    """ONE_PASS: sum_k W[n,k] r[k] nw[k], times 1/rms at the end (one pass over the row);
+    else as the unfused pair: a first pass for 1/rms, then the product of the rounded normed row."""
+    pid = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    if PREFETCH:
+        w = _w_tile(w_ptrs, 0, K, n_mask, rk, EVEN_K, EVICT)  # weights are constant: ahead of the wait
+    if PDL:
+        gdc_wait()
+    rstd = 1.0
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if not ONE_PASS:
+        for k0 in range(0, K, BLOCK_K):
+            _, r = _norm_vec(x_ptr, res_ptr, res_out_ptr, nw_ptr, k0, rk, K, pid, rstd,
+                             HAS_RES, WRITE_RES, EVEN_K, True, False)
+            ss += r * r
+        rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PREFETCH:
+        k_last = ((K - 1) // BLOCK_K) * BLOCK_K
+        for k0 in range(0, k_last, BLOCK_K):
+            w_next = _w_tile(w_ptrs, k0 + BLOCK_K, K, n_mask, rk, EVEN_K, EVICT)
+            v, r = _norm_vec(x_ptr, res_ptr, res_out_ptr, nw_ptr, k0, rk, K, pid, rstd,
+                             HAS_RES, WRITE_RES, EVEN_K, ONE_PASS, not ONE_PASS)
+            ss += r * r
+            acc += w.to(tl.float32) * v[None, :]
+            w = w_next
+        v, r = _norm_vec(x_ptr, res_ptr, res_out_ptr, nw_ptr, k_last, rk, K, pid, rstd,
+                         HAS_RES, WRITE_RES, EVEN_K, ONE_PASS, not ONE_PASS)
+        ss += r * r
+        acc += w.to(tl.float32) * v[None, :]
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            w = _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K, EVICT)
+            v, r = _norm_vec(x_ptr, res_ptr, res_out_ptr, nw_ptr, k0, rk, K, pid, rstd,
+                             HAS_RES, WRITE_RES, EVEN_K, ONE_PASS, not ONE_PASS)
+            ss += r * r
+            acc += w.to(tl.float32) * v[None, :]
+    y = tl.sum(acc, axis=1)
+    if ONE_PASS:
+        y = y * tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch_opts(cfg: GemvConfig, device: torch.device) -> dict:
+    opts = {"num_warps": cfg.num_warps}
+    if cfg.num_stages is not None:
+        opts["num_stages"] = cfg.num_stages
+    if cfg.pdl and device.type == "cuda" and not _interpreting():
+        opts["launch_pdl"] = True
+    return opts
+
+
+def _pdl(cfg: GemvConfig, device: torch.device) -> bool:
+    return bool(cfg.pdl) and HAS_PDL and device.type == "cuda" and not _interpreting()
+
+
+def config_for(rows: int) -> GemvConfig:
+    return GEMV_CONFIG[1 << (rows - 1).bit_length()]
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 8), weight [N, K] row-major -> [M, N] in x.dtype (fp32 accumulation).
+
+    `config` overrides the configuration GEMV_CONFIG gives for M rows.
+    """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise Mamba2Error(f"gemv: shapes {list(x.shape)} and {list(weight.shape)} do not multiply")
     M, K = x.shape
     N = weight.shape[0]
-    if M > MAX_ROWS:
+    if M > MAX_ROWS or M < 1:
         raise Mamba2Error(f"gemv: {M} rows; use a matmul above {MAX_ROWS}")
     if weight.stride(1) != 1:
         raise Mamba2Error("gemv: weight rows must be contiguous")
@@ -69,17 +367,73 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x = x.contiguous()
     if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
         raise Mamba2Error(f"gemv: bias of shape {list(bias.shape)} for {N} outputs")
+    cfg = config or config_for(M)
     block_m = 1 << (M - 1).bit_length()
-    block_n, block_k, warps = GEMV_CONFIG[block_m]
-    block_k = min(block_k, triton.next_power_of_2(K))
+    block_n, block_k = cfg.block_n, min(cfg.block_k, triton.next_power_of_2(K))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, bias if bias is not None else y, y, M, N, K,
-        x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-    )
+    args = (x, weight, bias if bias is not None else y, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0))
+    common = dict(HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k)
+    evict = "evict_first" if cfg.evict_first else ""
+    grid = (triton.cdiv(N, block_n),)
+    if cfg.kind == "reduce":
+        _gemv_kernel[grid](*args, BLOCK_M=block_m, **common, **_launch_opts(cfg.with_(pdl=False), x.device))
+    elif cfg.kind == "acc":
+        pdl = _pdl(cfg, x.device)
+        _gemv_acc_kernel[grid](*args, BLOCK_M=block_m, **common, EVICT=evict, PREFETCH=cfg.prefetch or pdl, PDL=pdl,
+                               **_launch_opts(cfg, x.device))
+    elif cfg.kind == "dot":
+        if weight.dtype != x.dtype:
+            raise Mamba2Error(f"gemv: dot kernel needs one dtype, got {x.dtype} and {weight.dtype}")
+        _gemv_dot_kernel[grid](*args, BLOCK_M=max(16, block_m), **common, EVICT=evict,
+                               DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                               **_launch_opts(cfg.with_(pdl=False), x.device))
+    else:
+        raise Mamba2Error(f"gemv: unknown kernel kind {cfg.kind!r}")
     return y
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              weight: torch.Tensor, bias: torch.Tensor | None = None, residual_in_fp32: bool = True,
+              config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row: (linear(RMSNorm(residual + x) * norm_weight, weight, bias), residual + x) in one launch.
+
+    Same results as `add_rmsnorm` followed by `gemv` (with `config.one_pass` the normed row is
+    not rounded to x.dtype before the product). x and residual are [1, K] (or [K]); the
+    residual returned is a new tensor, fp32 when residual is fp32 or residual_in_fp32 with
+    no residual (the first layer), as add_rmsnorm returns it.
+    """
+    op = "norm_gemv"
+    K = x.shape[-1]
+    if x.numel() != K or weight.dim() != 2 or weight.shape[1] != K:
+        raise Mamba2Error(f"{op}: one row of {K} against weight {list(weight.shape)}")
+    if norm_weight.shape != (K,):
+        raise Mamba2Error(f"{op}: norm weight must be [{K}], got {list(norm_weight.shape)}")
+    if residual is not None and residual.numel() != K:
+        raise Mamba2Error(f"{op}: residual of shape {list(residual.shape)} for a row of {K}")
+    N = weight.shape[0]
+    if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
+        raise Mamba2Error(f"{op}: bias of shape {list(bias.shape)} for {N} outputs")
+    if weight.stride(1) != 1:
+        raise Mamba2Error(f"{op}: weight rows must be contiguous")
+    if residual is not None:
+        res_dtype = torch.promote_types(residual.dtype, x.dtype)
+    else:
+        res_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    x1 = x.reshape(K).contiguous()
+    r1 = residual.reshape(K).contiguous() if residual is not None else x1
+    write_res = residual is not None or res_dtype != x.dtype
+    res_out = torch.empty(x.shape, dtype=res_dtype, device=x.device) if write_res else x
+    cfg = config or NORM_GEMV_CONFIG
+    block_n, block_k = cfg.block_n, min(cfg.block_k, triton.next_power_of_2(K))
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    pdl = _pdl(cfg, x.device)
+    _norm_gemv_kernel[(triton.cdiv(N, block_n),)](
+        x1, r1, norm_weight, weight, bias if bias is not None else y, y, res_out, N, K, float(eps), weight.stride(0),
+        HAS_RES=residual is not None, WRITE_RES=write_res, HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVICT="evict_first" if cfg.evict_first else "",
+        ONE_PASS=bool(cfg.one_pass), PREFETCH=bool(cfg.prefetch) or pdl, PDL=pdl, **_launch_opts(cfg, x.device),
+    )
+    return y, res_out
 
 
 # Rows up to which `linear` takes the kernel. Measured on the H200 (benchmarks/NOTES.md): the
@@ -89,15 +443,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 KERNEL_ROWS = 1
 
 
+def _kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return weight.stride(-1) == 1 and (x.is_cuda or _interpreting())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the matvec kernel for the single-row products of batch-1 decode."""
+    """F.linear, with the matvec kernel for the few-row products of decode (up to KERNEL_ROWS)."""
     rows = x.numel() // x.shape[-1]
-    if rows > KERNEL_ROWS or weight.stride(-1) != 1 or not x.is_cuda and not _interpreting():
+    if rows > KERNEL_ROWS or rows == 0 or not _kernel_ok(x, weight):
         return F.linear(x, weight, bias)
     return gemv(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-def _interpreting() -> bool:
-    import os
+def norm_linear(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None):
+    """(linear(add_rmsnorm(x, residual, norm_weight, eps)[0], weight, bias), new residual).
 
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    One fused launch for a single row when FUSE_NORM is set; otherwise the two operations.
+    """
+    rows = x.numel() // x.shape[-1]
+    if FUSE_NORM and rows == 1 and _kernel_ok(x, weight) and x.dtype == weight.dtype:
+        return norm_gemv(x, residual, norm_weight, eps, weight, bias, residual_in_fp32)
+    normed, residual = add_rmsnorm(x, residual, norm_weight, eps, residual_in_fp32)
+    return linear(normed, weight, bias), residual

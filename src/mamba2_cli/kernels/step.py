@@ -29,12 +29,18 @@ import triton.language as tl
 
 from ..errors import Mamba2Error
 from .conv import conv_taps, conv_window, shift_in
+from .gemv import HAS_PDL, gdc_launch_dependents, gdc_wait
 from .ssd import softplus_clamp
 
 # Fixed launch configuration, measured on an H200 (benchmarks/NOTES.md): BLOCK_P splits a
 # head's P rows over programs, so batch 1 still has 512 programs in flight; 2 warps keep
 # the registers per program low enough for many programs per SM at large batch.
 STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 2}
+# Round-5 candidates, off by default: "split" runs the gated norm as a second kernel (one
+# program per (sequence, group), no arrival counter) instead of in the group's last program;
+# "pdl" launches the step with programmatic dependent launch, its state slice and constants
+# fetched while in_proj finishes (CUDA only); "tail_warps" sizes the second kernel.
+STEP_CONFIG.update({"split": False, "pdl": False, "tail_warps": 4})
 
 _scratch: dict = {}
 
@@ -81,6 +87,59 @@ def _ssd_step_kernel(
 
 
 @triton.jit
+def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsmask, norm_w, nss, GS, G, N,
+                  d_inner, eps, stride_cs_c, stride_out_b, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+                  BARRIER: tl.constexpr):
+    """Normalize group g from the scratch buffers, write it, shift the group's B and C windows."""
+    offs_ss = tl.arange(0, BLOCK_SS)
+    ss = tl.load(ssbuf_ptr + bi64 * (G * nss) + g * nss + offs_ss, mask=offs_ss < nss, other=0.0,
+                 cache_modifier=".cg")
+    rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / GS + eps)
+    yg = tl.load(ybuf_ptr + bi64 * d_inner + ch_g, mask=gsmask, other=0.0, cache_modifier=".cg")
+    o = yg * rstd * norm_w
+    if NORM_BEFORE_GATE:
+        zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
+        o = o * (zg * tl.sigmoid(zg))
+    tl.store(out_ptr + bi64 * stride_out_b + ch_g, o.to(out_ptr.dtype.element_ty), mask=gsmask)
+    # Every program of the group has read the B and C windows: shift them now.
+    offs_n = tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    ch_B = d_inner + g * N + offs_n
+    ch_C = d_inner + G * N + g * N + offs_n
+    win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
+    win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
+    if BARRIER:
+        tl.debug_barrier()  # every thread has read the windows before any shifts them
+    shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
+    shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
+
+
+@triton.jit
+def _group_norm_kernel(
+    zx_ptr, conv_state_ptr, norm_w_ptr, out_ptr, ybuf_ptr, ssbuf_ptr,
+    G, N, GS, nss, d_inner, eps, stride_zx_b, stride_cs_b, stride_cs_c, stride_out_b,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_GS: tl.constexpr,
+    BLOCK_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, PDL: tl.constexpr,
+):
+    """The split step's second kernel: one program per (sequence, group)."""
+    g = tl.program_id(0) % G
+    bi64 = (tl.program_id(0) // G).to(tl.int64)
+    offs_gs = tl.arange(0, BLOCK_GS)
+    gsmask = offs_gs < GS
+    ch_g = g * GS + offs_gs
+    norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    zx = zx_ptr + bi64 * stride_zx_b
+    _group_finish(zx, zx + d_inner, conv_state_ptr + bi64 * stride_cs_b, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g,
+                  ch_g, gsmask, norm_w, nss, GS, G, N, d_inner, eps, stride_cs_c, stride_out_b,
+                  K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE, True)
+
+
+@triton.jit
 def _mixer_step_kernel(
     zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr, norm_w_ptr,
     ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr,
@@ -90,8 +149,12 @@ def _mixer_step_kernel(
     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
+    TAIL: tl.constexpr = True, PDL: tl.constexpr = False,
 ):
+    """TAIL: the group's last program normalizes it (else `_group_norm_kernel` does, after)."""
     pid = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()
     npb = tl.cdiv(P, BLOCK_P)
     pb = pid % npb
     h = (pid // npb) % H
@@ -107,6 +170,11 @@ def _mixer_step_kernel(
     # Issue the big load (the state slice) first so its latency overlaps the conv.
     state_ptrs = ssm_ptr + bi64 * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
     state = tl.load(state_ptrs, mask=s_mask, other=0.0)
+    if PDL:
+        # The state and the weights do not depend on in_proj, which may still be running.
+        Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + h).to(tl.float32)
+        gdc_wait()
 
     zx = zx_ptr + bi64 * stride_zx_b
     xbc = zx + d_inner  # the conv input starts after z
@@ -122,8 +190,9 @@ def _mixer_step_kernel(
     conv_dim = d_inner + 2 * G * N
     dt = tl.load(xbc + conv_dim + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
     dt = softplus_clamp(dt, dt_lo, dt_hi, DT_CLAMP)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
+    if not PDL:
+        A = tl.load(A_ptr + h).to(tl.float32)
+        Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
 
     state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
     y = tl.sum(state * Cv[None, :], axis=1) + Dv * x
@@ -140,39 +209,32 @@ def _mixer_step_kernel(
     slot = g * nss + (h % heads_per_group) * npb + pb
     tl.store(ssbuf_ptr + bi64 * (G * nss) + slot, tl.sum(yv * yv, axis=0))
 
-    # What the group's last program needs and can fetch now, before the wait.
-    GS = heads_per_group * P
-    offs_gs = tl.arange(0, BLOCK_GS)
-    gsmask = offs_gs < GS
-    ch_g = g * GS + offs_gs
-    norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
+    if not TAIL:
+        # The norm is the next kernel's: this program's state and x windows are all it writes.
+        tl.store(state_ptrs, state, mask=s_mask)
+        shift_in(cs, win_x, ch_x, pmask, offs_k, stride_cs_c, K)
+    else:
+        # What the group's last program needs and can fetch now, before the wait.
+        GS = heads_per_group * P
+        offs_gs = tl.arange(0, BLOCK_GS)
+        gsmask = offs_gs < GS
+        ch_g = g * GS + offs_gs
+        norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
 
-    # Arrive at the group's counter. The barrier puts every thread's scratch writes (and
-    # conv-state reads) before the release; acq_rel then makes the other programs'
-    # writes visible to the last arrival. The state is stored after the arrival, so the
-    # release does not wait for those 32 KB of stores.
-    tl.debug_barrier()
-    count_ptrs = count_ptr + bi64 * G + g
-    arrived = tl.atomic_add(count_ptrs, 1, sem="acq_rel")
-    tl.store(state_ptrs, state, mask=s_mask)
-    shift_in(cs, win_x, ch_x, pmask, offs_k, stride_cs_c, K)
-    if arrived == nss - 1:
-        offs_ss = tl.arange(0, BLOCK_SS)
-        ss = tl.load(ssbuf_ptr + bi64 * (G * nss) + g * nss + offs_ss, mask=offs_ss < nss, other=0.0,
-                     cache_modifier=".cg")
-        rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / GS + eps)
-        yg = tl.load(ybuf_ptr + bi64 * d_inner + ch_g, mask=gsmask, other=0.0, cache_modifier=".cg")
-        o = yg * rstd * norm_w
-        if NORM_BEFORE_GATE:
-            zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
-            o = o * (zg * tl.sigmoid(zg))
-        tl.store(out_ptr + bi64 * stride_out_b + ch_g, o.to(out_ptr.dtype.element_ty), mask=gsmask)
-        # Every program of the group has read the B and C windows: shift them now.
-        win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
-        win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
-        shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
-        shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
-        tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
+        # Arrive at the group's counter. The barrier puts every thread's scratch writes (and
+        # conv-state reads) before the release; acq_rel then makes the other programs'
+        # writes visible to the last arrival. The state is stored after the arrival, so the
+        # release does not wait for those 32 KB of stores.
+        tl.debug_barrier()
+        count_ptrs = count_ptr + bi64 * G + g
+        arrived = tl.atomic_add(count_ptrs, 1, sem="acq_rel")
+        tl.store(state_ptrs, state, mask=s_mask)
+        shift_in(cs, win_x, ch_x, pmask, offs_k, stride_cs_c, K)
+        if arrived == nss - 1:
+            _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsmask, norm_w, nss, GS, G, N,
+                          d_inner, eps, stride_cs_c, stride_out_b, K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE,
+                          False)
+            tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
 
 
 def _check(cond: bool, op: str, msg) -> None:
@@ -242,11 +304,13 @@ def _scratch_for(device, b: int, d_inner: int, nslots: int, G: int):
 
 
 def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False, *, block_p=None):
+                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False, *, block_p=None,
+                      config=None):
     """One decode token of the mixer; same contract as `torch_ref.mixer_decode_step`.
 
     zxbcdt [b, 2*d_inner + 2*G*N + H]; conv_state [b, conv_dim, K-1] and ssm_state
     [b, H, P, N] (fp32) are updated in place. Returns the gated, normed y [b, d_inner].
+    `config` (keys of STEP_CONFIG) overrides STEP_CONFIG for this call.
     """
     op = "mixer_decode_step"
     _check(ssm_state.dim() == 4, op, lambda: f"ssm_state must be [b, H, P, N], got {tuple(ssm_state.shape)}")
@@ -285,9 +349,13 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     norm_weight = norm_weight.contiguous()
     lo, hi, clamp = _dt_limit_args(dt_limit)
 
-    BLOCK_P = min(block_p or STEP_CONFIG["BLOCK_P"], triton.next_power_of_2(P))
+    cfg = {**STEP_CONFIG, **(config or {})}
+    BLOCK_P = min(block_p or cfg["BLOCK_P"], triton.next_power_of_2(P))
     npb = triton.cdiv(P, BLOCK_P)
     hpg = H // G
+    split = bool(cfg["split"])
+    pdl = bool(cfg["pdl"]) and HAS_PDL and zxbcdt.is_cuda and not _interpreting()
+    launch = {"launch_pdl": True} if pdl else {}
     out = torch.empty((b, d_inner), dtype=zxbcdt.dtype, device=zxbcdt.device)
     ybuf, ssbuf, counts = _scratch_for(zxbcdt.device, b, d_inner, H * npb, G)
     _mixer_step_kernel[(b * H * npb,)](
@@ -300,6 +368,21 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         K=K, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
         BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
-        num_warps=STEP_CONFIG["num_warps"],
+        TAIL=not split, PDL=pdl, num_warps=cfg["num_warps"], **launch,
     )
+    if split:
+        _group_norm_kernel[(b * G,)](
+            zxbcdt, conv_state, norm_weight, out, ybuf, ssbuf,
+            G, N, hpg * P, H * npb // G, d_inner, float(eps),
+            zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
+            K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
+            BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
+            NORM_BEFORE_GATE=bool(norm_before_gate), PDL=pdl, num_warps=cfg["tail_warps"], **launch,
+        )
     return out
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"

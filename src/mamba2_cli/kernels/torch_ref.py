@@ -238,6 +238,12 @@ def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
     return _as(out, x.dtype), residual
 
 
+def norm_linear(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None):
+    """(linear(add_rmsnorm(x, residual, norm_weight, eps)[0], weight, bias), new residual)."""
+    normed, residual = add_rmsnorm(x, residual, norm_weight, eps, residual_in_fp32)
+    return linear(normed, weight, bias), residual
+
+
 def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
                       norm_weight, ssm_state, ngroups, eps, norm_before_gate=False):
     """One decode token of the mixer between in_proj and out_proj.
