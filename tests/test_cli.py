@@ -151,7 +151,9 @@ def test_model_by_repo_id_from_the_local_hf_cache(model_dir, tmp_path):
 
 def test_default_model_runs_without_a_checkpoint():
     p = ok(mamba2("run", "-n", "8", "--device", "cpu", input=b"def quicksort(xs):\n"))
-    assert b"preset" in p.stderr
+    assert b"built-in tiny-code" in p.stderr and p.stdout.strip()
+    q = ok(mamba2("run", "-n", "8", "--device", "cpu", "-q", "--preset", "tiny", input=b"def quicksort(xs):\n"))
+    assert not q.stderr.strip()  # a preset asked for by name: no note
 
 
 @pytest.mark.parametrize("args, stdin, words", [

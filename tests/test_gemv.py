@@ -190,6 +190,8 @@ def test_norm_linear_gives_the_pair_either_way(gemv_mod, monkeypatch, fuse):
 def test_decode_with_every_round5_switch_matches_the_torch_backend(gemv_mod, model_dir, monkeypatch):
     # The whole tiny model, decode steps through the triton backend (interpreter on CPU) with
     # the fused norm, a new matvec body and the split decode step, against the torch backend.
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the tiny model runs on CPU, under Triton's interpreter")
     from mamba2_cli import load_model
     from mamba2_cli.kernels import step
 

@@ -85,7 +85,7 @@ class GemvConfig:
 
 # Configuration by padded row count. 1 row: measured on the H200 (benchmarks/NOTES.md).
 GEMV_CONFIG = {
-    1: GemvConfig("reduce", 2, 2048, 4),
+    1: GemvConfig("acc", 2, 1024, 4),  # round 5: 129 products 3.63 ms (reduce n2 k2048: 3.84; cuBLAS 4.13)
     2: GemvConfig("reduce", 2, 1024, 4),
     4: GemvConfig("reduce", 4, 512, 4),
     8: GemvConfig("reduce", 4, 256, 4),

@@ -35,7 +35,7 @@ from .ssd import softplus_clamp
 # Fixed launch configuration, measured on an H200 (benchmarks/NOTES.md): BLOCK_P splits a
 # head's P rows over programs, so batch 1 still has 512 programs in flight; 2 warps keep
 # the registers per program low enough for many programs per SM at large batch.
-STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 2}
+STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}  # round 5: 8.83 us per layer in a graph (w2: 9.39)
 # Round-5 candidates, off by default: "split" runs the gated norm as a second kernel (one
 # program per (sequence, group), no arrival counter) instead of in the group's last program;
 # "pdl" launches the step with programmatic dependent launch, its state slice and constants
