@@ -29,10 +29,13 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         env["triton"] = None
     try:
-        env["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5,
-        ).stdout.strip() or None
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+
+        env["commit"] = git("rev-parse", "--short", "HEAD") or None
+        if env["commit"] and git("status", "--porcelain", "--untracked-files=no"):
+            env["commit"] += "+dirty"  # the tree measured is not that commit
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
     return env
