@@ -232,7 +232,7 @@ and the evaluation), torch {r['torch']}.
 |---|---|
 | bits per byte | {h['bits_per_byte']} |
 | gzip -9, file by file | {h['gzip9_bits_per_byte']} |
-| loss per token (nats) | {h['loss_per_token']} |
+| validation loss per token (nats) | {h['loss_per_token']} |
 | bytes / tokens | {h['bytes']:,} / {h['tokens']:,} |
 
 | {s['n']} signatures from held-out modules, temperature {s['temperature']}, at most {s['max_new_tokens']} new tokens | parses | parses with a non-trivial body | same, cut only at column 0 |
