@@ -226,16 +226,9 @@ def _gemv_dot_kernel(
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: the weight rows fill the MMA's M
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy=EVICT)
-            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-        else:
-            k_mask = (k0 + rk) < K
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT)
-            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K, EVICT)
+        x = _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K)
         acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
