@@ -83,12 +83,16 @@ class GemvConfig:
         return replace(self, **kw)
 
 
-# Configuration by padded row count. 1 row: measured on the H200 (benchmarks/NOTES.md).
+# Configuration by padded row count, measured on the H200 (benchmarks/NOTES.md).
+_DOT_ROWS = GemvConfig("dot", 64, 256, 4, num_stages=4, evict_first=True)
 GEMV_CONFIG = {
     1: GemvConfig("acc", 2, 1024, 4),  # round 5: 129 products 3.63 ms (reduce n2 k2048: 3.84; cuBLAS 4.13)
-    2: GemvConfig("reduce", 2, 1024, 4),
-    4: GemvConfig("reduce", 4, 512, 4),
-    8: GemvConfig("reduce", 4, 256, 4),
+    # 2-8 rows: tensor cores, rows padded to 16 in the kernel, so one configuration serves them
+    # all. Measured at 8 rows (round 5 and the recheck): 129 products 4.02 ms (cuBLAS 4.27),
+    # Codestral batch-8 decode 154.9 vs 147.8 tok/s per sequence; 2 and 4 rows are not timed.
+    2: _DOT_ROWS,
+    4: _DOT_ROWS,
+    8: _DOT_ROWS,
 }
 
 # The fused add + RMSNorm + matvec; used by `norm_linear` only when FUSE_NORM is set.
@@ -429,11 +433,10 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     return y, res_out
 
 
-# Rows up to which `linear` takes the kernel. Measured on the H200 (benchmarks/NOTES.md): the
-# 129 matvecs of a Codestral decode step take 3.88 ms at 1 row (88 % of copy bandwidth, cuBLAS
-# 4.04 ms) but 36.5 ms at 8 rows (cuBLAS 4.15 ms): the 8-row configuration is far off, so
-# batches use cuBLAS until it is tuned.
-KERNEL_ROWS = 1
+# Rows up to which `linear` takes the kernel; more rows go to cuBLAS. Measured on the H200
+# (benchmarks/NOTES.md, session 2): the 129 matvecs of a Codestral decode step take 3.63 ms at
+# 1 row (cuBLAS 4.13) and 4.02 ms at 8 rows (cuBLAS 4.27).
+KERNEL_ROWS = 8
 
 
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
