@@ -69,6 +69,11 @@ def test_it_completes_functions():
     assert sum(good) >= 4, [r.text for r in results]
 
 
+def test_download_says_it_is_built_in():
+    p = ok(mamba2("download", "tiny-code"))
+    assert p.stdout.decode().strip() == str(ASSET) and b"built into mamba2" in p.stderr
+
+
 def test_models_lists_it():
     out = json.loads(ok(mamba2("models", "--json")).stdout)
     assert [b["name"] for b in out["builtin"] if b["default"]] == ["tiny-code"]

@@ -658,8 +658,14 @@ def download(
 ):
     """Download the files of a model that mamba2 reads; print the directory they are in."""
     from .download import download as fetch, human_bytes
-    from .hub import parse_repo_spec
+    from .hub import builtin_dir, parse_repo_spec
 
+    builtin = builtin_dir(repo_id)
+    if builtin is not None:  # nothing to fetch: print where it is, as for a download
+        if not quiet:
+            _stderr().print(f"{repo_id} is built into mamba2: nothing to download", highlight=False)
+        typer.echo(str(builtin))
+        return
     repo, at = parse_repo_spec(repo_id)
     if at and revision and at != revision:
         _fail(f"two revisions given: @{at} and --revision {revision}")
