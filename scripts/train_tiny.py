@@ -106,6 +106,12 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def sample_windows(stream: torch.Tensor, batch: int, seq: int, g: torch.Generator) -> torch.Tensor:
+    """[batch, seq + 1] windows of the token stream (on its device) at random starts drawn from g."""
+    starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
+    return stream[starts[:, None].to(stream.device) + torch.arange(seq + 1, device=stream.device)]
+
+
 def batch_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     state = model.new_state(x.shape[0])
     logits = model(x, state)
@@ -122,8 +128,7 @@ def fit_steps(a, cfg: Mamba2Config, device: torch.device, stream: torch.Tensor, 
     g = torch.Generator().manual_seed(a.seed + 1)
 
     def step():
-        starts = torch.randint(0, len(stream) - a.seq - 1, (a.batch,), generator=g)
-        chunk = stream[starts[:, None].to(device) + torch.arange(a.seq + 1, device=device)]
+        chunk = sample_windows(stream, a.batch, a.seq, g)
         loss = batch_loss(probe, chunk[:, :-1], chunk[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,9 +238,7 @@ def main() -> None:
                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not tty) as progress:
         task = progress.add_task("training", total=a.steps)
         for step in range(a.steps):
-            starts = torch.randint(0, len(stream) - a.seq - 1, (a.batch,), generator=g)
-            idx = starts[:, None].to(device) + torch.arange(a.seq + 1, device=device)
-            chunk = stream_dev[idx]
+            chunk = sample_windows(stream_dev, a.batch, a.seq, g)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
             loss = batch_loss(model, chunk[:, :-1], chunk[:, 1:])

@@ -134,6 +134,19 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _tile_ptrs(pid, x_ptr, w_ptr, M, N, stride_xm, stride_wn,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's output columns rn, rows rm, tile columns rk, their masks, and the first
+    K tile's pointers into W (64-bit row offsets) and x."""
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    return rn, rm, rk, rn < N, rm < M, w_ptrs, x_ptrs
+
+
+@triton.jit
 def _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K: tl.constexpr, EVICT: tl.constexpr):
     """The weight tile at column k0 < K (masked at the end of K unless K is a multiple of the tile)."""
     if EVEN_K:
@@ -173,13 +186,8 @@ def _gemv_acc_kernel(
     pid = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()  # the next kernel may start; it waits for us before reading
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    n_mask = rn < N
-    m_mask = rm < M
-    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    rn, rm, rk, n_mask, m_mask, w_ptrs, x_ptrs = _tile_ptrs(pid, x_ptr, w_ptr, M, N, stride_xm, stride_wn,
+                                                             BLOCK_M, BLOCK_N, BLOCK_K)
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
@@ -221,13 +229,8 @@ def _gemv_dot_kernel(
     EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    n_mask = rn < N
-    m_mask = rm < M
-    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    rn, rm, rk, n_mask, m_mask, w_ptrs, x_ptrs = _tile_ptrs(pid, x_ptr, w_ptr, M, N, stride_xm, stride_wn,
+                                                             BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: the weight rows fill the MMA's M
     for k0 in range(0, K, BLOCK_K):
         w = _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K, EVICT)
