@@ -148,6 +148,55 @@ def test_ssd_prefill_many_programs_configuration_matches_float64_recurrence(tb, 
     assert rel_err(state.cpu(), state_ref) < 5e-3
 
 
+@pytest.mark.parametrize(
+    "segments, L, init, cfg",
+    [
+        (2, 70, True, {}),
+        (3, 45, False, {}),
+        (4, 16 * 7 + 5, True, {"STATE_T": False, "D_IN_SCORES": False}),
+        (5, 33, True, {"states": {"BLOCK_P": 16, "STATE_T": False}}),
+    ],
+    ids=["two", "three-no-init", "four-ragged", "five-p16-states"],
+)
+def test_ssd_prefill_split_sequence_matches_float64_recurrence(tb, segments, L, init, cfg):
+    # The sequence cut into segments: a states-only pass over all but the last, then every
+    # segment from its composed state. Chunk 16 so that short sequences have several.
+    inp = ssd_inputs(2, L, 4, 32, 2, 16, torch.float32, init=init, seed=11)
+    y, state = run_ssd(tb.ssd_prefill, inp, config={"CHUNK": 16, "SEGMENTS": segments, **cfg})
+    y_ref, state_ref = sequential(inp)
+    assert rel_err(y.cpu(), y_ref) < 1e-4
+    assert rel_err(state.cpu(), state_ref) < 1e-4
+
+
+def test_ssd_prefill_split_sequence_with_lengths_and_the_state_in_place(tb):
+    # Padded rows (seq_len) and the final state written over the initial one: the split path
+    # must not let the last segment overwrite what the first segments still read.
+    inp = ssd_inputs(2, 64, 2, 16, 1, 16, torch.float32, seed=12)
+    lens = torch.tensor([64, 29], device=DEVICE)
+    state0 = inp["initial_state"].clone()
+    y, state = run_ssd(tb.ssd_prefill, inp, seq_len=lens, final_state=inp["initial_state"],
+                       config={"CHUNK": 16, "SEGMENTS": 4})
+    assert state.data_ptr() == inp["initial_state"].data_ptr()
+    for row, n in enumerate(lens.tolist()):
+        one = {k: (v[row : row + 1, :n] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+        one["initial_state"] = state0[row : row + 1]
+        y_ref, state_ref = sequential(one)
+        assert rel_err(y[row : row + 1, :n].cpu(), y_ref) < 1e-4
+        assert rel_err(state[row : row + 1].cpu(), state_ref) < 1e-4
+        assert torch.all(y[row, n:] == 0)
+
+
+def test_ssd_prefill_splits_small_grids_by_rule():
+    from mamba2_cli.kernels import ssd
+
+    cfg = {"SPLIT_PROGRAMS": 512, "SPLIT_MIN_CHUNKS": 16}
+    assert ssd._segments(cfg, 256, 256) == 2  # batch 1, L 16384: two segments of 128 chunks
+    assert ssd._segments(cfg, 256, 20) == 1  # too short to split
+    assert ssd._segments(cfg, 2048, 256) == 1  # batch 8: enough programs already
+    assert ssd._segments({**cfg, "SEGMENTS": 3}, 2048, 256) == 3
+    assert ssd._segments({"SPLIT_PROGRAMS": 0}, 1, 1000) == 1
+
+
 def test_ssd_prefill_in_pieces_equals_whole(tb):
     inp = ssd_inputs(1, 50, 2, 16, 2, 16, torch.float32, seed=4)
     y, state = run_ssd(tb.ssd_prefill, inp)

@@ -19,15 +19,21 @@ def _warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+# Launch knobs (benchmarks time the alternatives): warps None picks by row width; rows is
+# the number of rows (of the gated norm: row groups) one program normalizes, 1, 2, 4, ...
+NORM_CONFIG = {"add_warps": None, "add_rows": 1, "gated_warps": None, "gated_rows": 1}
+
+
 @triton.jit
 def _add_rmsnorm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, D, eps,
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, D, eps,
     stride_x, stride_res, stride_out, stride_res_out,
-    HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
+    # ROWS rows per program, one [ROWS, BLOCK_D] tile.
+    row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    offs = tl.arange(0, BLOCK_D)[None, :]
+    mask = (offs < D) & (row < M)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32) + x
@@ -38,27 +44,28 @@ def _add_rmsnorm_kernel(
         r = r.to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_res_out + offs, r, mask=mask)
         r = r.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(r * r, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(r * r, axis=1) / D + eps)[:, None]
+    w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (r * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_rmsnorm_kernel(
-    y_ptr, z_ptr, w_ptr, out_ptr, group_size, eps,
+    y_ptr, z_ptr, w_ptr, out_ptr, M, group_size, eps,
     stride_y, stride_z, stride_out,
-    NORM_BEFORE_GATE: tl.constexpr, BLOCK: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    col = tl.program_id(1) * group_size + tl.arange(0, BLOCK)
-    mask = tl.arange(0, BLOCK) < group_size
+    # ROWS rows of one group per program, one [ROWS, BLOCK] tile.
+    row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    col = (tl.program_id(1) * group_size + tl.arange(0, BLOCK))[None, :]
+    mask = (tl.arange(0, BLOCK) < group_size)[None, :] & (row < M)
     y = tl.load(y_ptr + row * stride_y + col, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + row * stride_z + col, mask=mask, other=0.0).to(tl.float32)
     gate = z * tl.sigmoid(z)
     if not NORM_BEFORE_GATE:
         y = y * gate
-    rstd = tl.math.rsqrt(tl.sum(y * y, axis=0) / group_size + eps)
-    out = y * rstd * tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(y * y, axis=1) / group_size + eps)[:, None]
+    out = y * rstd * tl.load(w_ptr + col, mask=col < (tl.program_id(1) + 1) * group_size, other=0.0).to(tl.float32)
     if NORM_BEFORE_GATE:
         out = out * gate
     tl.store(out_ptr + row * stride_out + col, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -100,10 +107,12 @@ def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
     M = x2.shape[0]
     if M:
         BLOCK = triton.next_power_of_2(D)
-        _add_rmsnorm_kernel[(M,)](
-            x2, res2, weight, out, res_out, D, float(eps),
+        rows = min(int(NORM_CONFIG["add_rows"]), triton.next_power_of_2(M))
+        _add_rmsnorm_kernel[(triton.cdiv(M, rows),)](
+            x2, res2, weight, out, res_out, M, D, float(eps),
             x2.stride(0), res2.stride(0), D, D,
-            HAS_RES=residual is not None, WRITE_RES=write_res, BLOCK_D=BLOCK, num_warps=_warps(BLOCK),
+            HAS_RES=residual is not None, WRITE_RES=write_res, BLOCK_D=BLOCK, ROWS=rows,
+            num_warps=NORM_CONFIG["add_warps"] or _warps(BLOCK * rows),
         )
     return out, res_out
 
@@ -121,8 +130,10 @@ def gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False):
     M = y2.shape[0]
     if M:
         BLOCK = triton.next_power_of_2(group_size)
-        _gated_rmsnorm_kernel[(M, d // group_size)](
-            y2, z2, weight, out, group_size, float(eps), y2.stride(0), z2.stride(0), d,
-            NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK=BLOCK, num_warps=_warps(BLOCK),
+        rows = min(int(NORM_CONFIG["gated_rows"]), triton.next_power_of_2(M))
+        _gated_rmsnorm_kernel[(triton.cdiv(M, rows), d // group_size)](
+            y2, z2, weight, out, M, group_size, float(eps), y2.stride(0), z2.stride(0), d,
+            NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK=BLOCK, ROWS=rows,
+            num_warps=NORM_CONFIG["gated_warps"] or _warps(BLOCK * rows),
         )
     return out

@@ -57,6 +57,13 @@ MANY_PROGRAMS = 512
 SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1, "PREFETCH": 1,
                     "STATE_T": True, "D_IN_SCORES": True}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
+# Splitting the sequence (batch 1 and other small grids): SEGMENTS fixes the count; else,
+# when the grid has fewer than SPLIT_PROGRAMS programs (0: never), the sequence is cut into
+# segments of at least SPLIT_MIN_CHUNKS chunks. A first pass runs every segment but the last
+# from a zero state (SPLIT_STATES_CONFIG: states only, no y); the second runs all segments at
+# once, each from the state composed from the ones before it.
+SCAN_CONFIG.update({"SEGMENTS": None, "SPLIT_PROGRAMS": 0, "SPLIT_MIN_CHUNKS": 16})
+SPLIT_STATES_CONFIG = {"BLOCK_P": 64, "num_warps": 4, "num_stages": 2, "STATE_T": True}
 
 # The chunk count is never specialized. Triton compiles an integer argument equal to 1 as a
 # constant, so a prompt of one chunk (L <= CHUNK) got a kernel of its own with the chunk
@@ -65,7 +72,8 @@ CB_CONFIG = {"num_warps": 4, "num_stages": 2}
 # (benchmarks/NOTES.md, round 4). Now every prompt runs the looped kernel. L stays
 # specialized: its divisibility by 16 saves instructions in the masks (the kernel for
 # L % 16 == 0 is the one measured), and L = 1 compiles a looped kernel as well.
-_LENGTH_ARGS = ["nchunks"]
+# seg_chunks likewise (equal to nchunks unless the sequence is split).
+_LENGTH_ARGS = ["nchunks", "seg_chunks"]
 
 
 @triton.jit
@@ -127,10 +135,45 @@ def _chunk_cb_kernel(
     tl.store(out + offs_q[:, None] * CHUNK + offs_q[None, :], acc)
 
 
+@triton.jit
+def _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PRECOMPUTED: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, FOLD_DECAY: tl.constexpr, STATE_T: tl.constexpr,
+                  D_IN_SCORES: tl.constexpr):
+    """y of one chunk [CHUNK, BLOCK_P] in fp32: the entering state's part plus the in-chunk part."""
+    # Inside the chunk. Decay exponents are differences of one chunk's cumsum, so
+    # they stay small; the upper triangle is clamped before exp (it is masked anyway).
+    if not CB_PRECOMPUTED:
+        cb = tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PRECISION)
+    decay = tl.exp(tl.minimum(a[:, None] - a[None, :], 0.0))
+    scores = tl.where(causal, cb * decay * dt[None, :], 0.0)
+    if D_IN_SCORES:
+        # D x as D on the diagonal of the in-chunk product (D per head only).
+        scores += tl.where(offs_q[:, None] == offs_q[None, :], D_h, 0.0)
+
+    # The state entering the chunk, seen from each position: exp(a_q) C_q . S_in.
+    if STATE_T:
+        s_op = state.to(xm.dtype)
+    else:
+        s_op = tl.trans(state.to(xm.dtype))
+    if FOLD_DECAY:
+        # exp(a_q) scales C's rows, so both products share one accumulator.
+        Ce = (Cm.to(tl.float32) * tl.exp(a)[:, None]).to(xm.dtype)
+        y = tl.dot(Ce, s_op, input_precision=DOT_PRECISION)
+        y = tl.dot(scores.to(xm.dtype), xm, acc=y, input_precision=DOT_PRECISION)
+    else:
+        y = tl.dot(Cm, s_op, input_precision=DOT_PRECISION)
+        y = y * tl.exp(a)[:, None]
+        y += tl.dot(scores.to(xm.dtype), xm, input_precision=DOT_PRECISION)
+    if not D_IN_SCORES:
+        y += Dv[None, :] * xm.to(tl.float32)
+    return y
+
+
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _ssd_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, cb_ptr, init_ptr, y_ptr, final_ptr, len_ptr,
-    L, H, P, N, G, heads_per_group, nchunks, dt_lo, dt_hi,
+    seg_state_ptr, seg_decay_ptr,
+    L, H, P, N, G, heads_per_group, nchunks, dt_lo, dt_hi, seg_chunks, nseg,
     stride_x_b, stride_x_l, stride_x_h,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_B_b, stride_B_l, stride_B_g,
@@ -142,18 +185,24 @@ def _ssd_scan_kernel(
     CB_PRECOMPUTED: tl.constexpr, HAS_INIT: tl.constexpr, DT_CLAMP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, FOLD_DECAY: tl.constexpr,
     STATE_T: tl.constexpr, D_IN_SCORES: tl.constexpr, HAS_LEN: tl.constexpr,
+    STATES_ONLY: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # Program order: P block fastest, then head, then sequence, so the heads of one group
-    # (which read the same B, C and C B^T) run side by side and share L2.
+    # Program order: P block fastest, then head, then segment, then sequence, so the heads
+    # of one group (which read the same B, C and C B^T) run side by side and share L2.
     pid = tl.program_id(0)
     npb = tl.cdiv(P, BLOCK_P)
     pb = pid % npb
     h = (pid // npb) % H
-    bi = (pid // (npb * H)).to(tl.int64)
+    seg = (pid // (npb * H)) % nseg
+    bi = (pid // (npb * H * nseg)).to(tl.int64)
     g = h // heads_per_group
-    # Positions past the sequence's length n (padding) are masked out of every load: they
+    # Positions past the sequence's length (padding) are masked out of every load: they
     # read as zero, so the state passes through them unchanged and their y is zero.
-    n = row_length(len_ptr, bi, L, HAS_LEN)
+    # A segment covers chunks [seg * seg_chunks, (seg + 1) * seg_chunks) of its sequence
+    # (one segment, the whole sequence, unless SPLIT); n counts its real positions.
+    t_seg = seg * seg_chunks * CHUNK
+    n = tl.minimum(tl.maximum(row_length(len_ptr, bi, L, HAS_LEN) - t_seg, 0), seg_chunks * CHUNK)
+    n_loop = tl.minimum(seg_chunks, nchunks - seg * seg_chunks)
 
     offs_q = tl.arange(0, CHUNK)
     offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -169,28 +218,34 @@ def _ssd_scan_kernel(
 
     if STATE_T:
         # The state held as S^T [N, P]: both products that touch it then take it as is.
-        s_off = bi * stride_s_b + h * stride_s_h + offs_p[None, :] * stride_s_p + offs_n[:, None]
+        s_in = h * stride_s_h + offs_p[None, :] * stride_s_p + offs_n[:, None]
         s_mask = pmask[None, :] & nmask[:, None]
-        if HAS_INIT:
-            state = tl.load(init_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
-        else:
-            state = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+        state = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
     else:
-        s_off = bi * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
+        s_in = h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
         s_mask = pmask[:, None] & nmask[None, :]
-        if HAS_INIT:
-            state = tl.load(init_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
-        else:
-            state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    s_off = bi * stride_s_b + s_in
+    if HAS_INIT and not STATES_ONLY:
+        state += tl.load(init_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    if SPLIT and not STATES_ONLY:
+        # The state entering this segment, composed from the segments before it: each one's
+        # own final state (from zero, computed by the STATES_ONLY pass) and total decay.
+        for k in range(0, seg):
+            row = bi * (nseg - 1) + k
+            state = state * tl.exp(tl.load(seg_decay_ptr + row * H + h)) \
+                + tl.load(seg_state_ptr + row * stride_s_b + s_in, mask=s_mask, other=0.0)
 
     # Base pointers advance by one chunk per trip (64-bit pointer arithmetic, so long
     # prompts cannot overflow 32-bit offsets).
-    x_base = x_ptr + bi * stride_x_b + h * stride_x_h
-    y_base = y_ptr + bi * stride_y_b + h * stride_y_h
-    dt_base = dt_ptr + bi * stride_dt_b + h * stride_dt_h
-    B_base = B_ptr + bi * stride_B_b + g * stride_B_g
-    C_base = C_ptr + bi * stride_C_b + g * stride_C_g
-    cb_base = cb_ptr + ((bi * nchunks) * G + g) * (CHUNK * CHUNK)
+    t64 = t_seg.to(tl.int64)
+    x_base = x_ptr + bi * stride_x_b + h * stride_x_h + t64 * stride_x_l
+    y_base = y_ptr + bi * stride_y_b + h * stride_y_h + t64 * stride_y_l
+    dt_base = dt_ptr + bi * stride_dt_b + h * stride_dt_h + t64 * stride_dt_l
+    B_base = B_ptr + bi * stride_B_b + g * stride_B_g + t64 * stride_B_l
+    C_base = C_ptr + bi * stride_C_b + g * stride_C_g + t64 * stride_C_l
+    cb_base = cb_ptr + ((bi * nchunks + seg * seg_chunks) * G + g) * (CHUNK * CHUNK)
+    a_total = tl.zeros((), dtype=tl.float32)
 
     if PREFETCH:
         # Registers hold the next chunk's dt and x while this one computes, so their
@@ -209,7 +264,7 @@ def _ssd_scan_kernel(
             if CB_PRECOMPUTED:
                 cb_n = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
 
-    for c in range(0, nchunks):
+    for c in range(0, n_loop):
         tmask = (c * CHUNK + offs_q) < n
         if PREFETCH:
             dt_raw = dt_n
@@ -232,13 +287,14 @@ def _ssd_scan_kernel(
             if CB_PRECOMPUTED:
                 cb = cb_n
                 cb_n = tl.load(cb_base + G * CHUNK * CHUNK + offs_q[:, None] * CHUNK + offs_q[None, :],
-                               mask=(tl.zeros((CHUNK, CHUNK), dtype=tl.int32) + c + 1) < nchunks, other=0.0)
+                               mask=(tl.zeros((CHUNK, CHUNK), dtype=tl.int32) + c + 1) < n_loop, other=0.0)
         else:
-            Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
-                         mask=tmask[:, None] & nmask[None, :], other=0.0)
+            if not STATES_ONLY:
+                Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
+                             mask=tmask[:, None] & nmask[None, :], other=0.0)
             Bm = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
                          mask=tmask[:, None] & nmask[None, :], other=0.0)
-            if CB_PRECOMPUTED:
+            if CB_PRECOMPUTED and not STATES_ONLY:
                 cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
 
         # Positions past L get dt = 0: no decay and no input, the state passes through.
@@ -247,38 +303,18 @@ def _ssd_scan_kernel(
         a = tl.cumsum(dA, axis=0)
         a_end = tl.sum(dA, axis=0)
 
-        # Inside the chunk. Decay exponents are differences of one chunk's cumsum, so
-        # they stay small; the upper triangle is clamped before exp (it is masked anyway).
-        if not CB_PRECOMPUTED:
-            cb = tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PRECISION)
-        decay = tl.exp(tl.minimum(a[:, None] - a[None, :], 0.0))
-        scores = tl.where(causal, cb * decay * dt[None, :], 0.0)
-        if D_IN_SCORES:
-            # D x as D on the diagonal of the in-chunk product (D per head only).
-            scores += tl.where(offs_q[:, None] == offs_q[None, :], D_h, 0.0)
-
-        # The state entering the chunk, seen from each position: exp(a_q) C_q . S_in.
-        if STATE_T:
-            s_op = state.to(xm.dtype)
-        else:
-            s_op = tl.trans(state.to(xm.dtype))
-        if FOLD_DECAY:
-            # exp(a_q) scales C's rows, so both products share one accumulator.
-            Ce = (Cm.to(tl.float32) * tl.exp(a)[:, None]).to(xm.dtype)
-            y = tl.dot(Ce, s_op, input_precision=DOT_PRECISION)
-            y = tl.dot(scores.to(xm.dtype), xm, acc=y, input_precision=DOT_PRECISION)
-        else:
-            y = tl.dot(Cm, s_op, input_precision=DOT_PRECISION)
-            y = y * tl.exp(a)[:, None]
-            y += tl.dot(scores.to(xm.dtype), xm, input_precision=DOT_PRECISION)
-        if not D_IN_SCORES:
-            y += Dv[None, :] * xm.to(tl.float32)
-        if HAS_LEN:
-            ymask = (c * CHUNK + offs_q) < L  # padding gets its (zero) y too: no stale memory in y
-        else:
-            ymask = tmask
-        tl.store(y_base + offs_q[:, None] * stride_y_l + offs_p[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=ymask[:, None] & pmask[None, :])
+        a_total += a_end
+        if not STATES_ONLY:
+            if not CB_PRECOMPUTED:
+                cb = dt  # a placeholder: _chunk_output computes C B^T itself
+            y = _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PRECOMPUTED,
+                              DOT_PRECISION, FOLD_DECAY, STATE_T, D_IN_SCORES)
+            if HAS_LEN:
+                ymask = (c * CHUNK + offs_q) < L - t_seg  # padding gets its (zero) y: no stale memory
+            else:
+                ymask = tmask
+            tl.store(y_base + offs_q[:, None] * stride_y_l + offs_p[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=ymask[:, None] & pmask[None, :])
 
         # Carry the state to the chunk's end.
         w = tl.exp(a_end - a) * dt
@@ -295,7 +331,44 @@ def _ssd_scan_kernel(
         C_base += CHUNK * stride_C_l
         cb_base += G * CHUNK * CHUNK
 
-    tl.store(final_ptr + s_off, state, mask=s_mask)
+    if STATES_ONLY:
+        # This segment's own final state (from zero) and its total decay, for the segments after
+        # it (this pass runs nseg = all segments but the last).
+        row = bi * nseg + seg
+        tl.store(seg_state_ptr + row * stride_s_b + s_in, state, mask=s_mask)
+        if pb == 0:
+            tl.store(seg_decay_ptr + row * H + h, a_total)
+    elif seg == nseg - 1:
+        tl.store(final_ptr + s_off, state, mask=s_mask)
+
+
+def _segments(cfg: dict, programs: int, nchunks: int) -> int:
+    """How many segments the sequence is split into: SEGMENTS when set, else enough for
+    SPLIT_PROGRAMS programs when the batch gives fewer, each at least SPLIT_MIN_CHUNKS long."""
+    if cfg.get("SEGMENTS"):
+        return max(1, min(int(cfg["SEGMENTS"]), nchunks))
+    target = int(cfg.get("SPLIT_PROGRAMS") or 0)
+    if target <= programs:
+        return 1
+    return max(1, min(target // programs, nchunks // max(1, int(cfg.get("SPLIT_MIN_CHUNKS") or 1))))
+
+
+def _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
+                 grid, L, H, P, N, G, nchunks, lo, hi, seg_chunks, nseg, BLOCK_P, flags, num_warps, num_stages,
+                 launch_extra):
+    _ssd_scan_kernel[grid](
+        x, dt, A, B, C, D2, dt_bias, cb, init, y, final, seq_len if seq_len is not None else A,
+        seg_state, seg_decay,
+        L, H, P, N, G, H // G, nchunks, lo, hi if hi != float("inf") else 3.0e38, seg_chunks, nseg,
+        x.stride(0), x.stride(1), x.stride(2),
+        dt.stride(0), dt.stride(1), dt.stride(2),
+        B.stride(0), B.stride(1), B.stride(2),
+        C.stride(0), C.stride(1), C.stride(2),
+        stride_D[0], stride_D[1],
+        y.stride(0), y.stride(1), y.stride(2),
+        final.stride(0), final.stride(1), final.stride(2),
+        BLOCK_P=BLOCK_P, **flags, num_warps=num_warps, num_stages=num_stages, **launch_extra,
+    )
 
 
 def _check(cond: bool, msg) -> None:
@@ -406,26 +479,38 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     else:
         cb = y  # unused
 
+    nseg = _segments(cfg, b * H * npb, nchunks)
+    seg_chunks = triton.cdiv(nchunks, nseg)
+    nseg = triton.cdiv(nchunks, seg_chunks)  # no empty segment at the end
+    if nseg > 1 and final_state is not None and initial_state is not None \
+            and final_state.data_ptr() == initial_state.data_ptr():
+        # The last segment writes the final state while the others still read the initial one.
+        final = torch.empty_like(final)
     init = initial_state if initial_state is not None else final
     # maxnreg caps registers per thread so that two programs share an SM (CUDA only).
     launch_extra = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") and x.is_cuda else {}
-    _ssd_scan_kernel[(b * H * npb,)](
-        x, dt, A, B, C, D2, dt_bias, cb, init, y, final, seq_len if seq_len is not None else A,
-        L, H, P, N, G, H // G, nchunks, lo, hi if hi != float("inf") else 3.0e38,
-        x.stride(0), x.stride(1), x.stride(2),
-        dt.stride(0), dt.stride(1), dt.stride(2),
-        B.stride(0), B.stride(1), B.stride(2),
-        C.stride(0), C.stride(1), C.stride(2),
-        stride_D[0], stride_D[1],
-        y.stride(0), y.stride(1), y.stride(2),
-        final.stride(0), final.stride(1), final.stride(2),
-        CHUNK=CHUNK, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-        CB_PRECOMPUTED=bool(cfg["CB_PRECOMPUTED"]), HAS_INIT=initial_state is not None,
-        DT_CLAMP=dt_clamp, DOT_PRECISION=precision,
-        PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]), STATE_T=bool(cfg["STATE_T"]),
-        D_IN_SCORES=bool(cfg["D_IN_SCORES"]) and D.dim() == 1, HAS_LEN=seq_len is not None,
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch_extra,
-    )
+    common = dict(CHUNK=CHUNK, BLOCK_N=BLOCK_N, CB_PRECOMPUTED=bool(cfg["CB_PRECOMPUTED"]),
+                  HAS_INIT=initial_state is not None, DT_CLAMP=dt_clamp, DOT_PRECISION=precision,
+                  PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]),
+                  HAS_LEN=seq_len is not None)
+    seg_state = seg_decay = A  # unused unless split
+    if nseg > 1:
+        # Pass 1: every segment but the last, from a zero state: its final state and decay.
+        seg_state = torch.empty((b * (nseg - 1), H, P, N), dtype=torch.float32, device=x.device)
+        seg_decay = torch.empty((b * (nseg - 1), H), dtype=torch.float32, device=x.device)
+        pcfg = {**cfg, **SPLIT_STATES_CONFIG, **cfg.get("states", {})}
+        BP1 = min(int(pcfg["BLOCK_P"]), triton.next_power_of_2(P))
+        _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
+                     (b * (nseg - 1) * H * triton.cdiv(P, BP1),), L, H, P, N, G, nchunks, lo, hi, seg_chunks,
+                     nseg - 1, BP1, {**common, "STATE_T": bool(pcfg["STATE_T"]), "D_IN_SCORES": False,
+                                     "STATES_ONLY": True, "SPLIT": True},
+                     int(pcfg["num_warps"]), int(pcfg["num_stages"]), launch_extra)
+    # Pass 2 (the only one unless split): every segment, from the state composed for it.
+    _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
+                 (b * nseg * H * npb,), L, H, P, N, G, nchunks, lo, hi, seg_chunks, nseg, BLOCK_P,
+                 {**common, "STATE_T": bool(cfg["STATE_T"]), "D_IN_SCORES": bool(cfg["D_IN_SCORES"]) and D.dim() == 1,
+                  "STATES_ONLY": False, "SPLIT": nseg > 1},
+                 int(cfg["num_warps"]), int(cfg["num_stages"]), launch_extra)
     if out is not None and out is not final:
         out.copy_(final)
         final = out

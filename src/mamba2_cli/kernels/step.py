@@ -41,6 +41,8 @@ STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}  # round 5: 8.83 us per layer in a
 # "pdl" launches the step with programmatic dependent launch, its state slice and constants
 # fetched while in_proj finishes (CUDA only); "tail_warps" sizes the second kernel.
 STEP_CONFIG.update({"split": False, "pdl": False, "tail_warps": 4})
+# Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order.
+STEP_BATCH_CONFIG: list[tuple[int, dict]] = []
 
 _scratch: dict = {}
 
@@ -349,7 +351,11 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     norm_weight = norm_weight.contiguous()
     lo, hi, clamp = _dt_limit_args(dt_limit)
 
-    cfg = {**STEP_CONFIG, **(config or {})}
+    cfg = dict(STEP_CONFIG)
+    for min_batch, over in STEP_BATCH_CONFIG:
+        if b >= min_batch:
+            cfg.update(over)
+    cfg.update(config or {})
     BLOCK_P = min(block_p or cfg["BLOCK_P"], triton.next_power_of_2(P))
     npb = triton.cdiv(P, BLOCK_P)
     hpg = H // G
