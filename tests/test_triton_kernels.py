@@ -369,6 +369,52 @@ def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb, split, dtype):
+    # STEP_CONFIG["bc_pre"]: B and C convolved once per group by a first kernel (which shifts
+    # their windows) instead of by every head's programs: the same values, bit for bit.
+    st, draw = mixer_inputs(3, 6, 32, 3, 16, 4, dtype, seed=13)
+    plain = {k: v.clone() for k, v in st.items()}
+    ref = {k: v.clone() for k, v in st.items()}
+    for _ in range(3):
+        zxbcdt = draw()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 3, False,
+                        config={"bc_pre": True, "split": split, "BLOCK_P": 16})
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 3, False, config={"BLOCK_P": 16})
+        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 3, False)
+        assert torch.equal(out, out_plain)
+        assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
+        assert rel_err(out, out_ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+        assert torch.equal(st["conv_state"], ref["conv_state"])
+
+
+def test_decode_step_configuration_follows_the_batch_size(tb, monkeypatch):
+    # STEP_BATCH_CONFIG overrides STEP_CONFIG from a batch size on; the result is the same.
+    from mamba2_cli.kernels import step
+
+    seen = []
+    real = step._mixer_step_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((grid, kw["BLOCK_P"], kw["num_warps"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(step, "_mixer_step_kernel", Spy())
+    monkeypatch.setattr(step, "STEP_BATCH_CONFIG", [(3, {"BLOCK_P": 16, "num_warps": 2})])
+    for b in (2, 3):
+        st, draw = mixer_inputs(b, 4, 32, 2, 16, 4, torch.float32, seed=14)
+        ref = {k: v.clone() for k, v in st.items()}
+        zxbcdt = draw()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False)
+        assert rel_err(out, run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 2, False)) < 1e-5
+    assert seen[0][1:] == (min(step.STEP_CONFIG["BLOCK_P"], 32), step.STEP_CONFIG["num_warps"])
+    assert seen[1][1:] == (16, 2)
+
+
 def test_mixer_decode_steps_continue_a_prefill(tb):
     # Decoding token by token from a prefill's state gives what a longer prefill gives.
     inp = ssd_inputs(1, 20, 4, 16, 2, 16, torch.float32, seed=6)

@@ -41,6 +41,9 @@ STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}  # round 5: 8.83 us per layer in a
 # "pdl" launches the step with programmatic dependent launch, its state slice and constants
 # fetched while in_proj finishes (CUDA only); "tail_warps" sizes the second kernel.
 STEP_CONFIG.update({"split": False, "pdl": False, "tail_warps": 4})
+# "bc_pre": a first small kernel convolves each group's B and C once (one program per sequence
+# and group) instead of every head's programs recomputing them: one launch more, less work.
+STEP_CONFIG["bc_pre"] = False
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order.
 STEP_BATCH_CONFIG: list[tuple[int, dict]] = []
 
@@ -92,8 +95,9 @@ def _ssd_step_kernel(
 def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsmask, norm_w, nss, GS, G, N,
                   d_inner, eps, stride_cs_c, stride_out_b, K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                  BARRIER: tl.constexpr):
-    """Normalize group g from the scratch buffers, write it, shift the group's B and C windows."""
+                  BARRIER: tl.constexpr, SHIFT_BC: tl.constexpr = True):
+    """Normalize group g from the scratch buffers, write it, shift the group's B and C windows
+    (unless SHIFT_BC is off: `_bc_conv_kernel` did)."""
     offs_ss = tl.arange(0, BLOCK_SS)
     ss = tl.load(ssbuf_ptr + bi64 * (G * nss) + g * nss + offs_ss, mask=offs_ss < nss, other=0.0,
                  cache_modifier=".cg")
@@ -104,7 +108,14 @@ def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsma
         zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
         o = o * (zg * tl.sigmoid(zg))
     tl.store(out_ptr + bi64 * stride_out_b + ch_g, o.to(out_ptr.dtype.element_ty), mask=gsmask)
-    # Every program of the group has read the B and C windows: shift them now.
+    if SHIFT_BC:
+        _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, BARRIER)
+
+
+@triton.jit
+def _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, BARRIER: tl.constexpr):
+    """Shift group g's B and C conv windows by the new input (once every reader is done)."""
     offs_n = tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -119,11 +130,36 @@ def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsma
 
 
 @triton.jit
+def _bc_conv_kernel(
+    zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, bc_ptr, G, N, d_inner,
+    stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+):
+    """BC_PRE's first kernel, one program per (sequence, group): the conv + SiLU of the group's
+    B and C channels into bc [b, 2, G, N] (fp32), then the shift of their windows, so the
+    step's programs load B and C instead of each recomputing them."""
+    g = tl.program_id(0) % G
+    bi64 = (tl.program_id(0) // G).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    xbc = zx_ptr + bi64 * stride_zx_b + d_inner
+    cs = conv_state_ptr + bi64 * stride_cs_b
+    ch_B = d_inner + g * N + offs_n
+    ch_C = d_inner + G * N + g * N + offs_n
+    Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    out = bc_ptr + bi64 * (2 * G * N) + g * N + offs_n
+    tl.store(out, Bv, mask=nmask)
+    tl.store(out + G * N, Cv, mask=nmask)
+    _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, True)
+
+
+@triton.jit
 def _group_norm_kernel(
     zx_ptr, conv_state_ptr, norm_w_ptr, out_ptr, ybuf_ptr, ssbuf_ptr,
     G, N, GS, nss, d_inner, eps, stride_zx_b, stride_cs_b, stride_cs_c, stride_out_b,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_GS: tl.constexpr,
-    BLOCK_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, PDL: tl.constexpr, SHIFT_BC: tl.constexpr,
 ):
     """The split step's second kernel: one program per (sequence, group)."""
     g = tl.program_id(0) % G
@@ -138,22 +174,23 @@ def _group_norm_kernel(
     zx = zx_ptr + bi64 * stride_zx_b
     _group_finish(zx, zx + d_inner, conv_state_ptr + bi64 * stride_cs_b, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g,
                   ch_g, gsmask, norm_w, nss, GS, G, N, d_inner, eps, stride_cs_c, stride_out_b,
-                  K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE, True)
+                  K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE, True, SHIFT_BC)
 
 
 @triton.jit
 def _mixer_step_kernel(
     zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr, norm_w_ptr,
-    ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr,
+    ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr, bc_ptr,
     H, P, N, G, heads_per_group, d_inner, eps, dt_lo, dt_hi,
     stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
     stride_s_b, stride_s_h, stride_s_p, stride_out_b,
     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
-    TAIL: tl.constexpr = True, PDL: tl.constexpr = False,
+    TAIL: tl.constexpr = True, PDL: tl.constexpr = False, BC_PRE: tl.constexpr = False,
 ):
-    """TAIL: the group's last program normalizes it (else `_group_norm_kernel` does, after)."""
+    """TAIL: the group's last program normalizes it (else `_group_norm_kernel` does, after).
+    BC_PRE: B and C come convolved from `_bc_conv_kernel` (which also shifted their windows)."""
     pid = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()
@@ -185,8 +222,13 @@ def _mixer_step_kernel(
     ch_B = d_inner + g * N + offs_n
     ch_C = d_inner + G * N + g * N + offs_n
     x = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_x, pmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
-    Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
-    Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    if BC_PRE:
+        bc = bc_ptr + bi64 * (2 * G * N) + g * N + offs_n
+        Bv = tl.load(bc, mask=nmask, other=0.0)
+        Cv = tl.load(bc + G * N, mask=nmask, other=0.0)
+    else:
+        Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+        Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
     win_x = conv_window(xbc, cs, ch_x, pmask, offs_k, stride_cs_c, K)
 
     conv_dim = d_inner + 2 * G * N
@@ -235,7 +277,7 @@ def _mixer_step_kernel(
         if arrived == nss - 1:
             _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsmask, norm_w, nss, GS, G, N,
                           d_inner, eps, stride_cs_c, stride_out_b, K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE,
-                          False)
+                          False, not BC_PRE)
             tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
 
 
@@ -364,9 +406,19 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     launch = {"launch_pdl": True} if pdl else {}
     out = torch.empty((b, d_inner), dtype=zxbcdt.dtype, device=zxbcdt.device)
     ybuf, ssbuf, counts = _scratch_for(zxbcdt.device, b, d_inner, H * npb, G)
+    bc_pre = bool(cfg["bc_pre"])
+    bc = ybuf  # unused unless bc_pre
+    if bc_pre:
+        bc = _scratch_for(zxbcdt.device, b, 2 * G * N, 0, 0)[0]
+        _bc_conv_kernel[(b * G,)](
+            zxbcdt, conv_weight, conv_bias_arg, conv_state, bc, G, N, d_inner,
+            zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+            K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
+            HAS_CONV_BIAS=conv_bias is not None, num_warps=4,
+        )
     _mixer_step_kernel[(b * H * npb,)](
         zxbcdt, conv_weight, conv_bias_arg, conv_state, A, D2, dt_bias, norm_weight,
-        ssm_state, out, ybuf, ssbuf, counts,
+        ssm_state, out, ybuf, ssbuf, counts, bc,
         H, P, N, G, hpg, d_inner, float(eps), lo, hi,
         zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
         D2.stride(0), D2.stride(1),
@@ -374,7 +426,7 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         K=K, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
         BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
-        TAIL=not split, PDL=pdl, num_warps=cfg["num_warps"], **launch,
+        TAIL=not split, PDL=pdl, BC_PRE=bc_pre, num_warps=cfg["num_warps"], **launch,
     )
     if split:
         _group_norm_kernel[(b * G,)](
@@ -383,7 +435,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
             zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
             K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
             BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
-            NORM_BEFORE_GATE=bool(norm_before_gate), PDL=pdl, num_warps=cfg["tail_warps"], **launch,
+            NORM_BEFORE_GATE=bool(norm_before_gate), PDL=pdl, SHIFT_BC=not bc_pre, num_warps=cfg["tail_warps"],
+            **launch,
         )
     return out
 

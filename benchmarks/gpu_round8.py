@@ -1,0 +1,199 @@
+"""GPU round 8 (session 3): the round-7 leads, measured in the model.
+
+    PYTHONPATH=src python3 benchmarks/gpu_round8.py [--budget-s 500]        # H200
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round8.py --tiny   # CPU: runs
+
+  step   mixer_decode_step in a graph of 64 layers, batch 1/2/4/8/64: P block and warps with
+         B and C convolved once per group first (bc_pre) against the defaults
+  model  alternated A/B runs: decoding ahead on/off (b1), add_rmsnorm with 16 warps (b1, prefill),
+         the batch-8 step configurations (b8), prefill pieces of 4096/8192/16384 tokens (65536)
+Lines go to stdout and $OUT/round8.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gpu_round7 as r7  # noqa: E402
+
+T0 = time.time()
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "round8.txt"), "a") as f:
+            f.write(msg + "\n")
+
+
+r7.log = log
+
+
+def step_sweep(dev, tiny, deadline):
+    from mamba2_cli import kernel_bench as kb
+    from mamba2_cli.kernels import step
+
+    s = kb.SHAPES["tiny" if tiny else "codestral"]
+    dtype = torch.float16 if tiny else torch.bfloat16
+    tbps = kb.copy_bandwidth(dev) / 1e12 if dev.type == "cuda" else float("nan")
+    nl = 2 if tiny else 64
+    pre = [{"bc_pre": True, "BLOCK_P": p, "num_warps": w} for p, w in
+           ((16, 4), (16, 2), (16, 1), (32, 4), (32, 2), (32, 1), (64, 2), (64, 4))]
+    best = {}
+    for b in ((1, 2) if tiny else (1, 2, 4, 8, 64)):
+        variants = [{}, {"BLOCK_P": 64, "num_warps": 2}] + pre
+        if b == 1:
+            variants = [{}, {"bc_pre": True, "BLOCK_P": 16, "num_warps": 4}, {"bc_pre": True, "BLOCK_P": 32, "num_warps": 4}]
+        layers = kb.mixer_layers(s, nl, b, dev, dtype)
+        state0 = [(st["ssm_state"].clone(), st["conv_state"].clone()) for st in layers]
+        ref, rows = None, []
+        for cfg in variants:
+            if time.time() - T0 > deadline:
+                log("  step: out of time")
+                return best
+            try:
+                for st, (s0, c0) in zip(layers, state0):
+                    st["ssm_state"].copy_(s0)
+                    st["conv_state"].copy_(c0)
+                out = kb.call_mixer(step.mixer_decode_step, layers[0], s.ngroups, config=cfg)
+                got = (out.clone(), layers[0]["ssm_state"].clone(), layers[0]["conv_state"].clone())
+                if ref is None:
+                    ref, e = got, 0.0
+                else:
+                    e = max(r7.rel_err(a, c) for a, c in zip(got, ref))
+                if dev.type == "cuda":
+                    graph = kb.graph_of(step.mixer_decode_step, layers, s.ngroups, config=cfg)
+                    ms = kb.time_ms(graph.replay, dev, clear_cache=False) / nl
+                    del graph
+                else:
+                    ms = float("nan")
+                share = 2 * b * s.nheads * s.headdim * s.d_state * 4 / (ms * 1e-3) / 1e12 / tbps
+                flag = "" if e < 2e-2 else "  WRONG"
+                log(f"  step b{b:<3d} {str(cfg):52s} {ms * 1e3:7.2f} us/layer {share:6.1%} of copy  err {e:.1e}{flag}")
+                if not flag:
+                    rows.append((ms, cfg))
+            except Exception as ex:
+                r7.err_line(f"step b{b} {cfg}", ex)
+        if rows:
+            best[b] = min(rows, key=lambda r: r[0])
+            log(f"  -> best step b{b}: {best[b][1]} {best[b][0] * 1e3:.2f} us")
+        del layers
+        gc.collect()
+    return best
+
+
+def model_ab(model, dev, tiny, deadline, best_step):
+    import mamba2_cli.generate as gen
+    from mamba2_cli.bench import bench_model
+    from mamba2_cli.generate import owned_state, prefill
+    from mamba2_cli.kernels import norm, step
+
+    def fresh():
+        model.__dict__.pop("_decode_graphs", None)
+        model.__dict__.pop("_prefill_graphs", None)
+        gc.collect()
+
+    def decode(b, n=None):
+        fresh()
+        r = bench_model(model, prompt_len=64, gen_len=8 if tiny else (n or 128), batch_size=b, repeats=1 if tiny else 2)
+        return r["decode_tok_s"]
+
+    def set_(ahead=True, add16=False, step_batch=()):
+        gen.DECODE_AHEAD = ahead
+        norm.NORM_CONFIG["add_warps"] = 16 if add16 else None
+        step.STEP_BATCH_CONFIG[:] = list(step_batch)
+
+    reps = 1 if tiny else 3
+    res: dict = {}
+    b8_variants = [("defaults", ())]
+    if 8 in best_step:
+        b8_variants.append((f"best {best_step[8][1]}", [(2, best_step[8][1])]))
+    b8_variants.append(("p64 w2", [(2, {"BLOCK_P": 64, "num_warps": 2})]))
+    plan = [("b1 ahead", lambda: (set_(True), decode(1))[1]),
+            ("b1 no ahead", lambda: (set_(False), decode(1))[1]),
+            ("b1 ahead add16", lambda: (set_(True, True), decode(1))[1])]
+    plan += [(f"b8 {name}", (lambda sb: lambda: (set_(step_batch=sb), decode(8))[1])(sb)) for name, sb in b8_variants]
+    try:
+        for rep in range(reps):
+            for name, fn in plan:
+                if time.time() - T0 > deadline * 0.6:
+                    raise TimeoutError("decode: out of time")
+                v = fn()
+                res.setdefault(name, []).append(v)
+                log(f"  {name:40s} {v:8.1f} tok/s/seq")
+    except Exception as e:
+        r7.err_line("decode", e)
+    finally:
+        set_()
+    L = 256 if tiny else 65536
+    ids = torch.randint(3, model.cfg.vocab_size, (1, L))
+    state = owned_state(model, 1)
+
+    def pf(piece, add16=False):
+        set_(add16=add16)
+        state.reset()
+        torch.cuda.synchronize() if dev.type == "cuda" else None
+        t = time.perf_counter()
+        prefill(model, ids, state, chunk_tokens=piece)
+        torch.cuda.synchronize() if dev.type == "cuda" else None
+        return time.perf_counter() - t
+
+    pieces = (64, 128) if tiny else (4096, 8192, 16384)
+    try:
+        pf(pieces[0])
+        for rep in range(1 if tiny else 2):
+            for piece in pieces:
+                for add16 in (False, True):
+                    if time.time() - T0 > deadline:
+                        raise TimeoutError("prefill: out of time")
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    t = pf(piece, add16)
+                    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+                    name = f"prefill {L} piece {piece}{' add16' if add16 else ''}"
+                    res.setdefault(name, []).append(t)
+                    log(f"  {name:40s} {t:8.4f} s  peak {peak:.1f} GiB")
+    except Exception as e:
+        r7.err_line("prefill", e)
+    finally:
+        set_()
+    log("## summary")
+    for k, v in res.items():
+        log(f"  {k:40s} " + ", ".join(f"{x:.4g}" for x in v) + f"   median {sorted(v)[len(v) // 2]:.4g}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=500.0)
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    log(f"# round 8 on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    best = {}
+    with torch.inference_mode():
+        if "step" not in skip:
+            log(f"## step ({time.time() - T0:.0f} s)")
+            best = step_sweep(dev, args.tiny, args.budget_s * 0.3)
+        if "model" not in skip:
+            import gpu_round5 as r5
+
+            r5.log = lambda m="": log(m)
+            model = r5.load_model(dev, args.tiny)
+            log(f"## model ({time.time() - T0:.0f} s)")
+            model_ab(model, dev, args.tiny, args.budget_s, best)
+    log(f"## done in {time.time() - T0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
