@@ -91,6 +91,32 @@ def step_sweep(dev, tiny, deadline):
     return best
 
 
+def scan_small(dev, tiny, deadline):
+    """The sequence split where a batch-1 grid is small: a mamba2-130m layer (24 heads)."""
+    from mamba2_cli import kernel_bench as kb
+    from mamba2_cli.kernels import ssd
+
+    s = kb.SHAPES["tiny" if tiny else "small"]
+    dtype = torch.float16 if tiny else torch.bfloat16
+    for L in ((256,) if tiny else (4096, 16384)):
+        inp = kb.ssd_inputs(s, 1, L, dev, dtype)
+        ref = None
+        for nseg in (1, 2, 3, 4, 6, 8):
+            if time.time() - T0 > deadline:
+                return
+            cfg = {"SEGMENTS": nseg}
+            try:
+                y, st = kb.run_ssd(ssd.ssd_prefill, inp, s.chunk, config=cfg)
+                if ref is None:
+                    ref, e = (y.clone(), st.clone()), 0.0
+                else:
+                    e = max(r7.rel_err(y, ref[0]), r7.rel_err(st, ref[1]))
+                ms = kb.time_ms(lambda: kb.run_ssd(ssd.ssd_prefill, inp, s.chunk, config=cfg), dev)
+                log(f"  scan small b1 L{L:<6d} segments {nseg}  {ms:8.4f} ms  err {e:.1e}{'  WRONG' if e > 2e-2 else ''}")
+            except Exception as ex:
+                r7.err_line(f"scan small L{L} seg{nseg}", ex)
+
+
 def model_ab(model, dev, tiny, deadline, best_step):
     import mamba2_cli.generate as gen
     from mamba2_cli.bench import bench_model
@@ -185,6 +211,9 @@ def main():
         if "step" not in skip:
             log(f"## step ({time.time() - T0:.0f} s)")
             best = step_sweep(dev, args.tiny, args.budget_s * 0.3)
+        if "scan" not in skip:
+            log(f"## scan small ({time.time() - T0:.0f} s)")
+            scan_small(dev, args.tiny, args.budget_s * 0.38)
         if "model" not in skip:
             import gpu_round5 as r5
 
