@@ -1,7 +1,6 @@
 """Sampling and the generation loop: greedy, seeds, stop strings, EOS, streaming text."""
 
 import random
-import sys
 
 import pytest
 import torch
@@ -139,73 +138,3 @@ def test_stream_decoder_matches_full_decode_with_byte_fallback(mistral_tokenizer
         want = tok.decode(prefix + gen)[len(tok.decode(prefix)):]
         assert tok.decode_continuation(prefix, gen) == want
 
-
-@pytest.fixture
-def decode_ahead(monkeypatch, tiny):
-    """Decoding ahead switched on for the eager CPU path, with a count of issued steps."""
-    gen = sys.modules["mamba2_cli.generate"]  # the module (the package exports a function of that name)
-
-    monkeypatch.setattr(gen, "DECODE_AHEAD_EAGER", True)
-    calls = []
-    real = gen.decode_one_token
-
-    def counted(model, tokens, state):
-        calls.append(tokens.clone())
-        return real(model, tokens, state)
-
-    monkeypatch.setattr(gen, "decode_one_token", counted)
-    return calls
-
-
-@pytest.mark.parametrize("settings", [dict(), dict(temperature=1.0, seed=5), dict(repetition_penalty=1.3)],
-                         ids=["greedy", "sampled", "penalty"])
-def test_decoding_ahead_gives_the_same_tokens(tiny, decode_ahead, settings):
-    # The step issued before the host reads the token is the step it would issue after: same
-    # tokens, and one step more than the tokens fed (the last one, thrown away) at most.
-    gen = sys.modules["mamba2_cli.generate"]  # the module (the package exports a function of that name)
-
-    model, tok = tiny
-    gen.DECODE_AHEAD_EAGER = False
-    want = generate(model, tok, "def f(x):", max_tokens=15, **settings)
-    decode_ahead.clear()
-    gen.DECODE_AHEAD_EAGER = True
-    got = generate(model, tok, "def f(x):", max_tokens=15, **settings)
-    assert got.token_ids == want.token_ids and got.text == want.text
-    # 15 tokens: 14 are fed; none is issued past max_tokens (known in advance)
-    assert len(decode_ahead) == 14
-    assert [int(t) for t in decode_ahead] == got.token_ids[:14]
-
-
-def test_decoding_ahead_ends_on_eos_and_stop_strings_alike(tiny, decode_ahead):
-    gen = sys.modules["mamba2_cli.generate"]  # the module (the package exports a function of that name)
-
-    model, tok = tiny
-    gen.DECODE_AHEAD_EAGER = False
-    free = generate(model, tok, "def f(x):", max_tokens=30)
-    stop = free.text[4:7]
-    want_stop = generate(model, tok, "def f(x):", max_tokens=30, stop=[stop])
-    gen.DECODE_AHEAD_EAGER = True
-    got_stop = generate(model, tok, "def f(x):", max_tokens=30, stop=[stop])
-    assert got_stop.finish_reason == "stop" and got_stop.text == want_stop.text
-    assert got_stop.token_ids == want_stop.token_ids
-    decode_ahead.clear()
-    tok.eos_ids = {free.token_ids[6]}
-    r = generate(model, tok, "def f(x):", max_tokens=30)
-    n = free.token_ids.index(free.token_ids[6]) + 1
-    assert r.finish_reason == "eos" and r.token_ids == free.token_ids[:n]
-    assert len(decode_ahead) == n  # the step issued with the EOS token, thrown away
-
-
-def test_a_kept_state_is_never_decoded_ahead(tiny, decode_ahead):
-    # A caller's state (chat, saved states) ends holding prompt + generated[:-1], exactly.
-    model, tok = tiny
-    state = model.new_state(1)
-    r = generate(model, tok, "def f(x):", max_tokens=9, state=state)
-    assert len(decode_ahead) == 8
-    ref = model.new_state(1)
-    ids = tok.encode("def f(x):") + r.token_ids[:-1]
-    model(torch.tensor([ids]), ref)
-    assert torch.allclose(state.ssm, ref.ssm, atol=1e-5) and torch.allclose(state.conv, ref.conv, atol=1e-5)
-    decode_ahead.clear()
-    generate(model, tok, "def f(x):", max_tokens=9, state=model.new_state(1), keep_state=False)
-    assert len(decode_ahead) == 8  # 9 tokens, 8 fed: max_tokens is known ahead, nothing extra

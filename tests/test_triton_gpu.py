@@ -186,7 +186,7 @@ def run_mixer(fn, st, zxbcdt, nbg=False, **kw):
               (0.0, INF), st["norm_weight"], st["ssm_state"], G, 1e-5, nbg, **kw)
 
 
-@pytest.mark.parametrize("b", [1, 5])
+@pytest.mark.parametrize("b", [1, 5, 8, 64])  # 2+ and 8+ rows take STEP_BATCH_CONFIG's overrides
 @pytest.mark.parametrize("block_p", [None, 16])
 def test_mixer_decode_step_codestral_matches_float_reference(tb, b, block_p):
     st, draw = codestral_mixer(b, torch.bfloat16, seed=b)
@@ -212,8 +212,9 @@ def test_mixer_decode_step_fp32_matches_torch_reference_exactly_enough(tb):
         assert torch.equal(st["conv_state"], ref["conv_state"])
 
 
-def test_mixer_decode_step_replays_in_a_cuda_graph(tb):
-    st, draw = codestral_mixer(1, torch.bfloat16, seed=3)
+@pytest.mark.parametrize("b", [1, 8])
+def test_mixer_decode_step_replays_in_a_cuda_graph(tb, b):
+    st, draw = codestral_mixer(b, torch.bfloat16, seed=3)
     ref = {k: v.clone() for k, v in st.items()}
     zxbcdt = draw()
     run_mixer(tb.mixer_decode_step, st, zxbcdt)  # warm-up: compiles, allocates scratch
@@ -227,6 +228,34 @@ def test_mixer_decode_step_replays_in_a_cuda_graph(tb):
         torch.cuda.synchronize()
         assert rel_err(out, out_ref) <= 1e-6
         assert torch.equal(st["ssm_state"], ref["ssm_state"])
+
+
+@pytest.mark.parametrize("L,init", [(5000, True), (16384, False)], ids=["L5000-init", "L16384"])
+def test_ssd_prefill_splits_a_small_models_sequence_and_matches_torch_reference(tb, L, init):
+    # A mamba2-130m layer (24 heads, one group): at batch 1 its grid is small, so the default
+    # rule cuts the sequence into segments (a states-only pass, then every segment at once).
+    from mamba2_cli.kernels import ssd
+
+    h, p, g, n = 24, 64, 1, 128
+    gen = torch.Generator(device="cuda").manual_seed(L)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda")
+
+    inp = dict(x=rn(1, L, h, p).bfloat16(), dt=(rn(1, L, h) * 0.5 - 2.0).bfloat16(),
+               A=-torch.exp(torch.rand(h, generator=gen, device="cuda") * math.log(16.0)),
+               B=rn(1, L, g, n).bfloat16(), C=rn(1, L, g, n).bfloat16(), D=rn(h), dt_bias=rn(h) * 0.1,
+               initial_state=rn(1, h, p, n) * 0.1 if init else None)
+    assert ssd._segments(ssd.SCAN_CONFIG, h * 2, triton_cdiv(L, ssd.SCAN_CONFIG["CHUNK"])) > 1
+    y, state = run_ssd(tb.ssd_prefill, inp)
+    as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
+    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, as_fp32)
+    assert rel_err(y, y_ref) <= 1e-2
+    assert rel_err(state, state_ref) <= 1e-2
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 def test_decode_continues_prefill_at_codestral_shapes(tb):

@@ -195,6 +195,11 @@ def test_ssd_prefill_splits_small_grids_by_rule():
     assert ssd._segments(cfg, 2048, 256) == 1  # batch 8: enough programs already
     assert ssd._segments({**cfg, "SEGMENTS": 3}, 2048, 256) == 3
     assert ssd._segments({"SPLIT_PROGRAMS": 0}, 1, 1000) == 1
+    # The defaults: Codestral at batch 1 (128 heads x 2 P blocks) stays whole; a 24-head
+    # model at batch 1 splits a long prompt in 5, a 4096-token one in 4.
+    assert ssd._segments(ssd.SCAN_CONFIG, 256, 256) == 1
+    assert ssd._segments(ssd.SCAN_CONFIG, 48, 256) == 5
+    assert ssd._segments(ssd.SCAN_CONFIG, 48, 64) == 4
 
 
 def test_ssd_prefill_in_pieces_equals_whole(tb):

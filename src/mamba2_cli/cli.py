@@ -242,8 +242,7 @@ def run(
         prompt_arg = template.prompt_ids(one_shot_messages(text_in, system))
         settings["stop"] += template.stop
     snapshot = {}
-    snapshot_mode = save_state is not None and (save_state_after == "prompt" or max_tokens == 0)
-    if snapshot_mode:
+    if save_state is not None and (save_state_after == "prompt" or max_tokens == 0):
         def on_prompt(st, ids):  # the state before the prompt's last token: a file needs one unconsumed
             snapshot.update(state=st.clone(), ids=ids)
     else:
@@ -257,8 +256,7 @@ def run(
             out.write(text_in)
             out.flush()
         events = stream_generate(m, tok, prompt_arg, state=state, last_token=saved.last_token if saved else None,
-                                 on_prompt=on_prompt, cuda_graph=not no_cuda_graph,
-                                 keep_state=save_state is not None and not snapshot_mode, **settings)
+                                 on_prompt=on_prompt, cuda_graph=not no_cuda_graph, **settings)
         for event in events:
             if event.text and not as_json:
                 out.write(event.text)

@@ -564,44 +564,10 @@ class _LiveRows:
         return decode_step_fn(self.model, self._rows(size), True)(tokens)[:n]
 
 
-# DECODE_AHEAD off: never decode ahead (benchmarks compare). Tests switch decoding ahead on for
-# eager (CPU) decoding, where it is otherwise off: there an eager step computes as it is
-# issued, so issuing it early would only delay the token.
-DECODE_AHEAD = True
-DECODE_AHEAD_EAGER = False
-
-
-class _TokenReader:
-    """Sampled token ids to the host: on CUDA through a pinned buffer and an event, so a step
-    queued after the copy does not delay it; elsewhere directly."""
-
-    def __init__(self, device: torch.device, rows: int):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.buf = torch.empty(rows, dtype=torch.long, pin_memory=True)
-            self.event = torch.cuda.Event()
-        self.n = 0
-        self.tokens = None
-
-    def start(self, tokens: torch.Tensor) -> None:
-        self.n = tokens.shape[0]
-        if self.cuda:
-            self.buf[: self.n].copy_(tokens.view(-1), non_blocking=True)
-            self.event.record()
-        else:
-            self.tokens = tokens
-
-    def read(self) -> list[int]:
-        if self.cuda:
-            self.event.synchronize()
-            return self.buf[: self.n].tolist()
-        return self.tokens.tolist()
-
-
 @torch.inference_mode()
 def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request], state: Mamba2State | None,
                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, on_prompt=None, cancel=None,
-                   cuda_graph: bool = True, keep_state: bool | None = None) -> Iterator[tuple[int, GenerationEvent]]:
+                   cuda_graph: bool = True) -> Iterator[tuple[int, GenerationEvent]]:
     """The loop. Yields (request index, event) for a batch of requests, B >= 1.
 
     Each prompt is prefilled alone into its own row of the batched state, so prompts of any
@@ -612,26 +578,17 @@ def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request
     on_prompt(i, row_state, prompt_ids) is called once row i holds all of its prompt but the
     last token (a snapshot point: see statefile.py). cancel() is polled once per step; when
     it says so, every sequence ends after its current token (finish reason "cancelled").
-    keep_state (default: whether `state` was given): the caller reads the state afterwards.
     """
     seqs = [_Sequence(r, tokenizer, model) for r in requests]  # every request is checked before any work
     B = len(seqs)
     if B == 0:
         return
-    own_state = not (state is not None if keep_state is None else keep_state)
     if state is None:
         state = owned_state(model, B)
     elif state.batch_size != B:
         raise Mamba2Error(f"the state holds {state.batch_size} sequences, {B} requests were given")
     device = model.device
     decode = _LiveRows(model, state, cuda_graph)
-    # Decoding ahead (one sequence, a state of our own, the decode step a CUDA graph): the next
-    # step is issued as soon as this step's token is sampled on the device, before the host has
-    # read it, so the GPU never waits for the host's round trip. The token comes back through
-    # its own copy, queued before the next step. If the sequence ends at this token, the step
-    # issued ahead is thrown away; it only advanced a state nobody reads.
-    ahead = DECODE_AHEAD and own_state and B == 1 and (decode.graphs or DECODE_AHEAD_EAGER)
-    reader = _TokenReader(device, B)
     if any(s.max_tokens > 1 for s in seqs):
         decode.capture()  # once per model and state, before the clock starts
     if device.type == "cuda":
@@ -664,7 +621,6 @@ def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request
     pending: list[tuple[int, GenerationEvent]] = []
     tokens = None
     first_step = True
-    issued = None  # the logits of a step issued ahead
     t_done = time.perf_counter()
     while True:
         done = [rows[j] for j in finished]
@@ -679,19 +635,14 @@ def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request
                 yield from pending
                 pending = []
             first_step = False
-            logits = issued if issued is not None else decode(tokens)
-            issued = None
+            logits = decode(tokens)
         yield from pending
         for i in done:
             yield i, seqs[i].final_event(t0, t_done, device)
         if not rows:
             return
         tokens = _sample_rows(logits, [seqs[i] for i in rows])
-        reader.start(tokens)
-        s = seqs[rows[0]]
-        if ahead and not first_step and len(s.generated) + 1 < s.max_tokens:
-            issued = decode(tokens)  # the first token is handed out before any step is issued
-        tids = reader.read()  # the one host sync per step
+        tids = tokens.tolist()  # the one host sync per step
         t_done = time.perf_counter()
         cancelled = cancel is not None and cancel()
         pending, finished = [], []
@@ -727,7 +678,6 @@ def stream_generate(
     last_token: int | None = None,
     on_prompt=None,
     cancel=None,
-    keep_state: bool | None = None,
 ) -> Iterator[GenerationEvent]:
     """Generate from `prompt` (text, or token ids used as they are), yielding text as it appears.
 
@@ -737,16 +687,13 @@ def stream_generate(
     (SavedState.last_token); it is fed first, a text prompt gets no BOS, and with no prompt
     (None) generation continues the saved text. on_prompt(state, prompt_ids) is called when
     the state holds all of the prompt but its last token; cancel() ends generation after the
-    current token when it returns True. keep_state (default: whether `state` was given): the
-    caller reads the state afterwards; when False, the loop may issue one decode step ahead of
-    the host (the state then ends one step further on).
+    current token when it returns True.
     """
     req = Request(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
                   ignore_eos, last_token)
     hook = None if on_prompt is None else (lambda i, row, ids: on_prompt(row, ids))
-    keep = state is not None if keep_state is None else keep_state
-    for _, event in _generate_rows(model, tokenizer, [req], state, prefill_chunk, hook, cancel, cuda_graph,
-                                   keep_state=keep):
+    for _, event in _generate_rows(model, tokenizer, [req], state if state is not None else owned_state(model, 1),
+                                   prefill_chunk, hook, cancel, cuda_graph):
         yield event
 
 
