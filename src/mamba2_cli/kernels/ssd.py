@@ -137,7 +137,7 @@ def _chunk_cb_kernel(
                      mask=tmask[None, :] & nmask[:, None], other=0.0)
         acc += tl.dot(Cm, Bt, input_precision=DOT_PRECISION)
     out = cb_ptr + pid.to(tl.int64) * (CHUNK * CHUNK)
-    tl.store(out + offs_q[:, None] * CHUNK + offs_q[None, :], acc.to(cb_ptr.dtype.element_ty))
+    tl.store(out + offs_q[:, None] * CHUNK + offs_q[None, :], acc)
 
 
 @triton.jit
@@ -473,10 +473,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     npb = triton.cdiv(P, BLOCK_P)
 
     if cfg["CB_PRECOMPUTED"]:
-        # CB_16BIT: C B^T stored in the input dtype (half the bytes each program reads per chunk;
-        # the products are rounded to it for the in-chunk product anyway, after the decay).
-        cb_dtype = x.dtype if cfg.get("CB_16BIT") else torch.float32
-        cb = torch.empty((b, nchunks, G, CHUNK, CHUNK), dtype=cb_dtype, device=x.device)
+        cb = torch.empty((b, nchunks, G, CHUNK, CHUNK), dtype=torch.float32, device=x.device)
         _chunk_cb_kernel[(b * nchunks * G,)](
             C, B, cb, seq_len if seq_len is not None else A, L, N, nchunks, G,
             C.stride(0), C.stride(1), C.stride(2),
