@@ -47,12 +47,12 @@ STEP_CONFIG["bc_pre"] = False
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
 # from 2 rows one program per head (b2 11.75 us per layer against 13.04, b4 16.19 against
-# 19.45); from 8 rows B and C convolved first and one warp per 32 rows of a head (b8 27.8 us
-# against 32.1, b64 155 us = 81.5 % of copy against 61.3 %; Codestral batch-8 decode 158.2
-# against 154.4 tok/s per sequence).
+# 19.45); from 8 rows B and C convolved first, one warp per 32 rows of a head and the norm as
+# a second kernel (b8 27.8 us against 32.1; b64 149.6 us = 85.6 % of copy against 61.3 %,
+# 155 us without the split; Codestral batch-8 decode 158.2 against 154.4 tok/s per sequence).
 STEP_BATCH_CONFIG: list[tuple[int, dict]] = [
     (2, {"BLOCK_P": 64, "num_warps": 2}),
-    (8, {"bc_pre": True, "BLOCK_P": 32, "num_warps": 1}),
+    (8, {"bc_pre": True, "BLOCK_P": 32, "num_warps": 1, "split": True}),
 ]
 
 _scratch: dict = {}
