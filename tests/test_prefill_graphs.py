@@ -117,8 +117,13 @@ def test_ssd_prefill_never_reads_padding_and_updates_the_state_in_place(name, na
         assert torch.equal(y[i, n:], torch.zeros_like(y[i, n:]))  # padding's y is zero, not stale memory
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_causal_conv1d_state_is_taken_at_each_rows_length(name, nan_poisoned_empty):
+@pytest.mark.parametrize("name", BACKENDS + ["triton-rows"])
+def test_causal_conv1d_state_is_taken_at_each_rows_length(name, nan_poisoned_empty, monkeypatch):
+    if name == "triton-rows":  # the row-walking conv kernel: 8 positions x 16 channels per program
+        need_interpreter("triton")
+        for k, v in {"ROWS_LOOP": True, "ROWS": 8, "ROWS_BLOCK_C": 16, "ROWS_WARPS": 1}.items():
+            monkeypatch.setitem(triton_conv.CONV_CONFIG, k, v)
+        name = "triton"
     be = backend(name)
     b, T, Cdim, K = 6, 45, 40, 4
     lens = [0, 1, 2, 3, 33, 45]  # shorter than the window (old state kept in part), several blocks, full
@@ -139,12 +144,15 @@ def test_causal_conv1d_state_is_taken_at_each_rows_length(name, nan_poisoned_emp
         assert rel_err(out[i : i + 1, :n], out1) < 1e-6
 
 
-@pytest.mark.parametrize("state_branch", [True, False], ids=["state-branch", "masked-gathers"])
-def test_triton_conv_forms_agree(state_branch, monkeypatch):
+@pytest.mark.parametrize("form", [{"STATE_BRANCH": True}, {"STATE_BRANCH": False},
+                                  {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1}],
+                         ids=["state-branch", "masked-gathers", "rows-loop"])
+def test_triton_conv_forms_agree(form, monkeypatch):
     need_interpreter("triton")
     from mamba2_cli.kernels import triton_backend
 
-    monkeypatch.setitem(triton_conv.CONV_CONFIG, "STATE_BRANCH", state_branch)
+    for k, v in form.items():
+        monkeypatch.setitem(triton_conv.CONV_CONFIG, k, v)
     g = torch.Generator().manual_seed(3)
     xBC, w, bias = torch.randn(2, 70, 40, generator=g), torch.randn(40, 4, generator=g), torch.randn(40, generator=g)
     cs = torch.randn(2, 40, 3, generator=g)

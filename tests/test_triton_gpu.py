@@ -270,7 +270,11 @@ def test_decode_continues_prefill_at_codestral_shapes(tb):
     assert rel_err(s, state) <= 1e-2
 
 
-def test_norms_and_conv_at_codestral_shapes(tb):
+@pytest.mark.parametrize("rows_loop", [False, True], ids=["conv-tiles", "conv-rows"])
+def test_norms_and_conv_at_codestral_shapes(tb, monkeypatch, rows_loop):
+    from mamba2_cli.kernels import conv
+
+    monkeypatch.setitem(conv.CONV_CONFIG, "ROWS_LOOP", rows_loop)
     g = torch.Generator(device="cuda").manual_seed(9)
     L, d_inner, conv_dim = 777, H * P, H * P + 2 * G * N
     zxbcdt = torch.randn(2, L, 2 * d_inner + 2 * G * N + H, generator=g, device="cuda").to(torch.bfloat16)

@@ -17,6 +17,9 @@ from ..errors import Mamba2Error
 # the program id) instead of every program issuing those gathers masked off; not yet timed
 # on a GPU against the old form (False), which benchmarks/gpu_ttft.py measures.
 CONV_CONFIG = {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4, "STATE_BRANCH": True}
+# ROWS_LOOP (width 4 only): `_causal_conv_rows_kernel`, ROWS positions of ROWS_BLOCK_C channels
+# per program with ROWS_WARPS warps, each input loaded once.
+CONV_CONFIG.update({"ROWS_LOOP": False, "ROWS": 32, "ROWS_BLOCK_C": 256, "ROWS_WARPS": 2})
 CONV_STEP_CONFIG = {"BLOCK_C": 256, "num_warps": 4}
 
 
@@ -124,20 +127,85 @@ def _causal_conv_kernel(
     # the only program of these channels that reads the old state, once all its threads
     # have read it: no other program touches these state entries, so no second launch.
     if pid_l == 0:
-        if HAS_LEN:
-            n = tl.minimum(tl.maximum(tl.load(len_ptr + bi).to(tl.int32), 0), L)
-        else:
-            n = L
-        j = tl.arange(0, BLOCK_K)
-        p = n - (K - 1) + j
-        jmask = j < K - 1
-        new_x = tl.load(x_base + p[:, None].to(tl.int64) * stride_x_l + ch[None, :],
-                        mask=(jmask & (p >= 0))[:, None] & cmask[None, :], other=0.0)
-        new_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (p + K - 1)[:, None],
-                        mask=(jmask & (p < 0))[:, None] & cmask[None, :], other=0.0)
-        new = tl.where((p >= 0)[:, None], new_x.to(cs_ptr.dtype.element_ty), new_s)
-        tl.debug_barrier()
-        tl.store(cs_base + ch[None, :] * stride_cs_c + j[:, None], new, mask=jmask[:, None] & cmask[None, :])
+        _conv_state_update(x_base, cs_base, len_ptr, bi, L, ch, cmask, stride_x_l, stride_cs_c, K, BLOCK_K, HAS_LEN)
+
+
+@triton.jit
+def _conv_state_update(x_base, cs_base, len_ptr, bi, L, ch, cmask, stride_x_l, stride_cs_c,
+                       K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LEN: tl.constexpr):
+    """conv_state <- the K-1 inputs before position n (the sequence's length), the older ones
+    from the old state when n < K-1. Run by the one program of these channels that read the
+    old state, after all its threads have read it."""
+    if HAS_LEN:
+        n = tl.minimum(tl.maximum(tl.load(len_ptr + bi).to(tl.int32), 0), L)
+    else:
+        n = L
+    j = tl.arange(0, BLOCK_K)
+    p = n - (K - 1) + j
+    jmask = j < K - 1
+    new_x = tl.load(x_base + p[:, None].to(tl.int64) * stride_x_l + ch[None, :],
+                    mask=(jmask & (p >= 0))[:, None] & cmask[None, :], other=0.0)
+    new_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (p + K - 1)[:, None],
+                    mask=(jmask & (p < 0))[:, None] & cmask[None, :], other=0.0)
+    new = tl.where((p >= 0)[:, None], new_x.to(cs_base.dtype.element_ty), new_s)
+    tl.debug_barrier()
+    tl.store(cs_base + ch[None, :] * stride_cs_c + j[:, None], new, mask=jmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _conv_input(x_base, cs_base, pos, L, ch, cmask, stride_x_l, stride_cs_c, K: tl.constexpr):
+    """Input `pos` of channels ch as fp32: the prompt's when 0 <= pos < L, the conv state's
+    when pos < 0 (zero past L)."""
+    pv = ch * 0 + pos  # the position as a vector: masks of one dtype and shape
+    xv = tl.load(x_base + pv.to(tl.int64) * stride_x_l + ch, mask=cmask & (pv >= 0) & (pv < L), other=0.0)
+    sv = tl.load(cs_base + ch * stride_cs_c + (pv + K - 1), mask=cmask & (pv < 0), other=0.0)
+    return tl.where(pv >= 0, xv.to(tl.float32), sv.to(tl.float32))
+
+
+@triton.jit
+def _causal_conv_rows_kernel(
+    xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, len_ptr, L, Cdim,
+    stride_x_b, stride_x_l, stride_w_c, stride_cs_b, stride_cs_c, stride_out_b, stride_out_l,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
+):
+    """Width-4 conv, ROWS_LOOP: a program walks ROWS positions of BLOCK_C channels one row at
+    a time (unrolled), keeping the last three inputs in registers, so every input is loaded
+    once (the tile kernel loads each one K times, shifted)."""
+    bi = tl.program_id(0).to(tl.int64)
+    pid_l = tl.program_id(1)
+    t0 = pid_l * ROWS
+    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < Cdim
+    x_base = xbc_ptr + bi * stride_x_b
+    cs_base = cs_ptr + bi * stride_cs_b
+    o_base = out_ptr + bi * stride_out_b
+    w0 = tl.load(w_ptr + ch * stride_w_c + 0, mask=cmask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + ch * stride_w_c + 1, mask=cmask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + ch * stride_w_c + 2, mask=cmask, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + ch * stride_w_c + 3, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    q1 = _conv_input(x_base, cs_base, t0 - 3, L, ch, cmask, stride_x_l, stride_cs_c, 4)
+    q2 = _conv_input(x_base, cs_base, t0 - 2, L, ch, cmask, stride_x_l, stride_cs_c, 4)
+    q3 = _conv_input(x_base, cs_base, t0 - 1, L, ch, cmask, stride_x_l, stride_cs_c, 4)
+    for i in tl.static_range(ROWS):
+        t = ch * 0 + (t0 + i)
+        tmask = cmask & (t < L)
+        cur = tl.load(x_base + t.to(tl.int64) * stride_x_l + ch, mask=tmask, other=0.0).to(tl.float32)
+        acc = q1 * w0
+        acc += q2 * w1
+        acc += q3 * w2
+        acc += cur * w3
+        if HAS_BIAS:
+            acc += bias
+        tl.store(o_base + t.to(tl.int64) * stride_out_l + ch, (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty),
+                 mask=tmask)
+        q1 = q2
+        q2 = q3
+        q3 = cur
+    if pid_l == 0:
+        _conv_state_update(x_base, cs_base, len_ptr, bi, L, ch, cmask, stride_x_l, stride_cs_c, 4, BLOCK_K, HAS_LEN)
 
 
 def _check(cond: bool, op: str, msg) -> None:
@@ -197,6 +265,17 @@ def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.empty((b, L, Cdim), dtype=xBC.dtype, device=xBC.device)
     if L == 0 or b == 0:
+        return out
+    if K == 4 and CONV_CONFIG.get("ROWS_LOOP"):
+        rows, BC = CONV_CONFIG["ROWS"], CONV_CONFIG["ROWS_BLOCK_C"]
+        _causal_conv_rows_kernel[(b, triton.cdiv(L, rows), triton.cdiv(Cdim, BC))](
+            xBC, weight, bias if bias is not None else weight, conv_state, out,
+            seq_len if seq_len is not None else weight, L, Cdim,
+            xBC.stride(0), xBC.stride(1), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+            out.stride(0), out.stride(1),
+            ROWS=rows, BLOCK_C=BC, BLOCK_K=4, HAS_BIAS=bias is not None, HAS_LEN=seq_len is not None,
+            num_warps=CONV_CONFIG["ROWS_WARPS"],
+        )
         return out
     BL, BC = CONV_CONFIG["BLOCK_L"], CONV_CONFIG["BLOCK_C"]
     _check(K - 1 <= BL, op, lambda: f"conv width {K} is wider than a block of {BL} positions")
