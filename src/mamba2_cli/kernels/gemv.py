@@ -95,9 +95,6 @@ GEMV_CONFIG = {
     8: _DOT_ROWS,
 }
 
-# Per weight shape: (padded rows, N, K) -> GemvConfig, before GEMV_CONFIG (benchmarks fill it).
-GEMV_SHAPE_CONFIG: dict[tuple[int, int, int], GemvConfig] = {}
-
 # The fused add + RMSNorm + matvec; used by `norm_linear` only when FUSE_NORM is set.
 NORM_GEMV_CONFIG = GemvConfig("acc", 4, 1024, 4)
 FUSE_NORM = False
@@ -348,10 +345,8 @@ def _pdl(cfg: GemvConfig, device: torch.device) -> bool:
     return bool(cfg.pdl) and HAS_PDL and device.type == "cuda" and not _interpreting()
 
 
-def config_for(rows: int, N: int | None = None, K: int | None = None) -> GemvConfig:
-    """The configuration for `rows` rows: GEMV_SHAPE_CONFIG's for this weight shape, else GEMV_CONFIG's."""
-    bucket = 1 << (rows - 1).bit_length()
-    return GEMV_SHAPE_CONFIG.get((bucket, N, K)) or GEMV_CONFIG[bucket]
+def config_for(rows: int) -> GemvConfig:
+    return GEMV_CONFIG[1 << (rows - 1).bit_length()]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -372,7 +367,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x = x.contiguous()
     if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
         raise Mamba2Error(f"gemv: bias of shape {list(bias.shape)} for {N} outputs")
-    cfg = config or config_for(M, N, K)
+    cfg = config or config_for(M)
     block_m = 1 << (M - 1).bit_length()
     block_n, block_k = cfg.block_n, min(cfg.block_k, triton.next_power_of_2(K))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
