@@ -144,7 +144,7 @@ def test_causal_conv1d_state_is_taken_at_each_rows_length(name, nan_poisoned_emp
         assert rel_err(out[i : i + 1, :n], out1) < 1e-6
 
 
-@pytest.mark.parametrize("form", [{"STATE_BRANCH": True}, {"STATE_BRANCH": False},
+@pytest.mark.parametrize("form", [{"ROWS_LOOP": False, "STATE_BRANCH": True}, {"ROWS_LOOP": False, "STATE_BRANCH": False},
                                   {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1}],
                          ids=["state-branch", "masked-gathers", "rows-loop"])
 def test_triton_conv_forms_agree(form, monkeypatch):

@@ -13,13 +13,16 @@ import triton.language as tl
 
 from ..errors import Mamba2Error
 
+# The tile kernel (other widths, or ROWS_LOOP off): BLOCK_L x BLOCK_C per program.
 # STATE_BRANCH: only the first block of positions gathers from the conv state (a branch on
-# the program id) instead of every program issuing those gathers masked off; not yet timed
-# on a GPU against the old form (False), which benchmarks/gpu_ttft.py measures.
+# the program id) instead of every program issuing those gathers masked off (L16384 0.60 ->
+# 0.37 ms on the H200, session 2).
 CONV_CONFIG = {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4, "STATE_BRANCH": True}
 # ROWS_LOOP (width 4 only): `_causal_conv_rows_kernel`, ROWS positions of ROWS_BLOCK_C channels
-# per program with ROWS_WARPS warps, each input loaded once.
-CONV_CONFIG.update({"ROWS_LOOP": False, "ROWS": 32, "ROWS_BLOCK_C": 256, "ROWS_WARPS": 2})
+# per program with ROWS_WARPS warps, each input loaded once. H200, 4096 Codestral tokens
+# (benchmarks/NOTES.md, session 3, round 10): 82.6 µs against the tile kernel's 103-172 µs;
+# prefill of 65536 tokens 1.762 against 1.768 s.
+CONV_CONFIG.update({"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 256, "ROWS_WARPS": 2})
 CONV_STEP_CONFIG = {"BLOCK_C": 256, "num_warps": 4}
 
 
