@@ -26,6 +26,16 @@ def gemv_mod():
     return gemv
 
 
+def test_dot_pipeline_fits_shared_memory(gemv_mod):
+    # fp32 tiles are twice the 16-bit ones the 8-row configuration was tuned with: at 4 stages
+    # they asked for 245760 bytes of shared memory on the H200 (limit 232448) and failed.
+    cfg = gemv_mod.GEMV_CONFIG[8]
+    assert cfg.kind == "dot"
+    fp32 = gemv_mod.dot_stages(cfg, cfg.block_n, cfg.block_k, 16, 4)
+    assert fp32 * (cfg.block_n + 16) * cfg.block_k * 4 <= gemv_mod.DOT_SMEM_BYTES < 232448
+    assert gemv_mod.dot_stages(cfg, cfg.block_n, cfg.block_k, 16, 2) == cfg.num_stages  # bf16: as tuned
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("K", [96, 300])

@@ -345,6 +345,22 @@ def _pdl(cfg: GemvConfig, device: torch.device) -> bool:
     return bool(cfg.pdl) and HAS_PDL and device.type == "cuda" and not _interpreting()
 
 
+# Shared memory the dot kernel's pipeline may fill: an H100/H200 block gets at most 227 KB.
+DOT_SMEM_BYTES = 192 * 1024
+
+
+def dot_stages(cfg: GemvConfig, block_n: int, block_k: int, block_m: int, itemsize: int) -> int | None:
+    """cfg.num_stages, lowered until the staged weight and x tiles fit DOT_SMEM_BYTES (fp32
+    tiles take twice the bytes of the 16-bit ones the configurations were tuned with)."""
+    stages = cfg.num_stages
+    if stages is None:
+        return None
+    per_stage = (block_n + block_m) * block_k * itemsize
+    while stages > 1 and stages * per_stage > DOT_SMEM_BYTES:
+        stages -= 1
+    return stages
+
+
 def config_for(rows: int) -> GemvConfig:
     return GEMV_CONFIG[1 << (rows - 1).bit_length()]
 
@@ -384,9 +400,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     elif cfg.kind == "dot":
         if weight.dtype != x.dtype:
             raise Mamba2Error(f"gemv: dot kernel needs one dtype, got {x.dtype} and {weight.dtype}")
+        stages = dot_stages(cfg, block_n, block_k, max(16, block_m), x.element_size())
         _gemv_dot_kernel[grid](*args, BLOCK_M=max(16, block_m), **common, EVICT=evict,
                                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                               **_launch_opts(cfg.with_(pdl=False), x.device))
+                               **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
     else:
         raise Mamba2Error(f"gemv: unknown kernel kind {cfg.kind!r}")
     return y
