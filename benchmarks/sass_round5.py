@@ -109,7 +109,7 @@ def norm_cases():
 MIX_SIG = {**{n: "*bf16" for n in ("zx_ptr", "conv_w_ptr", "conv_b_ptr", "conv_state_ptr")},
            "A_ptr": "*fp32", "D_ptr": "*fp32", "dt_bias_ptr": "*fp32", "norm_w_ptr": "*bf16", "ssm_ptr": "*fp32",
            "out_ptr": "*bf16", "ybuf_ptr": "*fp32", "ssbuf_ptr": "*fp32", "count_ptr": "*i32",
-           **{n: "i32" for n in ("H", "P", "N", "G", "heads_per_group", "d_inner")},
+           "bc_ptr": "*fp32", **{n: "i32" for n in ("H", "P", "N", "G", "heads_per_group", "d_inner")},
            "eps": "fp32", "dt_lo": "fp32", "dt_hi": "fp32",
            **{n: "i32" for n in ("stride_zx_b", "stride_cw_c", "stride_cs_b", "stride_cs_c", "stride_D_h", "stride_D_p",
                                  "stride_s_b", "stride_s_h", "stride_s_p", "stride_out_b")}}
@@ -124,17 +124,24 @@ TAIL_DIV = {n for n, t in TAIL_SIG.items() if t.startswith("*")} | {"N", "GS", "
 
 
 def step_cases():
-    for bp, warps, split, pdl in ((16, 2, False, False), (16, 1, False, False), (8, 1, False, False), (8, 2, False, False),
-                                  (4, 1, False, False), (32, 4, False, False), (16, 2, True, False), (8, 1, True, False),
-                                  (16, 2, False, True), (16, 2, True, True)):
+    # (P block, warps, split, pdl, bc_pre); the last two rows are session 3's batch defaults.
+    for bp, warps, split, pdl, pre in ((16, 2, False, False, False), (16, 1, False, False, False),
+                                       (8, 1, False, False, False), (8, 2, False, False, False),
+                                       (4, 1, False, False, False), (32, 4, False, False, False),
+                                       (16, 2, True, False, False), (8, 1, True, False, False),
+                                       (16, 2, False, True, False), (16, 2, True, True, False),
+                                       (64, 2, False, False, False), (32, 1, True, False, True)):
         npb = 64 // bp
         opts = {"num_warps": warps, **({"launch_pdl": True} if pdl else {})}
-        yield (f"mixer step p{bp} w{warps}{' split' if split else ''}{' pdl' if pdl else ''}", step._mixer_step_kernel,
+        yield (f"mixer step p{bp} w{warps}{' split' if split else ''}{' pdl' if pdl else ''}{' bc_pre' if pre else ''}",
+               step._mixer_step_kernel,
                dict(K=4, BLOCK_P=bp, BLOCK_N=128, BLOCK_K=4, BLOCK_GS=1024, BLOCK_SS=triton.next_power_of_2(16 * npb),
-                    HAS_CONV_BIAS=True, NORM_BEFORE_GATE=False, DT_CLAMP=False, TAIL=not split, PDL=pdl), opts)
-    for warps, pdl in ((4, False), (8, False), (4, True)):
-        yield (f"split tail w{warps}{' pdl' if pdl else ''}", step._group_norm_kernel,
-               dict(K=4, BLOCK_N=128, BLOCK_K=4, BLOCK_GS=1024, BLOCK_SS=64, NORM_BEFORE_GATE=False, PDL=pdl),
+                    HAS_CONV_BIAS=True, NORM_BEFORE_GATE=False, DT_CLAMP=False, TAIL=not split, PDL=pdl, BC_PRE=pre),
+               opts)
+    for warps, pdl, shift in ((4, False, True), (8, False, True), (4, True, True), (4, False, False)):
+        yield (f"split tail w{warps}{' pdl' if pdl else ''}{'' if shift else ' (bc_pre)'}", step._group_norm_kernel,
+               dict(K=4, BLOCK_N=128, BLOCK_K=4, BLOCK_GS=1024, BLOCK_SS=64, NORM_BEFORE_GATE=False, PDL=pdl,
+                    SHIFT_BC=shift),
                {"num_warps": warps, **({"launch_pdl": True} if pdl else {})})
 
 
