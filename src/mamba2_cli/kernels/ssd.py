@@ -19,6 +19,16 @@ accepted and ignored.
 C B^T depends on the group, not the head: a first small kernel computes it once per
 (sequence, chunk, group) in fp32 so the scan does not repeat it for every head of a group.
 
+A small grid (a small model at batch 1: too few programs to fill the GPU) splits the
+sequence into segments instead (SPLIT_PROGRAMS). The segment's entering state is the only
+thing it needs from the ones before it, and that state is a sum over them:
+
+    S_in[k] = exp(A_tot[k-1]) S_in[k-1] + S_own[k-1]
+
+where S_own[k] is segment k's final state from zero and A_tot[k] its total log-decay. A
+first pass (STATES_ONLY: no C, no y) computes S_own and A_tot for every segment but the last,
+all at once; the second pass runs every segment at once, each composing its S_in first.
+
 Switches of the scan kernel (constexprs; the configurations below pick them):
 PREFETCH   1: the next chunk's x and dt are loaded into registers during this chunk (the
            measured win); 2: B, C and C B^T too. 0: plain loads (miscompiled with P

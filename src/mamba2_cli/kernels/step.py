@@ -1,4 +1,4 @@
-"""Triton decode step: one token through the mixer between in_proj and out_proj, one launch.
+"""Triton decode step: one token through the mixer between in_proj and out_proj.
 
 `mixer_decode_step` runs one program per (sequence, head, block of P rows):
 
@@ -13,6 +13,12 @@
    output, shifts the group's B and C conv windows (every program of the group has read
    them by then) and resets the counter for the next call. Partial sums are added in a
    fixed order, so the result does not depend on which program comes last.
+
+That is the batch-1 form, one launch. Larger batches (STEP_BATCH_CONFIG) trade launches for
+less repeated work: from 8 rows a first small kernel convolves each group's B and C once and
+shifts their windows (`bc_pre`), and the norm runs as a second kernel, one program per
+(sequence, group), after every head's program has written its part (`split`); the results
+are the same bit for bit.
 
 The state slice of a program is read and written by the same threads in one tile, so the
 in-place update has no hazard; the kernel is never autotuned (a tuning run would apply
