@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -267,45 +265,46 @@ def phase_norm(dev, tiny, deadline):
 
 # ----------------------------------------------------------------------------- decode step
 
-def phase_step(dev, tiny, deadline):
+def sweep_step(dev, tiny, deadline, batches, variants, t0=None) -> dict:
+    """mixer_decode_step configurations in a CUDA graph of 64 Codestral layers (2 tiny ones in
+    the interpreter), each first run once from the same states and checked against the first
+    configuration (output, SSM state, conv state). variants(b) lists the configurations for
+    batch b. Returns {b: (ms per layer, config)} of the fastest right one. Rounds 7-9 use it."""
     from mamba2_cli import kernel_bench as kb
     from mamba2_cli.kernels import step
 
+    t0 = T0 if t0 is None else t0
     s = kb.SHAPES["tiny" if tiny else "codestral"]
     dtype = torch.float16 if tiny else torch.bfloat16
     tbps = kb.copy_bandwidth(dev) / 1e12 if dev.type == "cuda" else float("nan")
     nl = 2 if tiny else 64
-    variants = [{}] + [{"BLOCK_P": p, "num_warps": w} for p in (16, 32, 64) for w in (2, 4, 8)
-                       if (p, w) != (16, 4)]
-    variants += [{"split": True, "BLOCK_P": p, "num_warps": w} for p, w in ((16, 2), (32, 4), (64, 4), (64, 8))]
-    for b in ((1, 2) if tiny else (1, 8, 64)):
+    best = {}
+    for b in batches:
         layers = kb.mixer_layers(s, nl, b, dev, dtype)
         state0 = [(st["ssm_state"].clone(), st["conv_state"].clone()) for st in layers]
         ref = None
         rows = []
-        for cfg in variants:
-            if time.time() - T0 > deadline:
+        for cfg in variants(b):
+            if time.time() - t0 > deadline:
                 log("  step: out of time")
-                return
+                return best
             try:
                 for st, (s0, c0) in zip(layers, state0):
                     st["ssm_state"].copy_(s0)
                     st["conv_state"].copy_(c0)
                 out = kb.call_mixer(step.mixer_decode_step, layers[0], s.ngroups, config=cfg)
-                got = (out.clone(), layers[0]["ssm_state"].clone())
+                got = (out.clone(), layers[0]["ssm_state"].clone(), layers[0]["conv_state"].clone())
                 if ref is None:
-                    ref = got
-                    e = 0.0
+                    ref, e = got, 0.0
                 else:
-                    e = max(rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
+                    e = max(rel_err(a, c) for a, c in zip(got, ref))
                 if dev.type == "cuda":
                     graph = kb.graph_of(step.mixer_decode_step, layers, s.ngroups, config=cfg)
                     ms = kb.time_ms(graph.replay, dev, clear_cache=False) / nl
                     del graph
                 else:
                     ms = float("nan")
-                nbytes = 2 * b * s.nheads * s.headdim * s.d_state * 4
-                share = nbytes / (ms * 1e-3) / 1e12 / tbps
+                share = 2 * b * s.nheads * s.headdim * s.d_state * 4 / (ms * 1e-3) / 1e12 / tbps
                 flag = "" if e < 2e-2 else "  WRONG"
                 log(f"  step b{b:<3d} {str(cfg):58s} {ms * 1e3:7.2f} us/layer {share:6.1%} of copy  err {e:.1e}{flag}")
                 if not flag:
@@ -313,11 +312,33 @@ def phase_step(dev, tiny, deadline):
             except Exception as ex:
                 err_line(f"step b{b} {cfg}", ex)
         if rows:
-            best = min(rows, key=lambda r: r[0])
-            BEST[f"step b{b}"] = best
-            log(f"  -> best step b{b}: {best[1]} {best[0] * 1e3:.2f} us")
+            best[b] = min(rows, key=lambda r: r[0])
+            log(f"  -> best step b{b}: {best[b][1]} {best[b][0] * 1e3:.2f} us")
         del layers
         gc.collect()
+    return best
+
+
+def phase_step(dev, tiny, deadline):
+    variants = [{}] + [{"BLOCK_P": p, "num_warps": w} for p in (16, 32, 64) for w in (2, 4, 8)
+                       if (p, w) != (16, 4)]
+    variants += [{"split": True, "BLOCK_P": p, "num_warps": w} for p, w in ((16, 2), (32, 4), (64, 4), (64, 8))]
+    best = sweep_step(dev, tiny, deadline, (1, 2) if tiny else (1, 8, 64), lambda b: variants)
+    BEST.update({f"step b{b}": v for b, v in best.items()})
+
+
+def timed_prefill(model, ids, state, dev, **kw) -> float:
+    """Seconds of one prefill of ids from a zeroed state, the device synchronized around it."""
+    from mamba2_cli.generate import prefill
+
+    state.reset()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    prefill(model, ids, state, **kw)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------- model

@@ -32,56 +32,15 @@ log = r7.log
 
 
 def step_sweep(dev, tiny, deadline):
-    from mamba2_cli import kernel_bench as kb
-    from mamba2_cli.kernels import step
-
-    s = kb.SHAPES["tiny" if tiny else "codestral"]
-    dtype = torch.float16 if tiny else torch.bfloat16
-    tbps = kb.copy_bandwidth(dev) / 1e12 if dev.type == "cuda" else float("nan")
-    nl = 2 if tiny else 64
     pre = [{"bc_pre": True, "BLOCK_P": p, "num_warps": w} for p, w in
            ((16, 4), (16, 2), (16, 1), (32, 4), (32, 2), (32, 1), (64, 2), (64, 4))]
-    best = {}
-    for b in ((1, 2) if tiny else (1, 2, 4, 8, 64)):
-        variants = [{}, {"BLOCK_P": 64, "num_warps": 2}] + pre
+
+    def variants(b):
         if b == 1:
-            variants = [{}, {"bc_pre": True, "BLOCK_P": 16, "num_warps": 4}, {"bc_pre": True, "BLOCK_P": 32, "num_warps": 4}]
-        layers = kb.mixer_layers(s, nl, b, dev, dtype)
-        state0 = [(st["ssm_state"].clone(), st["conv_state"].clone()) for st in layers]
-        ref, rows = None, []
-        for cfg in variants:
-            if time.time() - T0 > deadline:
-                log("  step: out of time")
-                return best
-            try:
-                for st, (s0, c0) in zip(layers, state0):
-                    st["ssm_state"].copy_(s0)
-                    st["conv_state"].copy_(c0)
-                out = kb.call_mixer(step.mixer_decode_step, layers[0], s.ngroups, config=cfg)
-                got = (out.clone(), layers[0]["ssm_state"].clone(), layers[0]["conv_state"].clone())
-                if ref is None:
-                    ref, e = got, 0.0
-                else:
-                    e = max(r7.rel_err(a, c) for a, c in zip(got, ref))
-                if dev.type == "cuda":
-                    graph = kb.graph_of(step.mixer_decode_step, layers, s.ngroups, config=cfg)
-                    ms = kb.time_ms(graph.replay, dev, clear_cache=False) / nl
-                    del graph
-                else:
-                    ms = float("nan")
-                share = 2 * b * s.nheads * s.headdim * s.d_state * 4 / (ms * 1e-3) / 1e12 / tbps
-                flag = "" if e < 2e-2 else "  WRONG"
-                log(f"  step b{b:<3d} {str(cfg):52s} {ms * 1e3:7.2f} us/layer {share:6.1%} of copy  err {e:.1e}{flag}")
-                if not flag:
-                    rows.append((ms, cfg))
-            except Exception as ex:
-                r7.err_line(f"step b{b} {cfg}", ex)
-        if rows:
-            best[b] = min(rows, key=lambda r: r[0])
-            log(f"  -> best step b{b}: {best[b][1]} {best[b][0] * 1e3:.2f} us")
-        del layers
-        gc.collect()
-    return best
+            return [{}, {"bc_pre": True, "BLOCK_P": 16, "num_warps": 4}, {"bc_pre": True, "BLOCK_P": 32, "num_warps": 4}]
+        return [{}, {"BLOCK_P": 64, "num_warps": 2}] + pre
+
+    return r7.sweep_step(dev, tiny, deadline, (1, 2) if tiny else (1, 2, 4, 8, 64), variants, t0=T0)
 
 
 def scan_small(dev, tiny, deadline):
@@ -113,7 +72,7 @@ def scan_small(dev, tiny, deadline):
 def model_ab(model, dev, tiny, deadline, best_step):
     import mamba2_cli.generate as gen
     from mamba2_cli.bench import bench_model
-    from mamba2_cli.generate import owned_state, prefill
+    from mamba2_cli.generate import owned_state
     from mamba2_cli.kernels import norm, step
 
     def fresh():
@@ -159,12 +118,7 @@ def model_ab(model, dev, tiny, deadline, best_step):
 
     def pf(piece, add16=False):
         set_(add16=add16)
-        state.reset()
-        torch.cuda.synchronize() if dev.type == "cuda" else None
-        t = time.perf_counter()
-        prefill(model, ids, state, chunk_tokens=piece)
-        torch.cuda.synchronize() if dev.type == "cuda" else None
-        return time.perf_counter() - t
+        return r7.timed_prefill(model, ids, state, dev, chunk_tokens=piece)
 
     pieces = (64, 128) if tiny else (4096, 8192, 16384)
     try:

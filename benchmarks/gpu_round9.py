@@ -66,50 +66,15 @@ def scan(dev, tiny, deadline):
 
 
 def step(dev, tiny, deadline):
-    from mamba2_cli import kernel_bench as kb
-    from mamba2_cli.kernels import step as stepmod
-
-    s = kb.SHAPES["tiny" if tiny else "codestral"]
-    dtype = torch.float16 if tiny else torch.bfloat16
-    tbps = kb.copy_bandwidth(dev) / 1e12 if dev.type == "cuda" else float("nan")
-    nl = 2 if tiny else 64
     variants = [{}, {"split": True, "tail_warps": 4}, {"split": True, "tail_warps": 1},
                 {"split": True, "BLOCK_P": 64, "num_warps": 2}, {"BLOCK_P": 16, "num_warps": 1, "bc_pre": True},
                 {"BLOCK_P": 32, "num_warps": 1, "bc_pre": False}]
-    for b in ((2,) if tiny else (8, 64)):
-        layers = kb.mixer_layers(s, nl, b, dev, dtype)
-        state0 = [(st["ssm_state"].clone(), st["conv_state"].clone()) for st in layers]
-        ref = None
-        for cfg in variants:
-            if time.time() - T0 > deadline:
-                log("  step: out of time")
-                return
-            try:
-                for st, (s0, c0) in zip(layers, state0):
-                    st["ssm_state"].copy_(s0)
-                    st["conv_state"].copy_(c0)
-                out = kb.call_mixer(stepmod.mixer_decode_step, layers[0], s.ngroups, config=cfg)
-                got = (out.clone(), layers[0]["ssm_state"].clone(), layers[0]["conv_state"].clone())
-                e = 0.0 if ref is None else max(r7.rel_err(a, c) for a, c in zip(got, ref))
-                ref = ref or got
-                if dev.type == "cuda":
-                    graph = kb.graph_of(stepmod.mixer_decode_step, layers, s.ngroups, config=cfg)
-                    ms = kb.time_ms(graph.replay, dev, clear_cache=False) / nl
-                    del graph
-                else:
-                    ms = float("nan")
-                share = 2 * b * s.nheads * s.headdim * s.d_state * 4 / (ms * 1e-3) / 1e12 / tbps
-                log(f"  step b{b:<3d} {str(cfg):52s} {ms * 1e3:7.2f} us/layer {share:6.1%} of copy  err {e:.1e}"
-                    f"{'  WRONG' if e > 2e-2 else ''}")
-            except Exception as ex:
-                r7.err_line(f"step b{b} {cfg}", ex)
-        del layers
-        gc.collect()
+    r7.sweep_step(dev, tiny, deadline, (2,) if tiny else (8, 64), lambda b: variants, t0=T0)
 
 
 def model(dev, tiny, deadline):
     import gpu_round5 as r5
-    from mamba2_cli.generate import owned_state, prefill
+    from mamba2_cli.generate import owned_state
     from mamba2_cli.kernels import ssd
 
     r5.log = lambda m="": log(m)
@@ -121,14 +86,7 @@ def model(dev, tiny, deadline):
 
     def pf(cb16):
         ssd.SCAN_CONFIG["CB_16BIT"] = cb16
-        state.reset()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        prefill(m, ids, state)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return r7.timed_prefill(m, ids, state, dev)
 
     try:
         pf(True)
