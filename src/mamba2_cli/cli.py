@@ -640,6 +640,8 @@ def _kernel_cells(r: dict) -> tuple:
     note = [x for x in (r["timing"] if r["timing"] != "per call" else None, r.get("note")) if x]
     if r.get("state_share_of_copy") is not None:
         note.append(f"fp32 state alone: {_pct(r['state_share_of_copy'])} of copy")
+    if r.get("one_call_ms") is not None:
+        note.append(f"one call: {r['one_call_ms'] * 1e3:,.1f} µs, state {_pct(r.get('one_call_state_share_of_copy'))} of copy")
     return (r["kernel"], r["case"], r["backend"], time_s, _num(r["tflop_s"]), _pct(r["share_of_matmul"]),
             _num(r["gb_s"]), _pct(r["share_of_copy"]), "–" if r["err"] is None else f"{r['err']:.1e}",
             "; ".join(note))
