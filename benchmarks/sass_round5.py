@@ -14,6 +14,7 @@ barriers and shuffles. No device, no device time. Exit status 1 if any kernel fa
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -32,6 +33,10 @@ def compile_one(fn, sig: dict, consts: dict, div16: set, target, **opts):
     """sig: arg name -> type for the runtime args; consts: constexpr values; div16: args Triton
     would see as multiples of 16 (pointers from torch and sizes like 4096)."""
     full = dict(sig)
+    consts = dict(consts)
+    for name, p in inspect.signature(fn.fn).parameters.items():  # constexprs left at their defaults
+        if name not in full and name not in consts and p.default is not inspect.Parameter.empty:
+            consts[name] = p.default
     full.update({k: "constexpr" for k in consts})
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     return triton.compile(ASTSource(fn, full, consts, attrs), target=target, options=opts)

@@ -318,8 +318,9 @@ def _check_state(op: str, ssm_state: torch.Tensor, shape: tuple) -> None:
     _check(ssm_state.stride(-1) == 1, op, "ssm_state must be contiguous in its last dim (it is updated in place)")
 
 
-def ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state):
-    """One token; same contract as `torch_ref.ssd_decode_step` (ssm_state updated in place)."""
+def ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state, *, block_p=None, num_warps=4):
+    """One token; same contract as `torch_ref.ssd_decode_step` (ssm_state updated in place).
+    block_p (default min(64, P)) and num_warps lay out the launch (benchmarks time them)."""
     op = "ssd_decode_step"
     _check(x.dim() == 3, op, lambda: f"x must be [b, H, P], got {tuple(x.shape)}")
     b, H, P = x.shape
@@ -336,14 +337,14 @@ def ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state):
     dt_bias = dt_bias.float().contiguous()
     lo, hi, clamp = _dt_limit_args(dt_limit)
     y = torch.empty((b, H, P), dtype=x.dtype, device=x.device)
-    BLOCK_P = min(64, triton.next_power_of_2(P))
+    BLOCK_P = min(block_p or 64, triton.next_power_of_2(P))
     npb = triton.cdiv(P, BLOCK_P)
     _ssd_step_kernel[(b * H * npb,)](
         x, dt, A, B, C, D2, dt_bias, ssm_state, y, H, P, N, H // G, lo, hi,
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         D2.stride(0), D2.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2),
         y.stride(0), y.stride(1),
-        BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), DT_CLAMP=clamp, num_warps=4,
+        BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), DT_CLAMP=clamp, num_warps=num_warps,
     )
     return y
 
