@@ -241,12 +241,22 @@ def test_closed_stdout_ends_quietly(model_dir):
     assert b"Traceback" not in p.stderr and b"Broken pipe" not in p.stderr
 
 
+def default_sigint() -> None:
+    """preexec_fn of a child the test interrupts: SIGINT back to its default, in case this run
+    started where SIGINT is ignored (a background job); children inherit that, and Python then
+    never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_exits_130_after_flushing(model_dir):
     import signal
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "mamba2_cli", "run", "-m", str(model_dir), "-n", "100000",
-                             "--ignore-eos", "-q", "x = 1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+                             "--ignore-eos", "-q", "x = 1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                            preexec_fn=default_sigint)
     first = proc.stdout.read(8)  # generation has started
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)

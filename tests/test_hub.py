@@ -234,6 +234,15 @@ def test_a_dropped_connection_resumes_with_a_range_request(hub, env, repos):
     assert data == repos[CODESTRAL].files[shard]
 
 
+def default_sigint() -> None:
+    """preexec_fn of a child the test interrupts: SIGINT back to its default, in case this run
+    started where SIGINT is ignored (a background job); children inherit that, and Python then
+    never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_an_interrupted_download_resumes_where_it_stopped(hub, env, repos):
     import signal
     import time
@@ -242,7 +251,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, env, repos):
     data = repos[CODESTRAL].files[shard]
     hub.throttle[shard] = 0.2
     proc = subprocess.Popen([sys.executable, "-m", "mamba2_cli", "download", "codestral"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     part = snapshot(env, CODESTRAL, repos).parents[1] / "blobs" / f"{repos[CODESTRAL].sha256[shard]}.incomplete"
     deadline = time.monotonic() + 30
     while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
