@@ -150,16 +150,10 @@ def main():
 
     r5.log = lambda m="": log(m)
     model = r5.load_model(dev, args.tiny)
-    with torch.inference_mode():
-        for name, fn in (("check", lambda: check(model, dev, args.tiny)),
-                         ("profile", lambda: profile(model, dev, args.tiny)),
-                         ("model", lambda: model_ab(model, dev, args.tiny, args.budget_s))):
-            log(f"## {name} ({time.time() - T0:.0f} s)")
-            try:
-                fn()
-            except Exception as e:
-                r7.err_line(name, e)
-    log(f"## done in {time.time() - T0:.0f} s")
+    r7.T0 = T0
+    r7.run_phases((("check", lambda: check(model, dev, args.tiny)),
+                   ("profile", lambda: profile(model, dev, args.tiny)),
+                   ("model", lambda: model_ab(model, dev, args.tiny, args.budget_s))))
 
 
 if __name__ == "__main__":

@@ -34,16 +34,7 @@ def graph_us(fn, nl, dev) -> float:
     if dev.type != "cuda":
         fn()
         return float("nan")
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return kb.time_ms(g.replay, dev, clear_cache=False) / nl * 1e3
+    return kb.time_ms(r7.captured(fn, dev).replay, dev, clear_cache=False) / nl * 1e3
 
 
 def components(dev, tiny):
@@ -84,7 +75,6 @@ def components(dev, tiny):
         src = [st["ssm_state"].clone() for st in layers]
         us = graph_us(lambda: [st["ssm_state"].copy_(x) for st, x in zip(layers, src)], nl, dev)
         log(f"  b{b} copy of the state          {us:7.2f} us  state {share(us):6.1%} of copy")
-        del layers, src, ins
 
 
 def main():

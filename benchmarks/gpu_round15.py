@@ -86,7 +86,7 @@ def layer(model, dev, tiny):
 
         for on in (False, True, False, True):
             set_fold(model, on)
-            us = r7.graph_ms(_graph(run, dev), dev, reps=20) * 1e3 / len(layers)
+            us = r7.graph_ms(r7.captured(run, dev).replay, dev, reps=20) * 1e3 / len(layers)
             m = layers[0].mixer
             wbytes = (m.in_proj.weight.numel() + m.out_proj.weight.numel()) * 2
             sbytes = 2 * b * cfg.nheads * cfg.headdim * cfg.d_state * 4
@@ -94,19 +94,6 @@ def layer(model, dev, tiny):
             log(f"  layer b{b} {'folded  ' if on else 'unfolded'} {us:7.2f} us per layer "
                 f"(weights + state {share:6.1%} of copy)")
     set_fold(model, True)
-
-
-def _graph(fn, dev):
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def profile(model, dev, tiny):
@@ -167,17 +154,11 @@ def main():
 
     r5.log = lambda m="": log(m)
     model = r5.load_model(dev, args.tiny)
-    with torch.inference_mode():
-        for name, fn in (("check", lambda: check(model, dev, args.tiny)),
-                         ("layer", lambda: layer(model, dev, args.tiny)),
-                         ("profile", lambda: profile(model, dev, args.tiny)),
-                         ("model", lambda: model_ab(model, dev, args.tiny, args.budget_s))):
-            log(f"## {name} ({time.time() - T0:.0f} s)")
-            try:
-                fn()
-            except Exception as e:
-                r7.err_line(name, e)
-    log(f"## done in {time.time() - T0:.0f} s")
+    r7.T0 = T0
+    r7.run_phases((("check", lambda: check(model, dev, args.tiny)),
+                   ("layer", lambda: layer(model, dev, args.tiny)),
+                   ("profile", lambda: profile(model, dev, args.tiny)),
+                   ("model", lambda: model_ab(model, dev, args.tiny, args.budget_s))))
 
 
 if __name__ == "__main__":

@@ -127,6 +127,34 @@ def graph_ms(fn, dev, reps: int = 50) -> float:
     return s.elapsed_time(e) / reps
 
 
+def captured(fn, dev) -> "torch.cuda.CUDAGraph":
+    """fn run twice on a side stream (compiling, allocating scratch), then captured: the graph.
+    Rounds 14 and 15 use it."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def run_phases(phases) -> None:
+    """Run (name, fn) phases in order under inference mode, each logged, an error in one
+    logged without stopping the others. Rounds 11 and 15 use it."""
+    with torch.inference_mode():
+        for name, fn in phases:
+            log(f"## {name} ({time.time() - T0:.0f} s)")
+            try:
+                fn()
+            except Exception as e:
+                err_line(name, e)
+    log(f"## done in {time.time() - T0:.0f} s")
+
+
 # ----------------------------------------------------------------------------- scan
 
 def phase_scan(dev, tiny, deadline):
