@@ -141,15 +141,7 @@ def main():
     if importlib.util.find_spec("mamba2_cli.kernels.prefetch") is None:
         log("the L2 prefetch was taken out after round 11 (slower: benchmarks/NOTES.md, session 4)")
         return
-    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    import triton
-
-    if dev.type == "cuda":
-        log(f"# round 11 on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
-    import gpu_round5 as r5
-
-    r5.log = lambda m="": log(m)
-    model = r5.load_model(dev, args.tiny)
+    dev, model = r7.setup(11, args.tiny)
     r7.T0 = T0
     r7.run_phases((("check", lambda: check(model, dev, args.tiny)),
                    ("profile", lambda: profile(model, dev, args.tiny)),

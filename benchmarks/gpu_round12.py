@@ -177,15 +177,7 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
-    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    import triton
-
-    if dev.type == "cuda":
-        log(f"# round 12 on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
-    import gpu_round5 as r5
-
-    r5.log = lambda m="": log(m)
-    model = r5.load_model(dev, args.tiny)
+    dev, model = r7.setup(12, args.tiny)
     skip = set(args.skip.split(","))
     with torch.inference_mode():
         for name, fn in (("fork", fork), ("trace", trace)):

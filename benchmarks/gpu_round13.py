@@ -84,13 +84,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
-    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if dev.type == "cuda":
-        log(f"# round 13 on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
-    import gpu_round5 as r5
-
-    r5.log = lambda m="": log(m)
-    model = r5.load_model(dev, args.tiny)
+    dev, model = r7.setup(13, args.tiny)
     with torch.inference_mode():
         for rep in range(1 if args.tiny else 2):
             for b in (1, 8):

@@ -81,9 +81,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
-    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if dev.type == "cuda":
-        log(f"# round 14 on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
+    dev, _ = r7.setup(14, args.tiny, load=False)
     with torch.inference_mode():
         try:
             components(dev, args.tiny)

@@ -147,13 +147,7 @@ def main():
     if not hasattr(step, "FOLD_DECODE"):
         log("the folded decode layer was taken out after round 15 (slower: benchmarks/NOTES.md, session 4)")
         return
-    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if dev.type == "cuda":
-        log(f"# round 15 on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
-    import gpu_round5 as r5
-
-    r5.log = lambda m="": log(m)
-    model = r5.load_model(dev, args.tiny)
+    dev, model = r7.setup(15, args.tiny)
     r7.T0 = T0
     r7.run_phases((("check", lambda: check(model, dev, args.tiny)),
                    ("layer", lambda: layer(model, dev, args.tiny)),

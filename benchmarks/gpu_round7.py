@@ -44,8 +44,9 @@ def err_line(what: str, e: BaseException) -> None:
 
 
 def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    import gpu_round5
+
+    return gpu_round5.rel_err(a, b)
 
 
 def sync(dev):
@@ -140,6 +141,25 @@ def captured(fn, dev) -> "torch.cuda.CUDAGraph":
     with torch.cuda.graph(g):
         fn()
     return g
+
+
+def setup(round_no: int, tiny: bool, load: bool = True):
+    """(device, model) for a round script: the GPU unless `tiny` (Triton's interpreter on CPU),
+    a header line with the GPU, torch and Triton, and the random-weight model (round 5's
+    loader, logging through this module) unless load is False. Rounds 11-15 use it."""
+    import triton
+
+    dev = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    if dev.type == "cuda":
+        log(f"# round {round_no} on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
+            f"triton {triton.__version__}")
+    if not load:
+        return dev, None
+    sys.path.insert(0, os.path.dirname(__file__))
+    import gpu_round5 as r5
+
+    r5.log = lambda m="": log(m)
+    return dev, r5.load_model(dev, tiny)
 
 
 def run_phases(phases) -> None:
