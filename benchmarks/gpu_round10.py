@@ -15,7 +15,6 @@ Lines go to stdout and $OUT/round10.txt.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -153,9 +152,7 @@ def model_ab(model, dev, tiny, deadline):
         + ", ".join(f"{k}: {v.name}" for k, v in shape_cfg.items()))
 
     def fresh():
-        model.__dict__.pop("_decode_graphs", None)
-        model.__dict__.pop("_prefill_graphs", None)
-        gc.collect()
+        r7.drop_graphs(model)
 
     res: dict = {}
     try:

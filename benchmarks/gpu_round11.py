@@ -16,7 +16,6 @@ this script says so and stops.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -48,10 +47,7 @@ def set_pf(kw: dict) -> None:
     prefetch.PREFETCH.update(kw)
 
 
-def fresh(model) -> None:
-    model.__dict__.pop("_decode_graphs", None)
-    model.__dict__.pop("_prefill_graphs", None)
-    gc.collect()
+fresh = r7.drop_graphs
 
 
 def check(model, dev, tiny):

@@ -18,7 +18,6 @@ taken out: without step.FOLD_DECODE this script says so and stops.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -37,9 +36,7 @@ def set_fold(model, on: bool) -> None:
     from mamba2_cli.kernels import step
 
     step.FOLD_DECODE = on
-    model.__dict__.pop("_decode_graphs", None)
-    model.__dict__.pop("_prefill_graphs", None)
-    gc.collect()
+    r7.drop_graphs(model)
 
 
 def check(model, dev, tiny):

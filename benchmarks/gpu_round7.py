@@ -128,6 +128,14 @@ def graph_ms(fn, dev, reps: int = 50) -> float:
     return s.elapsed_time(e) / reps
 
 
+def drop_graphs(model) -> None:
+    """Forget the model's captured decode and prefill graphs, so the next call captures anew with
+    the switches now set (rounds 7, 8, 10, 11 and 15)."""
+    model.__dict__.pop("_decode_graphs", None)
+    model.__dict__.pop("_prefill_graphs", None)
+    gc.collect()
+
+
 def captured(fn, dev) -> "torch.cuda.CUDAGraph":
     """fn run twice on a side stream (compiling, allocating scratch), then captured: the graph.
     Rounds 14 and 15 use it."""
@@ -404,8 +412,7 @@ def phase_model(model, dev, tiny, deadline, scan_cfg, norm_cfg, conv_cfg, step_c
         conv.CONV_CONFIG.clear(), conv.CONV_CONFIG.update(saved[2])
         step.STEP_CONFIG.clear(), step.STEP_CONFIG.update(saved[3])
         step.STEP_BATCH_CONFIG[:] = saved[4]
-        model.__dict__.pop("_decode_graphs", None)  # recaptured with the switches now set
-        model.__dict__.pop("_prefill_graphs", None)
+        drop_graphs(model)
         if on:
             step.STEP_BATCH_CONFIG[:] = step_batch
             ssd.SCAN_CONFIG.update(scan_cfg)

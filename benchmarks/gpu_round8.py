@@ -15,7 +15,6 @@ Lines go to stdout and $OUT/round8.txt.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -76,9 +75,7 @@ def model_ab(model, dev, tiny, deadline, best_step):
     from mamba2_cli.kernels import norm, step
 
     def fresh():
-        model.__dict__.pop("_decode_graphs", None)
-        model.__dict__.pop("_prefill_graphs", None)
-        gc.collect()
+        r7.drop_graphs(model)
 
     def decode(b, n=None):
         fresh()
