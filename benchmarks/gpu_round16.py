@@ -59,7 +59,7 @@ def check(model, dev, tiny):
         f"{torch.equal(sf, su)}, conv state equal {torch.equal(cf, cu)}, over {len(toks)} graph steps")
     from mamba2_cli.kernels import fused
 
-    log(f"  one launch fits the GPU: {list(fused._capacity.values())}")
+    log(f"  one launch fits the GPU: {list(fused._capacity.values())} {fused.last_fit}")
     set_fused(model, True)
 
 
@@ -86,12 +86,23 @@ def layer(model, dev, tiny):
     m = layers[0].mixer
     wbytes = (m.in_proj.weight.numel() + m.out_proj.weight.numel()) * 2
     sbytes = 2 * cfg.nheads * cfg.headdim * cfg.d_state * 4
-    for on in (False, True, False, True):
-        set_fused(model, on)
-        us = r7.graph_ms(r7.captured(run, dev).replay, dev, reps=20) * 1e3 / len(layers)
-        share = (wbytes + sbytes) / (us * 1e-6) / 1e12 / tbps
-        log(f"  layer b1 {'one launch ' if on else 'two launches'} {us:7.2f} us per layer "
-            f"(weights + state {share:6.1%} of copy)")
+    from mamba2_cli.kernels import fused
+
+    variants = [("two launches", False, None), ("one launch", True, None), ("one, maxnreg 64", True, 64),
+                ("one, maxnreg 56", True, 56)]
+    for _ in range(2):
+        for name, on, maxnreg in variants:
+            set_fused(model, on)
+            fused.FUSED_CONFIG["maxnreg"] = maxnreg
+            try:
+                us = r7.graph_ms(r7.captured(run, dev).replay, dev, reps=20) * 1e3 / len(layers)
+            except Exception as e:
+                r7.err_line(name, e)
+                continue
+            share = (wbytes + sbytes) / (us * 1e-6) / 1e12 / tbps
+            log(f"  layer b1 {name:16s} {us:7.2f} us per layer (weights + state {share:6.1%} of copy) "
+                f"{fused.last_fit if on else ''}")
+    fused.FUSED_CONFIG["maxnreg"] = None
     us = r7.graph_ms(r7.captured(inproj, dev).replay, dev, reps=20) * 1e3 / len(layers)
     log(f"  in_proj matvec alone         {us:7.2f} us per layer "
         f"({m.in_proj.weight.numel() * 2 / (us * 1e-6) / 1e12 / tbps:6.1%} of copy)")

@@ -20,8 +20,7 @@ launches, bit for bit (the same products in the same order, the same step).
 No deadlock: a matvec program never waits, so a waiting step program only needs the
 matvec programs of its group to get an SM slot. That holds whatever order the programs
 are dispatched in when the step's programs cannot fill every slot; the wrapper checks that
-they fill at most half of them (from the compiled kernel's registers and shared memory),
-else it runs the two launches.
+(from the compiled kernel's registers and shared memory) and runs the two launches if not.
 """
 
 from __future__ import annotations
@@ -36,7 +35,9 @@ from .gemv import GEMV_CONFIG, _fma, _interpreting, _w_tile, _x_tile, linear
 # On by default where it applies (batch 1, 16-bit or fp32 weights of the activation's dtype);
 # benchmarks switch it off to compare.
 FUSE_INPROJ_STEP = True
-FUSED_CONFIG = {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4}  # in_proj's batch-1 matvec layout
+# in_proj's batch-1 matvec layout; maxnreg (CUDA only) caps the registers per thread, which the
+# step's part raises above the matvec's own (more programs per SM stream more bytes at once).
+FUSED_CONFIG = {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4, "maxnreg": None}
 
 _ready: dict = {}
 _capacity: dict = {}
@@ -127,14 +128,21 @@ def fusable(u: torch.Tensor, weight: torch.Tensor, ssm_state: torch.Tensor, ngro
 
 
 def _fits(compiled, device: torch.device, step_programs: int, num_warps: int) -> bool:
-    """True when the step's waiting programs fill at most half of the GPU's program slots."""
+    """True when the step's waiting programs cannot fill every program slot of the GPU, so a
+    matvec program always finds one (computed from the compiled kernel; `last_fit` keeps the
+    figures for benchmarks)."""
     props = torch.cuda.get_device_properties(device)
     threads = 32 * num_warps
     regs = (max(1, int(getattr(compiled, "n_regs", 255))) + 7) // 8 * 8
     shared = int(getattr(getattr(compiled, "metadata", None), "shared", 0) or 0)
     smem_sm = int(getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024)
     per_sm = min(32, 2048 // threads, 65536 // (regs * threads), smem_sm // max(shared, 1))
-    return 2 * step_programs <= per_sm * props.multi_processor_count
+    slots = per_sm * props.multi_processor_count
+    last_fit.update(regs=regs, shared=shared, per_sm=per_sm, slots=slots, step_programs=step_programs)
+    return step_programs < slots
+
+
+last_fit: dict = {}
 
 
 def inproj_mixer_step(u, in_weight, in_bias, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
@@ -182,6 +190,8 @@ def _fused(u, in_weight, in_bias, conv_weight, conv_bias, conv_state, A, D, dt_b
                   **a["constexprs"], num_warps=FUSED_CONFIG["num_warps"])
     grid = (n_rows // rows + n_step,)
     if u.is_cuda and not _interpreting():
+        if FUSED_CONFIG.get("maxnreg"):
+            kwargs["maxnreg"] = int(FUSED_CONFIG["maxnreg"])
         # Compile without running first: a launch whose waiting programs could fill the GPU is
         # never made (the two launches run instead).
         ckey = (str(u.device), n_step, tuple(sorted((k, v) for k, v in kwargs.items())))
