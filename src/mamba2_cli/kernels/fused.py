@@ -132,6 +132,9 @@ def _fits(compiled, device: torch.device, step_programs: int, num_warps: int) ->
     matvec program always finds one (computed from the compiled kernel; `last_fit` keeps the
     figures for benchmarks)."""
     props = torch.cuda.get_device_properties(device)
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()  # loads the module (no launch): the register count is known from then on
     threads = 32 * num_warps
     regs = (max(1, int(getattr(compiled, "n_regs", 255))) + 7) // 8 * 8
     shared = int(getattr(getattr(compiled, "metadata", None), "shared", 0) or 0)
