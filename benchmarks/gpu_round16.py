@@ -77,7 +77,7 @@ def layer(model, dev, tiny):
 
     def run():
         for i, lay in enumerate(layers):
-            lay.mixer.decode_step(x, st.conv[i], st.ssm[i], be)
+            lay.mixer.decode_step(x, st.conv[i], st.ssm[i], be)  # st: the variant's own state
 
     def inproj():
         for lay in layers:
@@ -88,21 +88,31 @@ def layer(model, dev, tiny):
     sbytes = 2 * cfg.nheads * cfg.headdim * cfg.d_state * 4
     from mamba2_cli.kernels import fused
 
-    variants = [("two launches", False, None), ("one launch", True, None), ("one, maxnreg 64", True, 64),
-                ("one, maxnreg 56", True, 56)]
+    # (name, one launch, FUSED_CONFIG keys); poll 0 (no wait) and signal False (no count) give
+    # wrong results on purpose: they time the launch's parts.
+    variants = [("two launches", False, {}), ("one, poll atomic", True, {"poll": 1}),
+                ("one, poll load", True, {"poll": 2}), ("one, no wait", True, {"poll": 0}),
+                ("one, no wait/count", True, {"poll": 0, "signal": False})]
+    keep = dict(fused.FUSED_CONFIG)
     for _ in range(2):
-        for name, on, maxnreg in variants:
+        for name, on, over in variants:
             set_fused(model, on)
-            fused.FUSED_CONFIG["maxnreg"] = maxnreg
+            fused.FUSED_CONFIG.update(keep, **over)
+            for t in fused._ready.values():
+                t.zero_()
+            st = model.new_state(1)
             try:
                 us = r7.graph_ms(r7.captured(run, dev).replay, dev, reps=20) * 1e3 / len(layers)
             except Exception as e:
                 r7.err_line(name, e)
                 continue
             share = (wbytes + sbytes) / (us * 1e-6) / 1e12 / tbps
-            log(f"  layer b1 {name:16s} {us:7.2f} us per layer (weights + state {share:6.1%} of copy) "
+            log(f"  layer b1 {name:19s} {us:7.2f} us per layer (weights + state {share:6.1%} of copy) "
                 f"{fused.last_fit if on else ''}")
-    fused.FUSED_CONFIG["maxnreg"] = None
+    fused.FUSED_CONFIG.clear()
+    fused.FUSED_CONFIG.update(keep)
+    for t in fused._ready.values():
+        t.zero_()
     us = r7.graph_ms(r7.captured(inproj, dev).replay, dev, reps=20) * 1e3 / len(layers)
     log(f"  in_proj matvec alone         {us:7.2f} us per layer "
         f"({m.in_proj.weight.numel() * 2 / (us * 1e-6) / 1e12 / tbps:6.1%} of copy)")

@@ -37,7 +37,7 @@ from .gemv import GEMV_CONFIG, _fma, _interpreting, _w_tile, _x_tile, linear
 FUSE_INPROJ_STEP = True
 # in_proj's batch-1 matvec layout; maxnreg (CUDA only) caps the registers per thread, which the
 # step's part raises above the matvec's own (more programs per SM stream more bytes at once).
-FUSED_CONFIG = {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4, "maxnreg": None}
+FUSED_CONFIG = {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4, "maxnreg": None, "poll": 2}
 
 _ready: dict = {}
 _capacity: dict = {}
@@ -65,8 +65,10 @@ def _inproj_step_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr,
     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-    NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr, POLL: tl.constexpr = 2, SIGNAL: tl.constexpr = True,
 ):
+    """POLL: how the step's programs wait (step.mixer_step_program's WAIT; 0, no wait, and
+    SIGNAL False, no count, are wrong on purpose: benchmarks time the launch's parts)."""
     pid = tl.program_id(0)
     S = heads_per_group * P
     rows_per_group = 2 * S + 2 * N + heads_per_group
@@ -88,9 +90,10 @@ def _inproj_step_kernel(
         if HAS_BIAS:
             y += tl.load(wb_ptr + rn).to(tl.float32)
         tl.store(zx_ptr + rn, y.to(zx_ptr.dtype.element_ty))
-        # Every thread's rows are stored before the one release that counts them.
-        tl.debug_barrier()
-        tl.atomic_add(ready_ptr + g, 1, sem="release")
+        if SIGNAL:
+            # Every thread's rows are stored before the one release that counts them.
+            tl.debug_barrier()
+            tl.atomic_add(ready_ptr + g, 1, sem="release")
     else:
         step_mod.mixer_step_program(
             pid - n_mv, zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr, norm_w_ptr,
@@ -99,7 +102,7 @@ def _inproj_step_kernel(
             stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
             stride_s_b, stride_s_h, stride_s_p, stride_out_b,
             K, BLOCK_P, BLOCK_N, BLOCK_K, BLOCK_GS, BLOCK_SS, HAS_CONV_BIAS, NORM_BEFORE_GATE, DT_CLAMP,
-            True, False, False, True, ready_ptr, rows_per_group // ROWS,
+            True, False, False, POLL, ready_ptr, rows_per_group // ROWS,
         )
 
 
@@ -190,7 +193,8 @@ def _fused(u, in_weight, in_bias, conv_weight, conv_bias, conv_state, A, D, dt_b
     args = (u, in_weight, in_bias if in_bias is not None else u, n_rows, Kdim, in_weight.stride(0),
             *a["tensors"][:13], ready, *a["scalars"])
     kwargs = dict(HAS_BIAS=in_bias is not None, EVEN_K=Kdim % block_kw == 0, ROWS=rows, BLOCK_KW=block_kw,
-                  **a["constexprs"], num_warps=FUSED_CONFIG["num_warps"])
+                  **a["constexprs"], POLL=int(FUSED_CONFIG["poll"]), SIGNAL=bool(FUSED_CONFIG.get("signal", True)),
+                  num_warps=FUSED_CONFIG["num_warps"])
     grid = (n_rows // rows + n_step,)
     if u.is_cuda and not _interpreting():
         if FUSED_CONFIG.get("maxnreg"):

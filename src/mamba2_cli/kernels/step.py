@@ -212,7 +212,7 @@ def _mixer_step_kernel(
         stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
         stride_s_b, stride_s_h, stride_s_p, stride_out_b,
         K, BLOCK_P, BLOCK_N, BLOCK_K, BLOCK_GS, BLOCK_SS, HAS_CONV_BIAS, NORM_BEFORE_GATE, DT_CLAMP,
-        TAIL, PDL, BC_PRE, False, count_ptr, 0,
+        TAIL, PDL, BC_PRE, 0, count_ptr, 0,
     )
 
 
@@ -229,9 +229,10 @@ def mixer_step_program(
     TAIL: tl.constexpr, PDL: tl.constexpr, BC_PRE: tl.constexpr,
     WAIT: tl.constexpr, ready_ptr, ready_target,
 ):
-    """Program `pid` of the step (the body of `_mixer_step_kernel`). WAIT (fused.py): zx is
-    written by the same launch; the program first waits until its group's counter at
-    ready_ptr [b, G] reaches ready_target (acquire), and the group's last program resets it."""
+    """Program `pid` of the step (the body of `_mixer_step_kernel`). WAIT (fused.py; 0: no):
+    zx is written by the same launch; the program first waits until its group's counter at
+    ready_ptr [b, G] reaches ready_target (1: polling with acquire atomics, 2: with plain
+    loads, then one acquire), and the group's last program resets it."""
     if PDL:
         gdc_launch_dependents()
     npb = tl.cdiv(P, BLOCK_P)
@@ -254,11 +255,18 @@ def mixer_step_program(
         Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
         A = tl.load(A_ptr + h).to(tl.float32)
         gdc_wait()
-    if WAIT:
+    if WAIT == 1:
         # The state load above is in flight; in_proj's rows for this group may not be.
         ready = ready_ptr + bi64 * G + g
         while tl.atomic_add(ready, 0, sem="acquire") < ready_target:
             pass
+    elif WAIT == 2:
+        # The same, polling with plain loads (no read-modify-write queue at the counter), then
+        # one acquire, which synchronizes with every release counted.
+        ready = ready_ptr + bi64 * G + g
+        while tl.load(ready, volatile=True) < ready_target:
+            pass
+        tl.atomic_add(ready, 0, sem="acquire")
 
     zx = zx_ptr + bi64 * stride_zx_b
     xbc = zx + d_inner  # the conv input starts after z
@@ -324,7 +332,7 @@ def mixer_step_program(
                           d_inner, eps, stride_cs_c, stride_out_b, K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE,
                           False, not BC_PRE)
             tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
-            if WAIT:
+            if WAIT != 0:
                 # Every program of the group has passed its wait and every row is counted.
                 tl.atomic_xchg(ready_ptr + bi64 * G + g, 0, sem="relaxed")
 
