@@ -11,6 +11,10 @@ the step's programs waiting inside in_proj's launch for their group's rows.
   profile  kernel times per decode token (CUPTI, graph replay), one launch
   model    decode b1 tok/s, one launch and two alternated
 Lines go to stdout and $OUT/round16.txt.
+
+The one launch measured slower (69.5 against 64.6 us per layer; benchmarks/NOTES.md, session
+5) and was taken out (commits d696895..ab057a2 hold it): without kernels/fused.py this script
+says so and stops.
 """
 
 from __future__ import annotations
@@ -165,6 +169,11 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--budget-s", type=float, default=330.0)
     args = ap.parse_args()
+    import importlib.util
+
+    if importlib.util.find_spec("mamba2_cli.kernels.fused") is None:
+        log("the one-launch in_proj + step was taken out after round 16 (slower: benchmarks/NOTES.md, session 5)")
+        return
     dev, model = r7.setup(16, args.tiny)
     r7.T0 = T0
     r7.run_phases((("check", lambda: check(model, dev, args.tiny)),

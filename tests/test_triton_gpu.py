@@ -230,41 +230,6 @@ def test_mixer_decode_step_replays_in_a_cuda_graph(tb, b):
         assert torch.equal(st["ssm_state"], ref["ssm_state"])
 
 
-def test_inproj_mixer_step_one_launch_equals_two_at_codestral_shapes(tb):
-    # fused.py: the step waits inside in_proj's launch. Bit for bit the two launches, eager and
-    # replayed in a CUDA graph, and the launch fits (the capacity check let it run).
-    from mamba2_cli.kernels import fused
-
-    st, _ = codestral_mixer(1, torch.bfloat16, seed=7)
-    two = {k: v.clone() for k, v in st.items()}
-    g = torch.Generator(device="cuda").manual_seed(8)
-    n_rows = 2 * H * P + 2 * G * N + H
-    w = (torch.randn(n_rows, 4096, generator=g, device="cuda") * 4096 ** -0.5).to(torch.bfloat16)
-    u = torch.randn(1, 4096, generator=g, device="cuda").to(torch.bfloat16)
-
-    def one():
-        return tb.inproj_mixer_step(u, w, None, st["conv_weight"], st["conv_bias"], st["conv_state"], st["A"],
-                                    st["D"], st["dt_bias"], (0.0, INF), st["norm_weight"], st["ssm_state"], G,
-                                    1e-5, False)
-
-    def both():
-        return run_mixer(tb.mixer_decode_step, two, tb.linear(u, w))
-
-    for _ in range(3):
-        assert torch.equal(one(), both())
-        assert torch.equal(st["ssm_state"], two["ssm_state"]) and torch.equal(st["conv_state"], two["conv_state"])
-    assert all(fused._capacity.values()) and fused._capacity
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = one()
-    for _ in range(3):
-        graph.replay()
-        out_two = both()
-        torch.cuda.synchronize()
-        assert torch.equal(out, out_two) and torch.equal(st["ssm_state"], two["ssm_state"])
-    assert not fused._ready[("cuda:0", G)].any()
-
-
 @pytest.mark.parametrize("L,init", [(5000, True), (16384, False)], ids=["L5000-init", "L16384"])
 def test_ssd_prefill_splits_a_small_models_sequence_and_matches_torch_reference(tb, L, init):
     # A mamba2-130m layer (24 heads, one group): at batch 1 its grid is small, so the default

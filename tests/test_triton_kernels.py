@@ -466,62 +466,9 @@ def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32):
     assert rel_err(res, res_ref) < 1e-6
 
 
-def run_inproj_mixer(fn, st, u, w, wb, G, nbg, dt_limit=(0.0, INF)):
-    return fn(u, w, wb, st["conv_weight"], st["conv_bias"], st["conv_state"], st["A"], st["D"], st["dt_bias"],
-              dt_limit, st["norm_weight"], st["ssm_state"], G, 1e-5, nbg)
-
-
-@pytest.mark.parametrize("H,P,G,N,nbg,bias", [
-    (4, 16, 2, 16, False, True),
-    (6, 32, 3, 16, True, False),  # 3 groups, norm before the gate, head split over two programs
-    (4, 16, 1, 32, False, False),
-], ids=["G2-bias", "G3-norm-before-gate", "G1"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)], ids=["fp32", "fp16"])
-def test_inproj_mixer_step_in_one_launch_equals_the_two_launches(tb, monkeypatch, H, P, G, N, nbg, bias, dtype, tol):
-    # Batch 1 runs in_proj and the step in one launch (fused.py): the step's programs wait for
-    # their group's rows. Same results bit for bit as in_proj's matvec then the step, and the
-    # reference's within tol, over consecutive calls (the group counters reset).
-    from mamba2_cli.kernels import fused
-
-    d_model = 48
-    st, _ = mixer_inputs(1, H, P, G, N, 4, dtype, D_per_channel=nbg, seed=5)
-    two, ref = ({k: v.clone() for k, v in st.items()} for _ in range(2))
-    g = torch.Generator().manual_seed(6)
-    n_rows = 2 * H * P + 2 * G * N + H
-    w = (torch.randn(n_rows, d_model, generator=g) * d_model ** -0.5).to(DEVICE, dtype)
-    wb = torch.randn(n_rows, generator=g).to(DEVICE, dtype) if bias else None
-    limit = (0.01, 2.0) if nbg else (0.0, INF)
-    for _ in range(3):
-        u = torch.randn(1, d_model, generator=g).to(DEVICE, dtype)
-        assert fused.fusable(u, w, st["ssm_state"], G)
-        out = run_inproj_mixer(tb.inproj_mixer_step, st, u, w, wb, G, nbg, limit)
-        out_two = run_mixer(tb.mixer_decode_step, two, tb.linear(u, w, wb), G, nbg, limit)
-        out_ref = run_inproj_mixer(torch_ref.inproj_mixer_step, ref, u, w, wb, G, nbg, limit)
-        assert torch.equal(out, out_two)
-        assert torch.equal(st["ssm_state"], two["ssm_state"]) and torch.equal(st["conv_state"], two["conv_state"])
-        assert rel_err(out, out_ref) < tol and rel_err(st["ssm_state"], ref["ssm_state"]) < tol
-        assert not fused._ready[(str(u.device), G)].any()  # the group counters are back at zero
-    # Off, or at batch 2, the same operation runs as the two launches.
-    monkeypatch.setattr(fused, "FUSE_INPROJ_STEP", False)
-    assert not fused.fusable(u, w, st["ssm_state"], G)
-    out = run_inproj_mixer(tb.inproj_mixer_step, st, u, w, wb, G, nbg, limit)
-    out_ref = run_inproj_mixer(torch_ref.inproj_mixer_step, ref, u, w, wb, G, nbg, limit)
-    assert rel_err(out, out_ref) < tol
-    monkeypatch.setattr(fused, "FUSE_INPROJ_STEP", True)
-    assert not fused.fusable(u.expand(2, -1), w, st["ssm_state"].expand(2, -1, -1, -1), G)
-
-
-def test_inproj_mixer_step_rejects_a_wrong_weight(tb):
-    st, _ = mixer_inputs(1, 4, 16, 2, 16, 4, torch.float32)
-    u = torch.randn(1, 32, device=DEVICE)
-    n_rows = 2 * 64 + 2 * 2 * 16 + 4
-    with pytest.raises(Mamba2Error, match="in_proj weight must be"):
-        run_inproj_mixer(tb.inproj_mixer_step, st, u, torch.randn(n_rows - 2, 32, device=DEVICE), None, 2, False)
-
-
 def test_backend_exposes_the_reference_operations(tb):
     ops = ["ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step", "gated_rmsnorm", "add_rmsnorm",
-           "mixer_decode_step", "norm_linear", "inproj_mixer_step"]
+           "mixer_decode_step", "norm_linear"]
     assert tb.name == "triton"
     for op in ops:
         assert callable(getattr(tb, op)), op

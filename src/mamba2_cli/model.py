@@ -43,14 +43,13 @@ class Mamba2Mixer(nn.Module):
 
     scan_chunk: int = 0  # block length of the prefill scan, chosen by the backend (see set_backend)
 
-    def decode_step(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+    def decode_step(self, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
                     backend) -> torch.Tensor:
-        """One token from the pre-normed hidden row u [b, d_model] to out_proj's output [b, d_model]:
-        in_proj and the mixer as one backend operation (one launch at batch 1 on triton)."""
+        """One token from in_proj's output zxbcdt [b, in_proj_dim] to out_proj's [b, d_model]."""
         cfg = self.cfg
-        y = backend.inproj_mixer_step(
-            u, self.in_proj.weight, self.in_proj.bias, self.conv_weight, self.conv1d.bias, conv_state, self.A,
-            self.D, self.dt_bias, cfg.dt_limit, self.norm.weight, ssm_state, cfg.ngroups, cfg.layer_norm_epsilon,
+        y = backend.mixer_decode_step(
+            zxbcdt, self.conv_weight, self.conv1d.bias, conv_state, self.A, self.D, self.dt_bias,
+            cfg.dt_limit, self.norm.weight, ssm_state, cfg.ngroups, cfg.layer_norm_epsilon,
             cfg.norm_before_gate,
         )
         return backend.linear(y, self.out_proj.weight, self.out_proj.bias)
@@ -60,8 +59,9 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         b, L, _ = u.shape
         if L == 1 and seq_len is None:
-            # The backend's operations, not the modules' __call__: per-token overhead adds up.
-            return self.decode_step(u[:, 0], conv_state, ssm_state, backend)[:, None]
+            # The backend's linear, not the modules' __call__: per-token overhead adds up.
+            zxbcdt = backend.linear(u[:, 0], self.in_proj.weight, self.in_proj.bias)
+            return self.decode_step(zxbcdt, conv_state, ssm_state, backend)[:, None]
 
         H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         if torch.is_grad_enabled():  # training (scripts/train_tiny.py): derived tensors stay attached
@@ -172,15 +172,17 @@ class Mamba2LM(nn.Module):
     def _decode(self, h: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """One token per sequence, h [B, d_model] embedded -> fp32 logits [B, 1, vocab].
 
-        A layer's in_proj goes with its mixer (`inproj_mixer_step`), the final norm with
-        lm_head (`norm_linear`); a backend may run each pair as one launch.
+        Each pre-norm goes with the projection after it (`norm_linear`), which a backend
+        may run as one launch.
         """
         cfg, be = self.cfg, self.backend
         eps, fp32 = cfg.layer_norm_epsilon, cfg.residual_in_fp32
         residual = None
         for i, layer in enumerate(self.backbone.layers):
-            normed, residual = be.add_rmsnorm(h, residual, layer.norm.weight, eps, fp32)
-            h = layer.mixer.decode_step(normed, state.conv[i], state.ssm[i], be)
+            mixer = layer.mixer
+            zxbcdt, residual = be.norm_linear(h, residual, layer.norm.weight, eps, fp32,
+                                              mixer.in_proj.weight, mixer.in_proj.bias)
+            h = mixer.decode_step(zxbcdt, state.conv[i], state.ssm[i], be)
         logits, _ = be.norm_linear(h, residual, self.backbone.norm_f.weight, eps, fp32, self.lm_head.weight)
         logits = logits[:, None, : cfg.vocab_size]
         return logits if logits.dtype == torch.float64 else logits.float()

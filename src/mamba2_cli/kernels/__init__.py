@@ -26,10 +26,6 @@ implementation and the exact semantics of each):
                       norm_weight, ssm_state, ngroups, eps, norm_before_gate) -> [b, d_inner]
         Everything of one decode token between in_proj and out_proj: conv window update,
         conv + SiLU, dt softplus/clamp, state update in place, y = S C + D x, gated norm.
-    inproj_mixer_step(u, in_weight, in_bias, conv_weight, conv_bias, conv_state, A, D, dt_bias,
-                      dt_limit, norm_weight, ssm_state, ngroups, eps, norm_before_gate)
-        -> mixer_decode_step(linear(u, in_weight, in_bias), ...): decode's in_proj and the
-        mixer after it, which a backend may run as one launch.
 
 seq_len (prefill operations): None, or an integer tensor [b] on the device: row i holds
 seq_len[i] real positions, then padding that is never read (the SSM state passes through

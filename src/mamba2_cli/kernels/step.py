@@ -205,34 +205,7 @@ def _mixer_step_kernel(
 ):
     """TAIL: the group's last program normalizes it (else `_group_norm_kernel` does, after).
     BC_PRE: B and C come convolved from `_bc_conv_kernel` (which also shifted their windows)."""
-    mixer_step_program(
-        tl.program_id(0), zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr, norm_w_ptr,
-        ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr, bc_ptr,
-        H, P, N, G, heads_per_group, d_inner, eps, dt_lo, dt_hi,
-        stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
-        stride_s_b, stride_s_h, stride_s_p, stride_out_b,
-        K, BLOCK_P, BLOCK_N, BLOCK_K, BLOCK_GS, BLOCK_SS, HAS_CONV_BIAS, NORM_BEFORE_GATE, DT_CLAMP,
-        TAIL, PDL, BC_PRE, 0, count_ptr, 0,
-    )
-
-
-@triton.jit
-def mixer_step_program(
-    pid, zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr, norm_w_ptr,
-    ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr, bc_ptr,
-    H, P, N, G, heads_per_group, d_inner, eps, dt_lo, dt_hi,
-    stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
-    stride_s_b, stride_s_h, stride_s_p, stride_out_b,
-    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-    NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
-    TAIL: tl.constexpr, PDL: tl.constexpr, BC_PRE: tl.constexpr,
-    WAIT: tl.constexpr, ready_ptr, ready_target,
-):
-    """Program `pid` of the step (the body of `_mixer_step_kernel`). WAIT (fused.py; 0: no):
-    zx is written by the same launch; the program first waits until its group's counter at
-    ready_ptr [b, G] reaches ready_target (1: polling with acquire atomics, 2: with plain
-    loads, then one acquire), and the group's last program resets it."""
+    pid = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()
     npb = tl.cdiv(P, BLOCK_P)
@@ -255,18 +228,6 @@ def mixer_step_program(
         Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
         A = tl.load(A_ptr + h).to(tl.float32)
         gdc_wait()
-    if WAIT == 1:
-        # The state load above is in flight; in_proj's rows for this group may not be.
-        ready = ready_ptr + bi64 * G + g
-        while tl.atomic_add(ready, 0, sem="acquire") < ready_target:
-            pass
-    elif WAIT == 2:
-        # The same, polling with plain loads (no read-modify-write queue at the counter), then
-        # one acquire, which synchronizes with every release counted.
-        ready = ready_ptr + bi64 * G + g
-        while tl.load(ready, volatile=True) < ready_target:
-            pass
-        tl.atomic_add(ready, 0, sem="acquire")
 
     zx = zx_ptr + bi64 * stride_zx_b
     xbc = zx + d_inner  # the conv input starts after z
@@ -332,9 +293,6 @@ def mixer_step_program(
                           d_inner, eps, stride_cs_c, stride_out_b, K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE,
                           False, not BC_PRE)
             tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
-            if WAIT != 0:
-                # Every program of the group has passed its wait and every row is counted.
-                tl.atomic_xchg(ready_ptr + bi64 * G + g, 0, sem="relaxed")
 
 
 def _check(cond: bool, op: str, msg) -> None:
@@ -413,51 +371,6 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     [b, H, P, N] (fp32) are updated in place. Returns the gated, normed y [b, d_inner].
     `config` (keys of STEP_CONFIG) overrides STEP_CONFIG for this call.
     """
-    b = ssm_state.shape[0] if ssm_state.dim() == 4 else 0
-    cfg = dict(STEP_CONFIG)
-    for min_batch, over in STEP_BATCH_CONFIG:
-        if b >= min_batch:
-            cfg.update(over)
-    cfg.update(config or {})
-    if block_p:
-        cfg["BLOCK_P"] = block_p
-    a = step_launch_args(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit, norm_weight,
-                         ssm_state, ngroups, eps, norm_before_gate, cfg)
-    tensors, scalars, cx = a["tensors"], a["scalars"], a["constexprs"]
-    H, P, N, G, hpg, d_inner = scalars[:6]
-    npb = triton.cdiv(P, cx["BLOCK_P"])
-    split = bool(cfg["split"])
-    pdl = bool(cfg["pdl"]) and HAS_PDL and zxbcdt.is_cuda and not _interpreting()
-    launch = {"launch_pdl": True} if pdl else {}
-    zxbcdt, conv_weight, conv_bias_arg, conv_state, out, ybuf, ssbuf = (tensors[i] for i in (0, 1, 2, 3, 9, 10, 11))
-    bc_pre = bool(cfg["bc_pre"])
-    if bc_pre:
-        _bc_conv_kernel[(b * G,)](
-            zxbcdt, conv_weight, conv_bias_arg, conv_state, tensors[13], G, N, d_inner,
-            zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
-            K=cx["K"], BLOCK_N=cx["BLOCK_N"], BLOCK_K=cx["BLOCK_K"], HAS_CONV_BIAS=cx["HAS_CONV_BIAS"], num_warps=4,
-        )
-    _mixer_step_kernel[(a["grid"],)](
-        *tensors, *scalars, **cx, TAIL=not split, PDL=pdl, BC_PRE=bc_pre, num_warps=cfg["num_warps"], **launch,
-    )
-    if split:
-        _group_norm_kernel[(b * G,)](
-            zxbcdt, conv_state, tensors[7], out, ybuf, ssbuf,
-            G, N, hpg * P, H * npb // G, d_inner, scalars[6],
-            zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
-            K=cx["K"], BLOCK_N=cx["BLOCK_N"], BLOCK_K=cx["BLOCK_K"], BLOCK_GS=cx["BLOCK_GS"],
-            BLOCK_SS=cx["BLOCK_SS"], NORM_BEFORE_GATE=cx["NORM_BEFORE_GATE"], PDL=pdl, SHIFT_BC=not bc_pre,
-            num_warps=cfg["tail_warps"], **launch,
-        )
-    return out
-
-
-def step_launch_args(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit, norm_weight,
-                     ssm_state, ngroups, eps, norm_before_gate, cfg) -> dict:
-    """Check the operands of `mixer_decode_step` and lay out `_mixer_step_kernel`'s launch for
-    configuration `cfg` (STEP_CONFIG's keys): {"tensors": the 14 pointer arguments in order,
-    "scalars": the scalar ones, "constexprs": the shape constants (not TAIL, PDL, BC_PRE),
-    "grid": the program count, "out": the output [b, d_inner]}."""
     op = "mixer_decode_step"
     _check(ssm_state.dim() == 4, op, lambda: f"ssm_state must be [b, H, P, N], got {tuple(ssm_state.shape)}")
     b, H, P, N = ssm_state.shape
@@ -495,27 +408,52 @@ def step_launch_args(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, 
     norm_weight = norm_weight.contiguous()
     lo, hi, clamp = _dt_limit_args(dt_limit)
 
-    BLOCK_P = min(cfg["BLOCK_P"], triton.next_power_of_2(P))
+    cfg = dict(STEP_CONFIG)
+    for min_batch, over in STEP_BATCH_CONFIG:
+        if b >= min_batch:
+            cfg.update(over)
+    cfg.update(config or {})
+    BLOCK_P = min(block_p or cfg["BLOCK_P"], triton.next_power_of_2(P))
     npb = triton.cdiv(P, BLOCK_P)
     hpg = H // G
+    split = bool(cfg["split"])
+    pdl = bool(cfg["pdl"]) and HAS_PDL and zxbcdt.is_cuda and not _interpreting()
+    launch = {"launch_pdl": True} if pdl else {}
     out = torch.empty((b, d_inner), dtype=zxbcdt.dtype, device=zxbcdt.device)
     ybuf, ssbuf, counts = _scratch_for(zxbcdt.device, b, d_inner, H * npb, G)
-    # bc_pre's B/C scratch; unused otherwise
-    bc = _scratch_for(zxbcdt.device, b, 2 * G * N, 0, 0)[0] if cfg.get("bc_pre") else ybuf
-    return {
-        "tensors": [zxbcdt, conv_weight, conv_bias_arg, conv_state, A, D2, dt_bias, norm_weight,
-                    ssm_state, out, ybuf, ssbuf, counts, bc],
-        "scalars": [H, P, N, G, hpg, d_inner, float(eps), lo, hi,
-                    zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
-                    D2.stride(0), D2.stride(1),
-                    ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0)],
-        "constexprs": dict(K=K, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
-                           BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
-                           HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate),
-                           DT_CLAMP=clamp),
-        "grid": b * H * npb,
-        "out": out,
-    }
+    bc_pre = bool(cfg["bc_pre"])
+    bc = ybuf  # unused unless bc_pre
+    if bc_pre:
+        bc = _scratch_for(zxbcdt.device, b, 2 * G * N, 0, 0)[0]
+        _bc_conv_kernel[(b * G,)](
+            zxbcdt, conv_weight, conv_bias_arg, conv_state, bc, G, N, d_inner,
+            zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+            K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
+            HAS_CONV_BIAS=conv_bias is not None, num_warps=4,
+        )
+    _mixer_step_kernel[(b * H * npb,)](
+        zxbcdt, conv_weight, conv_bias_arg, conv_state, A, D2, dt_bias, norm_weight,
+        ssm_state, out, ybuf, ssbuf, counts, bc,
+        H, P, N, G, hpg, d_inner, float(eps), lo, hi,
+        zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+        D2.stride(0), D2.stride(1),
+        ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
+        K=K, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
+        HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
+        TAIL=not split, PDL=pdl, BC_PRE=bc_pre, num_warps=cfg["num_warps"], **launch,
+    )
+    if split:
+        _group_norm_kernel[(b * G,)](
+            zxbcdt, conv_state, norm_weight, out, ybuf, ssbuf,
+            G, N, hpg * P, H * npb // G, d_inner, float(eps),
+            zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
+            K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
+            BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
+            NORM_BEFORE_GATE=bool(norm_before_gate), PDL=pdl, SHIFT_BC=not bc_pre, num_warps=cfg["tail_warps"],
+            **launch,
+        )
+    return out
 
 
 def _interpreting() -> bool:

@@ -263,13 +263,3 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         D, dt_bias, dt_limit, ssm_state,
     )
     return gated_rmsnorm(y.reshape(b, d_inner), z, norm_weight, d_inner // ngroups, eps, norm_before_gate)
-
-
-def inproj_mixer_step(u, in_weight, in_bias, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False):
-    """in_proj and the mixer of one decode token: mixer_decode_step(linear(u, in_weight, in_bias), ...).
-
-    u [b, d_model] is the pre-normed hidden row; returns the gated, normed y [b, d_inner].
-    """
-    return mixer_decode_step(linear(u, in_weight, in_bias), conv_weight, conv_bias, conv_state, A, D, dt_bias,
-                             dt_limit, norm_weight, ssm_state, ngroups, eps, norm_before_gate)

@@ -8,12 +8,9 @@ this project's Triton kernels. Imported only when backend 'triton' is chosen.
     add_rmsnorm        norm.py  (and gated_rmsnorm)
     linear             gemv.py  matvec kernel for decode's few-row products, F.linear otherwise
     norm_linear        gemv.py  add_rmsnorm + linear; one fused launch for a row when gemv.FUSE_NORM
-    inproj_mixer_step  fused.py in_proj + mixer_decode_step; one launch at batch 1 (the step
-                                waits inside in_proj's launch for its group's rows)
 """
 
 from .conv import causal_conv1d, conv1d_step
-from .fused import inproj_mixer_step
 from .gemv import linear, norm_linear
 from .norm import add_rmsnorm, gated_rmsnorm
 from .ssd import ssd_prefill
@@ -24,5 +21,4 @@ name = "triton"
 __all__ = [
     "name", "linear", "ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step",
     "gated_rmsnorm", "add_rmsnorm", "mixer_decode_step", "norm_linear",
-    "inproj_mixer_step",
 ]
