@@ -50,6 +50,9 @@ STEP_CONFIG.update({"split": False, "pdl": False, "tail_warps": 4})
 # "bc_pre": a first small kernel convolves each group's B and C once (one program per sequence
 # and group) instead of every head's programs recomputing them: one launch more, less work.
 STEP_CONFIG["bc_pre"] = False
+# "evict": the state's loads and stores marked evict_first (each layer's state is touched once
+# per token; session 5, round 17, times it).
+STEP_CONFIG["evict"] = False
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
 # from 2 rows one program per head (b2 11.75 us per layer against 13.04, b4 16.19 against
@@ -202,6 +205,7 @@ def _mixer_step_kernel(
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
     TAIL: tl.constexpr = True, PDL: tl.constexpr = False, BC_PRE: tl.constexpr = False,
+    EVICT_STATE: tl.constexpr = "",
 ):
     """TAIL: the group's last program normalizes it (else `_group_norm_kernel` does, after).
     BC_PRE: B and C come convolved from `_bc_conv_kernel` (which also shifted their windows)."""
@@ -222,7 +226,7 @@ def _mixer_step_kernel(
 
     # Issue the big load (the state slice) first so its latency overlaps the conv.
     state_ptrs = ssm_ptr + bi64 * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
-    state = tl.load(state_ptrs, mask=s_mask, other=0.0)
+    state = tl.load(state_ptrs, mask=s_mask, other=0.0, eviction_policy=EVICT_STATE)
     if PDL:
         # The state and the weights do not depend on in_proj, which may still be running.
         Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
@@ -269,7 +273,7 @@ def _mixer_step_kernel(
 
     if not TAIL:
         # The norm is the next kernel's: this program's state and x windows are all it writes.
-        tl.store(state_ptrs, state, mask=s_mask)
+        tl.store(state_ptrs, state, mask=s_mask, eviction_policy=EVICT_STATE)
         shift_in(cs, win_x, ch_x, pmask, offs_k, stride_cs_c, K)
     else:
         # What the group's last program needs and can fetch now, before the wait.
@@ -286,7 +290,7 @@ def _mixer_step_kernel(
         tl.debug_barrier()
         count_ptrs = count_ptr + bi64 * G + g
         arrived = tl.atomic_add(count_ptrs, 1, sem="acq_rel")
-        tl.store(state_ptrs, state, mask=s_mask)
+        tl.store(state_ptrs, state, mask=s_mask, eviction_policy=EVICT_STATE)
         shift_in(cs, win_x, ch_x, pmask, offs_k, stride_cs_c, K)
         if arrived == nss - 1:
             _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsmask, norm_w, nss, GS, G, N,
@@ -441,7 +445,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         K=K, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
         BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
-        TAIL=not split, PDL=pdl, BC_PRE=bc_pre, num_warps=cfg["num_warps"], **launch,
+        TAIL=not split, PDL=pdl, BC_PRE=bc_pre, EVICT_STATE="evict_first" if cfg["evict"] else "",
+        num_warps=cfg["num_warps"], **launch,
     )
     if split:
         _group_norm_kernel[(b * G,)](
