@@ -51,7 +51,8 @@ STEP_CONFIG.update({"split": False, "pdl": False, "tail_warps": 4})
 # and group) instead of every head's programs recomputing them: one launch more, less work.
 STEP_CONFIG["bc_pre"] = False
 # "evict": the state's loads and stores marked evict_first (each layer's state is touched once
-# per token; session 5, round 17, times it).
+# per token). Measured slower at every batch (session 5, round 17: b1 9.53 against 8.83 us per
+# layer, b64 82.8 % of copy against 84.4 %), so off.
 STEP_CONFIG["evict"] = False
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
