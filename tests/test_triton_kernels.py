@@ -361,14 +361,16 @@ def test_split_mixer_decode_step_matches_reference_and_the_fused_step(tb, b, H, 
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
-def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split):
+@pytest.mark.parametrize("switch", ["pdl", "evict"])
+def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split, switch):
     # STEP_CONFIG["pdl"]: on a GPU the step is launched early and loads its state before
-    # waiting (a no-op in the interpreter). Consecutive steps read what the last one wrote.
+    # waiting; "evict": the state's loads and stores are marked evict_first (both no-ops in
+    # the interpreter). Consecutive steps read what the last one wrote.
     st, draw = mixer_inputs(2, 4, 32, 2, 16, 4, torch.float32, seed=12)
     plain = {k: v.clone() for k, v in st.items()}
     for _ in range(3):
         zxbcdt = draw()
-        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False, config={"pdl": True, "split": split})
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False, config={switch: True, "split": split})
         out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, False)
         assert torch.equal(out, out_plain)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
