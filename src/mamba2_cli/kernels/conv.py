@@ -23,6 +23,9 @@ CONV_CONFIG = {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4, "STATE_BRANCH": Tr
 # (benchmarks/NOTES.md, session 3, round 10): 82.6 µs against the tile kernel's 103-172 µs;
 # prefill of 65536 tokens 1.762 against 1.768 s.
 CONV_CONFIG.update({"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 256, "ROWS_WARPS": 2})
+# ROWS_C_FIRST: launch the channel blocks of a block of rows one after the other (grid axis 1),
+# so programs running together read whole rows, instead of one channel block down the rows.
+CONV_CONFIG["ROWS_C_FIRST"] = False
 CONV_STEP_CONFIG = {"BLOCK_C": 256, "num_warps": 4}
 
 
@@ -170,15 +173,20 @@ def _causal_conv_rows_kernel(
     xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, len_ptr, L, Cdim,
     stride_x_b, stride_x_l, stride_w_c, stride_cs_b, stride_cs_c, stride_out_b, stride_out_l,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, C_FIRST: tl.constexpr,
 ):
     """Width-4 conv, ROWS_LOOP: a program walks ROWS positions of BLOCK_C channels one row at
     a time (unrolled), keeping the last three inputs in registers, so every input is loaded
     once (the tile kernel loads each one K times, shifted)."""
     bi = tl.program_id(0).to(tl.int64)
-    pid_l = tl.program_id(1)
+    if C_FIRST:
+        pid_l = tl.program_id(2)
+        pid_c = tl.program_id(1)
+    else:
+        pid_l = tl.program_id(1)
+        pid_c = tl.program_id(2)
     t0 = pid_l * ROWS
-    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = ch < Cdim
     x_base = xbc_ptr + bi * stride_x_b
     cs_base = cs_ptr + bi * stride_cs_b
@@ -271,13 +279,15 @@ def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
         return out
     if K == 4 and CONV_CONFIG.get("ROWS_LOOP"):
         rows, BC = CONV_CONFIG["ROWS"], CONV_CONFIG["ROWS_BLOCK_C"]
-        _causal_conv_rows_kernel[(b, triton.cdiv(L, rows), triton.cdiv(Cdim, BC))](
+        c_first = bool(CONV_CONFIG.get("ROWS_C_FIRST"))
+        grid = (b, triton.cdiv(L, rows), triton.cdiv(Cdim, BC))
+        _causal_conv_rows_kernel[(grid[0], grid[2], grid[1]) if c_first else grid](
             xBC, weight, bias if bias is not None else weight, conv_state, out,
             seq_len if seq_len is not None else weight, L, Cdim,
             xBC.stride(0), xBC.stride(1), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
             out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_C=BC, BLOCK_K=4, HAS_BIAS=bias is not None, HAS_LEN=seq_len is not None,
-            num_warps=CONV_CONFIG["ROWS_WARPS"],
+            C_FIRST=c_first, num_warps=CONV_CONFIG["ROWS_WARPS"],
         )
         return out
     BL, BC = CONV_CONFIG["BLOCK_L"], CONV_CONFIG["BLOCK_C"]
