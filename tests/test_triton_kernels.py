@@ -361,17 +361,19 @@ def test_split_mixer_decode_step_matches_reference_and_the_fused_step(tb, b, H, 
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
-@pytest.mark.parametrize("switch", ["pdl", "evict"])
-def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split, switch):
+@pytest.mark.parametrize("switch,nbg", [("pdl", False), ("evict", False), ("early", False), ("early", True)],
+                         ids=["pdl", "evict", "early", "early-norm-before-gate"])
+def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split, switch, nbg):
     # STEP_CONFIG["pdl"]: on a GPU the step is launched early and loads its state before
     # waiting; "evict": the state's loads and stores are marked evict_first (both no-ops in
-    # the interpreter). Consecutive steps read what the last one wrote.
+    # the interpreter); "early": z, the norm weights and the B/C windows are loaded sooner.
+    # Consecutive steps read what the last one wrote.
     st, draw = mixer_inputs(2, 4, 32, 2, 16, 4, torch.float32, seed=12)
     plain = {k: v.clone() for k, v in st.items()}
     for _ in range(3):
         zxbcdt = draw()
-        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False, config={switch: True, "split": split})
-        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, False)
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, nbg, config={switch: True, "split": split})
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, nbg)
         assert torch.equal(out, out_plain)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
 
@@ -454,7 +456,11 @@ def test_gated_rmsnorm_matches_reference(tb, nbg, dtype, tol):
     [(None, True), (torch.float32, True), ("x", False), (None, False)],
     ids=["first-layer-fp32", "fp32-residual", "residual-in-x-dtype", "first-layer-x-dtype"],
 )
-def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32):
+@pytest.mark.parametrize("w_first", [False, True], ids=["w-last", "w-first"])
+def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32, w_first, monkeypatch):
+    from mamba2_cli.kernels import norm
+
+    monkeypatch.setitem(norm.NORM_CONFIG, "add_w_first", w_first)  # where the weight's load sits
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, 2, 100, generator=g).to(DEVICE, torch.float16)
     w = torch.randn(100, generator=g).to(DEVICE, torch.float16)

@@ -23,9 +23,8 @@ CONV_CONFIG = {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4, "STATE_BRANCH": Tr
 # (benchmarks/NOTES.md, session 3, round 10): 82.6 µs against the tile kernel's 103-172 µs;
 # prefill of 65536 tokens 1.762 against 1.768 s.
 CONV_CONFIG.update({"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 256, "ROWS_WARPS": 2})
-# ROWS_C_FIRST: launch the channel blocks of a block of rows one after the other (grid axis 1),
-# so programs running together read whole rows, instead of one channel block down the rows.
-CONV_CONFIG["ROWS_C_FIRST"] = False
+# ROWS_AHEAD: rows loaded ahead of the one computed (see the kernel); 0 is the round-10 kernel.
+CONV_CONFIG["ROWS_AHEAD"] = 0
 CONV_STEP_CONFIG = {"BLOCK_C": 256, "num_warps": 4}
 
 
@@ -169,24 +168,31 @@ def _conv_input(x_base, cs_base, pos, L, ch, cmask, stride_x_l, stride_cs_c, K: 
 
 
 @triton.jit
+def _row_in(x_base, t, L, ch, cmask, stride_x_l):
+    """Input row t (zero past L) of channels ch as fp32."""
+    tv = ch * 0 + t
+    return tl.load(x_base + tv.to(tl.int64) * stride_x_l + ch, mask=cmask & (tv < L), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _causal_conv_rows_kernel(
     xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, len_ptr, L, Cdim,
     stride_x_b, stride_x_l, stride_w_c, stride_cs_b, stride_cs_c, stride_out_b, stride_out_l,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, C_FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """Width-4 conv, ROWS_LOOP: a program walks ROWS positions of BLOCK_C channels one row at
     a time (unrolled), keeping the last three inputs in registers, so every input is loaded
-    once (the tile kernel loads each one K times, shifted)."""
+    once (the tile kernel loads each one K times, shifted).
+
+    AHEAD (0-8): rows loaded ahead of the one being computed. The compiler keeps a load after
+    every store before it (they might alias), so with AHEAD 0 each row waits a full trip to
+    memory behind the previous row's store; with AHEAD n the first n rows are loaded before
+    any store and each row then loads the one n rows on."""
     bi = tl.program_id(0).to(tl.int64)
-    if C_FIRST:
-        pid_l = tl.program_id(2)
-        pid_c = tl.program_id(1)
-    else:
-        pid_l = tl.program_id(1)
-        pid_c = tl.program_id(2)
+    pid_l = tl.program_id(1)
     t0 = pid_l * ROWS
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = ch < Cdim
     x_base = xbc_ptr + bi * stride_x_b
     cs_base = cs_ptr + bi * stride_cs_b
@@ -200,10 +206,60 @@ def _causal_conv_rows_kernel(
     q1 = _conv_input(x_base, cs_base, t0 - 3, L, ch, cmask, stride_x_l, stride_cs_c, 4)
     q2 = _conv_input(x_base, cs_base, t0 - 2, L, ch, cmask, stride_x_l, stride_cs_c, 4)
     q3 = _conv_input(x_base, cs_base, t0 - 1, L, ch, cmask, stride_x_l, stride_cs_c, 4)
+    # The rows ahead: a0 is the next row to compute, a{AHEAD-1} the last one loaded.
+    if AHEAD > 0:
+        a0 = _row_in(x_base, t0 + 0, L, ch, cmask, stride_x_l)
+    if AHEAD > 1:
+        a1 = _row_in(x_base, t0 + 1, L, ch, cmask, stride_x_l)
+    if AHEAD > 2:
+        a2 = _row_in(x_base, t0 + 2, L, ch, cmask, stride_x_l)
+    if AHEAD > 3:
+        a3 = _row_in(x_base, t0 + 3, L, ch, cmask, stride_x_l)
+    if AHEAD > 4:
+        a4 = _row_in(x_base, t0 + 4, L, ch, cmask, stride_x_l)
+    if AHEAD > 5:
+        a5 = _row_in(x_base, t0 + 5, L, ch, cmask, stride_x_l)
+    if AHEAD > 6:
+        a6 = _row_in(x_base, t0 + 6, L, ch, cmask, stride_x_l)
+    if AHEAD > 7:
+        a7 = _row_in(x_base, t0 + 7, L, ch, cmask, stride_x_l)
     for i in tl.static_range(ROWS):
         t = ch * 0 + (t0 + i)
         tmask = cmask & (t < L)
-        cur = tl.load(x_base + t.to(tl.int64) * stride_x_l + ch, mask=tmask, other=0.0).to(tl.float32)
+        if AHEAD == 0:
+            cur = _row_in(x_base, t0 + i, L, ch, cmask, stride_x_l)
+        else:
+            cur = a0
+            nxt = _row_in(x_base, t0 + i + AHEAD, L, ch, cmask, stride_x_l) if i + AHEAD < ROWS else a0
+            if AHEAD == 1:
+                a0 = nxt
+            if AHEAD > 1:
+                a0 = a1
+                if AHEAD == 2:
+                    a1 = nxt
+            if AHEAD > 2:
+                a1 = a2
+                if AHEAD == 3:
+                    a2 = nxt
+            if AHEAD > 3:
+                a2 = a3
+                if AHEAD == 4:
+                    a3 = nxt
+            if AHEAD > 4:
+                a3 = a4
+                if AHEAD == 5:
+                    a4 = nxt
+            if AHEAD > 5:
+                a4 = a5
+                if AHEAD == 6:
+                    a5 = nxt
+            if AHEAD > 6:
+                a5 = a6
+                if AHEAD == 7:
+                    a6 = nxt
+            if AHEAD > 7:
+                a6 = a7
+                a7 = nxt
         acc = q1 * w0
         acc += q2 * w1
         acc += q3 * w2
@@ -279,15 +335,14 @@ def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
         return out
     if K == 4 and CONV_CONFIG.get("ROWS_LOOP"):
         rows, BC = CONV_CONFIG["ROWS"], CONV_CONFIG["ROWS_BLOCK_C"]
-        c_first = bool(CONV_CONFIG.get("ROWS_C_FIRST"))
-        grid = (b, triton.cdiv(L, rows), triton.cdiv(Cdim, BC))
-        _causal_conv_rows_kernel[(grid[0], grid[2], grid[1]) if c_first else grid](
+        ahead = min(int(CONV_CONFIG.get("ROWS_AHEAD", 0)), 8, rows)
+        _causal_conv_rows_kernel[(b, triton.cdiv(L, rows), triton.cdiv(Cdim, BC))](
             xBC, weight, bias if bias is not None else weight, conv_state, out,
             seq_len if seq_len is not None else weight, L, Cdim,
             xBC.stride(0), xBC.stride(1), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
             out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_C=BC, BLOCK_K=4, HAS_BIAS=bias is not None, HAS_LEN=seq_len is not None,
-            C_FIRST=c_first, num_warps=CONV_CONFIG["ROWS_WARPS"],
+            AHEAD=ahead, num_warps=CONV_CONFIG["ROWS_WARPS"],
         )
         return out
     BL, BC = CONV_CONFIG["BLOCK_L"], CONV_CONFIG["BLOCK_C"]

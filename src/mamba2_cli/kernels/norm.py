@@ -22,6 +22,8 @@ def _warps(block: int) -> int:
 # Launch knobs (benchmarks time the alternatives): warps None picks by row width; rows is
 # the number of rows (of the gated norm: row groups) one program normalizes, 1, 2, 4, ...
 NORM_CONFIG = {"add_warps": None, "add_rows": 1, "gated_warps": None, "gated_rows": 1}
+# add_w_first: add_rmsnorm loads the norm weight before it stores the residual.
+NORM_CONFIG["add_w_first"] = False
 
 
 @triton.jit
@@ -29,11 +31,15 @@ def _add_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, D, eps,
     stride_x, stride_res, stride_out, stride_res_out,
     HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+    W_FIRST: tl.constexpr,
 ):
     # ROWS rows per program, one [ROWS, BLOCK_D] tile.
     row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     offs = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs < D) & (row < M)
+    if W_FIRST:
+        # Loaded before the residual's store: a load after a store waits for it (they might alias).
+        w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32) + x
@@ -45,7 +51,8 @@ def _add_rmsnorm_kernel(
         tl.store(res_out_ptr + row * stride_res_out + offs, r, mask=mask)
         r = r.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(r * r, axis=1) / D + eps)[:, None]
-    w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
+    if not W_FIRST:
+        w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (r * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -112,7 +119,7 @@ def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
             x2, res2, weight, out, res_out, M, D, float(eps),
             x2.stride(0), res2.stride(0), D, D,
             HAS_RES=residual is not None, WRITE_RES=write_res, BLOCK_D=BLOCK, ROWS=rows,
-            num_warps=NORM_CONFIG["add_warps"] or _warps(BLOCK * rows),
+            W_FIRST=bool(NORM_CONFIG["add_w_first"]), num_warps=NORM_CONFIG["add_warps"] or _warps(BLOCK * rows),
         )
     return out, res_out
 

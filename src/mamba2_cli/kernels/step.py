@@ -54,6 +54,9 @@ STEP_CONFIG["bc_pre"] = False
 # per token). Measured slower at every batch (session 5, round 17: b1 9.53 against 8.83 us per
 # layer, b64 82.8 % of copy against 84.4 %), so off.
 STEP_CONFIG["evict"] = False
+# early: z and the norm weights loaded with the state, the B/C windows first in the group's
+# finish (the kernel's EARLY); off: the round-5 order.
+STEP_CONFIG["early"] = False
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
 # from 2 rows one program per head (b2 11.75 us per layer against 13.04, b4 16.19 against
@@ -113,9 +116,18 @@ def _ssd_step_kernel(
 def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsmask, norm_w, nss, GS, G, N,
                   d_inner, eps, stride_cs_c, stride_out_b, K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                  BARRIER: tl.constexpr, SHIFT_BC: tl.constexpr = True):
+                  BARRIER: tl.constexpr, SHIFT_BC: tl.constexpr = True, EARLY: tl.constexpr = False):
     """Normalize group g from the scratch buffers, write it, shift the group's B and C windows
-    (unless SHIFT_BC is off: `_bc_conv_kernel` did)."""
+    (unless SHIFT_BC is off: `_bc_conv_kernel` did). EARLY: the windows are loaded first, so
+    their loads do not wait behind the output's store."""
+    if SHIFT_BC and EARLY:
+        offs_n = tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        ch_B = d_inner + g * N + offs_n
+        ch_C = d_inner + G * N + g * N + offs_n
+        win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
+        win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
     offs_ss = tl.arange(0, BLOCK_SS)
     ss = tl.load(ssbuf_ptr + bi64 * (G * nss) + g * nss + offs_ss, mask=offs_ss < nss, other=0.0,
                  cache_modifier=".cg")
@@ -127,7 +139,13 @@ def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsma
         o = o * (zg * tl.sigmoid(zg))
     tl.store(out_ptr + bi64 * stride_out_b + ch_g, o.to(out_ptr.dtype.element_ty), mask=gsmask)
     if SHIFT_BC:
-        _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, BARRIER)
+        if EARLY:
+            if BARRIER:
+                tl.debug_barrier()  # every thread has read the windows before any shifts them
+            shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
+            shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
+        else:
+            _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, BARRIER)
 
 
 @triton.jit
@@ -206,10 +224,13 @@ def _mixer_step_kernel(
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
     TAIL: tl.constexpr = True, PDL: tl.constexpr = False, BC_PRE: tl.constexpr = False,
-    EVICT_STATE: tl.constexpr = "",
+    EVICT_STATE: tl.constexpr = "", EARLY: tl.constexpr = False,
 ):
     """TAIL: the group's last program normalizes it (else `_group_norm_kernel` does, after).
-    BC_PRE: B and C come convolved from `_bc_conv_kernel` (which also shifted their windows)."""
+    BC_PRE: B and C come convolved from `_bc_conv_kernel` (which also shifted their windows).
+    EARLY: z and the norm weights are loaded with the state, not after the reductions (which
+    the compiler does not move loads across) and the scratch stores (which it does not move
+    loads above); each of those was one more trip to memory on the program's path."""
     pid = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()
@@ -238,6 +259,15 @@ def _mixer_step_kernel(
     xbc = zx + d_inner  # the conv input starts after z
     cs = conv_state_ptr + bi64 * stride_cs_b
     ch_x = h * P + offs_p
+    GS = heads_per_group * P
+    offs_gs = tl.arange(0, BLOCK_GS)
+    gsmask = offs_gs < GS
+    ch_g = g * GS + offs_gs
+    if EARLY:
+        if not NORM_BEFORE_GATE:
+            z_early = tl.load(zx + ch_x, mask=pmask, other=0.0).to(tl.float32)
+        if TAIL:
+            norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
     ch_B = d_inner + g * N + offs_n
     ch_C = d_inner + G * N + g * N + offs_n
     x = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_x, pmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
@@ -264,7 +294,10 @@ def _mixer_step_kernel(
     if NORM_BEFORE_GATE:
         yv = y
     else:
-        z = tl.load(zx + ch_x, mask=pmask, other=0.0).to(tl.float32)
+        if EARLY:
+            z = z_early
+        else:
+            z = tl.load(zx + ch_x, mask=pmask, other=0.0).to(tl.float32)
         yv = y * (z * tl.sigmoid(z))
     yv = tl.where(pmask, yv, 0.0)
     tl.store(ybuf_ptr + bi64 * d_inner + ch_x, yv, mask=pmask)
@@ -278,11 +311,8 @@ def _mixer_step_kernel(
         shift_in(cs, win_x, ch_x, pmask, offs_k, stride_cs_c, K)
     else:
         # What the group's last program needs and can fetch now, before the wait.
-        GS = heads_per_group * P
-        offs_gs = tl.arange(0, BLOCK_GS)
-        gsmask = offs_gs < GS
-        ch_g = g * GS + offs_gs
-        norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
+        if not EARLY:
+            norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
 
         # Arrive at the group's counter. The barrier puts every thread's scratch writes (and
         # conv-state reads) before the release; acq_rel then makes the other programs'
@@ -296,7 +326,7 @@ def _mixer_step_kernel(
         if arrived == nss - 1:
             _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsmask, norm_w, nss, GS, G, N,
                           d_inner, eps, stride_cs_c, stride_out_b, K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE,
-                          False, not BC_PRE)
+                          False, not BC_PRE, EARLY)
             tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
 
 
@@ -447,6 +477,7 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
         TAIL=not split, PDL=pdl, BC_PRE=bc_pre, EVICT_STATE="evict_first" if cfg["evict"] else "",
+        EARLY=bool(cfg["early"]),
         num_warps=cfg["num_warps"], **launch,
     )
     if split:
