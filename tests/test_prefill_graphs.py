@@ -145,7 +145,7 @@ def test_causal_conv1d_state_is_taken_at_each_rows_length(name, nan_poisoned_emp
 
 
 @pytest.mark.parametrize("form", [{"ROWS_LOOP": False, "STATE_BRANCH": True}, {"ROWS_LOOP": False, "STATE_BRANCH": False},
-                                  {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1},
+                                  {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1, "ROWS_AHEAD": 0},
                                   {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 16, "ROWS_WARPS": 1, "ROWS_AHEAD": 3},
                                   {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1, "ROWS_AHEAD": 8},
                                   {"ROWS_LOOP": True, "ROWS": 4, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1, "ROWS_AHEAD": 8}],

@@ -373,7 +373,7 @@ def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split,
     for _ in range(3):
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, nbg, config={switch: True, "split": split})
-        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, nbg)
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, nbg, config={switch: False, "split": split})
         assert torch.equal(out, out_plain)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
 
@@ -439,7 +439,11 @@ def test_mixer_decode_steps_continue_a_prefill(tb):
 
 @pytest.mark.parametrize("nbg", [False, True], ids=["gate-then-norm", "norm-then-gate"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
-def test_gated_rmsnorm_matches_reference(tb, nbg, dtype, tol):
+@pytest.mark.parametrize("w_first", [False, True], ids=["w-last", "w-first"])
+def test_gated_rmsnorm_matches_reference(tb, nbg, dtype, tol, w_first, monkeypatch):
+    from mamba2_cli.kernels import norm
+
+    monkeypatch.setitem(norm.NORM_CONFIG, "gated_w_first", w_first)  # where the weight's load sits
     g = torch.Generator().manual_seed(7)
     y = torch.randn(2, 5, 96, generator=g).to(DEVICE, dtype)
     zw = torch.randn(2, 5, 130, generator=g).to(DEVICE, dtype)

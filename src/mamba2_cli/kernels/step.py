@@ -55,8 +55,10 @@ STEP_CONFIG["bc_pre"] = False
 # layer, b64 82.8 % of copy against 84.4 %), so off.
 STEP_CONFIG["evict"] = False
 # early: z and the norm weights loaded with the state, the B/C windows first in the group's
-# finish (the kernel's EARLY); off: the round-5 order.
-STEP_CONFIG["early"] = False
+# finish (the kernel's EARLY); off: the round-5 order. Same results. H200, session 6, round 19,
+# per layer in graphs as `mamba2 bench` times them: b1 8.87 against 9.24 µs, b8 26.93 against
+# 27.91, b64 85.1 % of copy against 84.5 %.
+STEP_CONFIG["early"] = True
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
 # from 2 rows one program per head (b2 11.75 us per layer against 13.04, b4 16.19 against
