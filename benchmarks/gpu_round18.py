@@ -15,6 +15,9 @@ launch order.
   model    prefill of 65536 tokens: generate.prefill against overlap.prefill_overlapped
            (settings below), alternated; logits and states compared with the plain prefill's
 Lines go to stdout and $OUT/round18.txt.
+
+overlap.py was taken out after this round (no gain: benchmarks/NOTES.md "Session 6"), so the
+model phase now stops at its import; the round ran at commit 1bc2d14.
 """
 
 from __future__ import annotations
