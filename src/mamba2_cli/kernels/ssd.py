@@ -31,8 +31,12 @@ all at once; the second pass runs every segment at once, each composing its S_in
 
 Switches of the scan kernel (constexprs; the configurations below pick them):
 PREFETCH   1: the next chunk's x and dt are loaded into registers during this chunk (the
-           measured win); 2: B, C and C B^T too. 0: plain loads (miscompiled with P
-           block 32 by Triton 3.6 on the H200: wrong states, NOTES.md round 4).
+           measured win); 2: B, C and C B^T too; 3: x, dt and C B^T; 4: x, dt, B and C.
+           0: plain loads (miscompiled with P block 32 by Triton 3.6 on the H200: wrong
+           states, NOTES.md round 4). What is not prefetched into registers Triton's
+           pipeliner copies through shared memory (num_stages > 1); it issues the next
+           chunk's copies at the end of the loop body and waits for them at the start of the
+           next, so with 2 stages their trip to memory is not hidden (session 6).
 STATE_T    hold S^T [N, P], so neither product that uses the state needs a transpose.
 D_IN_SCORES  D x as D on the diagonal of the in-chunk product (D per head only): saves a
            layout conversion; D then enters through the 16-bit operand (2^-9 relative).
@@ -262,6 +266,8 @@ def _ssd_scan_kernel(
     cb_base = cb_ptr + ((bi * nchunks + seg * seg_chunks) * G + g) * (CHUNK * CHUNK)
     a_total = tl.zeros((), dtype=tl.float32)
 
+    PF_BC: tl.constexpr = PREFETCH == 2 or PREFETCH == 4
+    PF_CB: tl.constexpr = CB_PRECOMPUTED and (PREFETCH == 2 or PREFETCH == 3)
     if PREFETCH:
         # Registers hold the next chunk's dt and x while this one computes, so their
         # latency hides behind a whole chunk step. (Triton pipelines loads that feed a dot
@@ -271,13 +277,13 @@ def _ssd_scan_kernel(
         dt_n = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask_n, other=0.0)
         x_n = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
                       mask=tmask_n[:, None] & pmask[None, :], other=0.0)
-        if PREFETCH > 1:
+        if PF_BC:
             C_n = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
             B_n = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
-            if CB_PRECOMPUTED:
-                cb_n = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
+        if PF_CB:
+            cb_n = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
 
     for c in range(0, n_loop):
         tmask = (c * CHUNK + offs_q) < n
@@ -292,25 +298,25 @@ def _ssd_scan_kernel(
             dt_raw = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask, other=0.0)
             xm = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
                          mask=tmask[:, None] & pmask[None, :], other=0.0)
-        if PREFETCH > 1:
+        if PF_BC:
             Cm = C_n
             Bm = B_n
             C_n = tl.load(C_base + (CHUNK + offs_q)[:, None] * stride_C_l + offs_n[None, :],
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
             B_n = tl.load(B_base + (CHUNK + offs_q)[:, None] * stride_B_l + offs_n[None, :],
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
-            if CB_PRECOMPUTED:
-                cb = cb_n
-                cb_n = tl.load(cb_base + G * CHUNK * CHUNK + offs_q[:, None] * CHUNK + offs_q[None, :],
-                               mask=(tl.zeros((CHUNK, CHUNK), dtype=tl.int32) + c + 1) < n_loop, other=0.0)
         else:
             if not STATES_ONLY:
                 Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
                              mask=tmask[:, None] & nmask[None, :], other=0.0)
             Bm = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
                          mask=tmask[:, None] & nmask[None, :], other=0.0)
-            if CB_PRECOMPUTED and not STATES_ONLY:
-                cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
+        if PF_CB:
+            cb = cb_n
+            cb_n = tl.load(cb_base + G * CHUNK * CHUNK + offs_q[:, None] * CHUNK + offs_q[None, :],
+                           mask=(tl.zeros((CHUNK, CHUNK), dtype=tl.int32) + c + 1) < n_loop, other=0.0)
+        elif CB_PRECOMPUTED and not STATES_ONLY:
+            cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
 
         # Positions past L get dt = 0: no decay and no input, the state passes through.
         dt = tl.where(tmask, softplus_clamp(dt_raw.to(tl.float32) + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
