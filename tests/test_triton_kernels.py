@@ -383,7 +383,8 @@ def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split,
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb, split, dtype):
+@pytest.mark.parametrize("early", [False, True], ids=["late-loads", "early-loads"])
+def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb, split, dtype, early):
     # STEP_CONFIG["bc_pre"]: B and C convolved once per group by a first kernel (which shifts
     # their windows) instead of by every head's programs: the same values, bit for bit.
     st, draw = mixer_inputs(3, 6, 32, 3, 16, 4, dtype, seed=13)
@@ -392,8 +393,8 @@ def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb,
     for _ in range(3):
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 3, False,
-                        config={"bc_pre": True, "split": split, "BLOCK_P": 16})
-        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 3, False, config={"BLOCK_P": 16})
+                        config={"bc_pre": True, "split": split, "BLOCK_P": 16, "early": early})
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 3, False, config={"BLOCK_P": 16, "early": early})
         out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 3, False)
         assert torch.equal(out, out_plain)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])

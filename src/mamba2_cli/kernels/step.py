@@ -55,7 +55,7 @@ STEP_CONFIG["bc_pre"] = False
 # layer, b64 82.8 % of copy against 84.4 %), so off.
 STEP_CONFIG["evict"] = False
 # early: z and the norm weights loaded with the state, the B/C windows first in the group's
-# finish (the kernel's EARLY); off: the round-5 order. Same results. H200, session 6, round 19,
+# finish and in bc_pre's kernel (the kernels' EARLY); off: the round-5 order. Same results. H200, session 6, round 19,
 # per layer in graphs as `mamba2 bench` times them: b1 8.87 against 9.24 µs, b8 26.93 against
 # 27.91, b64 85.1 % of copy against 84.5 %.
 STEP_CONFIG["early"] = True
@@ -172,10 +172,12 @@ def _bc_conv_kernel(
     zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, bc_ptr, G, N, d_inner,
     stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+    EARLY: tl.constexpr = False,
 ):
     """BC_PRE's first kernel, one program per (sequence, group): the conv + SiLU of the group's
     B and C channels into bc [b, 2, G, N] (fp32), then the shift of their windows, so the
-    step's programs load B and C instead of each recomputing them."""
+    step's programs load B and C instead of each recomputing them. EARLY: the windows are
+    loaded before bc is stored (a load after a store waits for the work before it)."""
     g = tl.program_id(0) % G
     bi64 = (tl.program_id(0) // G).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -186,10 +188,19 @@ def _bc_conv_kernel(
     ch_C = d_inner + G * N + g * N + offs_n
     Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
     Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+    if EARLY:
+        offs_k = tl.arange(0, BLOCK_K)
+        win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
+        win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
     out = bc_ptr + bi64 * (2 * G * N) + g * N + offs_n
     tl.store(out, Bv, mask=nmask)
     tl.store(out + G * N, Cv, mask=nmask)
-    _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, True)
+    if EARLY:
+        tl.debug_barrier()  # every thread has read the windows before any shifts them
+        shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
+        shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
+    else:
+        _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, True)
 
 
 @triton.jit
@@ -466,7 +477,7 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
             zxbcdt, conv_weight, conv_bias_arg, conv_state, bc, G, N, d_inner,
             zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
             K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
-            HAS_CONV_BIAS=conv_bias is not None, num_warps=4,
+            HAS_CONV_BIAS=conv_bias is not None, EARLY=bool(cfg["early"]), num_warps=4,
         )
     _mixer_step_kernel[(b * H * npb,)](
         zxbcdt, conv_weight, conv_bias_arg, conv_state, A, D2, dt_bias, norm_weight,
