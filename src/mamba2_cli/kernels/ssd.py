@@ -36,7 +36,10 @@ PREFETCH   1: the next chunk's x and dt are loaded into registers during this ch
            states, NOTES.md round 4). What is not prefetched into registers Triton's
            pipeliner copies through shared memory (num_stages > 1); it issues the next
            chunk's copies at the end of the loop body and waits for them at the start of the
-           next, so with 2 stages their trip to memory is not hidden (session 6).
+           next, so with 2 stages their trip to memory is not hidden. Yet every way round it
+           was slower on the H200 (session 6, round 21, b1 L16384: default 0.921 ms; 3 stages
+           1.60; PREFETCH 3 1.16, with 3 stages 1.13; PREFETCH 4 1.70; chunk 32 with 3-4
+           stages 1.12-1.16): spills and fewer programs per SM cost more than the wait.
 STATE_T    hold S^T [N, P], so neither product that uses the state needs a transpose.
 D_IN_SCORES  D x as D on the diagonal of the in-chunk product (D per head only): saves a
            layout conversion; D then enters through the 16-bit operand (2^-9 relative).
