@@ -54,8 +54,9 @@ STEP_CONFIG["bc_pre"] = False
 # per token). Measured slower at every batch (session 5, round 17: b1 9.53 against 8.83 us per
 # layer, b64 82.8 % of copy against 84.4 %), so off.
 STEP_CONFIG["evict"] = False
-# early: z and the norm weights loaded with the state, the B/C windows first in the group's
-# finish and in bc_pre's kernel (the kernels' EARLY); off: the round-5 order. Same results. H200, session 6, round 19,
+# early: z and the norm weights loaded with the state, the B/C windows and y first in the
+# group's finish, the windows first in bc_pre's kernel (the kernels' EARLY); off: the round-5
+# order. Same results. H200, session 6, round 19,
 # per layer in graphs as `mamba2 bench` times them: b1 8.87 against 9.24 µs, b8 26.93 against
 # 27.91, b64 85.1 % of copy against 84.5 %.
 STEP_CONFIG["early"] = True
@@ -121,7 +122,7 @@ def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsma
                   BARRIER: tl.constexpr, SHIFT_BC: tl.constexpr = True, EARLY: tl.constexpr = False):
     """Normalize group g from the scratch buffers, write it, shift the group's B and C windows
     (unless SHIFT_BC is off: `_bc_conv_kernel` did). EARLY: the windows are loaded first, so
-    their loads do not wait behind the output's store."""
+    their loads do not wait behind the output's store, and y with the sums of squares."""
     if SHIFT_BC and EARLY:
         offs_n = tl.arange(0, BLOCK_N)
         nmask = offs_n < N
@@ -133,8 +134,11 @@ def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsma
     offs_ss = tl.arange(0, BLOCK_SS)
     ss = tl.load(ssbuf_ptr + bi64 * (G * nss) + g * nss + offs_ss, mask=offs_ss < nss, other=0.0,
                  cache_modifier=".cg")
+    if EARLY:  # before the sum's barrier, not after it
+        yg = tl.load(ybuf_ptr + bi64 * d_inner + ch_g, mask=gsmask, other=0.0, cache_modifier=".cg")
     rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / GS + eps)
-    yg = tl.load(ybuf_ptr + bi64 * d_inner + ch_g, mask=gsmask, other=0.0, cache_modifier=".cg")
+    if not EARLY:
+        yg = tl.load(ybuf_ptr + bi64 * d_inner + ch_g, mask=gsmask, other=0.0, cache_modifier=".cg")
     o = yg * rstd * norm_w
     if NORM_BEFORE_GATE:
         zg = tl.load(zx + ch_g, mask=gsmask, other=0.0).to(tl.float32)
@@ -209,6 +213,7 @@ def _group_norm_kernel(
     G, N, GS, nss, d_inner, eps, stride_zx_b, stride_cs_b, stride_cs_c, stride_out_b,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_GS: tl.constexpr,
     BLOCK_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, PDL: tl.constexpr, SHIFT_BC: tl.constexpr,
+    EARLY: tl.constexpr = False,
 ):
     """The split step's second kernel: one program per (sequence, group)."""
     g = tl.program_id(0) % G
@@ -223,7 +228,7 @@ def _group_norm_kernel(
     zx = zx_ptr + bi64 * stride_zx_b
     _group_finish(zx, zx + d_inner, conv_state_ptr + bi64 * stride_cs_b, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g,
                   ch_g, gsmask, norm_w, nss, GS, G, N, d_inner, eps, stride_cs_c, stride_out_b,
-                  K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE, True, SHIFT_BC)
+                  K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE, True, SHIFT_BC, EARLY)
 
 
 @triton.jit
@@ -500,7 +505,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
             zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
             K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
             BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
-            NORM_BEFORE_GATE=bool(norm_before_gate), PDL=pdl, SHIFT_BC=not bc_pre, num_warps=cfg["tail_warps"],
+            NORM_BEFORE_GATE=bool(norm_before_gate), PDL=pdl, SHIFT_BC=not bc_pre, EARLY=bool(cfg["early"]),
+            num_warps=cfg["tail_warps"],
             **launch,
         )
     return out
