@@ -56,9 +56,9 @@ STEP_CONFIG["bc_pre"] = False
 STEP_CONFIG["evict"] = False
 # early: z and the norm weights loaded with the state, the B/C windows and y first in the
 # group's finish, the windows first in bc_pre's kernel (the kernels' EARLY); off: the round-5
-# order. Same results. H200, session 6, round 19,
-# per layer in graphs as `mamba2 bench` times them: b1 8.87 against 9.24 µs, b8 26.93 against
-# 27.91, b64 85.1 % of copy against 84.5 %.
+# order. Same results. H200, session 6, round 22 at 11d2a47, per layer in graphs as
+# `mamba2 bench` times them: b1 8.37 against 9.22 µs, b8 26.78 against 27.71, b64 85.2 % of
+# copy against 84.5 %; Codestral decode b1 226.5 against 222.6 tok/s (medians of 3, alternated).
 STEP_CONFIG["early"] = True
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
