@@ -124,13 +124,7 @@ def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsma
     (unless SHIFT_BC is off: `_bc_conv_kernel` did). EARLY: the windows are loaded first, so
     their loads do not wait behind the output's store, and y with the sums of squares."""
     if SHIFT_BC and EARLY:
-        offs_n = tl.arange(0, BLOCK_N)
-        nmask = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        ch_B = d_inner + g * N + offs_n
-        ch_C = d_inner + G * N + g * N + offs_n
-        win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
-        win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
+        win_B, win_C = _bc_windows(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K)
     offs_ss = tl.arange(0, BLOCK_SS)
     ss = tl.load(ssbuf_ptr + bi64 * (G * nss) + g * nss + offs_ss, mask=offs_ss < nss, other=0.0,
                  cache_modifier=".cg")
@@ -146,29 +140,42 @@ def _group_finish(zx, xbc, cs, ybuf_ptr, ssbuf_ptr, out_ptr, bi64, g, ch_g, gsma
     tl.store(out_ptr + bi64 * stride_out_b + ch_g, o.to(out_ptr.dtype.element_ty), mask=gsmask)
     if SHIFT_BC:
         if EARLY:
-            if BARRIER:
-                tl.debug_barrier()  # every thread has read the windows before any shifts them
-            shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
-            shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
+            _bc_shift_in(cs, win_B, win_C, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, BARRIER)
         else:
             _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, BARRIER)
+
+
+@triton.jit
+def _bc_windows(xbc, cs, g, G, N, d_inner, stride_cs_c, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Group g's B and C conv windows [BLOCK_N, BLOCK_K]: the conv state, then the new input."""
+    offs_n = tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    win_B = conv_window(xbc, cs, d_inner + g * N + offs_n, nmask, offs_k, stride_cs_c, K)
+    win_C = conv_window(xbc, cs, d_inner + G * N + g * N + offs_n, nmask, offs_k, stride_cs_c, K)
+    return win_B, win_C
+
+
+@triton.jit
+def _bc_shift_in(cs, win_B, win_C, g, G, N, d_inner, stride_cs_c, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BARRIER: tl.constexpr):
+    """Group g's B and C conv states <- their windows without the oldest input."""
+    offs_n = tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    if BARRIER:
+        tl.debug_barrier()  # every thread has read the windows before any shifts them
+    shift_in(cs, win_B, d_inner + g * N + offs_n, nmask, offs_k, stride_cs_c, K)
+    shift_in(cs, win_C, d_inner + G * N + g * N + offs_n, nmask, offs_k, stride_cs_c, K)
 
 
 @triton.jit
 def _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, BARRIER: tl.constexpr):
     """Shift group g's B and C conv windows by the new input (once every reader is done)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    ch_B = d_inner + g * N + offs_n
-    ch_C = d_inner + G * N + g * N + offs_n
-    win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
-    win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
-    if BARRIER:
-        tl.debug_barrier()  # every thread has read the windows before any shifts them
-    shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
-    shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
+    win_B, win_C = _bc_windows(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K)
+    _bc_shift_in(cs, win_B, win_C, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, BARRIER)
 
 
 @triton.jit
@@ -193,16 +200,12 @@ def _bc_conv_kernel(
     Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
     Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
     if EARLY:
-        offs_k = tl.arange(0, BLOCK_K)
-        win_B = conv_window(xbc, cs, ch_B, nmask, offs_k, stride_cs_c, K)
-        win_C = conv_window(xbc, cs, ch_C, nmask, offs_k, stride_cs_c, K)
+        win_B, win_C = _bc_windows(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K)
     out = bc_ptr + bi64 * (2 * G * N) + g * N + offs_n
     tl.store(out, Bv, mask=nmask)
     tl.store(out + G * N, Cv, mask=nmask)
     if EARLY:
-        tl.debug_barrier()  # every thread has read the windows before any shifts them
-        shift_in(cs, win_B, ch_B, nmask, offs_k, stride_cs_c, K)
-        shift_in(cs, win_C, ch_C, nmask, offs_k, stride_cs_c, K)
+        _bc_shift_in(cs, win_B, win_C, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, True)
     else:
         _shift_bc(xbc, cs, g, G, N, d_inner, stride_cs_c, K, BLOCK_N, BLOCK_K, True)
 
