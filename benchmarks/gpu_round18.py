@@ -90,23 +90,29 @@ def api(dev, tiny):
             f"{torch.cuda.get_device_properties(dev).multi_processor_count}")
 
 
-def conv_phase(dev, tiny):
-    from mamba2_cli import kernel_bench as kb
-    from mamba2_cli.kernels import conv
-
+def conv_inputs(dev, tiny):
+    """The conv's input as prefill has it at 4096 Codestral tokens (xBC, a strided view of
+    in_proj's output), its weight, bias and a conv state. Round 19 uses it too."""
     M = 64 if tiny else 4096
     DI, CD = (128, 192) if tiny else (8192, 10240)
     IN = 2 * DI + (CD - DI) + (4 if tiny else 128)
     dtype = torch.float16 if tiny else torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     zx = torch.randn(1, M, IN, generator=g, device=dev).to(dtype)
-    xBC = zx[..., DI:DI + CD]
     cw = torch.randn(CD, 4, generator=g, device=dev).to(dtype)
     cbias = torch.randn(CD, generator=g, device=dev).to(dtype)
     cs0 = torch.randn(1, CD, 3, generator=g, device=dev).to(dtype)
+    return zx[..., DI:DI + CD], cw, cbias, cs0
+
+
+def conv_phase(dev, tiny):
+    from mamba2_cli import kernel_bench as kb
+    from mamba2_cli.kernels import conv
+
+    xBC, cw, cbias, cs0 = conv_inputs(dev, tiny)
     cs = cs0.clone()
     tbps = kb.copy_bandwidth(dev) / 1e12 if dev.type == "cuda" else float("nan")
-    nbytes = M * CD * 2 * 2
+    nbytes = xBC.numel() * 2 * 2
 
     def call():
         cs.copy_(cs0)

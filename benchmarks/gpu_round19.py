@@ -80,23 +80,16 @@ def _timed_variants(label, base_cfg, variants, call, nbytes, dev, tbps, reps=2):
 def conv_phase(dev, tiny, tbps):
     from mamba2_cli.kernels import conv
 
-    M = 64 if tiny else 4096
-    DI, CD = (128, 192) if tiny else (8192, 10240)
-    IN = 2 * DI + (CD - DI) + (4 if tiny else 128)
-    dtype = torch.float16 if tiny else torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
-    zx = torch.randn(1, M, IN, generator=g, device=dev).to(dtype)
-    xBC = zx[..., DI:DI + CD]
-    cw = torch.randn(CD, 4, generator=g, device=dev).to(dtype)
-    cbias = torch.randn(CD, generator=g, device=dev).to(dtype)
-    cs0 = torch.randn(1, CD, 3, generator=g, device=dev).to(dtype)
+    import gpu_round18
+
+    xBC, cw, cbias, cs0 = gpu_round18.conv_inputs(dev, tiny)
     cs = cs0.clone()
 
     def call():
         cs.copy_(cs0)
         return conv.causal_conv1d(xBC, cw, cbias, cs), cs
 
-    _timed_variants("conv 4096", conv.CONV_CONFIG, CONV_VARIANTS, call, M * CD * 2 * 2, dev, tbps)
+    _timed_variants("conv 4096", conv.CONV_CONFIG, CONV_VARIANTS, call, xBC.numel() * 2 * 2, dev, tbps)
 
 
 def norm_phase(dev, tiny, tbps):
