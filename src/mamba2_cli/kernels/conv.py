@@ -209,7 +209,8 @@ def _causal_conv_rows_kernel(
     q1 = _conv_input(x_base, cs_base, t0 - 3, L, ch, cmask, stride_x_l, stride_cs_c, 4)
     q2 = _conv_input(x_base, cs_base, t0 - 2, L, ch, cmask, stride_x_l, stride_cs_c, 4)
     q3 = _conv_input(x_base, cs_base, t0 - 1, L, ch, cmask, stride_x_l, stride_cs_c, 4)
-    # The rows ahead: a0 is the next row to compute, a{AHEAD-1} the last one loaded.
+    # The rows ahead: a0 is the next row to compute, a{AHEAD-1} the last one loaded. Eight
+    # named registers and constexpr branches, since a kernel cannot index a list of tensors.
     if AHEAD > 0:
         a0 = _row_in(x_base, t0 + 0, L, ch, cmask, stride_x_l)
     if AHEAD > 1:
