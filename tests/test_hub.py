@@ -18,6 +18,7 @@ import pytest
 
 import checkpoints
 from hub_server import HubServer, Repo
+from test_cli import default_sigint
 
 SRC = str(Path(__file__).parents[1] / "src")
 CODESTRAL = "mistralai/Mamba-Codestral-7B-v0.1"
@@ -232,15 +233,6 @@ def test_a_dropped_connection_resumes_with_a_range_request(hub, env, repos):
     assert [g.range for g in gets] == [None, "bytes=20000-"] and [g.status for g in gets] == [200, 206]
     data = (snapshot(env, CODESTRAL, repos) / shard).read_bytes()
     assert data == repos[CODESTRAL].files[shard]
-
-
-def default_sigint() -> None:
-    """preexec_fn of a child the test interrupts: SIGINT back to its default, in case this run
-    started where SIGINT is ignored (a background job); children inherit that, and Python then
-    never raises KeyboardInterrupt."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(hub, env, repos):
