@@ -67,7 +67,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #   of an H200 (batch 8 at Codestral shapes measured; the crossover itself was not).
 # SCAN_CONFIG_FP32: fp32 inputs (tiles twice the bytes; the configuration tested on the GPU).
 SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 2, "CB_PRECOMPUTED": True,
-               "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None}
+               "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None,
+               "EARLY": 0}
 SCAN_CONFIG_MANY = {"CHUNK": 32, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": 1,
                     "STATE_T": False, "D_IN_SCORES": False}
 MANY_PROGRAMS = 512
@@ -158,15 +159,23 @@ def _chunk_cb_kernel(
 
 
 @triton.jit
-def _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PRECOMPUTED: tl.constexpr,
+def _chunk_decay(a):
+    """exp(a_q - a_s) [CHUNK, CHUNK]. The exponents are differences of one chunk's cumsum, so
+    they stay small; the upper triangle is clamped before exp (it is masked anyway)."""
+    return tl.exp(tl.minimum(a[:, None] - a[None, :], 0.0))
+
+
+@triton.jit
+def _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, decay, CB_PRECOMPUTED: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, FOLD_DECAY: tl.constexpr, STATE_T: tl.constexpr,
-                  D_IN_SCORES: tl.constexpr):
-    """y of one chunk [CHUNK, BLOCK_P] in fp32: the entering state's part plus the in-chunk part."""
-    # Inside the chunk. Decay exponents are differences of one chunk's cumsum, so
-    # they stay small; the upper triangle is clamped before exp (it is masked anyway).
+                  D_IN_SCORES: tl.constexpr, DECAY_GIVEN: tl.constexpr):
+    """y of one chunk [CHUNK, BLOCK_P] in fp32: the entering state's part plus the in-chunk part.
+    decay: _chunk_decay(a) when DECAY_GIVEN (computed before the chunk's loads), else unused."""
+    # Inside the chunk.
     if not CB_PRECOMPUTED:
         cb = tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PRECISION)
-    decay = tl.exp(tl.minimum(a[:, None] - a[None, :], 0.0))
+    if not DECAY_GIVEN:
+        decay = _chunk_decay(a)
     scores = tl.where(causal, cb * decay * dt[None, :], 0.0)
     if D_IN_SCORES:
         # D x as D on the diagonal of the in-chunk product (D per head only).
@@ -207,7 +216,7 @@ def _ssd_scan_kernel(
     CB_PRECOMPUTED: tl.constexpr, HAS_INIT: tl.constexpr, DT_CLAMP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, FOLD_DECAY: tl.constexpr,
     STATE_T: tl.constexpr, D_IN_SCORES: tl.constexpr, HAS_LEN: tl.constexpr,
-    STATES_ONLY: tl.constexpr, SPLIT: tl.constexpr,
+    STATES_ONLY: tl.constexpr, SPLIT: tl.constexpr, EARLY: tl.constexpr = 0,
 ):
     # Program order: P block fastest, then head, then segment, then sequence, so the heads
     # of one group (which read the same B, C and C B^T) run side by side and share L2.
@@ -267,6 +276,9 @@ def _ssd_scan_kernel(
     B_base = B_ptr + bi * stride_B_b + g * stride_B_g + t64 * stride_B_l
     C_base = C_ptr + bi * stride_C_b + g * stride_C_g + t64 * stride_C_l
     cb_base = cb_ptr + ((bi * nchunks + seg * seg_chunks) * G + g) * (CHUNK * CHUNK)
+    B_base0 = B_base
+    C_base0 = C_base
+    cb_base0 = cb_base
     a_total = tl.zeros((), dtype=tl.float32)
 
     PF_BC: tl.constexpr = PREFETCH == 2 or PREFETCH == 4
@@ -301,6 +313,23 @@ def _ssd_scan_kernel(
             dt_raw = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask, other=0.0)
             xm = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
                          mask=tmask[:, None] & pmask[None, :], other=0.0)
+        if EARLY:
+            # The work that needs only dt and x, before the chunk's B, C and C B^T loads: the
+            # pipeliner waits for those copies where they are first used, so this work runs
+            # while they are in flight.
+            dt = tl.where(tmask, softplus_clamp(dt_raw.to(tl.float32) + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
+            dA = dt * A
+            a = tl.cumsum(dA, axis=0)
+            a_end = tl.sum(dA, axis=0)
+            if not STATES_ONLY:
+                decay = _chunk_decay(a)
+            else:
+                decay = a
+            if EARLY == 2 or EARLY == 4:
+                w = tl.exp(a_end - a) * dt
+                xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
+        else:
+            decay = dt_raw  # a placeholder: _chunk_output computes it
         if PF_BC:
             Cm = C_n
             Bm = B_n
@@ -308,6 +337,14 @@ def _ssd_scan_kernel(
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
             B_n = tl.load(B_base + (CHUNK + offs_q)[:, None] * stride_B_l + offs_n[None, :],
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
+        elif EARLY >= 3:
+            # Addresses from the trip count, not from the bases advanced at the loop's end.
+            c64 = tl.cast(c, tl.int64) * CHUNK
+            if not STATES_ONLY:
+                Cm = tl.load(C_base0 + (c64 + offs_q)[:, None] * stride_C_l + offs_n[None, :],
+                             mask=tmask[:, None] & nmask[None, :], other=0.0)
+            Bm = tl.load(B_base0 + (c64 + offs_q)[:, None] * stride_B_l + offs_n[None, :],
+                         mask=tmask[:, None] & nmask[None, :], other=0.0)
         else:
             if not STATES_ONLY:
                 Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
@@ -318,21 +355,24 @@ def _ssd_scan_kernel(
             cb = cb_n
             cb_n = tl.load(cb_base + G * CHUNK * CHUNK + offs_q[:, None] * CHUNK + offs_q[None, :],
                            mask=(tl.zeros((CHUNK, CHUNK), dtype=tl.int32) + c + 1) < n_loop, other=0.0)
+        elif CB_PRECOMPUTED and not STATES_ONLY and EARLY >= 3:
+            cb = tl.load(cb_base0 + tl.cast(c, tl.int64) * (G * CHUNK * CHUNK) + offs_q[:, None] * CHUNK + offs_q[None, :])
         elif CB_PRECOMPUTED and not STATES_ONLY:
             cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
 
-        # Positions past L get dt = 0: no decay and no input, the state passes through.
-        dt = tl.where(tmask, softplus_clamp(dt_raw.to(tl.float32) + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
-        dA = dt * A
-        a = tl.cumsum(dA, axis=0)
-        a_end = tl.sum(dA, axis=0)
+        if not EARLY:
+            # Positions past L get dt = 0: no decay and no input, the state passes through.
+            dt = tl.where(tmask, softplus_clamp(dt_raw.to(tl.float32) + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
+            dA = dt * A
+            a = tl.cumsum(dA, axis=0)
+            a_end = tl.sum(dA, axis=0)
 
         a_total += a_end
         if not STATES_ONLY:
             if not CB_PRECOMPUTED:
                 cb = dt  # a placeholder: _chunk_output computes C B^T itself
-            y = _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PRECOMPUTED,
-                              DOT_PRECISION, FOLD_DECAY, STATE_T, D_IN_SCORES)
+            y = _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, decay, CB_PRECOMPUTED,
+                              DOT_PRECISION, FOLD_DECAY, STATE_T, D_IN_SCORES, EARLY > 0)
             if HAS_LEN:
                 ymask = (c * CHUNK + offs_q) < L - t_seg  # padding gets its (zero) y: no stale memory
             else:
@@ -341,8 +381,9 @@ def _ssd_scan_kernel(
                      mask=ymask[:, None] & pmask[None, :])
 
         # Carry the state to the chunk's end.
-        w = tl.exp(a_end - a) * dt
-        xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
+        if EARLY != 2 and EARLY != 4:
+            w = tl.exp(a_end - a) * dt
+            xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
         if STATE_T:
             state = state * tl.exp(a_end) + tl.dot(tl.trans(Bm), xw, input_precision=DOT_PRECISION)
         else:
@@ -515,7 +556,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     launch_extra = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") and x.is_cuda else {}
     common = dict(CHUNK=CHUNK, BLOCK_N=BLOCK_N, CB_PRECOMPUTED=bool(cfg["CB_PRECOMPUTED"]),
                   HAS_INIT=initial_state is not None, DT_CLAMP=dt_clamp, DOT_PRECISION=precision,
-                  PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]),
+                  PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]), EARLY=int(cfg.get("EARLY") or 0),
                   HAS_LEN=seq_len is not None)
     seg_state = seg_decay = A  # unused unless split
     if nseg > 1:

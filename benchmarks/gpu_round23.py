@@ -1,0 +1,80 @@
+"""GPU rounds 23 and 24 (session 7): the scan's dt-only work before the wait for B, C and C B^T;
+C B^T computed in the scan instead of loaded (round 24, `--round 24`).
+
+Round 21 read off the TTGIR that the pipeliner waits for the chunk's B, C and C B^T copies
+where they are first used, and that in the default loop body that is its first line: the
+softplus of dt, its cumsum and the [CHUNK, CHUNK] decay exponentials all came after the wait.
+`EARLY` (ssd.py) computes them before the first use, so they run while the copies are in
+flight (TTGIR here: the async_wait moves below the decay's exp):
+  EARLY 1: dt, its cumsum and the decay matrix;  2: also x o w for the state update;
+  3, 4: as 1, 2 with B, C and C B^T addressed from the trip count (the copies still land at
+        the end of the body: read off the TTGIR, kept to measure that it changes nothing).
+Same arithmetic in the same order: the results are bit-identical to the default.
+
+Round 24: with CB_PRECOMPUTED off the scan computes C B^T itself (one more wgmma per chunk, no
+pre-pass and no 16 KB copy per chunk). Then the scores come out of a product (the wgmma's
+register layout) and reach the in-chunk product's register operand without the trip through
+shared memory that the loaded C B^T takes (TTGIR here), and a third stage fits two programs
+per SM (110.6 KB of shared memory; the default's third stage needs 143 KB). Round 1 measured
+the inline C B^T 2x slower, on the first kernel; never since.
+
+    PYTHONPATH=src python3 benchmarks/gpu_round23.py [--round 24]       # H200
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round23.py --tiny  # CPU: runs
+
+Each variant is checked against the default and timed twice, alternated, at b1 L4096 and
+L16384 and b8 L4096 (bench's inputs; batch 8 runs SCAN_CONFIG_MANY with the switch on top).
+If one beats the default at b1 L16384 by more than 1.5 %, the 65536-token prefill runs with
+it against the default, alternated (round 21's model phase). Lines go to stdout and
+$OUT/round23.txt (round24.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gpu_round7 as r7  # noqa: E402
+import gpu_round21 as r21  # noqa: E402
+
+T0 = time.time()
+r7.LOG_NAME = "round23.txt"
+
+VARIANTS = [
+    ("default", {}),
+    ("early1", {"EARLY": 1}),
+    ("early2", {"EARLY": 2}),
+    ("early3", {"EARLY": 3}),
+    ("early4", {"EARLY": 4}),
+]
+VARIANTS_24 = [
+    ("default", {}),
+    ("cbi", {"CB_PRECOMPUTED": False}),
+    ("cbi s3", {"CB_PRECOMPUTED": False, "num_stages": 3}),
+    ("cbi early1", {"CB_PRECOMPUTED": False, "EARLY": 1}),
+    ("cbi early1 s3", {"CB_PRECOMPUTED": False, "EARLY": 1, "num_stages": 3}),
+    ("early4", {"EARLY": 4}),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--round", type=int, default=23, choices=(23, 24))
+    args = ap.parse_args()
+    variants = VARIANTS if args.round == 23 else VARIANTS_24
+    r7.LOG_NAME = f"round{args.round}.txt"
+    dev, _ = r7.setup(args.round, args.tiny, load=False)
+    r7.T0 = T0
+    cases = ((1, 256), (2, 128)) if args.tiny else ((1, 4096), (1, 16384), (8, 4096))
+    out = {}
+    r7.run_phases([("scan", lambda: out.setdefault("best", r21.scan_phase(dev, args.tiny, variants, cases)))])
+    if dev.type == "cuda" and out.get("best"):
+        _, model = r7.setup(args.round, args.tiny)
+        r7.run_phases([("model", lambda: r21.model_phase(model, dev, out["best"], 0.985, variants))])
+
+
+if __name__ == "__main__":
+    main()
