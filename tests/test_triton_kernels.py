@@ -125,15 +125,13 @@ def test_ssd_prefill_applies_dt_limit(tb):
         {"PREFETCH": 0, "STATE_T": False, "D_IN_SCORES": False},
         {"PREFETCH": 2, "FOLD_DECAY": True},
         {"CHUNK": 32, "BLOCK_P": 64, "num_stages": 3, "PREFETCH": 1, "STATE_T": False, "D_IN_SCORES": False},
+        {"CHUNK": 32, "BLOCK_P": 64, "num_stages": 3, "PREFETCH": 1, "STATE_T": False, "D_IN_SCORES": False,
+         "CB_PRECOMPUTED": False},
         {"CHUNK": 16, "PREFETCH": 3},
         {"CHUNK": 16, "PREFETCH": 4, "STATE_T": False},
-        {"CHUNK": 16, "EARLY": 1},
-        {"CHUNK": 16, "EARLY": 2, "PREFETCH": 0},
-        {"CHUNK": 16, "EARLY": 3, "CB_PRECOMPUTED": False, "SEGMENTS": 2},
-        {"CHUNK": 16, "EARLY": 4, "SEGMENTS": 3, "STATE_T": False, "D_IN_SCORES": False},
     ],
-    ids=["cb-inline", "chunk32-p16", "chunk16-inline", "plain", "prefetch-all-fold", "many-programs",
-         "prefetch-cb", "prefetch-bc", "early", "early-xw-plain", "early-index-split", "early-index-xw-split"],
+    ids=["cb-inline", "chunk32-p16", "chunk16-inline", "plain", "prefetch-all-fold", "many-programs-cb",
+         "many-programs", "prefetch-cb", "prefetch-bc"],
 )
 def test_ssd_prefill_configs_give_the_same_result(tb, config):
     inp = ssd_inputs(2, 45, 4, 32, 2, 16, torch.float32, seed=3)

@@ -16,8 +16,12 @@ quadratic in-chunk work stays small. Results do not depend on the chunk length (
 regroups the same sums), so the kernel picks its own; `chunk_size` of the interface is
 accepted and ignored.
 
-C B^T depends on the group, not the head: a first small kernel computes it once per
-(sequence, chunk, group) in fp32 so the scan does not repeat it for every head of a group.
+C B^T depends on the group, not the head: with few programs (batch 1, latency-bound) a first
+small kernel computes it once per (sequence, chunk, group) in fp32 so the scan does not repeat
+it for every head of a group. With many programs (SCAN_CONFIG_MANY) each program computes it
+itself: the scan is then throughput-bound, and one more product per chunk costs less than the
+pre-pass, its copies through shared memory and their layout conversion (batch 8, L4096 on the
+H200: 1.28 ms against 1.48; at batch 1 the other way round, 1.44 against 0.92 at L16384).
 
 A small grid (a small model at batch 1: too few programs to fill the GPU) splits the
 sequence into segments instead (SPLIT_PROGRAMS). The segment's entering state is the only
@@ -64,13 +68,13 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # writes the final state, and none of these kernels is autotuned.
 # SCAN_CONFIG: few programs (batch 1: 256 of them, P split in two), latency-bound.
 # SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on, about 4 per SM
-#   of an H200 (batch 8 at Codestral shapes measured; the crossover itself was not).
+#   of an H200 (batch 8 at Codestral shapes measured; the crossover itself was not). C B^T
+#   computed in the scan (session 7, round 24: b8 L4096 1.273-1.281 ms against 1.478-1.487).
 # SCAN_CONFIG_FP32: fp32 inputs (tiles twice the bytes; the configuration tested on the GPU).
 SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 2, "CB_PRECOMPUTED": True,
-               "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None,
-               "EARLY": 0}
+               "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None}
 SCAN_CONFIG_MANY = {"CHUNK": 32, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": 1,
-                    "STATE_T": False, "D_IN_SCORES": False}
+                    "STATE_T": False, "D_IN_SCORES": False, "CB_PRECOMPUTED": False}
 MANY_PROGRAMS = 512
 SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1, "PREFETCH": 1,
                     "STATE_T": True, "D_IN_SCORES": True}
@@ -159,23 +163,15 @@ def _chunk_cb_kernel(
 
 
 @triton.jit
-def _chunk_decay(a):
-    """exp(a_q - a_s) [CHUNK, CHUNK]. The exponents are differences of one chunk's cumsum, so
-    they stay small; the upper triangle is clamped before exp (it is masked anyway)."""
-    return tl.exp(tl.minimum(a[:, None] - a[None, :], 0.0))
-
-
-@triton.jit
-def _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, decay, CB_PRECOMPUTED: tl.constexpr,
+def _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PRECOMPUTED: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, FOLD_DECAY: tl.constexpr, STATE_T: tl.constexpr,
-                  D_IN_SCORES: tl.constexpr, DECAY_GIVEN: tl.constexpr):
-    """y of one chunk [CHUNK, BLOCK_P] in fp32: the entering state's part plus the in-chunk part.
-    decay: _chunk_decay(a) when DECAY_GIVEN (computed before the chunk's loads), else unused."""
-    # Inside the chunk.
+                  D_IN_SCORES: tl.constexpr):
+    """y of one chunk [CHUNK, BLOCK_P] in fp32: the entering state's part plus the in-chunk part."""
+    # Inside the chunk. Decay exponents are differences of one chunk's cumsum, so
+    # they stay small; the upper triangle is clamped before exp (it is masked anyway).
     if not CB_PRECOMPUTED:
         cb = tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PRECISION)
-    if not DECAY_GIVEN:
-        decay = _chunk_decay(a)
+    decay = tl.exp(tl.minimum(a[:, None] - a[None, :], 0.0))
     scores = tl.where(causal, cb * decay * dt[None, :], 0.0)
     if D_IN_SCORES:
         # D x as D on the diagonal of the in-chunk product (D per head only).
@@ -216,7 +212,7 @@ def _ssd_scan_kernel(
     CB_PRECOMPUTED: tl.constexpr, HAS_INIT: tl.constexpr, DT_CLAMP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, FOLD_DECAY: tl.constexpr,
     STATE_T: tl.constexpr, D_IN_SCORES: tl.constexpr, HAS_LEN: tl.constexpr,
-    STATES_ONLY: tl.constexpr, SPLIT: tl.constexpr, EARLY: tl.constexpr = 0,
+    STATES_ONLY: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Program order: P block fastest, then head, then segment, then sequence, so the heads
     # of one group (which read the same B, C and C B^T) run side by side and share L2.
@@ -276,9 +272,6 @@ def _ssd_scan_kernel(
     B_base = B_ptr + bi * stride_B_b + g * stride_B_g + t64 * stride_B_l
     C_base = C_ptr + bi * stride_C_b + g * stride_C_g + t64 * stride_C_l
     cb_base = cb_ptr + ((bi * nchunks + seg * seg_chunks) * G + g) * (CHUNK * CHUNK)
-    B_base0 = B_base
-    C_base0 = C_base
-    cb_base0 = cb_base
     a_total = tl.zeros((), dtype=tl.float32)
 
     PF_BC: tl.constexpr = PREFETCH == 2 or PREFETCH == 4
@@ -313,23 +306,6 @@ def _ssd_scan_kernel(
             dt_raw = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask, other=0.0)
             xm = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
                          mask=tmask[:, None] & pmask[None, :], other=0.0)
-        if EARLY:
-            # The work that needs only dt and x, before the chunk's B, C and C B^T loads: the
-            # pipeliner waits for those copies where they are first used, so this work runs
-            # while they are in flight.
-            dt = tl.where(tmask, softplus_clamp(dt_raw.to(tl.float32) + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
-            dA = dt * A
-            a = tl.cumsum(dA, axis=0)
-            a_end = tl.sum(dA, axis=0)
-            if not STATES_ONLY:
-                decay = _chunk_decay(a)
-            else:
-                decay = a
-            if EARLY == 2 or EARLY == 4:
-                w = tl.exp(a_end - a) * dt
-                xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
-        else:
-            decay = dt_raw  # a placeholder: _chunk_output computes it
         if PF_BC:
             Cm = C_n
             Bm = B_n
@@ -337,14 +313,6 @@ def _ssd_scan_kernel(
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
             B_n = tl.load(B_base + (CHUNK + offs_q)[:, None] * stride_B_l + offs_n[None, :],
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
-        elif EARLY >= 3:
-            # Addresses from the trip count, not from the bases advanced at the loop's end.
-            c64 = tl.cast(c, tl.int64) * CHUNK
-            if not STATES_ONLY:
-                Cm = tl.load(C_base0 + (c64 + offs_q)[:, None] * stride_C_l + offs_n[None, :],
-                             mask=tmask[:, None] & nmask[None, :], other=0.0)
-            Bm = tl.load(B_base0 + (c64 + offs_q)[:, None] * stride_B_l + offs_n[None, :],
-                         mask=tmask[:, None] & nmask[None, :], other=0.0)
         else:
             if not STATES_ONLY:
                 Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
@@ -355,24 +323,21 @@ def _ssd_scan_kernel(
             cb = cb_n
             cb_n = tl.load(cb_base + G * CHUNK * CHUNK + offs_q[:, None] * CHUNK + offs_q[None, :],
                            mask=(tl.zeros((CHUNK, CHUNK), dtype=tl.int32) + c + 1) < n_loop, other=0.0)
-        elif CB_PRECOMPUTED and not STATES_ONLY and EARLY >= 3:
-            cb = tl.load(cb_base0 + tl.cast(c, tl.int64) * (G * CHUNK * CHUNK) + offs_q[:, None] * CHUNK + offs_q[None, :])
         elif CB_PRECOMPUTED and not STATES_ONLY:
             cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
 
-        if not EARLY:
-            # Positions past L get dt = 0: no decay and no input, the state passes through.
-            dt = tl.where(tmask, softplus_clamp(dt_raw.to(tl.float32) + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
-            dA = dt * A
-            a = tl.cumsum(dA, axis=0)
-            a_end = tl.sum(dA, axis=0)
+        # Positions past L get dt = 0: no decay and no input, the state passes through.
+        dt = tl.where(tmask, softplus_clamp(dt_raw.to(tl.float32) + dt_bias, dt_lo, dt_hi, DT_CLAMP), 0.0)
+        dA = dt * A
+        a = tl.cumsum(dA, axis=0)
+        a_end = tl.sum(dA, axis=0)
 
         a_total += a_end
         if not STATES_ONLY:
             if not CB_PRECOMPUTED:
                 cb = dt  # a placeholder: _chunk_output computes C B^T itself
-            y = _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, decay, CB_PRECOMPUTED,
-                              DOT_PRECISION, FOLD_DECAY, STATE_T, D_IN_SCORES, EARLY > 0)
+            y = _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PRECOMPUTED,
+                              DOT_PRECISION, FOLD_DECAY, STATE_T, D_IN_SCORES)
             if HAS_LEN:
                 ymask = (c * CHUNK + offs_q) < L - t_seg  # padding gets its (zero) y: no stale memory
             else:
@@ -381,9 +346,8 @@ def _ssd_scan_kernel(
                      mask=ymask[:, None] & pmask[None, :])
 
         # Carry the state to the chunk's end.
-        if EARLY != 2 and EARLY != 4:
-            w = tl.exp(a_end - a) * dt
-            xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
+        w = tl.exp(a_end - a) * dt
+        xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
         if STATE_T:
             state = state * tl.exp(a_end) + tl.dot(tl.trans(Bm), xw, input_precision=DOT_PRECISION)
         else:
@@ -556,7 +520,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     launch_extra = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") and x.is_cuda else {}
     common = dict(CHUNK=CHUNK, BLOCK_N=BLOCK_N, CB_PRECOMPUTED=bool(cfg["CB_PRECOMPUTED"]),
                   HAS_INIT=initial_state is not None, DT_CLAMP=dt_clamp, DOT_PRECISION=precision,
-                  PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]), EARLY=int(cfg.get("EARLY") or 0),
+                  PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]),
                   HAS_LEN=seq_len is not None)
     seg_state = seg_decay = A  # unused unless split
     if nseg > 1:
