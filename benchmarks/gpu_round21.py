@@ -45,14 +45,15 @@ VARIANTS = [
 ]
 
 
-def scan_phase(dev, tiny, variants=None, cases=None):
+def scan_phase(dev, tiny, variants=None, cases=None, shape=None):
     """variants: (name, config) pairs, the first the reference (VARIANTS by default); cases:
-    (batch, L) pairs (batch 1 at L4096 and L16384 by default). Returns the best time of each
-    variant per case, keyed by L for batch 1 and by (batch, L) otherwise."""
+    (batch, L) pairs (batch 1 at L4096 and L16384 by default); shape: a KernelShape (one
+    Codestral layer by default). Returns the best time of each variant per case, keyed by L
+    for batch 1 and by (batch, L) otherwise."""
     from mamba2_cli import kernel_bench as kb
     from mamba2_cli.kernels import ssd
 
-    s = kb.SHAPES["tiny" if tiny else "codestral"]
+    s = shape or kb.SHAPES["tiny" if tiny else "codestral"]
     dtype = torch.float16 if tiny else torch.bfloat16
     variants = VARIANTS if variants is None else variants
     cases = cases or (((1, 256),) if tiny else ((1, 4096), (1, 16384)))
@@ -61,7 +62,7 @@ def scan_phase(dev, tiny, variants=None, cases=None):
         inp = kb.ssd_inputs(s, b, L, dev, dtype)
         ref = None
         times: dict = {}
-        tag = f"L{L}" if b == 1 else f"b{b} L{L}"
+        tag = (f"L{L}" if b == 1 else f"b{b} L{L}") + ("" if shape is None else f" {s.name}")
         for rep in range(2):
             for name, cfg in variants:
                 try:
@@ -84,7 +85,8 @@ def scan_phase(dev, tiny, variants=None, cases=None):
         for name, v in times.items():
             if v:
                 log(f"  summary scan {tag} {name:16s} " + ", ".join(f"{x:.4f}" for x in v) + " ms")
-        best[L if b == 1 else (b, L)] = {n: min(v) for n, v in times.items() if v}
+        key = (L if b == 1 else (b, L)) if shape is None else (s.name, b, L)
+        best[key] = {n: min(v) for n, v in times.items() if v}
     return best
 
 

@@ -1,5 +1,6 @@
-"""GPU rounds 23 and 24 (session 7): the scan's dt-only work before the wait for B, C and C B^T;
-C B^T computed in the scan instead of loaded (round 24, `--round 24`).
+"""GPU rounds 23-25 (session 7): the scan's dt-only work before the wait for B, C and C B^T;
+C B^T computed in the scan instead of loaded (round 24, `--round 24`); batch 1 cut into
+segments with the batch-8 configuration (round 25, `--round 25`).
 
 Round 21 read off the TTGIR that the pipeliner waits for the chunk's B, C and C B^T copies
 where they are first used, and that in the default loop body that is its first line: the
@@ -22,6 +23,12 @@ per SM (110.6 KB of shared memory; the default's third stage needs 143 KB). Roun
 the inline C B^T 2x slower, on the first kernel; never since. Taken for SCAN_CONFIG_MANY
 after the round (batch 8 L4096 1.273-1.281 ms against 1.478-1.487), so at later commits batch
 8's "default" row is already the inline one.
+
+Round 25: batch 8 runs 1024 programs of the many-programs configuration (chunk 32, P block 64,
+C B^T inline) at 1.28 ms for 8 x 4096 tokens, where batch 1 runs 256 programs of its own at
+0.92 ms for 16384. So batch 1 cut into segments (SEGMENTS: a states-only pass over all
+segments but the last, then all at once) with that configuration: 2-16 segments at L4096 and
+L16384. Round 7 cut batch 1 into segments with batch 1's own configuration (slower).
 
     PYTHONPATH=src python3 benchmarks/gpu_round23.py --round 24       # H200
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round23.py --round 24 --tiny  # CPU: runs
@@ -62,19 +69,31 @@ VARIANTS_24 = [
 ]
 
 
+def variants_25():
+    from mamba2_cli.kernels import ssd
+
+    many = dict(ssd.SCAN_CONFIG_MANY)
+    out = [("default", {}), ("many", many)]
+    out += [(f"many seg{k}", {**many, "SEGMENTS": k}) for k in (2, 4, 8, 16)]
+    out += [(f"many seg{k} s3", {**many, "SEGMENTS": k, "states": {"num_stages": 3}}) for k in (4, 8)]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--round", type=int, default=24, choices=(23, 24))
+    ap.add_argument("--round", type=int, default=24, choices=(23, 24, 25))
     args = ap.parse_args()
     if args.round == 23:
         print("round 23's EARLY switch was taken out of ssd.py after the round (commit 4f73082 has it)")
         return
-    variants = VARIANTS_24
+    variants = VARIANTS_24 if args.round == 24 else variants_25()
     r7.LOG_NAME = f"round{args.round}.txt"
     dev, _ = r7.setup(args.round, args.tiny, load=False)
     r7.T0 = T0
     cases = ((1, 256), (2, 128)) if args.tiny else ((1, 4096), (1, 16384), (8, 4096))
+    if args.round == 25:
+        cases = ((1, 256),) if args.tiny else ((1, 4096), (1, 16384))
     out = {}
     r7.run_phases([("scan", lambda: out.setdefault("best", r21.scan_phase(dev, args.tiny, variants, cases)))])
     if dev.type == "cuda" and out.get("best"):

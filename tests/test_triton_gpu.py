@@ -101,6 +101,23 @@ def test_ssd_prefill_codestral_layer_matches_float64_recurrence(tb, dtype, tol, 
     assert rel_err(state, state_ref) <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_ssd_prefill_batch1_segments_match_float64_recurrence(tb, dtype):
+    # Batch 1 from 2048 tokens on: the many-programs configuration with the sequence cut into
+    # segments (a states-only pass, then every segment from its composed state). Ragged L.
+    from mamba2_cli.kernels import ssd
+
+    L = 4100
+    assert ssd.choose_config(1, H, P, L, dtype).get("SEGMENTS") == 4
+    inp = codestral_ssd_inputs(1, L, dtype, seed=41, init=True)
+    y, state = run_ssd(tb.ssd_prefill, inp)
+    y_ref, state_ref = sequential_ssd_heads(**{k: v for k, v in inp.items() if k != "initial_state"},
+                                            dt_limit=(0.0, INF), initial_state=inp["initial_state"])
+    torch.cuda.synchronize()
+    assert rel_err(y, y_ref) <= 1e-2
+    assert rel_err(state, state_ref) <= 1e-2
+
+
 def test_ssd_prefill_long_bf16_matches_torch_reference(tb):
     # Many chunks in one program: L = 8191 (ragged), batch 2, with an initial state.
     inp = codestral_ssd_inputs(2, 8191, torch.bfloat16, seed=7)

@@ -153,6 +153,48 @@ def test_ssd_prefill_many_programs_configuration_matches_float64_recurrence(tb, 
     assert rel_err(state.cpu(), state_ref) < 5e-3
 
 
+def test_ssd_scan_configuration_rules():
+    # Which configuration each workload gets (the rules above ssd.SCAN_CONFIG).
+    pytest.importorskip("triton")
+    from mamba2_cli.kernels import ssd
+
+    bf16 = torch.bfloat16
+    pick = ssd.choose_config
+    # Codestral's layer (H 128, P 64) at batch 1: cut into 4 segments from 2048 tokens on.
+    for L in (2048, 4096, 16384, 65536):
+        cfg = pick(1, 128, 64, L, bf16)
+        assert cfg["SEGMENTS"] == 4 and cfg["CHUNK"] == 32 and not cfg["CB_PRECOMPUTED"]
+        assert cfg["states"] == {"num_stages": ssd.SPLIT_STATES_STAGES}
+    # Shorter prompts (fewer than 4 segments of 16 chunks) keep the batch-1 configuration.
+    for L in (1, 64, 1024, 2016):
+        assert pick(1, 128, 64, L, bf16) == ssd.SCAN_CONFIG
+    # Batch 2 and more: the many-programs configuration, whole.
+    for b in (2, 3, 8):
+        cfg = pick(b, 128, 64, 4096, bf16)
+        assert cfg == {**ssd.SCAN_CONFIG, **ssd.SCAN_CONFIG_MANY}
+    # mamba2-130m's layer (24 heads): as many segments as fill 512 programs, if L allows.
+    assert pick(1, 24, 64, 16384, bf16)["SEGMENTS"] == 21
+    assert pick(1, 24, 64, 2048, bf16)["SEGMENTS"] == 4
+    # fp32 inputs keep their own configuration (C B^T from the pre-pass).
+    cfg = pick(1, 128, 64, 16384, torch.float32)
+    assert cfg["CHUNK"] == 64 and cfg["CB_PRECOMPUTED"] and cfg.get("SEGMENTS") is None
+
+
+def test_ssd_prefill_batch1_segments_configuration_matches_float64_recurrence(tb, monkeypatch):
+    # The batch-1 rule (many-programs configuration, sequence cut into segments), scaled down:
+    # chunk 16 and segments of at least 2 chunks, so a 150-token prompt gets 5 segments.
+    from mamba2_cli.kernels import ssd
+
+    monkeypatch.setitem(ssd.SCAN_CONFIG_MANY, "CHUNK", 16)
+    monkeypatch.setitem(ssd.SCAN_CONFIG, "SPLIT_MIN_CHUNKS", 2)
+    assert ssd.choose_config(1, 4, 32, 150, torch.float16)["SEGMENTS"] == 5
+    inp = ssd_inputs(1, 150, 4, 32, 2, 16, torch.float16, seed=13)
+    y, state = run_ssd(tb.ssd_prefill, inp)
+    y_ref, state_ref = sequential(inp)
+    assert rel_err(y.cpu(), y_ref) < 5e-3
+    assert rel_err(state.cpu(), state_ref) < 5e-3
+
+
 @pytest.mark.parametrize(
     "segments, L, init, cfg",
     [

@@ -67,17 +67,29 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md, round 3); the scan
 # writes the final state, and none of these kernels is autotuned.
 # SCAN_CONFIG: few programs (batch 1: 256 of them, P split in two), latency-bound.
-# SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on, about 4 per SM
-#   of an H200 (batch 8 at Codestral shapes measured; the crossover itself was not). C B^T
-#   computed in the scan (session 7, round 24: b8 L4096 1.273-1.281 ms against 1.478-1.487).
+# SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on, 2 or more per SM
+#   of an H200 (batch 2, 3 and 8 at Codestral shapes measured). C B^T computed in the scan
+#   (session 7, round 24: b8 L4096 1.273-1.281 ms against 1.478-1.487). Round 26: batch 2 at
+#   L4096 0.326 ms against 0.474 with SCAN_CONFIG, batch 3 0.643 against 0.702.
+# Fewer programs (batch 1): SCAN_CONFIG_MANY again, the sequence cut into segments (see below)
+#   so that the second pass has about SPLIT_TARGET programs, one per slot an H200 holds of
+#   them (4 per SM), when that gives at least SPLIT_MIN_SEGMENTS segments of SPLIT_MIN_CHUNKS
+#   chunks; its states pass at SPLIT_STATES_STAGES stages. Else (short prompts) SCAN_CONFIG.
+#   Round 26, b1 (ms): Codestral L2048 0.122 against 0.128, L4096 0.219 against 0.244,
+#   L16384 0.788 against 0.924; mamba2-130m's layer L2048 0.088 against 0.111-0.134, L16384
+#   0.204 against 0.293; mamba2-2.7b's L16384 0.600 against 0.889. Codestral L1024 (2
+#   segments) 0.079-0.082 against 0.071, and 3 segments (L4096 0.278, L16384 1.033) lost too.
 # SCAN_CONFIG_FP32: fp32 inputs (tiles twice the bytes; the configuration tested on the GPU).
 SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 2, "CB_PRECOMPUTED": True,
                "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None}
 SCAN_CONFIG_MANY = {"CHUNK": 32, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": 1,
                     "STATE_T": False, "D_IN_SCORES": False, "CB_PRECOMPUTED": False}
-MANY_PROGRAMS = 512
+MANY_PROGRAMS = 256
+SPLIT_TARGET = 512
+SPLIT_MIN_SEGMENTS = 4
+SPLIT_STATES_STAGES = 4
 SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1, "PREFETCH": 1,
-                    "STATE_T": True, "D_IN_SCORES": True}
+                    "STATE_T": True, "D_IN_SCORES": True, "CB_PRECOMPUTED": True}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
 # Splitting the sequence (batch 1 and other small grids): SEGMENTS fixes the count; else,
 # when the grid has fewer than SPLIT_PROGRAMS programs (0: never), the sequence is cut into
@@ -400,6 +412,26 @@ def _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_
     )
 
 
+def choose_config(b: int, H: int, P: int, L: int, dtype: torch.dtype) -> dict:
+    """The scan's configuration for b sequences of L tokens of an H-head, P-wide layer (the
+    rules above SCAN_CONFIG)."""
+    cfg = dict(SCAN_CONFIG)
+    programs = b * H * triton.cdiv(P, 64)
+    if dtype == torch.float32:
+        if programs >= MANY_PROGRAMS:
+            cfg.update(SCAN_CONFIG_MANY)
+        cfg.update(SCAN_CONFIG_FP32)
+        return cfg
+    if programs >= MANY_PROGRAMS:
+        cfg.update(SCAN_CONFIG_MANY)
+        return cfg
+    nseg = min(SPLIT_TARGET // programs, triton.cdiv(L, SCAN_CONFIG_MANY["CHUNK"]) // cfg["SPLIT_MIN_CHUNKS"])
+    if nseg >= SPLIT_MIN_SEGMENTS:
+        cfg.update(SCAN_CONFIG_MANY)
+        cfg.update(SEGMENTS=nseg, states={"num_stages": SPLIT_STATES_STAGES})
+    return cfg
+
+
 def _check(cond: bool, msg) -> None:
     """Raise a Mamba2Error when cond is false; msg may be a callable, formatted only then."""
     if not cond:
@@ -463,11 +495,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         if not final_state.is_contiguous():
             final_state = None  # computed into a new tensor, then copied
 
-    cfg = dict(SCAN_CONFIG)
-    if b * H * triton.cdiv(P, 64) >= MANY_PROGRAMS:
-        cfg.update(SCAN_CONFIG_MANY)
-    if x.dtype == torch.float32:
-        cfg.update(SCAN_CONFIG_FP32)
+    cfg = choose_config(b, H, P, L, x.dtype)
     cfg.update(config or {})
 
     y = torch.empty((b, L, H, P), dtype=x.dtype, device=x.device)
