@@ -71,7 +71,10 @@ def shapes(tiny):
     ]
 
 
-def model_phase(model, dev, best, vs):
+def model_phase(model, dev, best, vs, target=None, key=None):
+    """The model's prefill at 2048 and 65536 tokens with the best variant at Codestral b1
+    L16384 against the default, alternated: each variant's config updates `target`
+    (ssd.SCAN_CONFIG by default), or its `key` entry when key is given."""
     from mamba2_cli.generate import owned_state
     from mamba2_cli.kernels import ssd
 
@@ -84,21 +87,22 @@ def model_phase(model, dev, best, vs):
         log("  model: the default is best at L16384")
         return
     over = dict(vs)[name]
-    base = dict(ssd.SCAN_CONFIG)
+    target = ssd.SCAN_CONFIG if target is None else target
+    base = dict(target)
     for L in (2048, 65536):
         ids = torch.randint(3, model.cfg.vocab_size, (1, L), generator=torch.Generator().manual_seed(4))
         state = owned_state(model, 1)
         res: dict = {}
         for rep in range(3):
             for label, cfg in (("default", {}), (name, over)):
-                ssd.SCAN_CONFIG.update({**base, **cfg})
+                target.update({**base, **(cfg.get(key, {}) if key else cfg)})
                 try:
                     p = r7.timed_prefill(model, ids, state, dev)
                     res.setdefault(label, []).append(p)
                     log(f"  model prefill {L} scan {label:20s} {p:.4f} s")
                 finally:
-                    ssd.SCAN_CONFIG.clear()
-                    ssd.SCAN_CONFIG.update(base)
+                    target.clear()
+                    target.update(base)
         for label, v in res.items():
             v = sorted(v)
             log(f"  summary model prefill {L} scan {label:20s} " + "/".join(f"{x:.4f}" for x in v)

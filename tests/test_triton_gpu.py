@@ -158,18 +158,17 @@ def sweep_lengths(tb, lengths, b, dtype, init):
 def test_ssd_prefill_length_sweep_matches_torch_reference(tb, monkeypatch, config, b, init):
     """bf16 at Codestral shapes for every L in SWEEP_L against torch_ref, rel err <= 1e-2.
 
-    "default" is SCAN_CONFIG (batch 1 and 3 stay below MANY_PROGRAMS); "many" forces
-    SCAN_CONFIG_MANY, the large-batch configuration, at the same batches. Prompts of one
+    "default" forces SCAN_CONFIG (batch 1 and short prompts; batch 3 would take
+    SCAN_CONFIG_MANY); "many" forces SCAN_CONFIG_MANY, the configuration of batches from 2
+    and, cut into segments, of batch 1's longer prompts, at the same batches. Prompts of one
     chunk once ran a separately compiled kernel that returned a wrong final state and at
     times faulted (an illegal memory access at L=64); the long-length tests above never
     reach that case.
     """
     from mamba2_cli.kernels import ssd
 
-    if config == "many":
-        monkeypatch.setattr(ssd, "MANY_PROGRAMS", 1)
-    else:
-        assert b * H * -(-P // 64) < ssd.MANY_PROGRAMS
+    monkeypatch.setattr(ssd, "MANY_PROGRAMS", 1 if config == "many" else 1 << 30)
+    assert all(ssd.choose_config(b, H, P, L, torch.bfloat16).get("SEGMENTS") is None for L in SWEEP_L)
     bad = sweep_lengths(tb, SWEEP_L, b, torch.bfloat16, init)
     assert not bad, f"(L, y err, state err) over 1e-2: {bad}"
 

@@ -164,7 +164,7 @@ def test_ssd_scan_configuration_rules():
     for L in (2048, 4096, 16384, 65536):
         cfg = pick(1, 128, 64, L, bf16)
         assert cfg["SEGMENTS"] == 4 and cfg["CHUNK"] == 32 and not cfg["CB_PRECOMPUTED"]
-        assert cfg["states"] == {"num_stages": ssd.SPLIT_STATES_STAGES}
+        assert cfg["states"] == ssd.SPLIT_STATES
     # Shorter prompts (fewer than 4 segments of 16 chunks) keep the batch-1 configuration.
     for L in (1, 64, 1024, 2016):
         assert pick(1, 128, 64, L, bf16) == ssd.SCAN_CONFIG
@@ -202,8 +202,11 @@ def test_ssd_prefill_batch1_segments_configuration_matches_float64_recurrence(tb
         (3, 45, False, {}),
         (4, 16 * 7 + 5, True, {"STATE_T": False, "D_IN_SCORES": False}),
         (5, 33, True, {"states": {"BLOCK_P": 16, "STATE_T": False}}),
+        (3, 16 * 9 + 7, True, {"states": {"CHUNK": 32}}),
+        (3, 16 * 7, True, {"states": {"CHUNK": 32}}),
     ],
-    ids=["two", "three-no-init", "four-ragged", "five-p16-states"],
+    ids=["two", "three-no-init", "four-ragged", "five-p16-states", "three-states-chunk32",
+         "three-states-chunk-fallback"],
 )
 def test_ssd_prefill_split_sequence_matches_float64_recurrence(tb, segments, L, init, cfg):
     # The sequence cut into segments: a states-only pass over all but the last, then every

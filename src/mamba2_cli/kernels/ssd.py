@@ -74,7 +74,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Fewer programs (batch 1): SCAN_CONFIG_MANY again, the sequence cut into segments (see below)
 #   so that the second pass has about SPLIT_TARGET programs, one per slot an H200 holds of
 #   them (4 per SM), when that gives at least SPLIT_MIN_SEGMENTS segments of SPLIT_MIN_CHUNKS
-#   chunks; its states pass at SPLIT_STATES_STAGES stages. Else (short prompts) SCAN_CONFIG.
+#   chunks; its states pass with SPLIT_STATES. Else (short prompts) SCAN_CONFIG.
 #   Round 26, b1 (ms): Codestral L2048 0.122 against 0.128, L4096 0.219 against 0.244,
 #   L16384 0.788 against 0.924; mamba2-130m's layer L2048 0.088 against 0.111-0.134, L16384
 #   0.204 against 0.293; mamba2-2.7b's L16384 0.600 against 0.889. Codestral L1024 (2
@@ -87,7 +87,7 @@ SCAN_CONFIG_MANY = {"CHUNK": 32, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3,
 MANY_PROGRAMS = 256
 SPLIT_TARGET = 512
 SPLIT_MIN_SEGMENTS = 4
-SPLIT_STATES_STAGES = 4
+SPLIT_STATES = {"num_stages": 4}  # the states pass's overrides of SPLIT_STATES_CONFIG
 SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1, "PREFETCH": 1,
                     "STATE_T": True, "D_IN_SCORES": True, "CB_PRECOMPUTED": True}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
@@ -428,7 +428,7 @@ def choose_config(b: int, H: int, P: int, L: int, dtype: torch.dtype) -> dict:
     nseg = min(SPLIT_TARGET // programs, triton.cdiv(L, SCAN_CONFIG_MANY["CHUNK"]) // cfg["SPLIT_MIN_CHUNKS"])
     if nseg >= SPLIT_MIN_SEGMENTS:
         cfg.update(SCAN_CONFIG_MANY)
-        cfg.update(SEGMENTS=nseg, states={"num_stages": SPLIT_STATES_STAGES})
+        cfg.update(SEGMENTS=nseg, states=dict(SPLIT_STATES))
     return cfg
 
 
@@ -557,10 +557,16 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         seg_decay = torch.empty((b * (nseg - 1), H), dtype=torch.float32, device=x.device)
         pcfg = {**cfg, **SPLIT_STATES_CONFIG, **cfg.get("states", {})}
         BP1 = min(int(pcfg["BLOCK_P"]), triton.next_power_of_2(P))
+        # The states pass may walk in longer chunks ("states": {"CHUNK": ...}) when a segment
+        # holds a whole number of them: it computes no y, so its chunk only regroups the sums.
+        CHUNK1 = int(cfg.get("states", {}).get("CHUNK") or CHUNK)
+        if (seg_chunks * CHUNK) % CHUNK1:
+            CHUNK1 = CHUNK
         _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
-                     (b * (nseg - 1) * H * triton.cdiv(P, BP1),), L, H, P, N, G, nchunks, lo, hi, seg_chunks,
-                     nseg - 1, BP1, {**common, "STATE_T": bool(pcfg["STATE_T"]), "D_IN_SCORES": False,
-                                     "STATES_ONLY": True, "SPLIT": True},
+                     (b * (nseg - 1) * H * triton.cdiv(P, BP1),), L, H, P, N, G, triton.cdiv(L, CHUNK1), lo, hi,
+                     seg_chunks * CHUNK // CHUNK1, nseg - 1, BP1,
+                     {**common, "CHUNK": CHUNK1, "STATE_T": bool(pcfg["STATE_T"]), "D_IN_SCORES": False,
+                      "STATES_ONLY": True, "SPLIT": True},
                      int(pcfg["num_warps"]), int(pcfg["num_stages"]), launch_extra)
     # Pass 2 (the only one unless split): every segment, from the state composed for it.
     _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
