@@ -70,7 +70,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on, 2 or more per SM
 #   of an H200 (batch 2, 3 and 8 at Codestral shapes measured). C B^T computed in the scan
 #   (session 7, round 24: b8 L4096 1.273-1.281 ms against 1.478-1.487). Round 26: batch 2 at
-#   L4096 0.326 ms against 0.474 with SCAN_CONFIG, batch 3 0.643 against 0.702.
+#   L4096 0.326 ms against 0.474 with SCAN_CONFIG, batch 3 0.643 against 0.702. Round 31: S^T
+#   and D in the scores (b8 L4096 1.238-1.247 ms against 1.281; b1 L16384 0.769 against
+#   0.773-0.778); chunk 64, P block 32, 8 warps or 2 stages were 9-120 % slower.
 # Fewer programs (batch 1): SCAN_CONFIG_MANY again, the sequence cut into segments (see below)
 #   so that the second pass has about SPLIT_TARGET programs, one per slot an H200 holds of
 #   them (4 per SM), when that gives at least SPLIT_MIN_SEGMENTS segments of SPLIT_MIN_CHUNKS
@@ -83,7 +85,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 2, "CB_PRECOMPUTED": True,
                "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None}
 SCAN_CONFIG_MANY = {"CHUNK": 32, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": 1,
-                    "STATE_T": False, "D_IN_SCORES": False, "CB_PRECOMPUTED": False}
+                    "STATE_T": True, "D_IN_SCORES": True, "CB_PRECOMPUTED": False}
 MANY_PROGRAMS = 256
 SPLIT_TARGET = 512
 SPLIT_MIN_SEGMENTS = 4
