@@ -88,10 +88,14 @@ def test_logits_to_keep_returns_only_the_last_positions(make_checkpoint):
     d, shape, _ = make_checkpoint("hf")
     model, tok = load_model(str(d), device="cpu", dtype="float32")
     ids = tok.encode(PROMPT)
-    full = logits_of(model, ids)
-    last = model(torch.tensor([ids]), model.new_state(1), logits_to_keep=1)[0]
+    full_state, last_state = model.new_state(1), model.new_state(1)
+    full = model(torch.tensor([ids]), full_state)[0]
+    last = model(torch.tensor([ids]), last_state, logits_to_keep=1)[0]
     assert last.shape == (1, shape["vocab_size"])
     assert torch.allclose(last[0], full[-1], atol=1e-5)
+    # The last layer's norm and out_proj run on the kept position only; every layer's state
+    # still advances over all of them.
+    assert torch.equal(full_state.ssm, last_state.ssm) and torch.equal(full_state.conv, last_state.conv)
 
 
 def test_batch_rows_are_independent(make_checkpoint):

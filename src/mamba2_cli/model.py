@@ -55,7 +55,9 @@ class Mamba2Mixer(nn.Module):
         return backend.linear(y, self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, backend,
-                seq_len: torch.Tensor | None = None) -> torch.Tensor:
+                seq_len: torch.Tensor | None = None, keep=None) -> torch.Tensor:
+        """keep: None, the output of every position; an int k, of the last k positions; or an
+        index tensor [b, k], of those positions of each row (the state advances over all)."""
         cfg = self.cfg
         b, L, _ = u.shape
         if L == 1 and seq_len is None:
@@ -78,11 +80,19 @@ class Mamba2Mixer(nn.Module):
             self.D, self.dt_bias, cfg.dt_limit, self.scan_chunk, initial_state=ssm_state,
             seq_len=seq_len, final_state=ssm_state,
         )
-        y = backend.gated_rmsnorm(
-            y.reshape(b, L, cfg.d_inner), z, self.norm.weight, cfg.d_inner // G,
-            cfg.layer_norm_epsilon, cfg.norm_before_gate,
-        )
+        y = y.reshape(b, L, cfg.d_inner)
+        if keep is not None:  # the positions whose output is used (the norm and out_proj are per position)
+            y, z = _keep(y, keep), _keep(z, keep)
+        y = backend.gated_rmsnorm(y, z, self.norm.weight, cfg.d_inner // G, cfg.layer_norm_epsilon,
+                                  cfg.norm_before_gate)
         return backend.linear(y, self.out_proj.weight, self.out_proj.bias)
+
+
+def _keep(t: torch.Tensor, keep) -> torch.Tensor:
+    """t [b, L, d] at the kept positions: the last `keep` (an int) or those of `keep` [b, k]."""
+    if isinstance(keep, int):
+        return t[:, -keep:]
+    return t.gather(1, keep[:, :, None].expand(-1, -1, t.shape[-1]))
 
 
 class Mamba2Block(nn.Module):
@@ -154,16 +164,20 @@ class Mamba2LM(nn.Module):
         h = self.backbone.embeddings(input_ids)
         if input_ids.shape[1] == 1 and seq_len is None:
             return self._decode(h[:, 0], state)
+        # Only the kept positions of the last layer's output reach the logits, so that layer's
+        # gated norm and out_proj run on those alone (its scan still advances the state).
+        keep = None
+        if seq_len is not None:
+            keep = (seq_len.long() - 1).clamp(min=0).view(-1, 1)
+        elif logits_to_keep:
+            keep = logits_to_keep
         residual = None
+        last_layer = len(self.backbone.layers) - 1
         for i, layer in enumerate(self.backbone.layers):
             normed, residual = be.add_rmsnorm(h, residual, layer.norm.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
-            h = layer.mixer.forward(normed, state.conv[i], state.ssm[i], be, seq_len)
-        if seq_len is not None:
-            last = (seq_len.long() - 1).clamp(min=0).view(-1, 1, 1)
-            h = h.gather(1, last.expand(-1, 1, h.shape[-1]))
-            residual = residual.gather(1, last.expand(-1, 1, residual.shape[-1]))
-        elif logits_to_keep:
-            h, residual = h[:, -logits_to_keep:], residual[:, -logits_to_keep:]
+            h = layer.mixer.forward(normed, state.conv[i], state.ssm[i], be, seq_len, keep if i == last_layer else None)
+        if keep is not None:
+            residual = _keep(residual, keep)
         normed, _ = be.add_rmsnorm(h, residual, self.backbone.norm_f.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
         logits = be.linear(normed, self.lm_head.weight)
         logits = logits[..., : cfg.vocab_size]
