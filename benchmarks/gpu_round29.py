@@ -51,34 +51,49 @@ def after():
     yield DEFAULT_PREFILL_CHUNK
 
 
+def alternated_prefill(model, dev, cases, variants, compare_logits=False):
+    """Each (batch, L) case's prefill under each (label, context manager) variant, alternated,
+    4 rounds of which the first (it compiles) is not counted; a context may yield the piece
+    length (None: the default). compare_logits: the last logits of each variant against the
+    first's, from the first round."""
+    from mamba2_cli.generate import DEFAULT_PREFILL_CHUNK, owned_state, prefill
+
+    for b, L in cases:
+        ids = torch.randint(3, model.cfg.vocab_size, (b, L), generator=torch.Generator().manual_seed(4))
+        state = owned_state(model, b)
+        res: dict = {}
+        logits: dict = {}
+        for rep in range(4):
+            for label, ctx in variants:
+                with ctx() as piece:
+                    piece = piece or DEFAULT_PREFILL_CHUNK
+                    s = r7.timed_prefill(model, ids, state, dev, chunk_tokens=piece)
+                    if compare_logits and rep == 0:
+                        state.reset()
+                        logits[label] = prefill(model, ids, state, piece).float()
+                if rep:
+                    res.setdefault(label, []).append(s)
+                log(f"  prefill b{b} L{L} {label:7s} {s:.4f} s")
+        first = variants[0][0]
+        for label, lg in logits.items():
+            if label != first:
+                err = (lg - logits[first]).norm() / logits[first].norm()
+                log(f"  prefill b{b} L{L} logits {label} against {first}: {err.item():.1e}")
+        for label, v in res.items():
+            v = sorted(v)
+            log(f"  summary prefill b{b} L{L} {label:7s} " + "/".join(f"{x:.4f}" for x in v)
+                + f" median {v[len(v) // 2]:.4f} s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     dev, model = r7.setup(29, args.tiny)
     r7.T0 = T0
-    from mamba2_cli.generate import owned_state
-
     cases = ((1, 256), (2, 128)) if args.tiny else ((1, 2048), (1, 65536), (8, 4096))
-
-    def run():
-        for b, L in cases:
-            ids = torch.randint(3, model.cfg.vocab_size, (b, L), generator=torch.Generator().manual_seed(4))
-            state = owned_state(model, b)
-            res: dict = {}
-            for rep in range(4):
-                for label, ctx in (("before", before), ("after", after)):
-                    with ctx() as piece:
-                        s = r7.timed_prefill(model, ids, state, dev, chunk_tokens=piece)
-                    if rep:  # the first round compiles
-                        res.setdefault(label, []).append(s)
-                    log(f"  prefill b{b} L{L} {label:7s} {s:.4f} s")
-            for label, v in res.items():
-                v = sorted(v)
-                log(f"  summary prefill b{b} L{L} {label:7s} " + "/".join(f"{x:.4f}" for x in v)
-                    + f" median {v[len(v) // 2]:.4f} s")
-
-    r7.run_phases([("prefill", run)])
+    r7.run_phases([("prefill", lambda: alternated_prefill(model, dev, cases, (("before", before),
+                                                                              ("after", after))))])
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ import os
 import sys
 import time
 
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
+import gpu_round29 as r29  # noqa: E402
 
 T0 = time.time()
-r7.LOG_NAME = "round32.txt"
+r7.LOG_NAME = "round32.txt"  # after importing round 29, which sets its own
 log = r7.log
 
 
@@ -53,34 +53,9 @@ def main():
     args = ap.parse_args()
     dev, model = r7.setup(32, args.tiny)
     r7.T0 = T0
-    from mamba2_cli.generate import owned_state
-
-    def run():
-        for L in ((64, 256) if args.tiny else (2048, 65536)):
-            ids = torch.randint(3, model.cfg.vocab_size, (1, L), generator=torch.Generator().manual_seed(4))
-            state = owned_state(model, 1)
-            res: dict = {}
-            logits: dict = {}
-            for rep in range(4):
-                for label, ctx in (("before", before), ("after", contextlib.nullcontext)):
-                    with ctx():
-                        s = r7.timed_prefill(model, ids, state, dev)
-                        if rep == 0:
-                            from mamba2_cli.generate import prefill
-
-                            state.reset()
-                            logits[label] = prefill(model, ids, state).float()
-                    if rep:
-                        res.setdefault(label, []).append(s)
-                    log(f"  prefill L{L} {label:7s} {s:.4f} s")
-            err = (logits["after"] - logits["before"]).norm() / logits["before"].norm()
-            log(f"  prefill L{L} logits after against before: {err.item():.1e}")
-            for label, v in res.items():
-                v = sorted(v)
-                log(f"  summary prefill L{L} {label:7s} " + "/".join(f"{x:.4f}" for x in v)
-                    + f" median {v[len(v) // 2]:.4f} s")
-
-    r7.run_phases([("prefill", run)])
+    cases = ((1, 64), (1, 256)) if args.tiny else ((1, 2048), (1, 65536))
+    variants = (("before", before), ("after", contextlib.nullcontext))
+    r7.run_phases([("prefill", lambda: r29.alternated_prefill(model, dev, cases, variants, compare_logits=True))])
 
 
 if __name__ == "__main__":
