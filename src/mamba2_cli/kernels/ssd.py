@@ -23,8 +23,8 @@ itself: the scan is then throughput-bound, and one more product per chunk costs 
 pre-pass, its copies through shared memory and their layout conversion (batch 8, L4096 on the
 H200: 1.28 ms against 1.48; at batch 1 the other way round, 1.44 against 0.92 at L16384).
 
-A small grid (a small model at batch 1: too few programs to fill the GPU) splits the
-sequence into segments instead (SPLIT_PROGRAMS). The segment's entering state is the only
+A small grid (batch 1: too few programs to fill the GPU) splits the sequence into segments
+instead (choose_config). The segment's entering state is the only
 thing it needs from the ones before it, and that state is a sum over them:
 
     S_in[k] = exp(A_tot[k-1]) S_in[k-1] + S_own[k-1]
@@ -67,16 +67,18 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md, round 3); the scan
 # writes the final state, and none of these kernels is autotuned.
 # SCAN_CONFIG: few programs (batch 1: 256 of them, P split in two), latency-bound.
-# SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on, 2 or more per SM
-#   of an H200 (batch 2, 3 and 8 at Codestral shapes measured). C B^T computed in the scan
+# SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on (batch 2, 3 and 8
+#   at Codestral shapes measured; at 255 registers two programs share an SM, by the sm_90
+#   machine code compiled here with Triton 3.9's ptxas). C B^T computed in the scan
 #   (session 7, round 24: b8 L4096 1.273-1.281 ms against 1.478-1.487). Round 26: batch 2 at
 #   L4096 0.326 ms against 0.474 with SCAN_CONFIG, batch 3 0.643 against 0.702. Round 31: S^T
 #   and D in the scores (b8 L4096 1.238-1.247 ms against 1.281; b1 L16384 0.769 against
 #   0.773-0.778); chunk 64, P block 32, 8 warps or 2 stages were 9-120 % slower.
 # Fewer programs (batch 1): SCAN_CONFIG_MANY again, the sequence cut into segments (see below)
-#   so that the second pass has about SPLIT_TARGET programs, one per slot an H200 holds of
-#   them (4 per SM), when that gives at least SPLIT_MIN_SEGMENTS segments of SPLIT_MIN_CHUNKS
-#   chunks; its states pass with SPLIT_STATES. Else (short prompts) SCAN_CONFIG.
+#   so that the second pass has about SPLIT_TARGET programs (the count measured best, round
+#   25: at Codestral's L16384 2 segments 1.02 ms, 3 1.03, 4 0.79, 8 0.89-0.96), when that gives
+#   at least SPLIT_MIN_SEGMENTS segments of SPLIT_MIN_CHUNKS chunks; its states pass with
+#   SPLIT_STATES. Else (short prompts) SCAN_CONFIG, with its own rule for splitting below.
 #   Round 26, b1 (ms): Codestral L2048 0.122 against 0.128, L4096 0.219 against 0.244,
 #   L16384 0.788 against 0.924; mamba2-130m's layer L2048 0.088 against 0.111-0.134, L16384
 #   0.204 against 0.293; mamba2-2.7b's L16384 0.600 against 0.889. Codestral L1024 (2
@@ -96,13 +98,14 @@ SPLIT_STATES = {"num_stages": 4, "STATE_T": False}
 SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1, "PREFETCH": 1,
                     "STATE_T": True, "D_IN_SCORES": True, "CB_PRECOMPUTED": True}
 CB_CONFIG = {"num_warps": 4, "num_stages": 2}
-# Splitting the sequence (batch 1 and other small grids): SEGMENTS fixes the count; else,
-# when the grid has fewer than SPLIT_PROGRAMS programs (0: never), the sequence is cut into
-# segments of at least SPLIT_MIN_CHUNKS chunks. A first pass runs every segment but the last
+# Splitting the sequence (batch 1 and other small grids): SEGMENTS fixes the count (which
+# choose_config sets for SCAN_CONFIG_MANY at batch 1); else, when the grid has fewer than
+# SPLIT_PROGRAMS programs (0: never), the sequence is cut into segments of at least
+# SPLIT_MIN_CHUNKS chunks. A first pass runs every segment but the last
 # from a zero state (SPLIT_STATES_CONFIG: states only, no y); the second runs all segments at
 # once, each from the state composed from the ones before it.
-# Measured (H200, session 3): a Codestral layer at batch 1 (256 programs, two per SM, each at
-# the register limit) gains nothing (L4096: 0.246 ms whole, 0.311 in 3 segments); a
+# Measured (H200, session 3, with SCAN_CONFIG): a Codestral layer at batch 1 (256 programs,
+# two per SM, each at the register limit) gains nothing (L4096: 0.246 ms whole, 0.311 in 3 segments); a
 # mamba2-130m layer (24 heads: 48 programs) gains 2-2.6x (L4096 0.225 -> 0.130 ms in 4
 # segments, L16384 0.796 -> 0.352 in 4, 0.306 in 8). The rule splits grids of fewer than 256
 # programs into segments of at least 16 chunks (1024 tokens).
