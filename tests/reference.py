@@ -37,7 +37,7 @@ def reference_logits(sd: dict, shape: dict, ids: list[int], norm_before_gate: bo
     sd uses HF names; shape is a tests/checkpoints.py shape dict. Returns [L, vocab_size].
     """
     W = {k: v.double() for k, v in sd.items()}
-    d, H_P = shape["d_model"], shape["expand"] * shape["d_model"]
+    H_P = shape["expand"] * shape["d_model"]
     P, G, N, K = shape["headdim"], shape["ngroups"], shape["d_state"], shape["d_conv"]
     H = H_P // P
     group_of_head = torch.arange(H) // (H // G)

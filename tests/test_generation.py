@@ -5,7 +5,6 @@ import random
 import pytest
 import torch
 
-from checkpoints import tiny_shape
 from mamba2_cli import Mamba2Error, generate, load_model, stream_generate
 from mamba2_cli.sampling import SamplingParams, sample
 
