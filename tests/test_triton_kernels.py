@@ -130,8 +130,8 @@ def test_ssd_prefill_applies_dt_limit(tb):
         {"CHUNK": 16, "PREFETCH": 3},
         {"CHUNK": 16, "PREFETCH": 4, "STATE_T": False},
     ],
-    ids=["cb-inline", "chunk32-p16", "chunk16-inline", "plain", "prefetch-all-fold", "many-programs-cb",
-         "many-programs", "prefetch-cb", "prefetch-bc"],
+    ids=["cb-inline", "chunk32-p16", "chunk16-inline", "plain", "prefetch-all-fold", "many-programs-prepass",
+         "many-programs-cb-inline", "prefetch-cb", "prefetch-bc"],
 )
 def test_ssd_prefill_configs_give_the_same_result(tb, config):
     inp = ssd_inputs(2, 45, 4, 32, 2, 16, torch.float32, seed=3)
