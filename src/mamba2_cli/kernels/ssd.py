@@ -425,13 +425,11 @@ def choose_config(b: int, H: int, P: int, L: int, dtype: torch.dtype) -> dict:
     rules above SCAN_CONFIG)."""
     cfg = dict(SCAN_CONFIG)
     programs = b * H * triton.cdiv(P, 64)
-    if dtype == torch.float32:
-        if programs >= MANY_PROGRAMS:
-            cfg.update(SCAN_CONFIG_MANY)
-        cfg.update(SCAN_CONFIG_FP32)
-        return cfg
     if programs >= MANY_PROGRAMS:
         cfg.update(SCAN_CONFIG_MANY)
+    if dtype == torch.float32:
+        cfg.update(SCAN_CONFIG_FP32)
+    if programs >= MANY_PROGRAMS or dtype == torch.float32:
         return cfg
     nseg = min(SPLIT_TARGET // programs, triton.cdiv(L, SCAN_CONFIG_MANY["CHUNK"]) // cfg["SPLIT_MIN_CHUNKS"])
     if nseg >= SPLIT_MIN_SEGMENTS:
@@ -567,7 +565,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         BP1 = min(int(pcfg["BLOCK_P"]), triton.next_power_of_2(P))
         # The states pass may walk in longer chunks ("states": {"CHUNK": ...}) when a segment
         # holds a whole number of them: it computes no y, so its chunk only regroups the sums.
-        CHUNK1 = int(cfg.get("states", {}).get("CHUNK") or CHUNK)
+        CHUNK1 = int(pcfg["CHUNK"])
         if (seg_chunks * CHUNK) % CHUNK1:
             CHUNK1 = CHUNK
         _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
