@@ -1,0 +1,238 @@
+"""GPU round 33 (session 8): a producer and its matvec in one launch (kernels/stream.py).
+
+    PYTHONPATH=src timeout 560 python3 benchmarks/gpu_round33.py        # H200
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round33.py --tiny  # CPU: runs
+
+  layer  Codestral shapes at batch 1, each variant first checked against the unfused pair on the
+         same inputs (three steps in a row, so the launch counters roll over), then timed per
+         layer in CUDA graphs of 64 layers (each its own weights and state), alternated:
+         the step + out_proj (mixer_decode_step, then gemv) against step_out's layouts;
+         add_rmsnorm + in_proj (norm_linear) against norm_in's.
+  model  decode at batch 1 (bench_model, 128-token prompt, 128 tokens) with STREAM_CONFIG's
+         step_out / norm_in off and on, alternated; logits against the defaults' on the same tokens.
+Lines go to stdout and $OUT/round33.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gpu_round7 as r7  # noqa: E402
+
+T0 = time.time()
+r7.LOG_NAME = "round33.txt"
+log = r7.log
+
+# (P block, warps, rows per matvec program, sleep ns)
+STEP_OUT_VARIANTS = [(16, 4, 2, 200), (16, 4, 1, 200), (16, 8, 1, 200), (16, 8, 2, 200), (32, 8, 2, 200),
+                     (32, 8, 4, 200), (16, 4, 2, 0), (16, 4, 2, 1000)]
+# (rows per program, warps, sleep ns)
+NORM_IN_VARIANTS = [(2, 4, 200), (4, 4, 200), (2, 8, 200), (1, 4, 200), (2, 4, 0)]
+
+
+def _graph(calls, dev):
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    return g
+
+
+def _timed(label, variants, make_calls, n, dev, reps=3):
+    """variants: name -> setup fn (sets switches, returns nothing); make_calls(name) -> list of
+    n callables. Per-layer µs, alternated reps times; a summary line per variant."""
+    res: dict = {}
+    for _ in range(reps):
+        for name in variants:
+            try:
+                g = _graph(make_calls(name), dev)
+                us = r7.graph_ms(g.replay, dev, reps=30) * 1e3 / n
+                del g
+                res.setdefault(name, []).append(us)
+            except Exception as e:
+                r7.err_line(f"{label} {name}", e)
+    for name, v in res.items():
+        log(f"  summary {label} {name:24s} " + "/".join(f"{u:.2f}" for u in v) + f" us per layer (median {sorted(v)[len(v) // 2]:.2f})")
+
+
+def step_out_phase(dev, tiny):
+    from mamba2_cli import kernel_bench as kb
+    from mamba2_cli.kernels import gemv, step, stream
+
+    s = kb.SHAPES["tiny" if tiny else "codestral"]
+    dtype = torch.float16 if tiny else torch.bfloat16
+    G = s.ngroups
+    n = 2 if tiny else 64
+    layers = kb.mixer_layers(s, n, 1, dev, dtype, seed=5)
+    gen = torch.Generator(device=dev).manual_seed(6)
+    W = [(torch.randn(s.d_model, s.d_inner, generator=gen, device=dev) * 0.02).to(dtype) for _ in range(n)]
+
+    def base(st, w):
+        return gemv.linear(kb.call_mixer(step.mixer_decode_step, st, G), w)
+
+    def variant(v):
+        bp, warps, bn, sleep = v
+
+        def f(st, w):
+            stream.STREAM_CONFIG["sleep_ns"] = sleep
+            return kb.call_mixer(stream.step_out, st, G, out_weight=w, config={"BLOCK_P": bp, "num_warps": warps},
+                                 block_n=bn, num_warps=warps)
+        return f
+
+    fns = {"unfused": base}
+    fns.update({f"p{v[0]} w{v[1]} n{v[2]} sleep{v[3]}": variant(v) for v in STEP_OUT_VARIANTS})
+    ref = None
+    for name, f in fns.items():
+        st = {k: t.clone() for k, t in layers[0].items()}
+        outs = []
+        try:
+            for _ in range(3):
+                outs.append(f(st, W[0]).float())
+        except Exception as e:
+            r7.err_line(f"step_out check {name}", e)
+            continue
+        got = (torch.stack(outs), st["ssm_state"], st["conv_state"])
+        if ref is None:
+            ref = got
+            continue
+        log(f"  check {name:24s} out rel err {r7.rel_err(got[0], ref[0]):.2e}, ssm state equal "
+            f"{torch.equal(got[1], ref[1])} (rel {r7.rel_err(got[1], ref[1]):.1e}), conv state equal {torch.equal(got[2], ref[2])}")
+    stream.STREAM_CONFIG["sleep_ns"] = 200
+    if dev.type != "cuda":
+        return
+    _timed("step+out_proj", fns, lambda name: [lambda st=st, w=w: fns[name](st, w) for st, w in zip(layers, W)], n, dev)
+    stream.STREAM_CONFIG["sleep_ns"] = 200
+
+
+def norm_in_phase(dev, tiny):
+    from mamba2_cli import kernel_bench as kb
+    from mamba2_cli.kernels import gemv, stream
+
+    s = kb.SHAPES["tiny" if tiny else "codestral"]
+    dtype = torch.float16 if tiny else torch.bfloat16
+    n = 2 if tiny else 64
+    gen = torch.Generator(device=dev).manual_seed(7)
+    D = s.d_model
+    ins = [dict(x=torch.randn(1, D, generator=gen, device=dev).to(dtype),
+                res=torch.randn(1, D, generator=gen, device=dev),
+                nw=(1 + 0.1 * torch.randn(D, generator=gen, device=dev)).to(dtype),
+                W=(torch.randn(s.in_proj, D, generator=gen, device=dev) * 0.02).to(dtype)) for _ in range(n)]
+
+    def base(a):
+        return gemv.norm_linear(a["x"], a["res"], a["nw"], 1e-5, True, a["W"])
+
+    def variant(v):
+        bn, warps, sleep = v
+
+        def f(a):
+            stream.STREAM_CONFIG["sleep_ns"] = sleep
+            return stream.norm_in(a["x"], a["res"], a["nw"], 1e-5, True, a["W"], block_n=bn, num_warps=warps)
+        return f
+
+    fns = {"unfused": base}
+    fns.update({f"n{v[0]} w{v[1]} sleep{v[2]}": variant(v) for v in NORM_IN_VARIANTS})
+    ref = None
+    for name, f in fns.items():
+        try:
+            got = [f(ins[0]) for _ in range(3)]
+        except Exception as e:
+            r7.err_line(f"norm_in check {name}", e)
+            continue
+        if ref is None:
+            ref = got
+            continue
+        log(f"  check {name:24s} out rel err {max(r7.rel_err(g[0], r[0]) for g, r in zip(got, ref)):.2e}, "
+            f"residual equal {all(torch.equal(g[1], r[1]) for g, r in zip(got, ref))}")
+    stream.STREAM_CONFIG["sleep_ns"] = 200
+    if dev.type != "cuda":
+        return
+    _timed("norm+in_proj", fns, lambda name: [lambda a=a: fns[name](a) for a in ins], n, dev)
+    stream.STREAM_CONFIG["sleep_ns"] = 200
+
+
+MODEL_CONFIGS = {"off": {}, "step_out": {"step_out": True}, "norm_in": {"norm_in": True},
+                 "both": {"step_out": True, "norm_in": True}}
+
+
+def model_phase(model, dev, tiny):
+    from mamba2_cli.bench import bench_model
+    from mamba2_cli.kernels import stream
+
+    import gpu_round5 as r5
+
+    def apply(cfg):
+        stream.STREAM_CONFIG["step_out"] = bool(cfg.get("step_out"))
+        stream.STREAM_CONFIG["norm_in"] = bool(cfg.get("norm_in"))
+        r7.drop_graphs(model)
+
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, model.cfg.vocab_size, (1, 40 if tiny else 128), generator=g).to(dev)
+    apply({})
+    base = r5.model_check(model, 1, prompt, 8)
+    for name, cfg in MODEL_CONFIGS.items():
+        if not cfg:
+            continue
+        apply(cfg)
+        try:
+            e, same = r5.compare_with_base(model, 1, prompt, 8, base)
+            log(f"  model {name}: logits vs off on the same tokens {e:.2e}, argmax equal {same}/8")
+        except Exception as ex:
+            r7.err_line(f"model check {name}", ex)
+    if dev.type != "cuda":
+        apply({})
+        return
+    res: dict = {}
+    for _ in range(3):
+        for name, cfg in MODEL_CONFIGS.items():
+            apply(cfg)
+            try:
+                r1 = bench_model(model, prompt_len=128, gen_len=128, batch_size=1, repeats=2)
+                res.setdefault(name, []).append(r1["decode_tok_s"])
+                log(f"  model {name}: b1 {r1['decode_tok_s']:.1f} tok/s")
+            except Exception as e:
+                r7.err_line(f"model {name}", e)
+    apply({})
+    for name, v in res.items():
+        log(f"  summary model {name:10s} b1 " + "/".join(f"{x:.1f}" for x in v) + f" (median {sorted(v)[len(v) // 2]:.1f}) tok/s")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    dev, model = r7.setup(33, args.tiny, load=False)
+    r7.T0 = T0
+    skip = set(args.skip.split(","))
+    phases = []
+    if "step_out" not in skip:
+        phases.append(("step_out", lambda: step_out_phase(dev, args.tiny)))
+    if "norm_in" not in skip:
+        phases.append(("norm_in", lambda: norm_in_phase(dev, args.tiny)))
+    if "model" not in skip:
+        def mp():
+            import gpu_round5 as r5
+
+            r5.log = lambda m="": log(m)
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+            model_phase(r5.load_model(dev, args.tiny), dev, args.tiny)
+        phases.append(("model", mp))
+    r7.run_phases(phases)
+
+
+if __name__ == "__main__":
+    main()
