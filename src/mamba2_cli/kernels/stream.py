@@ -3,23 +3,26 @@
 At batch 1 a layer is a chain of kernels (add_rmsnorm, in_proj, the step, out_proj), and the
 short ones (the step's 8 µs, the norm's 2) are latency: the memory bus idles while they run,
 and each matvec then starts streaming its weights from nothing. Here the producer and the
-matvec after it share one launch. Every program first takes a ticket from a counter in
-memory: the first tickets do the producer's work (the mixer step's programs, or the single
-add_rmsnorm row) and count the groups they finish; the later tickets are the matvec's row
+matvec after it share one launch. The lowest program ids do the producer's work (the mixer
+step's programs, or the single add_rmsnorm row) and count each part they finish (a group of
+the step, the norm's row) on a counter in memory; the other programs are the matvec's row
 blocks, which load their whole weight rows into registers first and only then wait for the
 producer's count, so the weights stream while the producer runs.
 
-Safety. A ticket is taken by a running program, so every producer ticket is held by a program
-that runs; producers never wait for consumers (the step's last-arrival counters wait for
-nothing), so consumers only ever wait for work that is already under way: no deadlock,
-whatever order the hardware starts programs in. The counters are never reset: a launch takes
-exactly `programs` tickets and adds exactly `parts` to the ready count, so launch e (from 0)
-owns tickets e * programs ... and waits for a count of (e + 1) * parts. They are int64, one
-pair per launch shape, and launches sharing a pair must be ordered on one stream (as decode's
-are, also inside a CUDA graph). In the interpreter programs run one after another in order,
-so the consumers find the producers done.
+The counter is never reset: in a launch the producers add `parts` and every matvec program
+adds 1 once it is done, so a launch adds exactly `period` = parts + matvec programs and
+starts at a multiple of it; a matvec program, which has not added yet, waits until the count
+modulo period reaches parts. The counter is int64, one per launch shape (so one period);
+launches that share it must be ordered on one stream (as decode's are, also in a CUDA graph).
 
-Numerics: the producer is the unfused kernel's code; the consumer sums each row's products in
+Progress. Producers never wait for anything but each other's arrivals on the step's own
+counters (the group's last program finishes the group), so what could stall is a matvec
+program waiting while a producer has not started: the producers are the lowest program ids,
+and the GPU starts a launch's programs in the order of their ids (as single-pass scans that
+look back at lower blocks rely on). In the interpreter programs run one after another, so the
+matvec programs find the producers done.
+
+Numerics: the producer is the unfused kernels' code; the consumer sums each row's products in
 fp32 in one tile (a different order of the same sum than gemv's acc kernel).
 """
 
@@ -43,31 +46,24 @@ STREAM_CONFIG["sleep_ns"] = 200
 # Rows longer than this are not held in registers whole (the consumer's tile is a whole row).
 MAX_K = 16384
 
-_sync: dict = {}
+_counters: dict = {}
 
 
-def _sync_for(device, key) -> torch.Tensor:
-    """[ticket counter, ready count] (int64) for one launch shape on one device."""
+def _counter_for(device, key) -> torch.Tensor:
+    """The ready count (int64) of one launch shape on one device."""
     k = (str(device), key)
-    buf = _sync.get(k)
+    buf = _counters.get(k)
     if buf is None:
-        buf = _sync[k] = torch.zeros(2, dtype=torch.int64, device=device)
+        buf = _counters[k] = torch.zeros(1, dtype=torch.int64, device=device)
     return buf
 
 
 @triton.jit
-def _ticket(sync_ptr, programs):
-    """(this program's role in its launch, the ready count its consumers wait for / parts)."""
-    t = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    launch = t // programs
-    return t - launch * programs, launch + 1
-
-
-@triton.jit
-def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, target,
+def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, parts, period,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr):
     """Rows r * BLOCK_N ... of y = x W^T (+ b) for one row x: the weight rows are loaded
-    whole, then the program waits until *ready_ptr >= target, then reads x."""
+    whole, then the program waits for the launch's `parts` producer counts (the count modulo
+    `period` reaching `parts`), reads x, and adds its own count at the end."""
     rn = r * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
@@ -76,7 +72,7 @@ def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, target,
                 mask=n_mask[:, None] & k_mask[None, :], other=0.0)
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    while tl.load(ready_ptr, volatile=True) < target:
+    while tl.load(ready_ptr, volatile=True) % period < parts:
         if SLEEP_NS > 0:  # poll less often: every waiting program reads the same address
             tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r", [tl.full((1,), SLEEP_NS, tl.int32)],
                                       dtype=tl.int32, is_pure=False, pack=1)
@@ -86,6 +82,7 @@ def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, target,
     if HAS_BIAS:
         y += bias
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    tl.atomic_add(ready_ptr, 1, sem="relaxed")  # the launch's count ends at a multiple of period
 
 
 @triton.jit
@@ -95,18 +92,18 @@ def _step_out_kernel(
     H, P, N, G, heads_per_group, d_inner, eps, dt_lo, dt_hi,
     stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
     stride_s_b, stride_s_h, stride_s_p, stride_out_b,
-    w_ptr, wb_ptr, o_ptr, sync_ptr, n_out, stride_wn, n_step, programs,
+    w_ptr, wb_ptr, o_ptr, ready_ptr, n_out, stride_wn, n_step, programs,
     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr,
     BC_PRE: tl.constexpr, EVICT_STATE: tl.constexpr, EARLY: tl.constexpr,
     OUT_BLOCK_N: tl.constexpr, OUT_BLOCK_K: tl.constexpr, OUT_HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr,
 ):
-    role, launch_no = _ticket(sync_ptr, programs)
-    if role < n_step:
+    pid = tl.program_id(0)
+    if pid < n_step:
         step.mixer_step_body(
-            role.to(tl.int32), zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr,
-            norm_w_ptr, ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr, bc_ptr, sync_ptr + 1,
+            pid, zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr,
+            norm_w_ptr, ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr, bc_ptr, ready_ptr,
             H, P, N, G, heads_per_group, d_inner, eps, dt_lo, dt_hi,
             stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
             stride_s_b, stride_s_h, stride_s_p, stride_out_b,
@@ -114,26 +111,26 @@ def _step_out_kernel(
             TAIL, PDL, BC_PRE, EVICT_STATE, EARLY, True,
         )
     else:
-        late_gemv(role - n_step, out_ptr, w_ptr, wb_ptr, o_ptr, n_out, d_inner, stride_wn, sync_ptr + 1,
-                  launch_no * G, OUT_BLOCK_N, OUT_BLOCK_K, OUT_HAS_BIAS, SLEEP_NS)
+        late_gemv(pid - n_step, out_ptr, w_ptr, wb_ptr, o_ptr, n_out, d_inner, stride_wn, ready_ptr,
+                  G, G + programs - n_step, OUT_BLOCK_N, OUT_BLOCK_K, OUT_HAS_BIAS, SLEEP_NS)
 
 
 @triton.jit
 def _norm_in_kernel(
     x_ptr, res_ptr, nw_ptr, normed_ptr, res_out_ptr, D, eps,
-    w_ptr, wb_ptr, y_ptr, n_out, stride_wn, sync_ptr, programs,
+    w_ptr, wb_ptr, y_ptr, n_out, stride_wn, ready_ptr, programs,
     HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr,
     OUT_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr,
 ):
-    role, launch_no = _ticket(sync_ptr, programs)
-    if role == 0:
-        add_rmsnorm_rows(role.to(tl.int32), x_ptr, res_ptr, nw_ptr, normed_ptr, res_out_ptr, 1, D, eps,
+    pid = tl.program_id(0)
+    if pid == 0:
+        add_rmsnorm_rows(pid, x_ptr, res_ptr, nw_ptr, normed_ptr, res_out_ptr, 1, D, eps,
                          D, D, D, D, HAS_RES, WRITE_RES, BLOCK_D, 1, True)
         tl.debug_barrier()  # every thread's part of the row is written before the release
-        tl.atomic_add(sync_ptr + 1, 1, sem="release")
+        tl.atomic_add(ready_ptr, 1, sem="release")
     else:
-        late_gemv(role - 1, normed_ptr, w_ptr, wb_ptr, y_ptr, n_out, D, stride_wn, sync_ptr + 1,
-                  launch_no, OUT_BLOCK_N, BLOCK_D, HAS_BIAS, SLEEP_NS)
+        late_gemv(pid - 1, normed_ptr, w_ptr, wb_ptr, y_ptr, n_out, D, stride_wn, ready_ptr, 1, programs,
+                  OUT_BLOCK_N, BLOCK_D, HAS_BIAS, SLEEP_NS)
 
 
 def _weight_ok(x: torch.Tensor, weight: torch.Tensor, K: int) -> bool:
@@ -160,10 +157,10 @@ def step_out(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit
     bn = block_n or int(STREAM_CONFIG["out_block_n"])
     n_items = triton.cdiv(n_out, bn)
     programs = st.programs + n_items
-    sync = _sync_for(zxbcdt.device, ("step_out", programs, st.G))
+    ready = _counter_for(zxbcdt.device, ("step_out", programs, st.G))
     o = torch.empty((1, n_out), dtype=st.zxbcdt.dtype, device=zxbcdt.device)
     _step_out_kernel[(programs,)](
-        *st.args, out_weight, out_bias if out_bias is not None else o, o, sync, n_out, out_weight.stride(0),
+        *st.args, out_weight, out_bias if out_bias is not None else o, o, ready, n_out, out_weight.stride(0),
         st.programs, programs, **st.constexprs,
         OUT_BLOCK_N=bn, OUT_BLOCK_K=triton.next_power_of_2(st.d_inner), OUT_HAS_BIAS=out_bias is not None,
         SLEEP_NS=_sleep_ns(), num_warps=num_warps or st.cfg["num_warps"],
@@ -194,11 +191,11 @@ def norm_in(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None, 
     normed = torch.empty(Dm, dtype=x.dtype, device=x.device)
     bn = block_n or int(STREAM_CONFIG["in_block_n"])
     programs = 1 + triton.cdiv(n_out, bn)
-    sync = _sync_for(x.device, ("norm_in", programs))
+    ready = _counter_for(x.device, ("norm_in", programs))
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     _norm_in_kernel[(programs,)](
         x1, r1, norm_weight, normed, res_out, Dm, float(eps),
-        weight, bias if bias is not None else y, y, n_out, weight.stride(0), sync, programs,
+        weight, bias if bias is not None else y, y, n_out, weight.stride(0), ready, programs,
         HAS_RES=residual is not None, WRITE_RES=write_res, BLOCK_D=triton.next_power_of_2(Dm),
         OUT_BLOCK_N=bn, HAS_BIAS=bias is not None, SLEEP_NS=_sleep_ns(), num_warps=num_warps or int(STREAM_CONFIG["norm_warps"]),
     )
