@@ -261,7 +261,7 @@ def _mixer_step_kernel(
         stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
         stride_s_b, stride_s_h, stride_s_p, stride_out_b,
         K, BLOCK_P, BLOCK_N, BLOCK_K, BLOCK_GS, BLOCK_SS, HAS_CONV_BIAS, NORM_BEFORE_GATE, DT_CLAMP,
-        TAIL, PDL, BC_PRE, EVICT_STATE, EARLY, False,
+        TAIL, PDL, BC_PRE, EVICT_STATE, EARLY, 0, 1,
     )
 
 
@@ -275,11 +275,12 @@ def mixer_step_body(
     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr,
-    BC_PRE: tl.constexpr, EVICT_STATE: tl.constexpr, EARLY: tl.constexpr, SIGNAL: tl.constexpr,
+    BC_PRE: tl.constexpr, EVICT_STATE: tl.constexpr, EARLY: tl.constexpr, SIGNAL_SLOTS: tl.constexpr,
+    SIGNAL_STRIDE: tl.constexpr,
 ):
-    """The work of `_mixer_step_kernel`'s program pid. SIGNAL (with TAIL): once a group's
-    output is written, its last program adds 1 to *ready_ptr (release), for a consumer in
-    the same launch (stream.py)."""
+    """The work of `_mixer_step_kernel`'s program pid. SIGNAL_SLOTS > 0 (with TAIL): once a
+    group's output is written, its last program adds 1 (release) to the SIGNAL_SLOTS counters
+    at ready_ptr, SIGNAL_STRIDE apart, for the consumer in the same launch (stream.py)."""
     if PDL:
         gdc_launch_dependents()
     npb = tl.cdiv(P, BLOCK_P)
@@ -376,9 +377,9 @@ def mixer_step_body(
                           d_inner, eps, stride_cs_c, stride_out_b, K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE,
                           False, not BC_PRE, EARLY)
             tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
-            if SIGNAL:
+            if SIGNAL_SLOTS > 0:
                 tl.debug_barrier()  # every thread's part of the output is written before the release
-                tl.atomic_add(ready_ptr, 1, sem="release")
+                tl.atomic_add(ready_ptr + tl.arange(0, SIGNAL_SLOTS) * SIGNAL_STRIDE, 1, sem="release")
 
 
 def _check(cond: bool, op: str, msg) -> None:

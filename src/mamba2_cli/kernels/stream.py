@@ -43,6 +43,12 @@ STREAM_CONFIG = {"step_out": False, "norm_in": False, "out_block_n": 2, "in_bloc
 # interpreter cannot run the sleep's inline assembly, so it always spins.
 STREAM_CONFIG["sleep_ns"] = 200
 
+# The count lives on SLOTS copies, SLOT_STRIDE int64 apart (256 bytes, so on different lines
+# of the L2): each matvec program reads and counts on one, so no single address takes every
+# program's accesses (round 33: on one address each program added 3-4 ns, in series).
+SLOTS = 64
+SLOT_STRIDE = 32
+
 # Rows longer than this are not held in registers whole (the consumer's tile is a whole row).
 MAX_K = 16384
 
@@ -50,20 +56,28 @@ _counters: dict = {}
 
 
 def _counter_for(device, key) -> torch.Tensor:
-    """The ready count (int64) of one launch shape on one device."""
+    """The ready counts (int64, on SLOTS slots) of one launch shape on one device."""
     k = (str(device), key)
     buf = _counters.get(k)
     if buf is None:
-        buf = _counters[k] = torch.zeros(1, dtype=torch.int64, device=device)
+        buf = _counters[k] = torch.zeros(SLOTS * SLOT_STRIDE, dtype=torch.int64, device=device)
     return buf
 
 
 @triton.jit
-def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, parts, period,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr):
-    """Rows r * BLOCK_N ... of y = x W^T (+ b) for one row x: the weight rows are loaded
-    whole, then the program waits for the launch's `parts` producer counts (the count modulo
-    `period` reaching `parts`), reads x, and adds its own count at the end."""
+def count_part(ready_ptr, SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr):
+    """A producer's part is done (its writes come first: release), on every slot."""
+    tl.debug_barrier()  # every thread's writes before the release
+    tl.atomic_add(ready_ptr + tl.arange(0, SLOTS) * SLOT_STRIDE, 1, sem="release")
+
+
+@triton.jit
+def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, parts, n_cons,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr,
+              SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr):
+    """Rows r * BLOCK_N ... of y = x W^T (+ b) for one row x, the r-th of n_cons such programs:
+    the weight rows are loaded whole, then the program waits for the launch's `parts`
+    producer counts on its slot, reads x, and adds its own count to the slot at the end."""
     rn = r * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
@@ -72,17 +86,20 @@ def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, parts, 
                 mask=n_mask[:, None] & k_mask[None, :], other=0.0)
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    while tl.load(ready_ptr, volatile=True) % period < parts:
-        if SLEEP_NS > 0:  # poll less often: every waiting program reads the same address
+    slot = r % SLOTS
+    counter = ready_ptr + slot * SLOT_STRIDE
+    period = parts + (n_cons - slot + SLOTS - 1) // SLOTS  # what a launch adds to this slot
+    while tl.load(counter, volatile=True) % period < parts:
+        if SLEEP_NS > 0:  # poll less often
             tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r", [tl.full((1,), SLEEP_NS, tl.int32)],
                                       dtype=tl.int32, is_pure=False, pack=1)
-    tl.atomic_add(ready_ptr, 0, sem="acquire")  # what the producers wrote before counting is visible
+    tl.atomic_add(counter, 0, sem="acquire")  # what the producers wrote before counting is visible
     x = tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
     y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if HAS_BIAS:
         y += bias
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
-    tl.atomic_add(ready_ptr, 1, sem="relaxed")  # the launch's count ends at a multiple of period
+    tl.atomic_add(counter, 1, sem="relaxed")  # the launch's count on the slot ends at a multiple of period
 
 
 @triton.jit
@@ -98,6 +115,7 @@ def _step_out_kernel(
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr,
     BC_PRE: tl.constexpr, EVICT_STATE: tl.constexpr, EARLY: tl.constexpr,
     OUT_BLOCK_N: tl.constexpr, OUT_BLOCK_K: tl.constexpr, OUT_HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr,
+    SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < n_step:
@@ -108,11 +126,11 @@ def _step_out_kernel(
             stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
             stride_s_b, stride_s_h, stride_s_p, stride_out_b,
             K, BLOCK_P, BLOCK_N, BLOCK_K, BLOCK_GS, BLOCK_SS, HAS_CONV_BIAS, NORM_BEFORE_GATE, DT_CLAMP,
-            TAIL, PDL, BC_PRE, EVICT_STATE, EARLY, True,
+            TAIL, PDL, BC_PRE, EVICT_STATE, EARLY, SLOTS, SLOT_STRIDE,
         )
     else:
         late_gemv(pid - n_step, out_ptr, w_ptr, wb_ptr, o_ptr, n_out, d_inner, stride_wn, ready_ptr,
-                  G, G + programs - n_step, OUT_BLOCK_N, OUT_BLOCK_K, OUT_HAS_BIAS, SLEEP_NS)
+                  G, programs - n_step, OUT_BLOCK_N, OUT_BLOCK_K, OUT_HAS_BIAS, SLEEP_NS, SLOTS, SLOT_STRIDE)
 
 
 @triton.jit
@@ -121,16 +139,16 @@ def _norm_in_kernel(
     w_ptr, wb_ptr, y_ptr, n_out, stride_wn, ready_ptr, programs,
     HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr,
     OUT_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr,
+    SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid == 0:
         add_rmsnorm_rows(pid, x_ptr, res_ptr, nw_ptr, normed_ptr, res_out_ptr, 1, D, eps,
                          D, D, D, D, HAS_RES, WRITE_RES, BLOCK_D, 1, True)
-        tl.debug_barrier()  # every thread's part of the row is written before the release
-        tl.atomic_add(ready_ptr, 1, sem="release")
+        count_part(ready_ptr, SLOTS, SLOT_STRIDE)
     else:
-        late_gemv(pid - 1, normed_ptr, w_ptr, wb_ptr, y_ptr, n_out, D, stride_wn, ready_ptr, 1, programs,
-                  OUT_BLOCK_N, BLOCK_D, HAS_BIAS, SLEEP_NS)
+        late_gemv(pid - 1, normed_ptr, w_ptr, wb_ptr, y_ptr, n_out, D, stride_wn, ready_ptr, 1, programs - 1,
+                  OUT_BLOCK_N, BLOCK_D, HAS_BIAS, SLEEP_NS, SLOTS, SLOT_STRIDE)
 
 
 def _weight_ok(x: torch.Tensor, weight: torch.Tensor, K: int) -> bool:
@@ -163,7 +181,7 @@ def step_out(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit
         *st.args, out_weight, out_bias if out_bias is not None else o, o, ready, n_out, out_weight.stride(0),
         st.programs, programs, **st.constexprs,
         OUT_BLOCK_N=bn, OUT_BLOCK_K=triton.next_power_of_2(st.d_inner), OUT_HAS_BIAS=out_bias is not None,
-        SLEEP_NS=_sleep_ns(), num_warps=num_warps or st.cfg["num_warps"],
+        SLEEP_NS=_sleep_ns(), SLOTS=SLOTS, SLOT_STRIDE=SLOT_STRIDE, num_warps=num_warps or st.cfg["num_warps"],
     )
     return o
 
@@ -197,7 +215,8 @@ def norm_in(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None, 
         x1, r1, norm_weight, normed, res_out, Dm, float(eps),
         weight, bias if bias is not None else y, y, n_out, weight.stride(0), ready, programs,
         HAS_RES=residual is not None, WRITE_RES=write_res, BLOCK_D=triton.next_power_of_2(Dm),
-        OUT_BLOCK_N=bn, HAS_BIAS=bias is not None, SLEEP_NS=_sleep_ns(), num_warps=num_warps or int(STREAM_CONFIG["norm_warps"]),
+        OUT_BLOCK_N=bn, HAS_BIAS=bias is not None, SLEEP_NS=_sleep_ns(), SLOTS=SLOTS,
+        SLOT_STRIDE=SLOT_STRIDE, num_warps=num_warps or int(STREAM_CONFIG["norm_warps"]),
     )
     return y, res_out
 
