@@ -69,7 +69,15 @@ def _timed(label, variants, make_calls, n, dev, reps=3):
         log(f"  summary {label} {name:24s} " + "/".join(f"{u:.2f}" for u in v) + f" us per layer (median {sorted(v)[len(v) // 2]:.2f})")
 
 
-def step_out_phase(dev, tiny):
+def _name(v, keys):
+    """A variant's name: its fields with their letters, "noacq" when the fifth (acquire) is off."""
+    parts = [f"{k}{x}" for k, x in zip(keys, v[: len(keys)])]
+    if len(v) > len(keys) and not v[len(keys)]:
+        parts.append("noacq")
+    return " ".join(parts)
+
+
+def step_out_phase(dev, tiny, variants=STEP_OUT_VARIANTS):
     from mamba2_cli import kernel_bench as kb
     from mamba2_cli.kernels import gemv, step, stream
 
@@ -85,16 +93,17 @@ def step_out_phase(dev, tiny):
         return gemv.linear(kb.call_mixer(step.mixer_decode_step, st, G), w)
 
     def variant(v):
-        bp, warps, bn, sleep = v
+        bp, warps, bn, sleep = v[:4]
 
         def f(st, w):
             stream.STREAM_CONFIG["sleep_ns"] = sleep
+            stream.STREAM_CONFIG["acquire"] = v[4] if len(v) > 4 else True
             return kb.call_mixer(stream.step_out, st, G, out_weight=w, config={"BLOCK_P": bp, "num_warps": warps},
                                  block_n=bn, num_warps=warps)
         return f
 
     fns = {"unfused": base}
-    fns.update({f"p{v[0]} w{v[1]} n{v[2]} sleep{v[3]}": variant(v) for v in STEP_OUT_VARIANTS})
+    fns.update({_name(v, ("p", "w", "n", "sleep")): variant(v) for v in variants})
     ref = None
     for name, f in fns.items():
         st = {k: t.clone() for k, t in layers[0].items()}
@@ -111,14 +120,38 @@ def step_out_phase(dev, tiny):
             continue
         log(f"  check {name:24s} out rel err {r7.rel_err(got[0], ref[0]):.2e}, ssm state equal "
             f"{torch.equal(got[1], ref[1])} (rel {r7.rel_err(got[1], ref[1]):.1e}), conv state equal {torch.equal(got[2], ref[2])}")
-    stream.STREAM_CONFIG["sleep_ns"] = 200
+    stream.STREAM_CONFIG["sleep_ns"], stream.STREAM_CONFIG["acquire"] = 200, True
     if dev.type != "cuda":
         return
     _timed("step+out_proj", fns, lambda name: [lambda st=st, w=w: fns[name](st, w) for st, w in zip(layers, W)], n, dev)
     stream.STREAM_CONFIG["sleep_ns"] = 200
 
 
-def norm_in_phase(dev, tiny):
+def _whole_row_kernel():
+    """gemv with stream.late_gemv's body but no waiting or counting: is the whole-row tile itself slow?"""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def whole_row(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :], mask=(rn < N)[:, None] & (rk < K)[None, :],
+                    other=0.0)
+        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, tl.sum(w.to(tl.float32) * x[None, :], axis=1).to(y_ptr.dtype.element_ty), mask=rn < N)
+
+    def call(x, w, bn, warps):
+        import triton as tr
+
+        y = torch.empty(1, w.shape[0], dtype=x.dtype, device=x.device)
+        whole_row[(tr.cdiv(w.shape[0], bn),)](x, w, y, w.shape[0], w.shape[1], w.stride(0), BLOCK_N=bn,
+                                              BLOCK_K=tr.next_power_of_2(w.shape[1]), num_warps=warps)
+        return y
+    return call
+
+
+def norm_in_phase(dev, tiny, variants=NORM_IN_VARIANTS, alone=True):
     from mamba2_cli import kernel_bench as kb
     from mamba2_cli.kernels import gemv, stream
 
@@ -136,15 +169,20 @@ def norm_in_phase(dev, tiny):
         return gemv.norm_linear(a["x"], a["res"], a["nw"], 1e-5, True, a["W"])
 
     def variant(v):
-        bn, warps, sleep = v
+        bn, warps, sleep = v[:3]
 
         def f(a):
             stream.STREAM_CONFIG["sleep_ns"] = sleep
+            stream.STREAM_CONFIG["acquire"] = v[3] if len(v) > 3 else True
             return stream.norm_in(a["x"], a["res"], a["nw"], 1e-5, True, a["W"], block_n=bn, num_warps=warps)
         return f
 
     fns = {"unfused": base}
-    fns.update({f"n{v[0]} w{v[1]} sleep{v[2]}": variant(v) for v in NORM_IN_VARIANTS})
+    fns.update({_name(v, ("n", "w", "sleep")): variant(v) for v in variants})
+    whole = _whole_row_kernel()
+    for bn in (1, 2, 4) if alone else ():  # timing only (no norm): the gemv alone, and the whole-row tile alone
+        fns[f"in_proj alone acc n2 (no norm)"] = lambda a: gemv.linear(a["x"], a["W"])
+        fns[f"whole-row n{bn} w4 (no norm)"] = (lambda bn: lambda a: (whole(a["x"], a["W"], bn, 4), None))(bn)
     ref = None
     for name, f in fns.items():
         try:
@@ -155,35 +193,40 @@ def norm_in_phase(dev, tiny):
         if ref is None:
             ref = got
             continue
+        if "no norm" in name:
+            continue
         log(f"  check {name:24s} out rel err {max(r7.rel_err(g[0], r[0]) for g, r in zip(got, ref)):.2e}, "
             f"residual equal {all(torch.equal(g[1], r[1]) for g, r in zip(got, ref))}")
-    stream.STREAM_CONFIG["sleep_ns"] = 200
+    stream.STREAM_CONFIG["sleep_ns"], stream.STREAM_CONFIG["acquire"] = 200, True
     if dev.type != "cuda":
         return
     _timed("norm+in_proj", fns, lambda name: [lambda a=a: fns[name](a) for a in ins], n, dev)
-    stream.STREAM_CONFIG["sleep_ns"] = 200
+    stream.STREAM_CONFIG["sleep_ns"], stream.STREAM_CONFIG["acquire"] = 200, True
 
 
 MODEL_CONFIGS = {"off": {}, "step_out": {"step_out": True}, "norm_in": {"norm_in": True},
                  "both": {"step_out": True, "norm_in": True}}
 
 
-def model_phase(model, dev, tiny):
+def model_phase(model, dev, tiny, configs=MODEL_CONFIGS, apply_cfg=None):
     from mamba2_cli.bench import bench_model
     from mamba2_cli.kernels import stream
 
     import gpu_round5 as r5
 
     def apply(cfg):
-        stream.STREAM_CONFIG["step_out"] = bool(cfg.get("step_out"))
-        stream.STREAM_CONFIG["norm_in"] = bool(cfg.get("norm_in"))
+        if apply_cfg is not None:
+            apply_cfg(cfg)
+        else:
+            stream.STREAM_CONFIG["step_out"] = bool(cfg.get("step_out"))
+            stream.STREAM_CONFIG["norm_in"] = bool(cfg.get("norm_in"))
         r7.drop_graphs(model)
 
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(3, model.cfg.vocab_size, (1, 40 if tiny else 128), generator=g).to(dev)
     apply({})
     base = r5.model_check(model, 1, prompt, 8)
-    for name, cfg in MODEL_CONFIGS.items():
+    for name, cfg in configs.items():
         if not cfg:
             continue
         apply(cfg)
@@ -197,7 +240,7 @@ def model_phase(model, dev, tiny):
         return
     res: dict = {}
     for _ in range(3):
-        for name, cfg in MODEL_CONFIGS.items():
+        for name, cfg in configs.items():
             apply(cfg)
             try:
                 r1 = bench_model(model, prompt_len=128, gen_len=128, batch_size=1, repeats=2)

@@ -17,6 +17,8 @@ Kernel bodies (`GemvConfig.kind`), all selectable so one GPU run can compare the
             that produces x).
     dot     tensor cores: the rows of x padded to 16, tl.dot(W tile, x^T), Triton's
             pipeliner streams the weight tiles through shared memory (num_stages).
+    row     one row of x: each program loads its BLOCK_N weight rows whole (K up to
+            ROW_MAX_K) in one tile, every load issued at once, then x, then one sum.
 
 `norm_gemv` fuses the residual add + RMSNorm in front of a single-row product (the
 in_proj of every layer and lm_head): every program recomputes the norm of the 4096-wide
@@ -53,6 +55,7 @@ except ImportError:  # pragma: no cover
 
 
 MAX_ROWS = 8  # more rows than this: the product is a matmul, not a matvec
+ROW_MAX_K = 16384  # the row kernel's whole-row tile: 16384 16-bit weights are 128 registers at 4 warps
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,22 @@ def _gemv_acc_kernel(
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gemv_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    k_mask = rk < K
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                other=0.0, eviction_policy=EVICT)
+    x = tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -397,6 +416,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         pdl = _pdl(cfg, x.device)
         _gemv_acc_kernel[grid](*args, BLOCK_M=block_m, **common, EVICT=evict, PREFETCH=cfg.prefetch or pdl, PDL=pdl,
                                **_launch_opts(cfg, x.device))
+    elif cfg.kind == "row" and M == 1 and K <= ROW_MAX_K:
+        _gemv_row_kernel[grid](x, weight, args[2], y, N, K, weight.stride(0), HAS_BIAS=bias is not None,
+                               BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(K), EVICT=evict,
+                               **_launch_opts(cfg.with_(pdl=False), x.device))
+    elif cfg.kind == "row":  # more rows or longer ones: the acc kernel, in tiles of 1024
+        return gemv(x, weight, bias, cfg.with_(kind="acc", block_k=1024))
     elif cfg.kind == "dot":
         if weight.dtype != x.dtype:
             raise Mamba2Error(f"gemv: dot kernel needs one dtype, got {x.dtype} and {weight.dtype}")

@@ -42,6 +42,10 @@ STREAM_CONFIG = {"step_out": False, "norm_in": False, "out_block_n": 2, "in_bloc
 # Nanoseconds a waiting program sleeps between reads of the ready count (0: it spins). The
 # interpreter cannot run the sleep's inline assembly, so it always spins.
 STREAM_CONFIG["sleep_ns"] = 200
+# acquire: the waiting program's acquire (an L1 invalidation) before it reads x; off: x read
+# from L2 (.cg) once the count is seen, no fence (the read issues only after the count's load
+# returns: the loop's exit depends on it).
+STREAM_CONFIG["acquire"] = True
 
 # The count lives on SLOTS copies, SLOT_STRIDE int64 apart (256 bytes, so on different lines
 # of the L2): each matvec program reads and counts on one, so no single address takes every
@@ -74,7 +78,7 @@ def count_part(ready_ptr, SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr):
 @triton.jit
 def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, parts, n_cons,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr,
-              SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr):
+              SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr, ACQUIRE: tl.constexpr):
     """Rows r * BLOCK_N ... of y = x W^T (+ b) for one row x, the r-th of n_cons such programs:
     the weight rows are loaded whole, then the program waits for the launch's `parts`
     producer counts on its slot, reads x, and adds its own count to the slot at the end."""
@@ -93,8 +97,11 @@ def late_gemv(r, x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, ready_ptr, parts, 
         if SLEEP_NS > 0:  # poll less often
             tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r", [tl.full((1,), SLEEP_NS, tl.int32)],
                                       dtype=tl.int32, is_pure=False, pack=1)
-    tl.atomic_add(counter, 0, sem="acquire")  # what the producers wrote before counting is visible
-    x = tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+    if ACQUIRE:
+        tl.atomic_add(counter, 0, sem="acquire")  # what the producers wrote before counting is visible
+        x = tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+    else:  # x read from L2 (where the producers' stores are), after the count was seen
+        x = tl.load(x_ptr + rk, mask=k_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
     y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if HAS_BIAS:
         y += bias
@@ -115,7 +122,7 @@ def _step_out_kernel(
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr,
     BC_PRE: tl.constexpr, EVICT_STATE: tl.constexpr, EARLY: tl.constexpr,
     OUT_BLOCK_N: tl.constexpr, OUT_BLOCK_K: tl.constexpr, OUT_HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr,
-    SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr,
+    SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr, ACQUIRE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < n_step:
@@ -130,7 +137,7 @@ def _step_out_kernel(
         )
     else:
         late_gemv(pid - n_step, out_ptr, w_ptr, wb_ptr, o_ptr, n_out, d_inner, stride_wn, ready_ptr,
-                  G, programs - n_step, OUT_BLOCK_N, OUT_BLOCK_K, OUT_HAS_BIAS, SLEEP_NS, SLOTS, SLOT_STRIDE)
+                  G, programs - n_step, OUT_BLOCK_N, OUT_BLOCK_K, OUT_HAS_BIAS, SLEEP_NS, SLOTS, SLOT_STRIDE, ACQUIRE)
 
 
 @triton.jit
@@ -139,7 +146,7 @@ def _norm_in_kernel(
     w_ptr, wb_ptr, y_ptr, n_out, stride_wn, ready_ptr, programs,
     HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr,
     OUT_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SLEEP_NS: tl.constexpr,
-    SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr,
+    SLOTS: tl.constexpr, SLOT_STRIDE: tl.constexpr, ACQUIRE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid == 0:
@@ -148,7 +155,7 @@ def _norm_in_kernel(
         count_part(ready_ptr, SLOTS, SLOT_STRIDE)
     else:
         late_gemv(pid - 1, normed_ptr, w_ptr, wb_ptr, y_ptr, n_out, D, stride_wn, ready_ptr, 1, programs - 1,
-                  OUT_BLOCK_N, BLOCK_D, HAS_BIAS, SLEEP_NS, SLOTS, SLOT_STRIDE)
+                  OUT_BLOCK_N, BLOCK_D, HAS_BIAS, SLEEP_NS, SLOTS, SLOT_STRIDE, ACQUIRE)
 
 
 def _weight_ok(x: torch.Tensor, weight: torch.Tensor, K: int) -> bool:
@@ -181,7 +188,8 @@ def step_out(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit
         *st.args, out_weight, out_bias if out_bias is not None else o, o, ready, n_out, out_weight.stride(0),
         st.programs, programs, **st.constexprs,
         OUT_BLOCK_N=bn, OUT_BLOCK_K=triton.next_power_of_2(st.d_inner), OUT_HAS_BIAS=out_bias is not None,
-        SLEEP_NS=_sleep_ns(), SLOTS=SLOTS, SLOT_STRIDE=SLOT_STRIDE, num_warps=num_warps or st.cfg["num_warps"],
+        SLEEP_NS=_sleep_ns(), SLOTS=SLOTS, SLOT_STRIDE=SLOT_STRIDE,
+        ACQUIRE=bool(STREAM_CONFIG["acquire"]), num_warps=num_warps or st.cfg["num_warps"],
     )
     return o
 
@@ -216,7 +224,7 @@ def norm_in(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None, 
         weight, bias if bias is not None else y, y, n_out, weight.stride(0), ready, programs,
         HAS_RES=residual is not None, WRITE_RES=write_res, BLOCK_D=triton.next_power_of_2(Dm),
         OUT_BLOCK_N=bn, HAS_BIAS=bias is not None, SLEEP_NS=_sleep_ns(), SLOTS=SLOTS,
-        SLOT_STRIDE=SLOT_STRIDE, num_warps=num_warps or int(STREAM_CONFIG["norm_warps"]),
+        SLOT_STRIDE=SLOT_STRIDE, ACQUIRE=bool(STREAM_CONFIG["acquire"]), num_warps=num_warps or int(STREAM_CONFIG["norm_warps"]),
     )
     return y, res_out
 
