@@ -1,4 +1,5 @@
-"""GPU round 33 (session 8): a producer and its matvec in one launch (kernels/stream.py).
+"""GPU round 33 (session 8): a producer and its matvec in one launch (kernels/stream.py, taken out
+after round 34; this script ran at 0127c6a, b18e631 and 38bd981 and needs that module).
 
     PYTHONPATH=src timeout 560 python3 benchmarks/gpu_round33.py        # H200
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round33.py --tiny  # CPU: runs

@@ -1,4 +1,5 @@
-"""GPU round 34 (session 8): round 33 again with the count on 64 slots, the fused forms' sleep and
+"""GPU round 34 (session 8; ran at 5d7ccb5, where kernels/stream.py still existed: taken out after it,
+so the step_out, norm_in and model phases no longer run; the matvec phase does): round 33 again with the count on 64 slots, the fused forms' sleep and
 acquire, the `row` matvec (whole weight rows in one tile) per weight shape, and the model with
 the combinations.
 

@@ -58,6 +58,36 @@ def test_linear_uses_matmul_for_many_rows_and_matvec_for_few(gemv_mod):
     assert rel_err(gemv_mod.linear(x[:1, :1], w), F.linear(x[:1, :1], w)) < 1e-5
 
 
+def test_one_row_default_is_the_row_kernel_with_rows_per_program_by_k(gemv_mod, monkeypatch):
+    """The 1-row default loads whole weight rows; ROW_BLOCK_N sets rows per program by K, and
+    rows longer than ROW_MAX_K go to the acc kernel in tiles. Each path gives the product."""
+    assert gemv_mod.GEMV_CONFIG[1].kind == "row"
+    launched = []
+    for name in ("_gemv_row_kernel", "_gemv_acc_kernel"):
+        kern = getattr(gemv_mod, name)
+
+        class Spy:
+            def __init__(self, k, n):
+                self.k, self.n = k, n
+
+            def __getitem__(self, grid):
+                def go(*a, **kw):
+                    launched.append((self.n, grid[0], kw.get("BLOCK_N")))
+                    return self.k[grid](*a, **kw)
+                return go
+        monkeypatch.setattr(gemv_mod, name, Spy(kern, name))
+    monkeypatch.setattr(gemv_mod, "ROW_BLOCK_N", {300: 4})
+    g = torch.Generator().manual_seed(11)
+    for K, want in ((300, ("_gemv_row_kernel", 10, 4)), (256, ("_gemv_row_kernel", 37, 1))):
+        x = torch.randn(1, K, generator=g).to(DEVICE)
+        w = torch.randn(37, K, generator=g).to(DEVICE)
+        assert rel_err(gemv_mod.gemv(x, w), F.linear(x.double(), w.double())) < 1e-5
+        assert launched[-1] == want
+    monkeypatch.setattr(gemv_mod, "ROW_MAX_K", 128)
+    assert rel_err(gemv_mod.gemv(x, w), F.linear(x.double(), w.double())) < 1e-5
+    assert launched[-1][0] == "_gemv_acc_kernel"
+
+
 def test_gemv_refuses_mismatched_shapes(gemv_mod):
     from mamba2_cli.errors import Mamba2Error
 
@@ -79,10 +109,13 @@ def _configs(g):
         "acc-one-tile": C("acc", 8, 2048, 4),
         "dot": C("dot", 16, 32, 4, num_stages=2),
         "dot-n32-evict": C("dot", 32, 64, 4, evict_first=True),
+        "row": C("row", 1, 1024, 4),  # more than one row of x: the acc kernel
+        "row-n4-evict": C("row", 4, 1024, 2, evict_first=True),
     }
 
 
-CONFIG_NAMES = ["reduce", "acc", "acc-n4-evict", "acc-prefetch", "acc-pdl", "acc-one-tile", "dot", "dot-n32-evict"]
+CONFIG_NAMES = ["reduce", "acc", "acc-n4-evict", "acc-prefetch", "acc-pdl", "acc-one-tile", "dot", "dot-n32-evict",
+                "row", "row-n4-evict"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -322,6 +355,8 @@ GPU_CONFIGS = {  # what benchmarks/gpu_round5.py tries, one of each kind
     "acc-evict-prefetch": ("acc", 4, 1024, 4, dict(evict_first=True, prefetch=True)),
     "acc-pdl": ("acc", 2, 2048, 4, dict(pdl=True)),
     "dot": ("dot", 64, 256, 4, dict(num_stages=3)),
+    "row": ("row", 1, 1024, 4, {}),
+    "row-n2": ("row", 2, 1024, 4, {}),
 }
 
 

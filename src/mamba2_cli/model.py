@@ -47,11 +47,12 @@ class Mamba2Mixer(nn.Module):
                     backend) -> torch.Tensor:
         """One token from in_proj's output zxbcdt [b, in_proj_dim] to out_proj's [b, d_model]."""
         cfg = self.cfg
-        return backend.mixer_decode_out(
+        y = backend.mixer_decode_step(
             zxbcdt, self.conv_weight, self.conv1d.bias, conv_state, self.A, self.D, self.dt_bias,
             cfg.dt_limit, self.norm.weight, ssm_state, cfg.ngroups, cfg.layer_norm_epsilon,
-            cfg.norm_before_gate, self.out_proj.weight, self.out_proj.bias,
+            cfg.norm_before_gate,
         )
+        return backend.linear(y, self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, backend,
                 seq_len: torch.Tensor | None = None, keep=None) -> torch.Tensor:

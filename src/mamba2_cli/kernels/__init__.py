@@ -26,9 +26,6 @@ implementation and the exact semantics of each):
                       norm_weight, ssm_state, ngroups, eps, norm_before_gate) -> [b, d_inner]
         Everything of one decode token between in_proj and out_proj: conv window update,
         conv + SiLU, dt softplus/clamp, state update in place, y = S C + D x, gated norm.
-    mixer_decode_out(... the same ..., norm_before_gate, out_weight, out_bias=None) -> [b, d_model]
-        linear(mixer_decode_step(...), out_weight, out_bias): the step and out_proj, which a
-        backend may fuse.
 
 seq_len (prefill operations): None, or an integer tensor [b] on the device: row i holds
 seq_len[i] real positions, then padding that is never read (the SSM state passes through

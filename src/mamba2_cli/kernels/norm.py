@@ -39,20 +39,8 @@ def _add_rmsnorm_kernel(
     HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
     W_FIRST: tl.constexpr,
 ):
-    add_rmsnorm_rows(tl.program_id(0), x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, D, eps,
-                     stride_x, stride_res, stride_out, stride_res_out, HAS_RES, WRITE_RES, BLOCK_D, ROWS, W_FIRST)
-
-
-@triton.jit
-def add_rmsnorm_rows(
-    pid, x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, D, eps,
-    stride_x, stride_res, stride_out, stride_res_out,
-    HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-    W_FIRST: tl.constexpr,
-):
-    """Rows pid * ROWS ... of `_add_rmsnorm_kernel` (also the producer of stream.py's norm + in_proj)."""
     # ROWS rows per program, one [ROWS, BLOCK_D] tile.
-    row = (pid.to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     offs = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs < D) & (row < M)
     if W_FIRST:

@@ -29,8 +29,6 @@ scratch buffer must not run concurrently on different streams.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
@@ -254,33 +252,7 @@ def _mixer_step_kernel(
     EARLY: z and the norm weights are loaded with the state, not after the reductions (which
     the compiler does not move loads across) and the scratch stores (which it does not move
     loads above); each of those was one more trip to memory on the program's path."""
-    mixer_step_body(
-        tl.program_id(0), zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr, norm_w_ptr,
-        ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr, bc_ptr, count_ptr,
-        H, P, N, G, heads_per_group, d_inner, eps, dt_lo, dt_hi,
-        stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
-        stride_s_b, stride_s_h, stride_s_p, stride_out_b,
-        K, BLOCK_P, BLOCK_N, BLOCK_K, BLOCK_GS, BLOCK_SS, HAS_CONV_BIAS, NORM_BEFORE_GATE, DT_CLAMP,
-        TAIL, PDL, BC_PRE, EVICT_STATE, EARLY, 0, 1,
-    )
-
-
-@triton.jit
-def mixer_step_body(
-    pid, zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, A_ptr, D_ptr, dt_bias_ptr, norm_w_ptr,
-    ssm_ptr, out_ptr, ybuf_ptr, ssbuf_ptr, count_ptr, bc_ptr, ready_ptr,
-    H, P, N, G, heads_per_group, d_inner, eps, dt_lo, dt_hi,
-    stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c, stride_D_h, stride_D_p,
-    stride_s_b, stride_s_h, stride_s_p, stride_out_b,
-    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-    NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr,
-    BC_PRE: tl.constexpr, EVICT_STATE: tl.constexpr, EARLY: tl.constexpr, SIGNAL_SLOTS: tl.constexpr,
-    SIGNAL_STRIDE: tl.constexpr,
-):
-    """The work of `_mixer_step_kernel`'s program pid. SIGNAL_SLOTS > 0 (with TAIL): once a
-    group's output is written, its last program adds 1 (release) to the SIGNAL_SLOTS counters
-    at ready_ptr, SIGNAL_STRIDE apart, for the consumer in the same launch (stream.py)."""
+    pid = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()
     npb = tl.cdiv(P, BLOCK_P)
@@ -377,9 +349,6 @@ def mixer_step_body(
                           d_inner, eps, stride_cs_c, stride_out_b, K, BLOCK_N, BLOCK_K, BLOCK_SS, NORM_BEFORE_GATE,
                           False, not BC_PRE, EARLY)
             tl.atomic_xchg(count_ptrs, 0, sem="relaxed")
-            if SIGNAL_SLOTS > 0:
-                tl.debug_barrier()  # every thread's part of the output is written before the release
-                tl.atomic_add(ready_ptr + tl.arange(0, SIGNAL_SLOTS) * SIGNAL_STRIDE, 1, sem="release")
 
 
 def _check(cond: bool, op: str, msg) -> None:
@@ -458,35 +427,7 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     [b, H, P, N] (fp32) are updated in place. Returns the gated, normed y [b, d_inner].
     `config` (keys of STEP_CONFIG) overrides STEP_CONFIG for this call.
     """
-    st = prepare_step("mixer_decode_step", zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                      norm_weight, ssm_state, ngroups, eps, norm_before_gate, block_p, config)
-    cfg, b, G, N, K = st.cfg, st.b, st.G, st.N, st.K
-    if st.bc_pre:
-        _bc_conv_kernel[(b * G,)](
-            st.zxbcdt, st.conv_weight, st.conv_bias_arg, conv_state, st.bc, G, N, st.d_inner,
-            st.zxbcdt.stride(0), st.conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
-            K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
-            HAS_CONV_BIAS=conv_bias is not None, EARLY=bool(cfg["early"]), num_warps=4,
-        )
-    _mixer_step_kernel[(st.programs,)](*st.args, **st.constexprs, num_warps=cfg["num_warps"], **st.launch)
-    if st.split:
-        _group_norm_kernel[(b * G,)](
-            st.zxbcdt, conv_state, st.norm_weight, st.out, st.ybuf, st.ssbuf,
-            G, N, st.hpg * st.P, st.H * st.npb // G, st.d_inner, float(eps),
-            st.zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), st.out.stride(0),
-            K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
-            BLOCK_GS=st.constexprs["BLOCK_GS"], BLOCK_SS=st.constexprs["BLOCK_SS"],
-            NORM_BEFORE_GATE=bool(norm_before_gate), PDL=st.pdl, SHIFT_BC=not st.bc_pre, EARLY=bool(cfg["early"]),
-            num_warps=cfg["tail_warps"],
-            **st.launch,
-        )
-    return st.out
-
-
-def prepare_step(op, zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit, norm_weight, ssm_state,
-                 ngroups, eps, norm_before_gate, block_p, config) -> SimpleNamespace:
-    """Checks a step's inputs and lays out its launch: the configuration for the batch size,
-    the output and scratch buffers, and `_mixer_step_kernel`'s arguments (args, constexprs)."""
+    op = "mixer_decode_step"
     _check(ssm_state.dim() == 4, op, lambda: f"ssm_state must be [b, H, P, N], got {tuple(ssm_state.shape)}")
     b, H, P, N = ssm_state.shape
     G = int(ngroups)
@@ -533,31 +474,45 @@ def prepare_step(op, zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, 
     hpg = H // G
     split = bool(cfg["split"])
     pdl = bool(cfg["pdl"]) and HAS_PDL and zxbcdt.is_cuda and not _interpreting()
+    launch = {"launch_pdl": True} if pdl else {}
     out = torch.empty((b, d_inner), dtype=zxbcdt.dtype, device=zxbcdt.device)
     ybuf, ssbuf, counts = _scratch_for(zxbcdt.device, b, d_inner, H * npb, G)
     bc_pre = bool(cfg["bc_pre"])
-    bc = _scratch_for(zxbcdt.device, b, 2 * G * N, 0, 0)[0] if bc_pre else ybuf  # ybuf: unused
-    args = (
+    bc = ybuf  # unused unless bc_pre
+    if bc_pre:
+        bc = _scratch_for(zxbcdt.device, b, 2 * G * N, 0, 0)[0]
+        _bc_conv_kernel[(b * G,)](
+            zxbcdt, conv_weight, conv_bias_arg, conv_state, bc, G, N, d_inner,
+            zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+            K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
+            HAS_CONV_BIAS=conv_bias is not None, EARLY=bool(cfg["early"]), num_warps=4,
+        )
+    _mixer_step_kernel[(b * H * npb,)](
         zxbcdt, conv_weight, conv_bias_arg, conv_state, A, D2, dt_bias, norm_weight,
         ssm_state, out, ybuf, ssbuf, counts, bc,
         H, P, N, G, hpg, d_inner, float(eps), lo, hi,
         zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
         D2.stride(0), D2.stride(1),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
-    )
-    constexprs = dict(
         K=K, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
         BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
         TAIL=not split, PDL=pdl, BC_PRE=bc_pre, EVICT_STATE="evict_first" if cfg["evict"] else "",
         EARLY=bool(cfg["early"]),
+        num_warps=cfg["num_warps"], **launch,
     )
-    return SimpleNamespace(
-        cfg=cfg, b=b, H=H, P=P, N=N, G=G, K=K, hpg=hpg, npb=npb, d_inner=d_inner, programs=b * H * npb,
-        split=split, bc_pre=bc_pre, pdl=pdl, launch={"launch_pdl": True} if pdl else {},
-        zxbcdt=zxbcdt, conv_weight=conv_weight, conv_bias_arg=conv_bias_arg, norm_weight=norm_weight,
-        out=out, ybuf=ybuf, ssbuf=ssbuf, bc=bc, args=args, constexprs=constexprs,
-    )
+    if split:
+        _group_norm_kernel[(b * G,)](
+            zxbcdt, conv_state, norm_weight, out, ybuf, ssbuf,
+            G, N, hpg * P, H * npb // G, d_inner, float(eps),
+            zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
+            K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
+            BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
+            NORM_BEFORE_GATE=bool(norm_before_gate), PDL=pdl, SHIFT_BC=not bc_pre, EARLY=bool(cfg["early"]),
+            num_warps=cfg["tail_warps"],
+            **launch,
+        )
+    return out
 
 
 def _interpreting() -> bool:

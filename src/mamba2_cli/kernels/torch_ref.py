@@ -263,12 +263,3 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         D, dt_bias, dt_limit, ssm_state,
     )
     return gated_rmsnorm(y.reshape(b, d_inner), z, norm_weight, d_inner // ngroups, eps, norm_before_gate)
-
-
-def mixer_decode_out(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                     norm_weight, ssm_state, ngroups, eps, norm_before_gate, out_weight, out_bias=None):
-    """linear(mixer_decode_step(...), out_weight, out_bias): a decode token of the mixer
-    from in_proj's output to out_proj's [b, d_model]."""
-    y = mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                          norm_weight, ssm_state, ngroups, eps, norm_before_gate)
-    return linear(y, out_weight, out_bias)
