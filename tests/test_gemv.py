@@ -59,8 +59,8 @@ def test_linear_uses_matmul_for_many_rows_and_matvec_for_few(gemv_mod):
 
 
 def test_one_row_default_is_the_row_kernel_with_rows_per_program_by_k(gemv_mod, monkeypatch):
-    """The 1-row default loads whole weight rows; ROW_BLOCK_N sets rows per program by K, and
-    rows longer than ROW_MAX_K go to the acc kernel in tiles. Each path gives the product."""
+    """The 1-row default loads whole weight rows; ROW_BY_K sets the layout by K, and rows
+    longer than ROW_MAX_K go to the acc kernel in tiles. Each path gives the product."""
     assert gemv_mod.GEMV_CONFIG[1].kind == "row"
     launched = []
     for name in ("_gemv_row_kernel", "_gemv_acc_kernel"):
@@ -72,13 +72,15 @@ def test_one_row_default_is_the_row_kernel_with_rows_per_program_by_k(gemv_mod, 
 
             def __getitem__(self, grid):
                 def go(*a, **kw):
-                    launched.append((self.n, grid[0], kw.get("BLOCK_N")))
+                    launched.append((self.n, grid[0], kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("EVICT")))
                     return self.k[grid](*a, **kw)
                 return go
         monkeypatch.setattr(gemv_mod, name, Spy(kern, name))
-    monkeypatch.setattr(gemv_mod, "ROW_BLOCK_N", {300: 4})
+    monkeypatch.setattr(gemv_mod, "ROW_BY_K", {300: (4, 2, True)})
     g = torch.Generator().manual_seed(11)
-    for K, want in ((300, ("_gemv_row_kernel", 10, 4)), (256, ("_gemv_row_kernel", 37, 1))):
+    default = gemv_mod.GEMV_CONFIG[1]
+    for K, want in ((300, ("_gemv_row_kernel", 10, 4, 2, "evict_first")),
+                    (256, ("_gemv_row_kernel", 37, 1, default.num_warps, ""))):
         x = torch.randn(1, K, generator=g).to(DEVICE)
         w = torch.randn(37, K, generator=g).to(DEVICE)
         assert rel_err(gemv_mod.gemv(x, w), F.linear(x.double(), w.double())) < 1e-5

@@ -56,9 +56,11 @@ except ImportError:  # pragma: no cover
 
 MAX_ROWS = 8  # more rows than this: the product is a matmul, not a matvec
 ROW_MAX_K = 16384  # the row kernel's whole-row tile: 16384 16-bit weights are 128 registers at 4 warps
-# The row kernel's rows per program by K, where not the configuration's (round 34: out_proj,
-# K 8192, 17.07 µs at 2 rows against 17.64 at 1; in_proj, K 4096, 35.60 at 1 against 38.12 at 2).
-ROW_BLOCK_N = {8192: 2}
+# The row kernel's layout by K where not the 1-row configuration's: (rows per program, warps,
+# evict_first). Round 35, per layer in graphs: out_proj (K 8192) 16.85 µs at 2 rows, 4 warps,
+# evict_first, against 17.08 without evict, 17.64 at 1 row, 17.11 at 8 warps. The default serves
+# K 4096: in_proj 35.23 µs at 1 row and 8 warps (35.61 at 4, 38.12 at 2 rows), lm_head 60.71 (61.62).
+ROW_BY_K = {8192: (2, 4, True)}
 
 
 @dataclass(frozen=True)
@@ -92,12 +94,12 @@ class GemvConfig:
 # Configuration by padded row count, measured on the H200 (benchmarks/NOTES.md).
 _DOT_ROWS = GemvConfig("dot", 64, 256, 4, num_stages=4, evict_first=True)
 GEMV_CONFIG = {
-    # 1 row: each program's weight rows loaded whole, all at once (H200, session 8, round 34, per
-    # layer in graphs of 64 layers' own weights): in_proj 35.60 µs against 37.07 for round 5's
-    # `acc n2 k1024 w4` (3.63 ms for the 129 products, where cuBLAS took 4.13), out_proj 17.07
-    # (2 rows per program, ROW_BLOCK_N) against 18.28, lm_head 61.6 against 63.2; Codestral
-    # decode 234.4 against 226.3 tok/s (medians of 3, alternated).
-    1: GemvConfig("row", 1, 1024, 4),
+    # 1 row: each program's weight rows loaded whole, all at once (H200, session 8, rounds 34-35,
+    # per layer in graphs of 64 layers' own weights): in_proj 35.23 µs against 37.11 for round
+    # 5's `acc n2 k1024 w4` (3.63 ms for the 129 products, where cuBLAS took 4.13), out_proj
+    # 16.85 (ROW_BY_K) against 18.30, lm_head 60.71 against 63.19; Codestral decode at 4 warps
+    # and 2 rows for out_proj: 235.1 against 225.5 tok/s (medians of 3, alternated).
+    1: GemvConfig("row", 1, 1024, 8),
     # 2-8 rows: tensor cores, rows padded to 16 in the kernel, so one configuration serves them
     # all. Measured at 8 rows (round 5 and the recheck): 129 products 4.02 ms (cuBLAS 4.27),
     # Codestral batch-8 decode 154.9 vs 147.8 tok/s per sequence; 2 and 4 rows are not timed.
@@ -411,8 +413,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
         raise Mamba2Error(f"gemv: bias of shape {list(bias.shape)} for {N} outputs")
     cfg = config or config_for(M)
-    if config is None and cfg.kind == "row":
-        cfg = cfg.with_(block_n=ROW_BLOCK_N.get(K, cfg.block_n))
+    if config is None and cfg.kind == "row" and K in ROW_BY_K:
+        bn, warps, evict = ROW_BY_K[K]
+        cfg = cfg.with_(block_n=bn, num_warps=warps, evict_first=evict)
     block_m = 1 << (M - 1).bit_length()
     block_n, block_k = cfg.block_n, min(cfg.block_k, triton.next_power_of_2(K))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
