@@ -182,7 +182,7 @@ def norm_in_phase(dev, tiny, variants=NORM_IN_VARIANTS, alone=True):
     fns.update({_name(v, ("n", "w", "sleep")): variant(v) for v in variants})
     whole = _whole_row_kernel()
     for bn in (1, 2, 4) if alone else ():  # timing only (no norm): the gemv alone, and the whole-row tile alone
-        fns[f"in_proj alone acc n2 (no norm)"] = lambda a: gemv.linear(a["x"], a["W"])
+        fns["in_proj alone acc n2 (no norm)"] = lambda a: gemv.linear(a["x"], a["W"])
         fns[f"whole-row n{bn} w4 (no norm)"] = (lambda bn: lambda a: (whole(a["x"], a["W"], bn, 4), None))(bn)
     ref = None
     for name, f in fns.items():

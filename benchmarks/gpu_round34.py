@@ -35,11 +35,13 @@ STEP_OUT = [(16, 4, 1, 0, True), (16, 4, 1, 200, True), (16, 4, 2, 0, True), (16
             (16, 4, 2, 0, False), (16, 4, 1, 50, True)]
 # (rows per program, warps, sleep ns, acquire)
 NORM_IN = [(1, 4, 0, True), (2, 4, 0, True), (1, 4, 0, False), (2, 4, 0, False), (2, 4, 50, True)]
-ROW_CONFIGS = {"acc n2 k1024 w4 (default)": None, "row n1 w4": ("row", 1, 4), "row n2 w4": ("row", 2, 4),
+# (kind, rows per program, warps[, evict_first]); the acc kernel was the 1-row default then
+ROW_CONFIGS = {"acc n2 k1024 w4 (default)": ("acc", 2, 4), "row n1 w4": ("row", 1, 4), "row n2 w4": ("row", 2, 4),
                "row n1 w2": ("row", 1, 2)}
 
 
-def matvec_phase(dev, tiny):
+def matvec_phase(dev, tiny, configs=None):
+    """Each configuration checked against F.linear, then timed per weight shape (round 35 reuses it)."""
     from mamba2_cli import kernel_bench as kb
     from mamba2_cli.kernels import gemv
 
@@ -55,15 +57,14 @@ def matvec_phase(dev, tiny):
         x = torch.randn(1, K, generator=gen, device=dev).to(dtype)
         ref = torch.nn.functional.linear(x.float(), Ws[0].float())
         fns = {}
-        for name, cfg in ROW_CONFIGS.items():
-            c = None if cfg is None else gemv.GemvConfig(cfg[0], cfg[1], 1024, cfg[2])
+        for name, cfg in (configs or ROW_CONFIGS).items():
+            c = gemv.GemvConfig(cfg[0], cfg[1], 1024, cfg[2], evict_first=len(cfg) > 3 and cfg[3])
             fns[name] = (lambda c: lambda w: gemv.gemv(x, w, None, c))(c)
             log(f"  check {label} {name:28s} rel err {r7.rel_err(fns[name](Ws[0]).float(), ref):.2e}")
         if dev.type != "cuda":
             continue
-        calls = (lambda name: [lambda w=w: fns[name](w) for w in (Ws if label != "lm_head" else Ws * count)])
-        r33._timed(label, fns, calls, count, dev)
-        del Ws
+        ws = Ws if label != "lm_head" else Ws * count
+        r33._timed(label, fns, lambda name: [lambda w=w: fns[name](w) for w in ws], count, dev)
 
 
 def model_phase(dev, tiny):
