@@ -1,0 +1,48 @@
+"""GPU round 38 (session 8): decode at batch 1 with the row kernel's evict_first at K 4096 on and off,
+alternated (the closing bench at 7d994e1 gave 227.5 tok/s where a9f6582's gave 236.1).
+
+    PYTHONPATH=src timeout 250 python3 benchmarks/gpu_round38.py        # H200
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round38.py --tiny  # CPU: runs
+
+Lines go to stdout and $OUT/round38.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gpu_round7 as r7  # noqa: E402
+import gpu_round33 as r33  # noqa: E402
+
+T0 = time.time()
+r7.LOG_NAME = "round38.txt"
+log = r7.log
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+    dev, _ = r7.setup(38, args.tiny, load=False)
+    r7.T0 = T0
+    r33.log = log
+    import gpu_round5 as r5
+    from mamba2_cli.kernels import gemv
+
+    r5.log = lambda m="": log(m)
+    default = gemv.GEMV_CONFIG[1]
+
+    def apply(cfg):
+        gemv.GEMV_CONFIG[1] = default.with_(evict_first=cfg.get("evict", default.evict_first))
+
+    configs = {"evict on": {"evict": True}, "evict off": {"evict": False}}
+    r7.run_phases([("model", lambda: r33.model_phase(r5.load_model(dev, args.tiny), dev, args.tiny, configs, apply))])
+    apply({})
+
+
+if __name__ == "__main__":
+    main()
