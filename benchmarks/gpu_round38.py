@@ -1,5 +1,6 @@
 """GPU round 38 (session 8): decode at batch 1 with the row kernel's evict_first at K 4096 on and off,
-alternated (the closing bench at 7d994e1 gave 227.5 tok/s where a9f6582's gave 236.1).
+alternated (the closing bench at 7d994e1 gave 227.5 tok/s where a9f6582's gave 236.1); with
+--out-proj, the same for out_proj's layout (K 8192).
 
     PYTHONPATH=src timeout 250 python3 benchmarks/gpu_round38.py        # H200
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round38.py --tiny  # CPU: runs
@@ -26,6 +27,7 @@ log = r7.log
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out-proj", action="store_true", help="toggle ROW_BY_K's evict_first for K 8192 instead")
     args = ap.parse_args()
     dev, _ = r7.setup(38, args.tiny, load=False)
     r7.T0 = T0
@@ -34,10 +36,14 @@ def main():
     from mamba2_cli.kernels import gemv
 
     r5.log = lambda m="": log(m)
-    default = gemv.GEMV_CONFIG[1]
+    default, by_k = gemv.GEMV_CONFIG[1], dict(gemv.ROW_BY_K)
 
     def apply(cfg):
-        gemv.GEMV_CONFIG[1] = default.with_(evict_first=cfg.get("evict", default.evict_first))
+        if args.out_proj:
+            bn, warps, evict = by_k[8192]
+            gemv.ROW_BY_K[8192] = (bn, warps, cfg.get("evict", evict))
+        else:
+            gemv.GEMV_CONFIG[1] = default.with_(evict_first=cfg.get("evict", default.evict_first))
 
     configs = {"evict on": {"evict": True}, "evict off": {"evict": False}}
     r7.run_phases([("model", lambda: r33.model_phase(r5.load_model(dev, args.tiny), dev, args.tiny, configs, apply))])

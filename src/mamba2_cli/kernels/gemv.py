@@ -99,8 +99,9 @@ GEMV_CONFIG = {
     # 5's `acc n2 k1024 w4` (3.63 ms for the 129 products, where cuBLAS took 4.13), out_proj
     # 16.85 (ROW_BY_K) against 18.30, lm_head 60.71 against 63.19; Codestral decode at 4 warps
     # and 2 rows for out_proj: 235.1 against 225.5 tok/s (medians of 3, alternated). Round 37:
-    # evict_first, in_proj 35.05 against 35.22 µs and lm_head 60.42 against 60.68; 16 warps slower.
-    1: GemvConfig("row", 1, 1024, 8, evict_first=True),
+    # evict_first alone faster (in_proj 35.05 against 35.22 µs, lm_head 60.42 against 60.68) but
+    # in the model slower (round 38: 231.4 against 237.4 tok/s), so off; 16 warps slower.
+    1: GemvConfig("row", 1, 1024, 8),
     # 2-8 rows: tensor cores, rows padded to 16 in the kernel, so one configuration serves them
     # all. Measured at 8 rows (round 5 and the recheck): 129 products 4.02 ms (cuBLAS 4.27),
     # Codestral batch-8 decode 154.9 vs 147.8 tok/s per sequence; 2 and 4 rows are not timed.
