@@ -59,7 +59,8 @@ ROW_MAX_K = 16384  # the row kernel's whole-row tile: 16384 16-bit weights are 1
 # The row kernel's layout by K where not the 1-row configuration's: (rows per program, warps,
 # evict_first). Round 35, per layer in graphs: out_proj (K 8192) 16.85 µs at 2 rows, 4 warps,
 # evict_first, against 17.08 without evict, 17.64 at 1 row, 17.11 at 8 warps (and in decode,
-# round 38: 236.9 tok/s with its evict_first against 235.8 without). The default serves K 4096: in_proj 35.23 µs at 1 row and 8 warps (35.61 at 4, 38.12 at 2 rows), lm_head 60.71 (61.62).
+# round 38: 236.9 tok/s with its evict_first against 235.8 without). The default serves K 4096:
+# in_proj 35.23 µs at 1 row and 8 warps (35.61 at 4, 38.12 at 2 rows), lm_head 60.71 (61.62).
 ROW_BY_K = {8192: (2, 4, True)}
 
 
