@@ -209,6 +209,18 @@ MODEL_CONFIGS = {"off": {}, "step_out": {"step_out": True}, "norm_in": {"norm_in
                  "both": {"step_out": True, "norm_in": True}}
 
 
+def model_variants(dev, tiny, configs, apply_cfg):
+    """model_phase on the random-weight model (loaded once) for a later round whose switches
+    apply_cfg sets (rounds 34-38); the defaults come back (apply_cfg({})) whatever happens."""
+    import gpu_round5 as r5
+
+    r5.log = lambda m="": log(m)
+    try:
+        model_phase(r5.load_model(dev, tiny), dev, tiny, configs, apply_cfg)
+    finally:
+        apply_cfg({})
+
+
 def model_phase(model, dev, tiny, configs=MODEL_CONFIGS, apply_cfg=None):
     from mamba2_cli.bench import bench_model
 

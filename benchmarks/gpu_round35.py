@@ -30,19 +30,14 @@ CONFIGS = {  # (kind, rows per program, warps, evict_first)
 
 
 def model_phase(dev, tiny):
-    import gpu_round5 as r5
     from mamba2_cli.kernels import gemv
 
-    r5.log = lambda m="": log(m)
     default = gemv.GEMV_CONFIG[1]
 
     def apply(cfg):
         gemv.GEMV_CONFIG[1] = gemv.GemvConfig("acc", 2, 1024, 4) if cfg.get("acc") else default
 
-    try:
-        r33.model_phase(r5.load_model(dev, tiny), dev, tiny, {"row (default)": {}, "acc (round 5)": {"acc": True}}, apply)
-    finally:
-        apply({})
+    r33.model_variants(dev, tiny, {"row (default)": {}, "acc (round 5)": {"acc": True}}, apply)
 
 
 def main():

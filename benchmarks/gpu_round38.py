@@ -32,10 +32,8 @@ def main():
     dev, _ = r7.setup(38, args.tiny, load=False)
     r7.T0 = T0
     r33.log = log
-    import gpu_round5 as r5
     from mamba2_cli.kernels import gemv
 
-    r5.log = lambda m="": log(m)
     default, by_k = gemv.GEMV_CONFIG[1], dict(gemv.ROW_BY_K)
 
     def apply(cfg):
@@ -46,8 +44,7 @@ def main():
             gemv.GEMV_CONFIG[1] = default.with_(evict_first=cfg.get("evict", default.evict_first))
 
     configs = {"evict on": {"evict": True}, "evict off": {"evict": False}}
-    r7.run_phases([("model", lambda: r33.model_phase(r5.load_model(dev, args.tiny), dev, args.tiny, configs, apply))])
-    apply({})
+    r7.run_phases([("model", lambda: r33.model_variants(dev, args.tiny, configs, apply))])
 
 
 if __name__ == "__main__":
