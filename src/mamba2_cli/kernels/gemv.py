@@ -433,8 +433,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         _gemv_acc_kernel[grid](*args, BLOCK_M=block_m, **common, EVICT=evict, PREFETCH=cfg.prefetch or pdl, PDL=pdl,
                                **_launch_opts(cfg, x.device))
     elif cfg.kind == "row" and M == 1 and K <= ROW_MAX_K:
-        _gemv_row_kernel[grid](x, weight, args[2], y, N, K, weight.stride(0), HAS_BIAS=bias is not None,
-                               BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(K), EVICT=evict,
+        _gemv_row_kernel[grid](x, weight, bias if bias is not None else y, y, N, K, weight.stride(0),
+                               HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(K), EVICT=evict,
                                **_launch_opts(cfg.with_(pdl=False), x.device))
     elif cfg.kind == "row":  # more rows or longer ones: the acc kernel, in tiles of 1024
         return gemv(x, weight, bias, cfg.with_(kind="acc", block_k=1024))
