@@ -68,6 +68,7 @@ def _timed(label, variants, make_calls, n, dev, reps=3):
                 r7.err_line(f"{label} {name}", e)
     for name, v in res.items():
         log(f"  summary {label} {name:24s} " + "/".join(f"{u:.2f}" for u in v) + f" us per layer (median {sorted(v)[len(v) // 2]:.2f})")
+    return {name: sorted(v)[len(v) // 2] for name, v in res.items()}
 
 
 def _name(v, keys):
@@ -209,19 +210,19 @@ MODEL_CONFIGS = {"off": {}, "step_out": {"step_out": True}, "norm_in": {"norm_in
                  "both": {"step_out": True, "norm_in": True}}
 
 
-def model_variants(dev, tiny, configs, apply_cfg):
+def model_variants(dev, tiny, configs, apply_cfg, batch=1):
     """model_phase on the random-weight model (loaded once) for a later round whose switches
     apply_cfg sets (rounds 34-38); the defaults come back (apply_cfg({})) whatever happens."""
     import gpu_round5 as r5
 
     r5.log = lambda m="": log(m)
     try:
-        model_phase(r5.load_model(dev, tiny), dev, tiny, configs, apply_cfg)
+        model_phase(r5.load_model(dev, tiny), dev, tiny, configs, apply_cfg, batch)
     finally:
         apply_cfg({})
 
 
-def model_phase(model, dev, tiny, configs=MODEL_CONFIGS, apply_cfg=None):
+def model_phase(model, dev, tiny, configs=MODEL_CONFIGS, apply_cfg=None, batch=1):
     from mamba2_cli.bench import bench_model
 
     import gpu_round5 as r5
@@ -237,15 +238,15 @@ def model_phase(model, dev, tiny, configs=MODEL_CONFIGS, apply_cfg=None):
         r7.drop_graphs(model)
 
     g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(3, model.cfg.vocab_size, (1, 40 if tiny else 128), generator=g).to(dev)
+    prompt = torch.randint(3, model.cfg.vocab_size, (batch, 40 if tiny else 128), generator=g).to(dev)
     apply({})
-    base = r5.model_check(model, 1, prompt, 8)
+    base = r5.model_check(model, batch, prompt, 8)
     for name, cfg in configs.items():
         if not cfg:
             continue
         apply(cfg)
         try:
-            e, same = r5.compare_with_base(model, 1, prompt, 8, base)
+            e, same = r5.compare_with_base(model, batch, prompt, 8, base)
             log(f"  model {name}: logits vs off on the same tokens {e:.2e}, argmax equal {same}/8")
         except Exception as ex:
             r7.err_line(f"model check {name}", ex)
@@ -257,14 +258,14 @@ def model_phase(model, dev, tiny, configs=MODEL_CONFIGS, apply_cfg=None):
         for name, cfg in configs.items():
             apply(cfg)
             try:
-                r1 = bench_model(model, prompt_len=128, gen_len=128, batch_size=1, repeats=2)
+                r1 = bench_model(model, prompt_len=128, gen_len=128, batch_size=batch, repeats=2)
                 res.setdefault(name, []).append(r1["decode_tok_s"])
-                log(f"  model {name}: b1 {r1['decode_tok_s']:.1f} tok/s")
+                log(f"  model {name}: b{batch} {r1['decode_tok_s']:.1f} tok/s")
             except Exception as e:
                 r7.err_line(f"model {name}", e)
     apply({})
     for name, v in res.items():
-        log(f"  summary model {name:10s} b1 " + "/".join(f"{x:.1f}" for x in v) + f" (median {sorted(v)[len(v) // 2]:.1f}) tok/s")
+        log(f"  summary model {name:10s} b{batch} " + "/".join(f"{x:.1f}" for x in v) + f" (median {sorted(v)[len(v) // 2]:.1f}) tok/s")
 
 
 def main():

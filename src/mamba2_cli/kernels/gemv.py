@@ -19,6 +19,9 @@ Kernel bodies (`GemvConfig.kind`), all selectable so one GPU run can compare the
             pipeliner streams the weight tiles through shared memory (num_stages).
     row     one row of x: each program loads its BLOCK_N weight rows whole (K up to
             ROW_MAX_K) in one tile, every load issued at once, then x, then one sum.
+    dotp    the dot body in persistent programs (per_sm per SM): each takes an equal run
+            of BLOCK_N-row tiles and walks them as one flattened loop over (tile, K tile),
+            so the pipeline does not drain between tiles and no SM gets a last, lone wave.
 
 `norm_gemv` fuses the residual add + RMSNorm in front of a single-row product (the
 in_proj of every layer and lm_head): every program recomputes the norm of the 4096-wide
@@ -62,13 +65,15 @@ ROW_MAX_K = 16384  # the row kernel's whole-row tile: 16384 16-bit weights are 1
 # round 38: 236.9 tok/s with its evict_first against 235.8 without). The default serves K 4096:
 # in_proj 35.23 µs at 1 row and 8 warps (35.61 at 4, 38.12 at 2 rows), lm_head 60.71 (61.62).
 ROW_BY_K = {8192: (2, 4, True)}
+# 2-8 rows: configurations by K that replace GEMV_CONFIG's when no config is given.
+MULTI_BY_K: dict[int, "GemvConfig"] = {}
 
 
 @dataclass(frozen=True)
 class GemvConfig:
     """How one matvec launch is laid out (see the module docstring for the kinds)."""
 
-    kind: str = "reduce"  # "reduce" | "acc" | "dot"
+    kind: str = "reduce"  # "reduce" | "acc" | "dot" | "dotp" | "row"
     block_n: int = 2
     block_k: int = 2048
     num_warps: int = 4
@@ -77,12 +82,15 @@ class GemvConfig:
     prefetch: bool = False  # acc: load the next weight tile before this tile's products
     pdl: bool = False  # acc: programmatic dependent launch (CUDA only)
     one_pass: bool = False  # norm_gemv: scale by 1/rms after the product (x not rounded first)
+    per_sm: int = 1  # dotp: programs per SM
 
     @property
     def name(self) -> str:
         s = f"{self.kind} n{self.block_n} k{self.block_k} w{self.num_warps}"
         if self.num_stages is not None:
             s += f" s{self.num_stages}"
+        if self.kind == "dotp":
+            s += f" p{self.per_sm}"
         for flag in ("evict_first", "prefetch", "pdl", "one_pass"):
             if getattr(self, flag):
                 s += " " + flag.replace("_first", "")
@@ -275,6 +283,51 @@ def _gemv_dot_kernel(
 
 
 @triton.jit
+def _gemv_dotp_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    tiles = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # Tiles [first, first + count): the first `tiles % nprog` programs take one more.
+    per = tiles // nprog
+    extra = tiles % nprog
+    first = pid * per + tl.minimum(pid, extra)
+    count = per + (pid < extra).to(tl.int32)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rb = tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    # One loop over (tile, K tile), so the pipeliner keeps weight tiles in flight across tiles.
+    # ki and tile start one step back: the loop's first update lands on (first, 0).
+    ki = k_tiles - 1
+    tile = first - 1
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for _ in range(0, count * k_tiles):
+        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
+        tile = tl.where(ki == 0, tile + 1, tile)
+        rn = tile * BLOCK_N + rb
+        n_mask = rn < N
+        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+        k0 = ki * BLOCK_K
+        w = _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K, EVICT)
+        x = _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K)
+        acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
+        if ki == k_tiles - 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+
+
+@triton.jit
 def _norm_vec(x_ptr, res_ptr, res_out_ptr, nw_ptr, k0, rk, K, pid, rstd, HAS_RES: tl.constexpr,
               WRITE_RES: tl.constexpr, EVEN_K: tl.constexpr, STORE: tl.constexpr, SCALE: tl.constexpr):
     """Columns k0 + rk of the residual r = x (+ res) as stored (program 0 stores it when STORE)
@@ -393,6 +446,19 @@ def dot_stages(cfg: GemvConfig, block_n: int, block_k: int, block_m: int, itemsi
     return stages
 
 
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's stand-in)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
 def config_for(rows: int) -> GemvConfig:
     return GEMV_CONFIG[1 << (rows - 1).bit_length()]
 
@@ -416,6 +482,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
         raise Mamba2Error(f"gemv: bias of shape {list(bias.shape)} for {N} outputs")
     cfg = config or config_for(M)
+    if config is None and M > 1 and K in MULTI_BY_K:
+        cfg = MULTI_BY_K[K]
     if config is None and cfg.kind == "row" and K in ROW_BY_K:
         bn, warps, evict = ROW_BY_K[K]
         cfg = cfg.with_(block_n=bn, num_warps=warps, evict_first=evict)
@@ -438,13 +506,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                **_launch_opts(cfg.with_(pdl=False), x.device))
     elif cfg.kind == "row":  # more rows or longer ones: the acc kernel, in tiles of 1024
         return gemv(x, weight, bias, cfg.with_(kind="acc", block_k=1024))
-    elif cfg.kind == "dot":
+    elif cfg.kind in ("dot", "dotp"):
         if weight.dtype != x.dtype:
             raise Mamba2Error(f"gemv: dot kernel needs one dtype, got {x.dtype} and {weight.dtype}")
         stages = dot_stages(cfg, block_n, block_k, max(16, block_m), x.element_size())
-        _gemv_dot_kernel[grid](*args, BLOCK_M=max(16, block_m), **common, EVICT=evict,
-                               DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                               **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
+        kernel = _gemv_dot_kernel
+        if cfg.kind == "dotp":
+            kernel = _gemv_dotp_kernel
+            grid = (min(grid[0], max(1, cfg.per_sm) * sm_count(x.device)),)
+        kernel[grid](*args, BLOCK_M=max(16, block_m), **common, EVICT=evict,
+                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                     **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
     else:
         raise Mamba2Error(f"gemv: unknown kernel kind {cfg.kind!r}")
     return y

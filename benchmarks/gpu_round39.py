@@ -1,0 +1,141 @@
+"""GPU round 39 (session 9): the 2-8-row matvec in persistent programs (`dotp`) against the
+one-tile-per-program `dot` kernel, per weight shape at 8 rows, then Codestral decode at batch 8
+with the best layouts, alternated.
+
+    PYTHONPATH=src timeout 570 python3 benchmarks/gpu_round39.py        # H200
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round39.py --tiny  # CPU: runs
+
+Lines go to stdout and $OUT/round39.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gpu_round7 as r7  # noqa: E402
+import gpu_round33 as r33  # noqa: E402
+
+T0 = time.time()
+r7.LOG_NAME = "round39.txt"
+log = r7.log
+ROWS = 8
+
+
+def configs(gemv, tiny):
+    C = gemv.GemvConfig
+    if tiny:
+        return {"dot (default)": gemv.GEMV_CONFIG[8], "dotp n16 k32 s3 p1": C("dotp", 16, 32, 4, num_stages=3, per_sm=1),
+                "dotp n16 k64 s2 p2": C("dotp", 16, 64, 4, num_stages=2, per_sm=2, evict_first=True)}
+    out = {"dot (default)": gemv.GEMV_CONFIG[8], "dot n64 k128 s6": C("dot", 64, 128, 4, num_stages=6, evict_first=True)}
+    for bn, bk, st, w, p in [(64, 256, 4, 4, 1), (64, 128, 6, 4, 1), (32, 256, 4, 4, 2), (32, 256, 4, 4, 3),
+                             (32, 128, 6, 4, 3), (16, 256, 4, 4, 4), (16, 512, 3, 4, 3), (16, 256, 4, 2, 4),
+                             (16, 128, 6, 4, 4), (32, 256, 3, 4, 4)]:
+        out[f"dotp n{bn} k{bk} w{w} s{st} p{p}"] = C("dotp", bn, bk, w, num_stages=st, per_sm=p, evict_first=True)
+    return out
+
+
+def matvec_phase(dev, tiny):
+    """Each layout checked against F.linear (fp32) at 8 rows, then timed per weight shape in graphs
+    of the layers' own weights. Returns {shape: {name: median µs per call}}."""
+    from mamba2_cli import kernel_bench as kb
+    from mamba2_cli.kernels import gemv
+
+    s = kb.SHAPES["tiny" if tiny else "codestral"]
+    dtype = torch.float16 if tiny else torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(9)
+    n = 2 if tiny else 64
+    vocab = 64 if tiny else 32768
+    shapes = {"in_proj": (s.in_proj, s.d_model, n), "out_proj": (s.d_model, s.d_inner, n),
+              "lm_head": (vocab, s.d_model, 2 if tiny else 8)}
+    cfgs = configs(gemv, tiny)
+    times = {}
+    for label, (N, K, count) in shapes.items():
+        Ws = [(torch.randn(N, K, generator=gen, device=dev) * 0.02).to(dtype) for _ in range(count if label != "lm_head" else 1)]
+        x = torch.randn(ROWS, K, generator=gen, device=dev).to(dtype)
+        ref = torch.nn.functional.linear(x.float(), Ws[0].float())
+        fns = {}
+        for name, cfg in cfgs.items():
+            f = (lambda c: lambda w: gemv.gemv(x, w, None, c))(cfg)
+            try:
+                y = f(Ws[0])
+                log(f"  check {label} {name:28s} rel err {r7.rel_err(y.float(), ref):.2e}")
+                fns[name] = f
+            except Exception as e:
+                r7.err_line(f"check {label} {name}", e)
+        if dev.type != "cuda":
+            continue
+        ws = Ws if label != "lm_head" else Ws * count
+        times[label] = r33._timed(label, fns, lambda name: [lambda w=w: fns[name](w) for w in ws], count, dev) or {}
+    return cfgs, times
+
+
+def best(times, cfgs, weights):
+    """The layout with the least weighted time over the shapes in `weights` (timed at all of them)."""
+    scores = {}
+    for name in cfgs:
+        if all(name in times.get(lab, {}) for lab in weights):
+            scores[name] = sum(w * times[lab][name] for lab, w in weights.items())
+    return min(scores, key=scores.get) if scores else None
+
+
+def model_phase(dev, tiny, cfgs, times):
+    from mamba2_cli.kernels import gemv, step
+
+    if not cfgs:
+        log("  model phase: no layouts (the matvec phase did not run)")
+        return
+    default = dict(gemv.GEMV_CONFIG)
+    default_pdl = step.STEP_CONFIG["pdl"]
+    if dev.type == "cuda":
+        one = best(times, cfgs, {"in_proj": 64, "out_proj": 64, "lm_head": 1})
+        k4096 = best(times, cfgs, {"in_proj": 64, "lm_head": 1})
+        k8192 = best(times, cfgs, {"out_proj": 64})
+    else:
+        one = k4096 = k8192 = list(cfgs)[-1]
+    log(f"  model phase: one layout {one}; by K: 4096 {k4096}, 8192 {k8192}")
+    K4096, K8192 = (32, 64) if tiny else (4096, 8192)
+
+    def apply(cfg):
+        gemv.GEMV_CONFIG.update(default)
+        gemv.MULTI_BY_K.clear()
+        step.STEP_CONFIG["pdl"] = bool(cfg.get("pdl")) or default_pdl
+        if cfg.get("one"):
+            for r in (2, 4, 8):
+                gemv.GEMV_CONFIG[r] = cfgs[one]
+        if cfg.get("by_k"):
+            gemv.MULTI_BY_K.update({K4096: cfgs[k4096], K8192: cfgs[k8192]})
+
+    variants = {"dot (default)": {}, f"one: {one}": {"one": True}}
+    if (k4096, k8192) != (one, one):
+        variants["by K"] = {"by_k": True}
+    variants["step pdl"] = {"pdl": True}
+    variants["one + step pdl"] = {"one": True, "pdl": True}
+    r33.model_variants(dev, tiny, variants, apply, batch=ROWS)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    dev, _ = r7.setup(39, args.tiny, load=False)
+    r7.T0 = T0
+    r33.log = log
+    skip = set(args.skip.split(","))
+    got = {}
+
+    def mv():
+        got["cfgs"], got["times"] = matvec_phase(dev, args.tiny)
+
+    phases = [("matvec", mv), ("model", lambda: model_phase(dev, args.tiny, got.get("cfgs") or {}, got.get("times") or {}))]
+    r7.run_phases([p for p in phases if p[0] not in skip])
+
+
+if __name__ == "__main__":
+    main()
