@@ -25,6 +25,11 @@ T0 = time.time()
 r7.LOG_NAME = "round39.txt"
 log = r7.log
 ROWS = 8
+ROUND = 39
+# dotp layouts (BLOCK_N, BLOCK_K, stages, warps, programs per SM). Round 39 (session 9, 764671c):
+# tiles dealt whole to the programs; round 40 sets this to the stream-K layouts.
+DOTP = [(64, 256, 4, 4, 1), (64, 128, 6, 4, 1), (32, 256, 4, 4, 2), (32, 256, 4, 4, 3), (32, 128, 6, 4, 3),
+        (16, 256, 4, 4, 4), (16, 512, 3, 4, 3), (16, 256, 4, 2, 4), (16, 128, 6, 4, 4), (32, 256, 3, 4, 4)]
 
 
 def configs(gemv, tiny):
@@ -33,9 +38,7 @@ def configs(gemv, tiny):
         return {"dot (default)": gemv.GEMV_CONFIG[8], "dotp n16 k32 s3 p1": C("dotp", 16, 32, 4, num_stages=3, per_sm=1),
                 "dotp n16 k64 s2 p2": C("dotp", 16, 64, 4, num_stages=2, per_sm=2, evict_first=True)}
     out = {"dot (default)": gemv.GEMV_CONFIG[8], "dot n64 k128 s6": C("dot", 64, 128, 4, num_stages=6, evict_first=True)}
-    for bn, bk, st, w, p in [(64, 256, 4, 4, 1), (64, 128, 6, 4, 1), (32, 256, 4, 4, 2), (32, 256, 4, 4, 3),
-                             (32, 128, 6, 4, 3), (16, 256, 4, 4, 4), (16, 512, 3, 4, 3), (16, 256, 4, 2, 4),
-                             (16, 128, 6, 4, 4), (32, 256, 3, 4, 4)]:
+    for bn, bk, st, w, p in DOTP:
         out[f"dotp n{bn} k{bk} w{w} s{st} p{p}"] = C("dotp", bn, bk, w, num_stages=st, per_sm=p, evict_first=True)
     return out
 
@@ -124,7 +127,7 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
-    dev, _ = r7.setup(39, args.tiny, load=False)
+    dev, _ = r7.setup(ROUND, args.tiny, load=False)
     r7.T0 = T0
     r33.log = log
     skip = set(args.skip.split(","))

@@ -19,9 +19,10 @@ Kernel bodies (`GemvConfig.kind`), all selectable so one GPU run can compare the
             pipeliner streams the weight tiles through shared memory (num_stages).
     row     one row of x: each program loads its BLOCK_N weight rows whole (K up to
             ROW_MAX_K) in one tile, every load issued at once, then x, then one sum.
-    dotp    the dot body in persistent programs (per_sm per SM): each takes an equal run
-            of BLOCK_N-row tiles and walks them as one flattened loop over (tile, K tile),
-            so the pipeline does not drain between tiles and no SM gets a last, lone wave.
+    dotp    the dot body in persistent programs (per_sm per SM), each over an equal share of
+            the (tile, K tile) units in one flattened loop: no SM gets a last, lone wave of
+            tiles, the pipeline does not drain between tiles, and a tile cut between two
+            programs is summed through a small scratch buffer (stream-K).
 
 `norm_gemv` fuses the residual add + RMSNorm in front of a single-row product (the
 in_proj of every layer and lm_head): every program recomputes the norm of the 4096-wide
@@ -284,34 +285,38 @@ def _gemv_dot_kernel(
 
 @triton.jit
 def _gemv_dotp_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """The dot body over an equal share of (tile, K tile) units, in one flattened loop.
+
+    A tile cut between programs p and p + 1 is summed through part[p] (p's head of the tile
+    on side 0, p + 1's tail on side 1) and count[p]: inside the loop each program only stores
+    its side (so the loop stays a plain pipelined stream); after it, each arrives at its cut
+    tiles' counts, and the second to arrive adds side 0 and side 1, stores the outputs and
+    resets the count for the next launch. The launch has at most as many programs as tiles,
+    so every program holds at least one whole tile's units and a tile is cut at most once.
+    """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    tiles = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    # Tiles [first, first + count): the first `tiles % nprog` programs take one more.
-    per = tiles // nprog
-    extra = tiles % nprog
-    first = pid * per + tl.minimum(pid, extra)
-    count = per + (pid < extra).to(tl.int32)
+    units = tl.cdiv(N, BLOCK_N).to(tl.int64) * k_tiles
+    u0 = ((pid * units) // nprog).to(tl.int32)
+    u1 = (((pid + 1) * units) // nprog).to(tl.int32)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     rb = tl.arange(0, BLOCK_N)
     m_mask = rm < M
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    # One loop over (tile, K tile), so the pipeliner keeps weight tiles in flight across tiles.
-    # ki and tile start one step back: the loop's first update lands on (first, 0).
-    ki = k_tiles - 1
-    tile = first - 1
+    part_off = rb[:, None] * BLOCK_M + rm[None, :]
+    TILE: tl.constexpr = BLOCK_N * BLOCK_M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for _ in range(0, count * k_tiles):
-        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
-        tile = tl.where(ki == 0, tile + 1, tile)
+    for u in range(u0, u1):
+        tile = u // k_tiles
+        ki = u - tile * k_tiles
         rn = tile * BLOCK_N + rb
         n_mask = rn < N
         w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
@@ -319,12 +324,33 @@ def _gemv_dotp_kernel(
         w = _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K, EVICT)
         x = _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K)
         acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
-        if ki == k_tiles - 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+        last_k = ki == k_tiles - 1
+        if last_k | (u == u1 - 1):
+            if last_k & (tile * k_tiles >= u0):  # a whole tile
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+            else:  # a cut tile: the tail of the previous program's (side 1) or the head of the next's (side 0)
+                side = last_k.to(tl.int32)
+                tl.store(part_ptr + ((pid - side) * 2 + side) * TILE + part_off, acc)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # Arrivals: the boundary with the previous program (if u0 cuts a tile), then the next's.
+    for side in tl.static_range(2):
+        bnd = pid - 1 + side
+        if ((u0 if side == 0 else u1) % k_tiles) != 0:
+            tl.debug_barrier()  # every thread's part stores before the release
+            arrived = tl.atomic_add(count_ptr + bnd, 1, sem="acq_rel")
+            if arrived == 1:
+                y = tl.load(part_ptr + (bnd * 2) * TILE + part_off, cache_modifier=".cg")
+                y += tl.load(part_ptr + (bnd * 2 + 1) * TILE + part_off, cache_modifier=".cg")
+                rn = ((bnd + 1) * units // nprog // k_tiles).to(tl.int32) * BLOCK_N + rb
+                n_mask = rn < N
+                if HAS_BIAS:
+                    y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+                tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+                tl.atomic_xchg(count_ptr + bnd, 0, sem="relaxed")
 
 
 @triton.jit
@@ -459,6 +485,23 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+_DOTP_SCRATCH: dict = {}
+
+
+def _dotp_scratch(device: torch.device, nprog: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dotp kernel's cut-tile sums (2 sides of `tile` fp32 per boundary) and arrival counts,
+    allocated once per device and grown when needed, so launches can be captured in a graph.
+    The counts are back at zero after every launch; launches that share them must not run
+    concurrently on different streams."""
+    key = (device.type, device.index)
+    part, count = _DOTP_SCRATCH.get(key, (None, None))
+    if part is None or part.numel() < nprog * 2 * tile or count.numel() < nprog:
+        part = torch.empty(nprog * 2 * tile, dtype=torch.float32, device=device)
+        count = torch.zeros(nprog, dtype=torch.int32, device=device)
+        _DOTP_SCRATCH[key] = (part, count)
+    return part, count
+
+
 def config_for(rows: int) -> GemvConfig:
     return GEMV_CONFIG[1 << (rows - 1).bit_length()]
 
@@ -510,13 +553,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         if weight.dtype != x.dtype:
             raise Mamba2Error(f"gemv: dot kernel needs one dtype, got {x.dtype} and {weight.dtype}")
         stages = dot_stages(cfg, block_n, block_k, max(16, block_m), x.element_size())
-        kernel = _gemv_dot_kernel
-        if cfg.kind == "dotp":
-            kernel = _gemv_dotp_kernel
-            grid = (min(grid[0], max(1, cfg.per_sm) * sm_count(x.device)),)
-        kernel[grid](*args, BLOCK_M=max(16, block_m), **common, EVICT=evict,
-                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                     **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
+        dot_opts = dict(BLOCK_M=max(16, block_m), **common, EVICT=evict,
+                        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                        **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
+        if cfg.kind == "dot":
+            _gemv_dot_kernel[grid](*args, **dot_opts)
+        else:
+            nprog = min(grid[0], max(1, cfg.per_sm) * sm_count(x.device))
+            part, count = _dotp_scratch(x.device, nprog, block_n * max(16, block_m))
+            _gemv_dotp_kernel[(nprog,)](x, weight, args[2], y, part, count, *args[4:], **dot_opts)
     else:
         raise Mamba2Error(f"gemv: unknown kernel kind {cfg.kind!r}")
     return y
