@@ -284,6 +284,31 @@ def _gemv_dot_kernel(
 
 
 @triton.jit
+def _gemv_dott_kernel(
+    x_desc, w_desc, b_ptr, y_ptr, M, N, K, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The dot body with the tiles fetched through tensor descriptors (TMA on Hopper): one copy
+    per tile instead of a 16-byte copy per thread; the rows of x past M and the columns past K
+    arrive as zeros."""
+    pid = tl.program_id(0)
+    n0 = pid * BLOCK_N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = w_desc.load([n0, k0])
+        x = x_desc.load([0, k0])
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_mask = rn < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rm < M)[None, :])
+
+
+@triton.jit
 def _gemv_dotp_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
@@ -549,7 +574,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                **_launch_opts(cfg.with_(pdl=False), x.device))
     elif cfg.kind == "row":  # more rows or longer ones: the acc kernel, in tiles of 1024
         return gemv(x, weight, bias, cfg.with_(kind="acc", block_k=1024))
-    elif cfg.kind in ("dot", "dotp"):
+    elif cfg.kind in ("dot", "dotp", "dott"):
         if weight.dtype != x.dtype:
             raise Mamba2Error(f"gemv: dot kernel needs one dtype, got {x.dtype} and {weight.dtype}")
         stages = dot_stages(cfg, block_n, block_k, max(16, block_m), x.element_size())
@@ -558,6 +583,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                         **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
         if cfg.kind == "dot":
             _gemv_dot_kernel[grid](*args, **dot_opts)
+        elif cfg.kind == "dott":
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            bm = dot_opts["BLOCK_M"]
+            xd = TensorDescriptor.from_tensor(x, [bm, block_k])
+            wd = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+            _gemv_dott_kernel[grid](xd, wd, args[2], y, M, N, K, y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm,
+                                    BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_opts["DOT_PRECISION"],
+                                    **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
         else:
             nprog = min(grid[0], max(1, cfg.per_sm) * sm_count(x.device))
             part, count = _dotp_scratch(x.device, nprog, block_n * max(16, block_m))
