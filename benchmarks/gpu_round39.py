@@ -30,7 +30,10 @@ ROUND = 39
 # tiles dealt whole to the programs; round 40 sets this to the stream-K layouts.
 DOTP = [(64, 256, 4, 4, 1), (64, 128, 6, 4, 1), (32, 256, 4, 4, 2), (32, 256, 4, 4, 3), (32, 128, 6, 4, 3),
         (16, 256, 4, 4, 4), (16, 512, 3, 4, 3), (16, 256, 4, 2, 4), (16, 128, 6, 4, 4), (32, 256, 3, 4, 4)]
-DOTT = []  # dott layouts (BLOCK_N, BLOCK_K, stages, warps): round 41
+# dot layouts with tma (BLOCK_N, BLOCK_K, stages, warps); named "dott", as round 41 (at 56c26f7, the
+# descriptor body was a kernel of its own then) named them.
+DOTT = []
+DOTPT = []  # dotp layouts with tma, as DOTP
 
 
 def configs(gemv, tiny):
@@ -38,12 +41,15 @@ def configs(gemv, tiny):
     if tiny:
         return {"dot (default)": gemv.GEMV_CONFIG[8], "dotp n16 k32 s3 p1": C("dotp", 16, 32, 4, num_stages=3, per_sm=1),
                 "dotp n16 k64 s2 p2": C("dotp", 16, 64, 4, num_stages=2, per_sm=2, evict_first=True),
-                "dott n16 k32 s3": C("dott", 16, 32, 4, num_stages=3)}
+                "dott n16 k32 s3": C("dot", 16, 32, 4, num_stages=3, tma=True),
+                "dotp tma n16 k32 s3 p1": C("dotp", 16, 32, 4, num_stages=3, per_sm=1, tma=True)}
     out = {"dot (default)": gemv.GEMV_CONFIG[8], "dot n64 k128 s6": C("dot", 64, 128, 4, num_stages=6, evict_first=True)}
     for bn, bk, st, w, p in DOTP:
         out[f"dotp n{bn} k{bk} w{w} s{st} p{p}"] = C("dotp", bn, bk, w, num_stages=st, per_sm=p, evict_first=True)
     for bn, bk, st, w in DOTT:
-        out[f"dott n{bn} k{bk} w{w} s{st}"] = C("dott", bn, bk, w, num_stages=st)
+        out[f"dott n{bn} k{bk} w{w} s{st}"] = C("dot", bn, bk, w, num_stages=st, tma=True)
+    for bn, bk, st, w, p in DOTPT:
+        out[f"dotp tma n{bn} k{bk} w{w} s{st} p{p}"] = C("dotp", bn, bk, w, num_stages=st, per_sm=p, tma=True)
     return out
 
 

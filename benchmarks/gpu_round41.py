@@ -1,5 +1,6 @@
 """GPU round 41 (session 9): round 39's phases with `dott`, the 2-8-row dot kernel fed by tensor
-descriptors (TMA), and the batch-8 step with PDL again.
+descriptors (TMA), and the batch-8 step with PDL again. It ran at 56c26f7, where `dott` was a kernel of
+its own; it is now the dot kernel with `tma=True`.
 
     PYTHONPATH=src timeout 570 python3 benchmarks/gpu_round41.py        # H200
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round41.py --tiny  # CPU: runs

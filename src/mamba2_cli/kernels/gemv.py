@@ -84,6 +84,7 @@ class GemvConfig:
     pdl: bool = False  # acc: programmatic dependent launch (CUDA only)
     one_pass: bool = False  # norm_gemv: scale by 1/rms after the product (x not rounded first)
     per_sm: int = 1  # dotp: programs per SM
+    tma: bool = False  # dot, dotp: tiles fetched through tensor descriptors (where strides allow)
 
     @property
     def name(self) -> str:
@@ -92,7 +93,7 @@ class GemvConfig:
             s += f" s{self.num_stages}"
         if self.kind == "dotp":
             s += f" p{self.per_sm}"
-        for flag in ("evict_first", "prefetch", "pdl", "one_pass"):
+        for flag in ("evict_first", "prefetch", "pdl", "one_pass", "tma"):
             if getattr(self, flag):
                 s += " " + flag.replace("_first", "")
         return s
@@ -262,21 +263,23 @@ def _gemv_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,
 
 
 @triton.jit
-def _gemv_dot_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
-    stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rn, rm, rk, n_mask, m_mask, w_ptrs, x_ptrs = _tile_ptrs(pid, x_ptr, w_ptr, M, N, stride_xm, stride_wn,
-                                                             BLOCK_M, BLOCK_N, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: the weight rows fill the MMA's M
-    for k0 in range(0, K, BLOCK_K):
+def _dot_tile(acc, x_src, w_src, x_ptrs, w_ptrs, n0, k0, K, n_mask, m_mask, rk, EVEN_K: tl.constexpr,
+              EVICT: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += W[n0:, k0:] x[:, k0:]^T for one tile. TMA: x_src and w_src are
+    tensor descriptors (one bulk copy per tile, zeros past M, N and K); otherwise x_ptrs and
+    w_ptrs point at column 0 of the tile's rows."""
+    if TMA:
+        w = w_src.load([n0, k0])
+        x = x_src.load([0, k0])
+    else:
         w = _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K, EVICT)
         x = _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K)
-        acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
+    return tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _store_rows(y_ptr, acc, b_ptr, rn, n_mask, rm, m_mask, stride_ym, HAS_BIAS: tl.constexpr):
+    """y[rm, rn] = acc^T (+ bias)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
@@ -284,28 +287,31 @@ def _gemv_dot_kernel(
 
 
 @triton.jit
-def _gemv_dott_kernel(
-    x_desc, w_desc, b_ptr, y_ptr, M, N, K, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _gemv_dot_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
 ):
-    """The dot body with the tiles fetched through tensor descriptors (TMA on Hopper): one copy
-    per tile instead of a 16-byte copy per thread; the rows of x past M and the columns past K
-    arrive as zeros."""
+    """One BLOCK_N-row tile per program. TMA: x_ptr and w_ptr are tensor descriptors."""
     pid = tl.program_id(0)
-    n0 = pid * BLOCK_N
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = w_desc.load([n0, k0])
-        x = x_desc.load([0, k0])
-        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
-    rn = n0 + tl.arange(0, BLOCK_N)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rm < M)[None, :])
+    m_mask = rm < M
+    if TMA:
+        w_ptrs = rk  # unused
+        x_ptrs = rk
+    else:
+        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: the weight rows fill the MMA's M
+    for k0 in range(0, K, BLOCK_K):
+        acc = _dot_tile(acc, x_ptr, w_ptr, x_ptrs, w_ptrs, pid * BLOCK_N, k0, K, n_mask, m_mask, rk, EVEN_K, EVICT,
+                        TMA, DOT_PRECISION)
+    _store_rows(y_ptr, acc, b_ptr, rn, n_mask, rm, m_mask, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -314,7 +320,7 @@ def _gemv_dotp_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """The dot body over an equal share of (tile, K tile) units, in one flattened loop.
 
@@ -335,7 +341,10 @@ def _gemv_dotp_kernel(
     rk = tl.arange(0, BLOCK_K)
     rb = tl.arange(0, BLOCK_N)
     m_mask = rm < M
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    if TMA:
+        x_ptrs = rk  # unused
+    else:
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     part_off = rb[:, None] * BLOCK_M + rm[None, :]
     TILE: tl.constexpr = BLOCK_N * BLOCK_M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -344,18 +353,16 @@ def _gemv_dotp_kernel(
         ki = u - tile * k_tiles
         rn = tile * BLOCK_N + rb
         n_mask = rn < N
-        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-        k0 = ki * BLOCK_K
-        w = _w_tile(w_ptrs, k0, K, n_mask, rk, EVEN_K, EVICT)
-        x = _x_tile(x_ptrs, k0, K, m_mask, rk, EVEN_K)
-        acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
+        if TMA:
+            w_ptrs = rk
+        else:
+            w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+        acc = _dot_tile(acc, x_ptr, w_ptr, x_ptrs, w_ptrs, tile * BLOCK_N, ki * BLOCK_K, K, n_mask, m_mask, rk, EVEN_K,
+                        EVICT, TMA, DOT_PRECISION)
         last_k = ki == k_tiles - 1
         if last_k | (u == u1 - 1):
             if last_k & (tile * k_tiles >= u0):  # a whole tile
-                if HAS_BIAS:
-                    acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-                y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+                _store_rows(y_ptr, acc, b_ptr, rn, n_mask, rm, m_mask, stride_ym, HAS_BIAS)
             else:  # a cut tile: the tail of the previous program's (side 1) or the head of the next's (side 0)
                 side = last_k.to(tl.int32)
                 tl.store(part_ptr + ((pid - side) * 2 + side) * TILE + part_off, acc)
@@ -370,11 +377,7 @@ def _gemv_dotp_kernel(
                 y = tl.load(part_ptr + (bnd * 2) * TILE + part_off, cache_modifier=".cg")
                 y += tl.load(part_ptr + (bnd * 2 + 1) * TILE + part_off, cache_modifier=".cg")
                 rn = ((bnd + 1) * units // nprog // k_tiles).to(tl.int32) * BLOCK_N + rb
-                n_mask = rn < N
-                if HAS_BIAS:
-                    y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-                y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-                tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+                _store_rows(y_ptr, y, b_ptr, rn, rn < N, rm, m_mask, stride_ym, HAS_BIAS)
                 tl.atomic_xchg(count_ptr + bnd, 0, sem="relaxed")
 
 
@@ -510,6 +513,12 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def _tma_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides (and a unit inner stride)."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
+               for t in (x, weight))
+
+
 _DOTP_SCRATCH: dict = {}
 
 
@@ -574,28 +583,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                **_launch_opts(cfg.with_(pdl=False), x.device))
     elif cfg.kind == "row":  # more rows or longer ones: the acc kernel, in tiles of 1024
         return gemv(x, weight, bias, cfg.with_(kind="acc", block_k=1024))
-    elif cfg.kind in ("dot", "dotp", "dott"):
+    elif cfg.kind in ("dot", "dotp"):
         if weight.dtype != x.dtype:
             raise Mamba2Error(f"gemv: dot kernel needs one dtype, got {x.dtype} and {weight.dtype}")
         stages = dot_stages(cfg, block_n, block_k, max(16, block_m), x.element_size())
         dot_opts = dict(BLOCK_M=max(16, block_m), **common, EVICT=evict,
                         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                         **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
-        if cfg.kind == "dot":
-            _gemv_dot_kernel[grid](*args, **dot_opts)
-        elif cfg.kind == "dott":
+        tma = cfg.tma and _tma_ok(x, weight)
+        if tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
-            bm = dot_opts["BLOCK_M"]
-            xd = TensorDescriptor.from_tensor(x, [bm, block_k])
-            wd = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-            _gemv_dott_kernel[grid](xd, wd, args[2], y, M, N, K, y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm,
-                                    BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_opts["DOT_PRECISION"],
-                                    **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
+            args = (TensorDescriptor.from_tensor(x, [dot_opts["BLOCK_M"], block_k]),
+                    TensorDescriptor.from_tensor(weight, [block_n, block_k]), *args[2:])
+        if cfg.kind == "dot":
+            _gemv_dot_kernel[grid](*args, **dot_opts, TMA=tma)
         else:
             nprog = min(grid[0], max(1, cfg.per_sm) * sm_count(x.device))
             part, count = _dotp_scratch(x.device, nprog, block_n * max(16, block_m))
-            _gemv_dotp_kernel[(nprog,)](x, weight, args[2], y, part, count, *args[4:], **dot_opts)
+            _gemv_dotp_kernel[(nprog,)](*args[:4], part, count, *args[4:], **dot_opts, TMA=tma)
     else:
         raise Mamba2Error(f"gemv: unknown kernel kind {cfg.kind!r}")
     return y
