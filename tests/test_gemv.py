@@ -111,13 +111,16 @@ def _configs(g):
         "acc-one-tile": C("acc", 8, 2048, 4),
         "dot": C("dot", 16, 32, 4, num_stages=2),
         "dot-n32-evict": C("dot", 32, 64, 4, evict_first=True),
+        "dot-tma": C("dot", 16, 32, 4, num_stages=2, tma=True),  # K 300 in 16 bits: rows not 16-byte aligned
+        "dotp": C("dotp", 16, 32, 4, num_stages=2),
+        "dotp-tma-p2": C("dotp", 16, 64, 4, num_stages=3, per_sm=2, tma=True),
         "row": C("row", 1, 1024, 4),  # more than one row of x: the acc kernel
         "row-n4-evict": C("row", 4, 1024, 2, evict_first=True),
     }
 
 
 CONFIG_NAMES = ["reduce", "acc", "acc-n4-evict", "acc-prefetch", "acc-pdl", "acc-one-tile", "dot", "dot-n32-evict",
-                "row", "row-n4-evict"]
+                "dot-tma", "dotp", "dotp-tma-p2", "row", "row-n4-evict"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -154,6 +157,35 @@ def test_config_names_say_what_differs(gemv_mod):
     c = gemv_mod.GemvConfig("acc", 4, 1024, 8, num_stages=2, evict_first=True, pdl=True)
     assert c.name == "acc n4 k1024 w8 s2 evict pdl"
     assert c.with_(block_n=2).name == "acc n2 k1024 w8 s2 evict pdl"
+    assert gemv_mod.GemvConfig("dotp", 64, 256, 4, num_stages=4, per_sm=2, tma=True).name == "dotp n64 k256 w4 s4 p2 tma"
+
+
+@pytest.mark.parametrize("per_sm", [1, 3])
+@pytest.mark.parametrize("tma", [False, True], ids=["copies", "tma"])
+def test_stream_k_sums_tiles_cut_between_programs_and_resets_its_counts(gemv_mod, per_sm, tma):
+    # 19 tiles of 16 rows x 7 K tiles over 4 or 12 programs: most programs begin or end inside a
+    # tile, so most tiles are summed from two programs' sides through the scratch buffer.
+    cfg = gemv_mod.GemvConfig("dotp", 16, 32, 4, num_stages=2, per_sm=per_sm, tma=tma)
+    g = torch.Generator().manual_seed(per_sm)
+    x = torch.randn(5, 224, generator=g).to(DEVICE)
+    w = torch.randn(300, 224, generator=g).to(DEVICE)
+    b = torch.randn(300, generator=g).to(DEVICE)
+    first = gemv_mod.gemv(x, w, b, config=cfg)
+    assert rel_err(first, F.linear(x.double(), w.double(), b.double())) < 1e-5
+    _, count = gemv_mod._DOTP_SCRATCH[(x.device.type, x.device.index)]
+    assert int(count.abs().sum()) == 0  # every cut tile's count back at zero for the next launch
+    assert torch.equal(gemv_mod.gemv(x, w, b, config=cfg), first)  # either side second: the same sum
+
+
+def test_batched_default_takes_tensor_descriptors_where_rows_are_aligned(gemv_mod):
+    cfg = gemv_mod.GEMV_CONFIG[8]
+    assert cfg.kind == "dot" and cfg.tma
+    w = torch.randn(8, 304, device=DEVICE, dtype=torch.float16)
+    assert gemv_mod._tma_ok(w[:4], w)  # 608-byte rows
+    assert gemv_mod._tma_ok(w[:4, :300], w[:, :300])  # views of them: the row stride is still 608 bytes
+    x = torch.randn(4, 300, device=DEVICE, dtype=torch.float16)
+    assert not gemv_mod._tma_ok(x, torch.randn(8, 300, device=DEVICE, dtype=torch.float16))  # 600-byte rows
+    assert not gemv_mod._tma_ok(w[:4, 1:], w[:, 1:])  # a base 2 bytes past alignment
 
 
 def _norm_case(dtype, res, K, seed):
@@ -357,6 +389,9 @@ GPU_CONFIGS = {  # what benchmarks/gpu_round5.py tries, one of each kind
     "acc-evict-prefetch": ("acc", 4, 1024, 4, dict(evict_first=True, prefetch=True)),
     "acc-pdl": ("acc", 2, 2048, 4, dict(pdl=True)),
     "dot": ("dot", 64, 256, 4, dict(num_stages=3)),
+    "dot-tma": ("dot", 64, 256, 4, dict(num_stages=4, tma=True)),
+    "dotp": ("dotp", 64, 256, 4, dict(num_stages=4)),
+    "dotp-tma": ("dotp", 64, 256, 4, dict(num_stages=4, tma=True)),
     "row": ("row", 1, 1024, 4, {}),
     "row-n2": ("row", 2, 1024, 4, {}),
 }

@@ -103,7 +103,7 @@ class GemvConfig:
 
 
 # Configuration by padded row count, measured on the H200 (benchmarks/NOTES.md).
-_DOT_ROWS = GemvConfig("dot", 64, 256, 4, num_stages=4, evict_first=True)
+_DOT_ROWS = GemvConfig("dot", 64, 256, 4, num_stages=4, evict_first=True, tma=True)
 GEMV_CONFIG = {
     # 1 row: each program's weight rows loaded whole, all at once (H200, session 8, rounds 34-35,
     # per layer in graphs of 64 layers' own weights): in_proj 35.23 µs against 37.11 for round
@@ -116,6 +116,11 @@ GEMV_CONFIG = {
     # 2-8 rows: tensor cores, rows padded to 16 in the kernel, so one configuration serves them
     # all. Measured at 8 rows (round 5 and the recheck): 129 products 4.02 ms (cuBLAS 4.27),
     # Codestral batch-8 decode 154.9 vs 147.8 tok/s per sequence; 2 and 4 rows are not timed.
+    # Tiles through tensor descriptors (tma; session 9, rounds 41-42, per layer in graphs of 64
+    # layers' own weights): in_proj 39.19 µs against 40.58 with the 16-byte copies, out_proj 18.57
+    # against 19.21, lm_head 63.73 against 64.46; batch-8 decode 166.1 against 162.5 tok/s per
+    # sequence (medians of 3, alternated). 5 stages the same; stream-K (`dotp`) slower at every
+    # layout tried (in_proj 40.84, lm_head 66.80).
     2: _DOT_ROWS,
     4: _DOT_ROWS,
     8: _DOT_ROWS,
@@ -513,8 +518,25 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton without host-side tensor descriptors
+    TensorDescriptor = None
+
+_CAPABILITY: dict = {}
+
+
 def _tma_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and row strides (and a unit inner stride)."""
+    """Tensor descriptors: a Triton that has them, a Hopper-or-later GPU (or the interpreter),
+    16-byte aligned bases and row strides and a unit inner stride. Otherwise the 16-byte copies."""
+    if TensorDescriptor is None:
+        return False
+    if x.is_cuda:
+        idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        if idx not in _CAPABILITY:
+            _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+        if _CAPABILITY[idx][0] < 9:
+            return False
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
                for t in (x, weight))
 
@@ -592,8 +614,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                         **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
         tma = cfg.tma and _tma_ok(x, weight)
         if tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
             args = (TensorDescriptor.from_tensor(x, [dot_opts["BLOCK_M"], block_k]),
                     TensorDescriptor.from_tensor(weight, [block_n, block_k]), *args[2:])
         if cfg.kind == "dot":
