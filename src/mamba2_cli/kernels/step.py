@@ -66,12 +66,13 @@ STEP_CONFIG["early"] = True
 # 19.45); from 8 rows B and C convolved first, one warp per 32 rows of a head and the norm as
 # a second kernel (b8 27.8 us against 32.1; b64 149.6 us = 85.6 % of copy against 61.3 %,
 # 155 us without the split; Codestral batch-8 decode 158.2 against 154.4 tok/s per sequence).
-# From 8 rows the step and the norm are also launched with PDL (session 9, rounds 39-42, with
-# the TMA matvec: Codestral batch-8 decode 167.7 against 166.1 tok/s per sequence; with the
-# previous matvec 164.1 against 162.5; medians of 3, alternated).
+# From 8 rows the step and the norm are also launched with PDL, the norm at 8 warps (session 9,
+# rounds 39-43, medians of 3, alternated): per layer in graphs 25.75 µs against 26.77 without
+# PDL, 25.63 with the norm at 8 warps; Codestral batch-8 decode with the TMA matvec 167.7
+# against 166.1 tok/s per sequence without PDL, and 166.9 against 166.4 for the 8 warps.
 STEP_BATCH_CONFIG: list[tuple[int, dict]] = [
     (2, {"BLOCK_P": 64, "num_warps": 2}),
-    (8, {"bc_pre": True, "BLOCK_P": 32, "num_warps": 1, "split": True, "pdl": True}),
+    (8, {"bc_pre": True, "BLOCK_P": 32, "num_warps": 1, "split": True, "pdl": True, "tail_warps": 8}),
 ]
 
 _scratch: dict = {}
