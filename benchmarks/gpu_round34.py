@@ -40,8 +40,10 @@ ROW_CONFIGS = {"acc n2 k1024 w4 (default)": ("acc", 2, 4), "row n1 w4": ("row", 
                "row n1 w2": ("row", 1, 2)}
 
 
-def matvec_phase(dev, tiny, configs=None):
-    """Each configuration checked against F.linear, then timed per weight shape (round 35 reuses it)."""
+def matvec_phase(dev, tiny, configs=None, rows=1):
+    """Each configuration (a GemvConfig, or a ROW_CONFIGS tuple) checked against F.linear at `rows`
+    rows of x, then timed per weight shape in graphs of the layers' own weights; rounds 35 and 39-42
+    reuse it. Returns {shape: {name: median µs per call}} (empty off the GPU)."""
     from mamba2_cli import kernel_bench as kb
     from mamba2_cli.kernels import gemv
 
@@ -52,19 +54,26 @@ def matvec_phase(dev, tiny, configs=None):
     vocab = 64 if tiny else 32768
     shapes = {"in_proj": (s.in_proj, s.d_model, n), "out_proj": (s.d_model, s.d_inner, n),
               "lm_head": (vocab, s.d_model, 2 if tiny else 8)}
+    times = {}
     for label, (N, K, count) in shapes.items():
         Ws = [(torch.randn(N, K, generator=gen, device=dev) * 0.02).to(dtype) for _ in range(count if label != "lm_head" else 1)]
-        x = torch.randn(1, K, generator=gen, device=dev).to(dtype)
+        x = torch.randn(rows, K, generator=gen, device=dev).to(dtype)
         ref = torch.nn.functional.linear(x.float(), Ws[0].float())
         fns = {}
         for name, cfg in (configs or ROW_CONFIGS).items():
-            c = gemv.GemvConfig(cfg[0], cfg[1], 1024, cfg[2], evict_first=len(cfg) > 3 and cfg[3])
-            fns[name] = (lambda c: lambda w: gemv.gemv(x, w, None, c))(c)
-            log(f"  check {label} {name:28s} rel err {r7.rel_err(fns[name](Ws[0]).float(), ref):.2e}")
+            c = cfg if isinstance(cfg, gemv.GemvConfig) else gemv.GemvConfig(
+                cfg[0], cfg[1], 1024, cfg[2], evict_first=len(cfg) > 3 and cfg[3])
+            f = (lambda c: lambda w: gemv.gemv(x, w, None, c))(c)
+            try:
+                log(f"  check {label} {name:28s} rel err {r7.rel_err(f(Ws[0]).float(), ref):.2e}")
+                fns[name] = f
+            except Exception as e:
+                r7.err_line(f"check {label} {name}", e)
         if dev.type != "cuda":
             continue
         ws = Ws if label != "lm_head" else Ws * count
-        r33._timed(label, fns, lambda name: [lambda w=w: fns[name](w) for w in ws], count, dev)
+        times[label] = r33._timed(label, fns, lambda name: [lambda w=w: fns[name](w) for w in ws], count, dev) or {}
+    return times
 
 
 def model_phase(dev, tiny):

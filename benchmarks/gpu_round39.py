@@ -15,11 +15,10 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
 import gpu_round33 as r33  # noqa: E402
+import gpu_round34 as r34  # noqa: E402
 
 T0 = time.time()
 r7.LOG_NAME = "round39.txt"
@@ -55,37 +54,12 @@ def configs(gemv, tiny):
 
 def matvec_phase(dev, tiny):
     """Each layout checked against F.linear (fp32) at 8 rows, then timed per weight shape in graphs
-    of the layers' own weights. Returns {shape: {name: median µs per call}}."""
-    from mamba2_cli import kernel_bench as kb
+    of the layers' own weights (round 34's phase). Returns (layouts, {shape: {name: median µs}})."""
     from mamba2_cli.kernels import gemv
 
-    s = kb.SHAPES["tiny" if tiny else "codestral"]
-    dtype = torch.float16 if tiny else torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(9)
-    n = 2 if tiny else 64
-    vocab = 64 if tiny else 32768
-    shapes = {"in_proj": (s.in_proj, s.d_model, n), "out_proj": (s.d_model, s.d_inner, n),
-              "lm_head": (vocab, s.d_model, 2 if tiny else 8)}
     cfgs = configs(gemv, tiny)
-    times = {}
-    for label, (N, K, count) in shapes.items():
-        Ws = [(torch.randn(N, K, generator=gen, device=dev) * 0.02).to(dtype) for _ in range(count if label != "lm_head" else 1)]
-        x = torch.randn(ROWS, K, generator=gen, device=dev).to(dtype)
-        ref = torch.nn.functional.linear(x.float(), Ws[0].float())
-        fns = {}
-        for name, cfg in cfgs.items():
-            f = (lambda c: lambda w: gemv.gemv(x, w, None, c))(cfg)
-            try:
-                y = f(Ws[0])
-                log(f"  check {label} {name:28s} rel err {r7.rel_err(y.float(), ref):.2e}")
-                fns[name] = f
-            except Exception as e:
-                r7.err_line(f"check {label} {name}", e)
-        if dev.type != "cuda":
-            continue
-        ws = Ws if label != "lm_head" else Ws * count
-        times[label] = r33._timed(label, fns, lambda name: [lambda w=w: fns[name](w) for w in ws], count, dev) or {}
-    return cfgs, times
+    r34.log = log
+    return cfgs, r34.matvec_phase(dev, tiny, cfgs, rows=ROWS)
 
 
 def best(times, cfgs, weights):
