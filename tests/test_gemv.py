@@ -58,24 +58,27 @@ def test_linear_uses_matmul_for_many_rows_and_matvec_for_few(gemv_mod):
     assert rel_err(gemv_mod.linear(x[:1, :1], w), F.linear(x[:1, :1], w)) < 1e-5
 
 
+class _LaunchSpy:
+    """A kernel stand-in that notes each launch (name, grid, BLOCK_N, num_warps, EVICT) and runs it."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.launched.append((self.name, grid[0], kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("EVICT")))
+            return self.kernel[grid](*args, **kw)
+
+        return launch
+
+
 def test_one_row_default_is_the_row_kernel_with_rows_per_program_by_k(gemv_mod, monkeypatch):
     """The 1-row default loads whole weight rows; ROW_BY_K sets the layout by K, and rows
     longer than ROW_MAX_K go to the acc kernel in tiles. Each path gives the product."""
     assert gemv_mod.GEMV_CONFIG[1].kind == "row"
     launched = []
     for name in ("_gemv_row_kernel", "_gemv_acc_kernel"):
-        kern = getattr(gemv_mod, name)
-
-        class Spy:
-            def __init__(self, k, n):
-                self.k, self.n = k, n
-
-            def __getitem__(self, grid):
-                def go(*a, **kw):
-                    launched.append((self.n, grid[0], kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("EVICT")))
-                    return self.k[grid](*a, **kw)
-                return go
-        monkeypatch.setattr(gemv_mod, name, Spy(kern, name))
+        monkeypatch.setattr(gemv_mod, name, _LaunchSpy(getattr(gemv_mod, name), name, launched))
     monkeypatch.setattr(gemv_mod, "ROW_BY_K", {300: (4, 2, True)})
     g = torch.Generator().manual_seed(11)
     default = gemv_mod.GEMV_CONFIG[1]
@@ -172,9 +175,26 @@ def test_stream_k_sums_tiles_cut_between_programs_and_resets_its_counts(gemv_mod
     b = torch.randn(300, generator=g).to(DEVICE)
     first = gemv_mod.gemv(x, w, b, config=cfg)
     assert rel_err(first, F.linear(x.double(), w.double(), b.double())) < 1e-5
-    _, count = gemv_mod._DOTP_SCRATCH[(x.device.type, x.device.index)]
+    nprog = min(19, per_sm * gemv_mod.sm_count(x.device))
+    _, count = gemv_mod._DOTP_SCRATCH[(x.device.type, x.device.index, nprog, 16 * 16)]
     assert int(count.abs().sum()) == 0  # every cut tile's count back at zero for the next launch
     assert torch.equal(gemv_mod.gemv(x, w, b, config=cfg), first)  # either side second: the same sum
+
+
+def test_multi_row_configs_by_k_replace_the_default_only_when_none_is_given(gemv_mod, monkeypatch):
+    seen = []
+    by_k = gemv_mod.GemvConfig("acc", 2, 64, 4)
+    monkeypatch.setattr(gemv_mod, "MULTI_BY_K", {96: by_k})
+    monkeypatch.setattr(gemv_mod, "_gemv_acc_kernel", _LaunchSpy(gemv_mod._gemv_acc_kernel, "acc", seen))
+    x = torch.randn(3, 96, device=DEVICE)
+    w = torch.randn(20, 96, device=DEVICE)
+    assert rel_err(gemv_mod.gemv(x, w), F.linear(x.double(), w.double())) < 1e-5
+    assert [s[:3] for s in seen] == [("acc", 10, 2)]  # K 96, 3 rows: MULTI_BY_K's acc layout, not the dot default
+    seen.clear()
+    gemv_mod.gemv(x[:1], w)  # one row: the row default, MULTI_BY_K does not apply
+    gemv_mod.gemv(torch.randn(3, 64, device=DEVICE), torch.randn(20, 64, device=DEVICE))  # another K
+    gemv_mod.gemv(x, w, config=gemv_mod.GEMV_CONFIG[8])  # a config given
+    assert seen == []
 
 
 def test_batched_default_takes_tensor_descriptors_where_rows_are_aligned(gemv_mod):

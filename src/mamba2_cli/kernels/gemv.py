@@ -546,16 +546,14 @@ _DOTP_SCRATCH: dict = {}
 
 def _dotp_scratch(device: torch.device, nprog: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The dotp kernel's cut-tile sums (2 sides of `tile` fp32 per boundary) and arrival counts,
-    allocated once per device and grown when needed, so launches can be captured in a graph.
-    The counts are back at zero after every launch; launches that share them must not run
-    concurrently on different streams."""
-    key = (device.type, device.index)
-    part, count = _DOTP_SCRATCH.get(key, (None, None))
-    if part is None or part.numel() < nprog * 2 * tile or count.numel() < nprog:
-        part = torch.empty(nprog * 2 * tile, dtype=torch.float32, device=device)
-        count = torch.zeros(nprog, dtype=torch.int32, device=device)
-        _DOTP_SCRATCH[key] = (part, count)
-    return part, count
+    allocated once per device and layout and never freed, so launches can be captured in a
+    graph. The counts are back at zero after every launch; launches that share them must not
+    run concurrently on different streams."""
+    key = (device.type, device.index, nprog, tile)
+    if key not in _DOTP_SCRATCH:
+        _DOTP_SCRATCH[key] = (torch.empty(nprog * 2 * tile, dtype=torch.float32, device=device),
+                              torch.zeros(nprog, dtype=torch.int32, device=device))
+    return _DOTP_SCRATCH[key]
 
 
 def config_for(rows: int) -> GemvConfig:
