@@ -1,6 +1,8 @@
 """GPU round 39 (session 9): the 2-8-row matvec in persistent programs (`dotp`) against the
 one-tile-per-program `dot` kernel, per weight shape at 8 rows, then Codestral decode at batch 8
-with the best layouts, alternated.
+with the best layouts, alternated. It ran at 764671c, where `dotp` dealt whole tiles to its
+programs; `dotp` is stream-K since e5f1ba8 (round 40), so a rerun times that instead. Rounds 40-42
+reuse this script's phases with their own layout lists.
 
     PYTHONPATH=src timeout 570 python3 benchmarks/gpu_round39.py        # H200
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round39.py --tiny  # CPU: runs
