@@ -16,7 +16,9 @@ Kernel bodies (`GemvConfig.kind`), all selectable so one GPU run can compare the
             launch (pdl: the first weight tile is fetched before waiting for the kernel
             that produces x).
     dot     tensor cores: the rows of x padded to 16, tl.dot(W tile, x^T), Triton's
-            pipeliner streams the weight tiles through shared memory (num_stages).
+            pipeliner streams the weight tiles through shared memory (num_stages); with
+            `tma` the tiles come through tensor descriptors (one bulk copy per tile on
+            Hopper) where the strides allow, else as 16-byte copies per thread.
     row     one row of x: each program loads its BLOCK_N weight rows whole (K up to
             ROW_MAX_K) in one tile, every load issued at once, then x, then one sum.
     dotp    the dot body in persistent programs (per_sm per SM), each over an equal share of
