@@ -166,16 +166,17 @@ def test_config_names_say_what_differs(gemv_mod):
 @pytest.mark.parametrize("per_sm", [1, 3])
 @pytest.mark.parametrize("tma", [False, True], ids=["copies", "tma"])
 def test_stream_k_sums_tiles_cut_between_programs_and_resets_its_counts(gemv_mod, per_sm, tma):
-    # 19 tiles of 16 rows x 7 K tiles over 4 or 12 programs: most programs begin or end inside a
-    # tile, so most tiles are summed from two programs' sides through the scratch buffer.
+    # Three tiles of 16 rows more than programs, 7 K tiles each: most programs begin or end inside
+    # a tile, so most tiles are summed from two programs' sides through the scratch buffer.
     cfg = gemv_mod.GemvConfig("dotp", 16, 32, 4, num_stages=2, per_sm=per_sm, tma=tma)
     g = torch.Generator().manual_seed(per_sm)
+    nprog = per_sm * gemv_mod.sm_count(torch.device(DEVICE))
+    N = 16 * (nprog + 3)
     x = torch.randn(5, 224, generator=g).to(DEVICE)
-    w = torch.randn(300, 224, generator=g).to(DEVICE)
-    b = torch.randn(300, generator=g).to(DEVICE)
+    w = torch.randn(N, 224, generator=g).to(DEVICE)
+    b = torch.randn(N, generator=g).to(DEVICE)
     first = gemv_mod.gemv(x, w, b, config=cfg)
     assert rel_err(first, F.linear(x.double(), w.double(), b.double())) < 1e-5
-    nprog = min(19, per_sm * gemv_mod.sm_count(x.device))
     _, count = gemv_mod._DOTP_SCRATCH[(x.device.type, x.device.index, nprog, 16 * 16)]
     assert int(count.abs().sum()) == 0  # every cut tile's count back at zero for the next launch
     assert torch.equal(gemv_mod.gemv(x, w, b, config=cfg), first)  # either side second: the same sum
