@@ -16,17 +16,14 @@ Lines go to stdout and $OUT/round33.txt.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
 
-T0 = time.time()
 r7.LOG_NAME = "round33.txt"
 log = r7.log
 
@@ -269,27 +266,16 @@ def model_phase(model, dev, tiny, configs=MODEL_CONFIGS, apply_cfg=None, batch=1
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--skip", default="")
-    args = ap.parse_args()
-    dev, model = r7.setup(33, args.tiny, load=False)
-    r7.T0 = T0
-    skip = set(args.skip.split(","))
-    phases = []
-    if "step_out" not in skip:
-        phases.append(("step_out", lambda: step_out_phase(dev, args.tiny)))
-    if "norm_in" not in skip:
-        phases.append(("norm_in", lambda: norm_in_phase(dev, args.tiny)))
-    if "model" not in skip:
-        def mp():
-            import gpu_round5 as r5
+    def mp(dev, tiny):
+        import gpu_round5 as r5
 
-            r5.log = lambda m="": log(m)
-            torch.cuda.empty_cache() if dev.type == "cuda" else None
-            model_phase(r5.load_model(dev, args.tiny), dev, args.tiny)
-        phases.append(("model", mp))
-    r7.run_phases(phases)
+        r5.log = lambda m="": log(m)
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+        model_phase(r5.load_model(dev, tiny), dev, tiny)
+
+    r7.round_main(33, lambda dev, tiny: [("step_out", lambda: step_out_phase(dev, tiny)),
+                                         ("norm_in", lambda: norm_in_phase(dev, tiny)),
+                                         ("model", lambda: mp(dev, tiny))])
 
 
 if __name__ == "__main__":

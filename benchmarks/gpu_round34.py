@@ -15,10 +15,8 @@ Lines go to stdout and $OUT/round34.txt.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -26,7 +24,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
 import gpu_round33 as r33  # noqa: E402
 
-T0 = time.time()
 r7.LOG_NAME = "round34.txt"
 log = r7.log
 
@@ -93,19 +90,10 @@ def model_phase(dev, tiny):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--skip", default="")
-    args = ap.parse_args()
-    dev, _ = r7.setup(34, args.tiny, load=False)
-    r7.T0 = T0
-    r33.log = log
-    skip = set(args.skip.split(","))
-    phases = [("matvec", lambda: matvec_phase(dev, args.tiny)),
-              ("step_out", lambda: r33.step_out_phase(dev, args.tiny, STEP_OUT)),
-              ("norm_in", lambda: r33.norm_in_phase(dev, args.tiny, NORM_IN, alone=False)),
-              ("model", lambda: model_phase(dev, args.tiny))]
-    r7.run_phases([p for p in phases if p[0] not in skip])
+    r7.round_main(34, lambda dev, tiny: [("matvec", lambda: matvec_phase(dev, tiny)),
+                                         ("step_out", lambda: r33.step_out_phase(dev, tiny, STEP_OUT)),
+                                         ("norm_in", lambda: r33.norm_in_phase(dev, tiny, NORM_IN, alone=False)),
+                                         ("model", lambda: model_phase(dev, tiny))])
 
 
 if __name__ == "__main__":

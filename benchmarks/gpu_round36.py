@@ -15,10 +15,8 @@ Lines go to stdout and $OUT/round36.txt.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -26,7 +24,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
 import gpu_round33 as r33  # noqa: E402
 
-T0 = time.time()
 r7.LOG_NAME = "round36.txt"
 log = r7.log
 
@@ -100,13 +97,7 @@ def phase(dev, tiny):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    args = ap.parse_args()
-    dev, _ = r7.setup(36, args.tiny, load=False)
-    r7.T0 = T0
-    r33.log = log
-    r7.run_phases([("split in_proj", lambda: phase(dev, args.tiny))])
+    r7.round_main(36, lambda dev, tiny: [("split in_proj", lambda: phase(dev, tiny))])
 
 
 if __name__ == "__main__":

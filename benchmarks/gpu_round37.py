@@ -9,17 +9,14 @@ Lines go to stdout and $OUT/round37.txt.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
 import gpu_round33 as r33  # noqa: E402
 import gpu_round34 as r34  # noqa: E402
 
-T0 = time.time()
 r7.LOG_NAME = "round37.txt"
 log = r7.log
 CONFIGS = {  # (kind, rows per program, warps, evict_first)
@@ -40,16 +37,8 @@ def model_phase(dev, tiny):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--skip", default="")
-    args = ap.parse_args()
-    dev, _ = r7.setup(37, args.tiny, load=False)
-    r7.T0 = T0
-    r33.log = r34.log = log
-    skip = set(args.skip.split(","))
-    phases = [("matvec", lambda: r34.matvec_phase(dev, args.tiny, CONFIGS)), ("model", lambda: model_phase(dev, args.tiny))]
-    r7.run_phases([p for p in phases if p[0] not in skip])
+    r7.round_main(37, lambda dev, tiny: [("matvec", lambda: r34.matvec_phase(dev, tiny, CONFIGS)),
+                                         ("model", lambda: model_phase(dev, tiny))])
 
 
 if __name__ == "__main__":

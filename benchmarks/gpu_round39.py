@@ -12,17 +12,14 @@ Lines go to stdout and $OUT/round39.txt.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
 import gpu_round33 as r33  # noqa: E402
 import gpu_round34 as r34  # noqa: E402
 
-T0 = time.time()
 r7.LOG_NAME = "round39.txt"
 log = r7.log
 ROWS = 8
@@ -108,22 +105,18 @@ def model_phase(dev, tiny, cfgs, times):
     r33.model_variants(dev, tiny, variants, apply, batch=ROWS)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--skip", default="")
-    args = ap.parse_args()
-    dev, _ = r7.setup(ROUND, args.tiny, load=False)
-    r7.T0 = T0
-    r33.log = log
-    skip = set(args.skip.split(","))
+def phases(dev, tiny):
+    """The matvec phase, then the model phase with the layouts it found fastest."""
     got = {}
 
     def mv():
-        got["cfgs"], got["times"] = matvec_phase(dev, args.tiny)
+        got["cfgs"], got["times"] = matvec_phase(dev, tiny)
 
-    phases = [("matvec", mv), ("model", lambda: model_phase(dev, args.tiny, got.get("cfgs") or {}, got.get("times") or {}))]
-    r7.run_phases([p for p in phases if p[0] not in skip])
+    return [("matvec", mv), ("model", lambda: model_phase(dev, tiny, got.get("cfgs") or {}, got.get("times") or {}))]
+
+
+def main():
+    r7.round_main(ROUND, phases)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,9 @@ Lines go to stdout and $OUT/round43.txt.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
-import time
 
 import torch
 
@@ -22,7 +20,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
 import gpu_round33 as r33  # noqa: E402
 
-T0 = time.time()
 r7.LOG_NAME = "round43.txt"
 log = r7.log
 B = 8
@@ -99,21 +96,13 @@ def model_phase(dev, tiny, med):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--skip", default="")
-    args = ap.parse_args()
-    dev, _ = r7.setup(43, args.tiny, load=False)
-    r7.T0 = T0
-    r33.log = log
-    skip = set(args.skip.split(","))
     got = {}
 
-    def sp():
-        got["med"] = step_phase(dev, args.tiny)
+    def sp(dev, tiny):
+        got["med"] = step_phase(dev, tiny)
 
-    phases = [("step", sp), ("model", lambda: model_phase(dev, args.tiny, got.get("med") or {}))]
-    r7.run_phases([p for p in phases if p[0] not in skip])
+    r7.round_main(43, lambda dev, tiny: [("step", lambda: sp(dev, tiny)),
+                                         ("model", lambda: model_phase(dev, tiny, got.get("med") or {}))])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Lines go to stdout and $OUT/round44.txt.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -44,11 +43,7 @@ def profile_phase(dev, tiny):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    args = ap.parse_args()
-    dev, _ = r7.setup(44, args.tiny, load=False)
-    r7.run_phases([("profile", lambda: profile_phase(dev, args.tiny))])
+    r7.round_main(44, lambda dev, tiny: [("profile", lambda: profile_phase(dev, tiny))])
 
 
 if __name__ == "__main__":

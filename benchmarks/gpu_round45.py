@@ -11,7 +11,6 @@ Lines go to stdout and $OUT/round45.txt.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -35,12 +34,8 @@ def model_phase(dev, tiny, batch):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    args = ap.parse_args()
-    dev, _ = r7.setup(45, args.tiny, load=False)
-    r33.log = log
-    r7.run_phases([("model b8", lambda: model_phase(dev, args.tiny, 8)), ("model b1", lambda: model_phase(dev, args.tiny, 1))])
+    r7.round_main(45, lambda dev, tiny: [("model b8", lambda: model_phase(dev, tiny, 8)),
+                                         ("model b1", lambda: model_phase(dev, tiny, 1))])
 
 
 if __name__ == "__main__":

@@ -183,6 +183,23 @@ def run_phases(phases) -> None:
     log(f"## done in {time.time() - T0:.0f} s")
 
 
+def round_main(round_no: int, make_phases) -> None:
+    """A round script's command line: `--tiny` (Triton's interpreter on CPU, small shapes) and
+    `--skip a,b` (phases left out); make_phases(device, tiny) gives the (name, fn) phases, which
+    run_phases runs in order. Rounds 33-37, 39 and 43-45 use it."""
+    import argparse
+
+    global T0
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--skip", default="", help="comma-separated phases to leave out")
+    args = ap.parse_args()
+    T0 = time.time()
+    dev, _ = setup(round_no, args.tiny, load=False)
+    skip = set(args.skip.split(","))
+    run_phases([p for p in make_phases(dev, args.tiny) if p[0] not in skip])
+
+
 # ----------------------------------------------------------------------------- scan
 
 def phase_scan(dev, tiny, deadline):
