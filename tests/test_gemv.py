@@ -415,6 +415,8 @@ GPU_CONFIGS = {  # what benchmarks/gpu_round5.py tries, one of each kind
     "dotp-tma": ("dotp", 64, 256, 4, dict(num_stages=4, tma=True)),
     "row": ("row", 1, 1024, 4, {}),
     "row-n2": ("row", 2, 1024, 4, {}),
+    "row-pdl": ("row", 1, 1024, 8, dict(pdl=True)),
+    "dot-tma-pdl": ("dot", 64, 256, 4, dict(num_stages=4, tma=True, pdl=True)),
 }
 
 
@@ -430,6 +432,49 @@ def test_bf16_kernels_at_codestral_shapes(gemv_mod, name, M):
         x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
         w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(torch.bfloat16)
         assert rel_err(gemv_mod.gemv(x, w, config=cfg), F.linear(x.float(), w.float())) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_chain_under_pdl_equals_plain_launches(gemv_mod, monkeypatch, rows):
+    # Decode's chain as the defaults run it: add_rmsnorm, in_proj, out_proj reading in_proj's
+    # output, layer after layer, each kernel launched with PDL (it starts before the one
+    # before it ends, loads its weights, then waits for its input). Against the same chain
+    # with plain launches, eager and in a CUDA graph: the same bits.
+    from mamba2_cli.kernels import norm
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    D, DI, L = 4096, 8192, 6
+    w_in = [(torch.randn(DI, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16) for _ in range(L)]
+    w_out = [(torch.randn(D, DI, device="cuda", generator=g) / DI ** 0.5).to(torch.bfloat16) for _ in range(L)]
+    nw = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(torch.bfloat16)
+    x0 = torch.randn(rows, D, device="cuda", generator=g).to(torch.bfloat16)
+
+    def chain():
+        h, res = x0 * 1, None  # a plain launch first, as decode's embedding
+        for i in range(L):
+            normed, res = norm.add_rmsnorm(h, res, nw, 1e-5, True)
+            h = gemv_mod.linear(gemv_mod.linear(normed, w_in[i]), w_out[i])
+        return h, res
+
+    def run(pdl):
+        monkeypatch.setitem(norm.NORM_CONFIG, "add_pdl", pdl)
+        for r in (1, 2, 4, 8):
+            monkeypatch.setitem(gemv_mod.GEMV_CONFIG, r, gemv_mod.GEMV_CONFIG[r].with_(pdl=pdl))
+        eager = chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+        return eager
+
+    on, off = run(True), run(False)
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
 
 
 @gpu

@@ -70,6 +70,26 @@ def test_prefill_then_decode_steps_equal_one_prefill(make_checkpoint):
     assert rel_err(got, whole) < 1e-5
 
 
+def test_only_the_models_decode_promises_a_settled_state(make_checkpoint, monkeypatch):
+    # Mamba2LM's decode starts each token with the embedding's plain launch, so no kernel just
+    # before a step wrote its state: it passes state_settled (the GPU step then loads the state
+    # before waiting for in_proj). A mixer called on its own with one token makes no promise.
+    d, shape, _ = make_checkpoint("hf")
+    model, tok = load_model(str(d), device="cpu", dtype="float32")
+    seen = []
+    real = model.backend.mixer_decode_step
+    monkeypatch.setattr(model.backend, "mixer_decode_step",
+                        lambda *a, **k: seen.append(k.get("state_settled", False)) or real(*a, **k))
+    state = model.new_state(1)
+    model(torch.tensor([tok.encode(PROMPT)[:5]]), state)
+    model(torch.tensor([[7]]), state)
+    assert seen == [True] * shape["n_layer"]
+    seen.clear()
+    mixer = model.backbone.layers[0].mixer
+    mixer.forward(torch.randn(1, 1, mixer.cfg.d_model), state.conv[0], state.ssm[0], model.backend)
+    assert seen == [False]
+
+
 def test_text_in_pieces_gives_same_logits_and_state_as_whole(make_checkpoint):
     d, shape, _ = make_checkpoint("hf")
     model, tok = load_model(str(d), device="cpu", dtype="float32")

@@ -229,21 +229,44 @@ def test_mixer_decode_step_fp32_matches_torch_reference_exactly_enough(tb):
 
 
 @pytest.mark.parametrize("b", [1, 8])
-def test_mixer_decode_step_replays_in_a_cuda_graph(tb, b):
+@pytest.mark.parametrize("settled", [False, True], ids=["plain", "settled"])
+def test_mixer_decode_step_replays_in_a_cuda_graph(tb, b, settled):
+    # settled: the graph's step loads its state before waiting for the kernel before (PDL), as
+    # decode's does; a replay's state was written by the replay before, which has completed.
     st, draw = codestral_mixer(b, torch.bfloat16, seed=3)
     ref = {k: v.clone() for k, v in st.items()}
     zxbcdt = draw()
     run_mixer(tb.mixer_decode_step, st, zxbcdt)  # warm-up: compiles, allocates scratch
     run_mixer(tb.mixer_decode_step, ref, zxbcdt)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = run_mixer(tb.mixer_decode_step, st, zxbcdt)
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, state_settled=settled)
     for _ in range(3):
         graph.replay()
+        torch.cuda.synchronize()
         out_ref = run_mixer(tb.mixer_decode_step, ref, zxbcdt)
         torch.cuda.synchronize()
         assert rel_err(out, out_ref) <= 1e-6
         assert torch.equal(st["ssm_state"], ref["ssm_state"])
+
+
+@pytest.mark.parametrize("b", [1, 2, 8])
+def test_mixer_decode_step_with_a_settled_state_gives_the_same_steps(tb, b):
+    # Under PDL a settled state is loaded before the wait, otherwise after it: the same bits.
+    # The inputs are made and the device synchronized before each call (a PDL kernel may read,
+    # before its wait, what the kernel launched just before it wrote).
+    st, draw = codestral_mixer(b, torch.bfloat16, seed=4)
+    plain = {k: v.clone() for k, v in st.items()}
+    for _ in range(3):
+        zxbcdt = draw()
+        torch.cuda.synchronize()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, state_settled=True)
+        torch.cuda.synchronize()
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt)
+        torch.cuda.synchronize()
+        assert torch.equal(out, out_plain)
+        assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
 
 
 @pytest.mark.parametrize("L,init", [(5000, True), (16384, False)], ids=["L5000-init", "L16384"])

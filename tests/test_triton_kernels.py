@@ -400,7 +400,8 @@ def test_split_mixer_decode_step_matches_reference_and_the_fused_step(tb, b, H, 
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, G, nbg, limit,
                         config={"split": True, "BLOCK_P": block_p, "num_warps": 1, "tail_warps": 2})
-        out_fused = run_mixer(tb.mixer_decode_step, fused, zxbcdt, G, nbg, limit, config={"BLOCK_P": block_p})
+        out_fused = run_mixer(tb.mixer_decode_step, fused, zxbcdt, G, nbg, limit,
+                              config={"BLOCK_P": block_p, "split": False})
         out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
         assert out.dtype == dtype and out.shape == (b, H * P)
         assert rel_err(out, out_ref) < tol
@@ -426,6 +427,24 @@ def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split,
         out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, nbg, config={switch: False, "split": split})
         assert torch.equal(out, out_plain)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_mixer_decode_step_state_settled_gives_the_same_steps(tb, split):
+    # state_settled (decode's promise that no kernel just before wrote the state): on a GPU
+    # under PDL the state is loaded before the wait; the steps are the same. The torch
+    # reference takes the keyword too.
+    st, draw = mixer_inputs(2, 4, 32, 2, 16, 4, torch.float32, seed=15)
+    plain = {k: v.clone() for k, v in st.items()}
+    ref = {k: v.clone() for k, v in st.items()}
+    for _ in range(3):
+        zxbcdt = draw()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False, state_settled=True,
+                        config={"split": split, "pdl": True})
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, False, config={"split": split, "pdl": True})
+        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 2, False, state_settled=True)
+        assert torch.equal(out, out_plain) and torch.equal(st["ssm_state"], plain["ssm_state"])
+        assert rel_err(out, out_ref) < 1e-5
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])

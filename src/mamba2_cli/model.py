@@ -44,13 +44,15 @@ class Mamba2Mixer(nn.Module):
     scan_chunk: int = 0  # block length of the prefill scan, chosen by the backend (see set_backend)
 
     def decode_step(self, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
-                    backend) -> torch.Tensor:
-        """One token from in_proj's output zxbcdt [b, in_proj_dim] to out_proj's [b, d_model]."""
+                    backend, state_settled: bool = False) -> torch.Tensor:
+        """One token from in_proj's output zxbcdt [b, in_proj_dim] to out_proj's [b, d_model].
+        state_settled: no kernel launched just before this token's first wrote the state
+        (backend.mixer_decode_step's promise)."""
         cfg = self.cfg
         y = backend.mixer_decode_step(
             zxbcdt, self.conv_weight, self.conv1d.bias, conv_state, self.A, self.D, self.dt_bias,
             cfg.dt_limit, self.norm.weight, ssm_state, cfg.ngroups, cfg.layer_norm_epsilon,
-            cfg.norm_before_gate,
+            cfg.norm_before_gate, state_settled=state_settled,
         )
         return backend.linear(y, self.out_proj.weight, self.out_proj.bias)
 
@@ -196,7 +198,9 @@ class Mamba2LM(nn.Module):
             mixer = layer.mixer
             zxbcdt, residual = be.norm_linear(h, residual, layer.norm.weight, eps, fp32,
                                               mixer.in_proj.weight, mixer.in_proj.bias)
-            h = mixer.decode_step(zxbcdt, state.conv[i], state.ssm[i], be)
+            # The embedding, launched plainly, has waited for every kernel before this token,
+            # and only this layer's step writes its state: settled.
+            h = mixer.decode_step(zxbcdt, state.conv[i], state.ssm[i], be, state_settled=True)
         logits, _ = be.norm_linear(h, residual, self.backbone.norm_f.weight, eps, fp32, self.lm_head.weight)
         logits = logits[:, None, : cfg.vocab_size]
         return logits if logits.dtype == torch.float64 else logits.float()

@@ -23,9 +23,12 @@ implementation and the exact semantics of each):
         -> (linear(add_rmsnorm(...)[0], weight, bias), residual): the pre-norm and the
         projection after it (decode's in_proj and lm_head), which a backend may fuse.
     mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                      norm_weight, ssm_state, ngroups, eps, norm_before_gate) -> [b, d_inner]
+                      norm_weight, ssm_state, ngroups, eps, norm_before_gate,
+                      *, state_settled=False) -> [b, d_inner]
         Everything of one decode token between in_proj and out_proj: conv window update,
         conv + SiLU, dt softplus/clamp, state update in place, y = S C + D x, gated norm.
+        state_settled: no kernel launched just before the call wrote ssm_state (the model's
+        decode passes it: each token starts with the embedding's plain launch).
 
 seq_len (prefill operations): None, or an integer tensor [b] on the device: row i holds
 seq_len[i] real positions, then padding that is never read (the SSM state passes through

@@ -33,7 +33,6 @@ row from cache and program 0 writes the new residual, which removes one launch p
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,22 +42,9 @@ import triton.language as tl
 
 from ..errors import Mamba2Error
 from .norm import add_rmsnorm
+from .pdl import HAS_PDL, gdc_launch_dependents, gdc_wait, interpreting as _interpreting, usable
 
-try:  # programmatic dependent launch (Hopper and later); absent from old Triton builds
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    HAS_PDL = True
-except ImportError:  # pragma: no cover
-    HAS_PDL = False
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
+__all__ = ["HAS_PDL", "GemvConfig", "gemv", "norm_gemv", "linear", "norm_linear"]
 
 MAX_ROWS = 8  # more rows than this: the product is a matmul, not a matvec
 ROW_MAX_K = 16384  # the row kernel's whole-row tile: 16384 16-bit weights are 128 registers at 4 warps
@@ -83,7 +69,7 @@ class GemvConfig:
     num_stages: int | None = None  # None: Triton's default
     evict_first: bool = False  # acc, dot: weights are read once; keep x in cache instead
     prefetch: bool = False  # acc: load the next weight tile before this tile's products
-    pdl: bool = False  # acc: programmatic dependent launch (CUDA only)
+    pdl: bool = False  # acc, row, dot: programmatic dependent launch (CUDA only)
     one_pass: bool = False  # norm_gemv: scale by 1/rms after the product (x not rounded first)
     per_sm: int = 1  # dotp: programs per SM
     tma: bool = False  # dot, dotp: tiles fetched through tensor descriptors (where strides allow)
@@ -105,7 +91,7 @@ class GemvConfig:
 
 
 # Configuration by padded row count, measured on the H200 (benchmarks/NOTES.md).
-_DOT_ROWS = GemvConfig("dot", 64, 256, 4, num_stages=4, evict_first=True, tma=True)
+_DOT_ROWS = GemvConfig("dot", 64, 256, 4, num_stages=4, evict_first=True, tma=True, pdl=True)
 GEMV_CONFIG = {
     # 1 row: each program's weight rows loaded whole, all at once (H200, session 8, rounds 34-35,
     # per layer in graphs of 64 layers' own weights): in_proj 35.23 µs against 37.11 for round
@@ -114,7 +100,7 @@ GEMV_CONFIG = {
     # and 2 rows for out_proj: 235.1 against 225.5 tok/s (medians of 3, alternated). Round 37:
     # evict_first alone faster (in_proj 35.05 against 35.22 µs, lm_head 60.42 against 60.68) but
     # in the model slower (round 38: 231.4 against 237.4 tok/s), so off; 16 warps slower.
-    1: GemvConfig("row", 1, 1024, 8),
+    1: GemvConfig("row", 1, 1024, 8, pdl=True),
     # 2-8 rows: tensor cores, rows padded to 16 in the kernel, so one configuration serves them
     # all. Measured at 8 rows (round 5 and the recheck): 129 products 4.02 ms (cuBLAS 4.27),
     # Codestral batch-8 decode 154.9 vs 147.8 tok/s per sequence; 2 and 4 rows are not timed.
@@ -255,17 +241,26 @@ def _gemv_acc_kernel(
 
 @triton.jit
 def _gemv_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    """PDL: the next kernel may launch at once, and this one's weight rows (and bias) are
+    loaded before it waits for the kernel that writes x."""
+    if PDL:
+        gdc_launch_dependents()
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
     k_mask = rk < K
     w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
                 other=0.0, eviction_policy=EVICT)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
     x = tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
     y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        y += bias
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -299,9 +294,14 @@ def _gemv_dot_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+    EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """One BLOCK_N-row tile per program. TMA: x_ptr and w_ptr are tensor descriptors."""
+    """One BLOCK_N-row tile per program. TMA: x_ptr and w_ptr are tensor descriptors. PDL: the
+    next kernel may launch at once; this one waits for the kernel that writes x before its
+    first load (the pipeline's first copies take x with the weights)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -474,21 +474,17 @@ def _norm_gemv_kernel(
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _launch_opts(cfg: GemvConfig, device: torch.device) -> dict:
     opts = {"num_warps": cfg.num_warps}
     if cfg.num_stages is not None:
         opts["num_stages"] = cfg.num_stages
-    if cfg.pdl and device.type == "cuda" and not _interpreting():
+    if _pdl(cfg, device):
         opts["launch_pdl"] = True
     return opts
 
 
 def _pdl(cfg: GemvConfig, device: torch.device) -> bool:
-    return bool(cfg.pdl) and HAS_PDL and device.type == "cuda" and not _interpreting()
+    return usable(cfg.pdl, device)
 
 
 # Shared memory the dot kernel's pipeline may fill: an H100/H200 block gets at most 227 KB.
@@ -602,7 +598,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     elif cfg.kind == "row" and M == 1 and K <= ROW_MAX_K:
         _gemv_row_kernel[grid](x, weight, bias if bias is not None else y, y, N, K, weight.stride(0),
                                HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(K), EVICT=evict,
-                               **_launch_opts(cfg.with_(pdl=False), x.device))
+                               PDL=_pdl(cfg, x.device), **_launch_opts(cfg, x.device))
     elif cfg.kind == "row":  # more rows or longer ones: the acc kernel, in tiles of 1024
         return gemv(x, weight, bias, cfg.with_(kind="acc", block_k=1024))
     elif cfg.kind in ("dot", "dotp"):
@@ -611,13 +607,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         stages = dot_stages(cfg, block_n, block_k, max(16, block_m), x.element_size())
         dot_opts = dict(BLOCK_M=max(16, block_m), **common, EVICT=evict,
                         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                        **_launch_opts(cfg.with_(pdl=False, num_stages=stages), x.device))
+                        **_launch_opts(cfg.with_(pdl=cfg.kind == "dot" and cfg.pdl, num_stages=stages), x.device))
         tma = cfg.tma and _tma_ok(x, weight)
         if tma:
             args = (TensorDescriptor.from_tensor(x, [dot_opts["BLOCK_M"], block_k]),
                     TensorDescriptor.from_tensor(weight, [block_n, block_k]), *args[2:])
         if cfg.kind == "dot":
-            _gemv_dot_kernel[grid](*args, **dot_opts, TMA=tma)
+            _gemv_dot_kernel[grid](*args, **dot_opts, TMA=tma, PDL=_pdl(cfg, x.device))
         else:
             nprog = min(grid[0], max(1, cfg.per_sm) * sm_count(x.device))
             part, count = _dotp_scratch(x.device, nprog, block_n * max(16, block_m))

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..errors import Mamba2Error
+from .pdl import gdc_launch_dependents, gdc_wait, usable
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -30,6 +31,11 @@ NORM_CONFIG = {"add_warps": None, "add_rows": 1, "gated_warps": None, "gated_row
 # rows, prefill of 65536 tokens 1.756 against 1.746 s (noise), so off.
 NORM_CONFIG["add_w_first"] = True
 NORM_CONFIG["gated_w_first"] = False
+# add_pdl: add_rmsnorm of at most PDL_MAX_ROWS rows (decode) launches with programmatic
+# dependent launch: it lets the next kernel launch at once and loads its weight before it
+# waits for the kernel that wrote x, so the matvec after it can load its weights meanwhile.
+NORM_CONFIG["add_pdl"] = True
+PDL_MAX_ROWS = 8
 
 
 @triton.jit
@@ -37,15 +43,19 @@ def _add_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, D, eps,
     stride_x, stride_res, stride_out, stride_res_out,
     HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-    W_FIRST: tl.constexpr,
+    W_FIRST: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # ROWS rows per program, one [ROWS, BLOCK_D] tile.
+    if PDL:
+        gdc_launch_dependents()
     row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     offs = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs < D) & (row < M)
-    if W_FIRST:
+    if W_FIRST or PDL:
         # Loaded before the residual's store: a load after a store waits for it (they might alias).
         w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()  # x (and the residual) come from the kernels before
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32) + x
@@ -57,7 +67,7 @@ def _add_rmsnorm_kernel(
         tl.store(res_out_ptr + row * stride_res_out + offs, r, mask=mask)
         r = r.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(r * r, axis=1) / D + eps)[:, None]
-    if not W_FIRST:
+    if not (W_FIRST or PDL):
         w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (r * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -127,11 +137,13 @@ def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
     if M:
         BLOCK = triton.next_power_of_2(D)
         rows = min(int(NORM_CONFIG["add_rows"]), triton.next_power_of_2(M))
+        pdl = usable(NORM_CONFIG["add_pdl"] and M <= PDL_MAX_ROWS, x.device)
         _add_rmsnorm_kernel[(triton.cdiv(M, rows),)](
             x2, res2, weight, out, res_out, M, D, float(eps),
             x2.stride(0), res2.stride(0), D, D,
             HAS_RES=residual is not None, WRITE_RES=write_res, BLOCK_D=BLOCK, ROWS=rows,
-            W_FIRST=bool(NORM_CONFIG["add_w_first"]), num_warps=NORM_CONFIG["add_warps"] or _warps(BLOCK * rows),
+            W_FIRST=bool(NORM_CONFIG["add_w_first"]), PDL=pdl,
+            num_warps=NORM_CONFIG["add_warps"] or _warps(BLOCK * rows), **({"launch_pdl": True} if pdl else {}),
         )
     return out, res_out
 

@@ -14,11 +14,14 @@
    them by then) and resets the counter for the next call. Partial sums are added in a
    fixed order, so the result does not depend on which program comes last.
 
-That is the batch-1 form, one launch. Larger batches (STEP_BATCH_CONFIG) trade launches for
-less repeated work: from 8 rows a first small kernel convolves each group's B and C once and
-shifts their windows (`bc_pre`), and the norm runs as a second kernel, one program per
-(sequence, group), after every head's program has written its part (`split`); the results
-are the same bit for bit.
+That is the fused form, one launch. The defaults (STEP_CONFIG, STEP_BATCH_CONFIG) run the norm
+as a second kernel instead, one program per (sequence, group), after every head's program has
+written its part (`split`), both launched with programmatic dependent launch (`pdl`): the
+norm kernel is resident before the first kernel ends, the step's programs load their state
+and weights while in_proj finishes (the state only when the caller says no kernel just before
+wrote it: `state_settled`, which decode passes), and out_proj's programs load their weight rows
+while the norm runs. From 8 rows a first small kernel also convolves each group's B and C once
+and shifts their windows (`bc_pre`). The results do not depend on the form.
 
 The state slice of a program is read and written by the same threads in one tile, so the
 in-place update has no hazard; the kernel is never autotuned (a tuning run would apply
@@ -35,20 +38,26 @@ import triton.language as tl
 
 from ..errors import Mamba2Error
 from .conv import conv_taps, conv_window, shift_in
-from .gemv import HAS_PDL, gdc_launch_dependents, gdc_wait
+from .pdl import gdc_launch_dependents, gdc_wait, usable
 from .ssd import softplus_clamp
 
 # Fixed launch configuration, measured on an H200 (benchmarks/NOTES.md): BLOCK_P splits a
 # head's P rows over programs, so batch 1 still has 512 programs in flight; 2 warps keep
 # the registers per program low enough for many programs per SM at large batch.
 STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}  # round 5: 8.83 us per layer in a graph (w2: 9.39)
-# Round-5 candidates, off by default: "split" runs the gated norm as a second kernel (one
-# program per (sequence, group), no arrival counter) instead of in the group's last program;
-# "pdl" launches the step with programmatic dependent launch, its state slice and constants
-# fetched while in_proj finishes (CUDA only); "tail_warps" sizes the second kernel.
-STEP_CONFIG.update({"split": False, "pdl": False, "tail_warps": 4})
+# "split" runs the gated norm as a second kernel (one program per (sequence, group), no arrival
+# counter, "tail_warps" warps) instead of in the group's last program; "pdl" launches the step
+# (and the norm kernel) with programmatic dependent launch (CUDA only). Off in sessions 2-9 at
+# batch 1 (the fused step under PDL is slower: 8.97 against 8.34 µs per layer). Session 10,
+# rounds 46-49 (H200, medians of 3, alternated): split + pdl with the norm kernel at 8 warps,
+# per layer in graphs of 64 layers as `mamba2 bench` times it, 6.39 µs against 8.38 for the
+# fused step (7.03 with the state loaded after the wait); Codestral batch-1 decode, with
+# add_rmsnorm and the matvecs also under PDL, 250.5 against 238.3 tok/s (247.2 with the state
+# loaded after the wait).
+STEP_CONFIG.update({"split": True, "pdl": True, "tail_warps": 8})
 # "bc_pre": a first small kernel convolves each group's B and C once (one program per sequence
 # and group) instead of every head's programs recomputing them: one launch more, less work.
+# At batch 1 under split + pdl: 8.86 against 7.39 µs per layer (round 47).
 STEP_CONFIG["bc_pre"] = False
 # "evict": the state's loads and stores marked evict_first (each layer's state is touched once
 # per token). Measured slower at every batch (session 5, round 17: b1 9.53 against 8.83 us per
@@ -70,8 +79,11 @@ STEP_CONFIG["early"] = True
 # rounds 39-43, medians of 3, alternated): per layer in graphs 25.75 µs against 26.77 without
 # PDL, 25.63 with the norm at 8 warps; Codestral batch-8 decode with the TMA matvec 167.7
 # against 166.1 tok/s per sequence without PDL, and 166.9 against 166.4 for the 8 warps.
+# Session 10, round 49: split + pdl at 2 rows 11.36 µs against 12.09 for the fused step; at 4
+# rows 16.70 against 16.36, so 4-7 rows keep the fused step without PDL.
 STEP_BATCH_CONFIG: list[tuple[int, dict]] = [
     (2, {"BLOCK_P": 64, "num_warps": 2}),
+    (4, {"split": False, "pdl": False, "tail_warps": 4}),
     (8, {"bc_pre": True, "BLOCK_P": 32, "num_warps": 1, "split": True, "pdl": True, "tail_warps": 8}),
 ]
 
@@ -249,9 +261,11 @@ def _mixer_step_kernel(
     BLOCK_GS: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
     TAIL: tl.constexpr = True, PDL: tl.constexpr = False, BC_PRE: tl.constexpr = False,
-    EVICT_STATE: tl.constexpr = "", EARLY: tl.constexpr = False,
+    EVICT_STATE: tl.constexpr = "", EARLY: tl.constexpr = False, PDL_STATE: tl.constexpr = False,
 ):
     """TAIL: the group's last program normalizes it (else `_group_norm_kernel` does, after).
+    PDL: launched early; D and A (and with PDL_STATE the state slice) are loaded before the
+    wait for in_proj, everything else after it.
     BC_PRE: B and C come convolved from `_bc_conv_kernel` (which also shifted their windows).
     EARLY: z and the norm weights are loaded with the state, not after the reductions (which
     the compiler does not move loads across) and the scratch stores (which it does not move
@@ -273,12 +287,17 @@ def _mixer_step_kernel(
 
     # Issue the big load (the state slice) first so its latency overlaps the conv.
     state_ptrs = ssm_ptr + bi64 * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p + offs_n[None, :]
+    if PDL and not PDL_STATE:
+        gdc_wait()
     state = tl.load(state_ptrs, mask=s_mask, other=0.0, eviction_policy=EVICT_STATE)
     if PDL:
-        # The state and the weights do not depend on in_proj, which may still be running.
+        # The weights do not depend on in_proj, which may still be running. Nor does the state,
+        # but a kernel launched just before this one may have written it, unflushed: PDL_STATE
+        # only where the caller knows that none did (`state_settled`).
         Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
         A = tl.load(A_ptr + h).to(tl.float32)
-        gdc_wait()
+        if PDL_STATE:
+            gdc_wait()
 
     zx = zx_ptr + bi64 * stride_zx_b
     xbc = zx + d_inner  # the conv input starts after z
@@ -423,13 +442,15 @@ def _scratch_for(device, b: int, d_inner: int, nslots: int, G: int):
 
 
 def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False, *, block_p=None,
-                      config=None):
+                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False, *, state_settled=False,
+                      block_p=None, config=None):
     """One decode token of the mixer; same contract as `torch_ref.mixer_decode_step`.
 
     zxbcdt [b, 2*d_inner + 2*G*N + H]; conv_state [b, conv_dim, K-1] and ssm_state
     [b, H, P, N] (fp32) are updated in place. Returns the gated, normed y [b, d_inner].
-    `config` (keys of STEP_CONFIG) overrides STEP_CONFIG for this call.
+    state_settled: no kernel launched just before this call wrote ssm_state, so under PDL
+    the state is loaded before the wait for the kernel before. `config` (keys of
+    STEP_CONFIG) overrides STEP_CONFIG for this call.
     """
     op = "mixer_decode_step"
     _check(ssm_state.dim() == 4, op, lambda: f"ssm_state must be [b, H, P, N], got {tuple(ssm_state.shape)}")
@@ -477,7 +498,7 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     npb = triton.cdiv(P, BLOCK_P)
     hpg = H // G
     split = bool(cfg["split"])
-    pdl = bool(cfg["pdl"]) and HAS_PDL and zxbcdt.is_cuda and not _interpreting()
+    pdl = usable(cfg["pdl"], zxbcdt.device)
     launch = {"launch_pdl": True} if pdl else {}
     out = torch.empty((b, d_inner), dtype=zxbcdt.dtype, device=zxbcdt.device)
     ybuf, ssbuf, counts = _scratch_for(zxbcdt.device, b, d_inner, H * npb, G)
@@ -502,7 +523,7 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         BLOCK_GS=triton.next_power_of_2(hpg * P), BLOCK_SS=triton.next_power_of_2(hpg * npb),
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
         TAIL=not split, PDL=pdl, BC_PRE=bc_pre, EVICT_STATE="evict_first" if cfg["evict"] else "",
-        EARLY=bool(cfg["early"]),
+        EARLY=bool(cfg["early"]), PDL_STATE=bool(state_settled),
         num_warps=cfg["num_warps"], **launch,
     )
     if split:
@@ -518,8 +539,3 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         )
     return out
 
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -245,11 +245,13 @@ def norm_linear(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=No
 
 
 def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False):
+                      norm_weight, ssm_state, ngroups, eps, norm_before_gate=False, *, state_settled=False):
     """One decode token of the mixer between in_proj and out_proj.
 
     zxbcdt [b, 2*d_inner + 2*G*N + H] (in_proj output); conv_state [b, conv_dim, K-1] and
     ssm_state [b, H, P, N] are updated in place. Returns the gated, normed y [b, d_inner].
+    state_settled: a promise that no kernel launched just before this call wrote ssm_state
+    (a GPU backend may then fetch the state early); the results are the same either way.
     """
     b = zxbcdt.shape[0]
     H, P, N = ssm_state.shape[1:]
