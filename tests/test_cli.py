@@ -270,6 +270,7 @@ def test_bench_preset_json():
                   "--repeats", "1", "--json", "--no-kernels"))  # the kernel section: test_bench_kernels.py
     r = json.loads(p.stdout)
     assert r["results"][0]["decode_tok_s"] > 0 and r["results"][0]["prefill_tok_s"] > 0
+    assert r["results"][0]["kernels_per_token"] is None  # counted on CUDA only
     assert r["environment"]["torch"]
 
 

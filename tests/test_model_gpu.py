@@ -77,3 +77,16 @@ def test_greedy_tokens_with_prefill_graphs_equal_eager_on_a_tiny_fp32_model():
     eager = greedy_tokens(model, tok, prompt, 16, cuda_graph=False)
     assert [greedy_tokens(model, tok, prompt, 16) for _ in range(3)] == [eager] * 3
     assert prefill_graphs(model).captures == 1
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_bench_counts_the_kernels_of_a_decode_step(batch):
+    # bench's kernels per token: CUPTI's count over the graph's replays equals the eager launches,
+    # and it grows with the layers (at least in_proj, the step, out_proj and a norm per layer).
+    from mamba2_cli.bench import kernels_per_token
+
+    model, _ = load_preset("mamba2-130m", "cuda", "bfloat16", "triton")
+    graph = kernels_per_token(model, batch, cuda_graph=True)
+    eager = kernels_per_token(model, batch, cuda_graph=False)
+    assert graph == eager and graph == int(graph)
+    assert graph >= 4 * model.cfg.n_layer

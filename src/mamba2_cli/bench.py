@@ -63,6 +63,34 @@ def bytes_per_decode_step(model: Mamba2LM, batch_size: int) -> int:
 
 
 @torch.inference_mode()
+def kernels_per_token(model: Mamba2LM, batch_size: int = 1, cuda_graph: bool = True, steps: int = 4) -> float | None:
+    """Kernels the GPU runs per decode step of `batch_size` sequences (embedding to logits: the
+    graph's kernels when it replays, the eager launches otherwise), counted by CUPTI through
+    torch.profiler over a few steps; copies and memsets are not kernels. None off CUDA, or
+    where the profiler cannot count them."""
+    if model.device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    state = owned_state(model, batch_size)
+    step = decode_step_fn(model, state, cuda_graph)
+    tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
+    step(tokens)  # captures the graph if it is new
+    torch.cuda.synchronize(model.device)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step(tokens)
+            torch.cuda.synchronize(model.device)
+    except Exception:  # no CUPTI, or a profiler already running
+        return None
+    n = sum(1 for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA
+            and not e.name.lower().startswith(("memcpy", "memset")))
+    return n / steps if n else None
+
+
+@torch.inference_mode()
 def bench_model(model: Mamba2LM, prompt_len: int, gen_len: int, batch_size: int = 1, repeats: int = 3,
                 seed: int = 0, cuda_graph: bool = True, tokenizer=None, on_step=None) -> dict:
     """Median prefill and decode times over `repeats` runs after the warm-up runs.
@@ -102,6 +130,8 @@ def bench_model(model: Mamba2LM, prompt_len: int, gen_len: int, batch_size: int 
             runs.append((t1 - t0, _now(device) - t1))
         if on_step:
             on_step()
+    peak = peak_memory_bytes(device)  # before the count below, which reuses the state and graph
+    kernels = kernels_per_token(model, batch_size, cuda_graph) if gen_len else None
     ttft = statistics.median(r[0] for r in runs[warmup:])
     decode_s = statistics.median(r[1] for r in runs[warmup:])
     return {
@@ -116,7 +146,8 @@ def bench_model(model: Mamba2LM, prompt_len: int, gen_len: int, batch_size: int 
         "prefill_tok_s": batch_size * prompt_len / ttft,
         "decode_ms_per_step": 1e3 * decode_s / gen_len if gen_len else None,
         "decode_tok_s": gen_len / decode_s if gen_len else None,  # per sequence
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "kernels_per_token": kernels,  # GPU kernels per decode step (None off CUDA)
+        "peak_memory_bytes": peak,
     }
 
 

@@ -559,11 +559,12 @@ def bench(
         sys.stdout.write(json.dumps({"environment": env, "results": rows, "kernels": ksection}, indent=1) + "\n")
         return
     cols = ("backend", "prompt", "graph", "first token ms", "prefill tok/s", "prefill of matmul", "decode tok/s",
-            "ms/token", "of copy bw", "peak memory")
+            "ms/token", "of copy bw", "kernels/token", "peak memory")
     cells = [(r["backend"], str(r["prompt_len"]), "yes" if r["cuda_graph"] else "no", f"{r['ttft_s'] * 1e3:,.1f}",
               f"{r['prefill_tok_s']:,.0f}", _pct(r["prefill_share_of_matmul"]), f"{r['decode_tok_s']:,.1f}",
-              f"{r['decode_ms_per_step']:.2f}", _pct(r["bandwidth_share"]), _human_bytes(r["peak_memory_bytes"]))
-             for r in rows]
+              f"{r['decode_ms_per_step']:.2f}", _pct(r["bandwidth_share"]),
+              "-" if r.get("kernels_per_token") is None else f"{r['kernels_per_token']:g}",
+              _human_bytes(r["peak_memory_bytes"])) for r in rows]
     title = f"mamba2 bench · {rows[0]['model']} · {rows[0]['dtype']} · batch {batch_size}"
     ceilings_line = (f"ceilings measured here: copy {bw / 1e9:,.0f} GB/s (read + written) · {dtype_name} matmul "
                      f"{mm_n}³ {_num(mm_flop_s / 1e12)} TFLOP/s")
