@@ -17,6 +17,8 @@ first (its pipeline takes x with the weights).
   model  decode at batch 1 (bench_model, 128-token prompt), alternated: the defaults; the whole
          chain with PDL; the norm and matvecs only; the step only; then batch 8: the defaults
          against add_rmsnorm and the dot matvec with PDL
+The timing graphs pass state_settled (the keyword 1c2f714 added; when this ran, the PDL step always
+loaded its state before its wait), as `mamba2 bench` and decode do.
 Lines go to stdout and $OUT/round46.txt.
 """
 
@@ -56,7 +58,8 @@ def step_phase(dev, tiny):
         return
     r33._timed("step b1", {k: None for k in variants},
                lambda name: [functools.partial(kb.call_mixer, functools.partial(step.mixer_decode_step,
-                                                                                 config=variants[name]), st, s.ngroups)
+                                                                                 config=variants[name]), st, s.ngroups,
+                                               state_settled=True)
                              for st in layers], n, dev)
 
 
