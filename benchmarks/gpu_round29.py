@@ -51,9 +51,9 @@ def after():
     yield DEFAULT_PREFILL_CHUNK
 
 
-def alternated_prefill(model, dev, cases, variants, compare_logits=False):
+def alternated_prefill(model, dev, cases, variants, compare_logits=False, reps=4):
     """Each (batch, L) case's prefill under each (label, context manager) variant, alternated,
-    4 rounds of which the first (it compiles) is not counted; a context may yield the piece
+    `reps` rounds of which the first (it compiles) is not counted; a context may yield the piece
     length (None: the default). compare_logits: the last logits of each variant against the
     first's, from the first round."""
     from mamba2_cli.generate import DEFAULT_PREFILL_CHUNK, owned_state, prefill
@@ -63,7 +63,7 @@ def alternated_prefill(model, dev, cases, variants, compare_logits=False):
         state = owned_state(model, b)
         res: dict = {}
         logits: dict = {}
-        for rep in range(4):
+        for rep in range(reps):
             for label, ctx in variants:
                 with ctx() as piece:
                     piece = piece or DEFAULT_PREFILL_CHUNK

@@ -90,6 +90,27 @@ def test_only_the_models_decode_promises_a_settled_state(make_checkpoint, monkey
     assert seen == [False]
 
 
+def test_last_layer_projects_z_for_the_kept_positions_only(make_checkpoint, monkeypatch):
+    # With logits_to_keep (or per-row lengths) the last layer's in_proj computes z, which only
+    # the gated norm reads, for the kept positions alone: same logits and states as projecting
+    # z for every position and keeping it after.
+    from mamba2_cli import model as model_mod
+
+    d, shape, _ = make_checkpoint("hf", shape=tiny_shape(n_layer=3))
+    model, tok = load_model(str(d), device="cpu", dtype="float32")
+    ids = torch.tensor([tok.encode(PROMPT)[:20]] * 2)
+    lens = torch.tensor([20, 13])
+    out = {}
+    for trim in (True, False):
+        monkeypatch.setattr(model_mod, "KEEP_Z_ONLY", trim)
+        s1, s2 = model.new_state(2), model.new_state(2)
+        out[trim] = (model(ids, s1, logits_to_keep=2), s1.ssm.clone(), s1.conv.clone(),
+                     model(ids, s2, seq_len=lens), s2.ssm.clone())
+    for a, b in zip(out[True], out[False]):
+        assert rel_err(a, b) < 1e-6
+    assert out[True][0].shape == (2, 2, shape["vocab_size"]) and out[True][3].shape == (2, 1, shape["vocab_size"])
+
+
 def test_text_in_pieces_gives_same_logits_and_state_as_whole(make_checkpoint):
     d, shape, _ = make_checkpoint("hf")
     model, tok = load_model(str(d), device="cpu", dtype="float32")
