@@ -44,6 +44,7 @@ from ..errors import Mamba2Error
 from .norm import add_rmsnorm
 from .pdl import HAS_PDL, gdc_launch_dependents, gdc_wait, interpreting as _interpreting, usable
 
+# HAS_PDL is re-exported: benchmarks read gemv.HAS_PDL.
 __all__ = ["HAS_PDL", "GemvConfig", "gemv", "norm_gemv", "linear", "norm_linear"]
 
 MAX_ROWS = 8  # more rows than this: the product is a matmul, not a matvec
@@ -100,6 +101,8 @@ GEMV_CONFIG = {
     # and 2 rows for out_proj: 235.1 against 225.5 tok/s (medians of 3, alternated). Round 37:
     # evict_first alone faster (in_proj 35.05 against 35.22 µs, lm_head 60.42 against 60.68) but
     # in the model slower (round 38: 231.4 against 237.4 tok/s), so off; 16 warps slower.
+    # Launched with PDL (the weight rows loaded before the wait for x) since session 10: see
+    # norm.NORM_CONFIG["add_pdl"] and step.STEP_CONFIG for the decode figures.
     1: GemvConfig("row", 1, 1024, 8, pdl=True),
     # 2-8 rows: tensor cores, rows padded to 16 in the kernel, so one configuration serves them
     # all. Measured at 8 rows (round 5 and the recheck): 129 products 4.02 ms (cuBLAS 4.27),
@@ -108,7 +111,8 @@ GEMV_CONFIG = {
     # layers' own weights): in_proj 39.19 µs against 40.58 with the 16-byte copies, out_proj 18.57
     # against 19.21, lm_head 63.73 against 64.46; batch-8 decode 166.1 against 162.5 tok/s per
     # sequence (medians of 3, alternated). 5 stages the same; stream-K (`dotp`) slower at every
-    # layout tried (in_proj 40.84, lm_head 66.80).
+    # layout tried (in_proj 40.84, lm_head 66.80). With PDL (session 10, round 46, with
+    # add_rmsnorm under PDL too): batch-8 decode 167.8 against 164.8 tok/s.
     2: _DOT_ROWS,
     4: _DOT_ROWS,
     8: _DOT_ROWS,
