@@ -63,18 +63,29 @@ def step_phase(dev, tiny):
                              for st in layers], n, dev)
 
 
+def restorer():
+    """A function that puts the decode switches (GEMV_CONFIG, NORM_CONFIG, STEP_CONFIG and
+    STEP_BATCH_CONFIG) back as they are now; rounds 47-49 use it too."""
+    from mamba2_cli.kernels import gemv, norm, step
+
+    saved = [(d, dict(d)) for d in (gemv.GEMV_CONFIG, norm.NORM_CONFIG, step.STEP_CONFIG)]
+    batch = list(step.STEP_BATCH_CONFIG)
+
+    def restore():
+        for d, copy in saved:
+            d.clear()
+            d.update(copy)
+        step.STEP_BATCH_CONFIG[:] = batch
+    return restore
+
+
 def _switches():
     from mamba2_cli.kernels import gemv, norm, step
 
-    saved = (dict(gemv.GEMV_CONFIG), dict(norm.NORM_CONFIG), dict(step.STEP_CONFIG))
+    restore = restorer()
 
     def apply(cfg):
-        gemv.GEMV_CONFIG.clear()
-        gemv.GEMV_CONFIG.update(saved[0])
-        norm.NORM_CONFIG.clear()
-        norm.NORM_CONFIG.update(saved[1])
-        step.STEP_CONFIG.clear()
-        step.STEP_CONFIG.update(saved[2])
+        restore()
         if cfg.get("norm"):
             norm.NORM_CONFIG["add_pdl"] = True
         if cfg.get("mv"):

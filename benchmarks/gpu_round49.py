@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
 import gpu_round33 as r33  # noqa: E402
+import gpu_round46 as r46  # noqa: E402
 
 r7.LOG_NAME = "round49.txt"
 log = r7.log
@@ -65,20 +66,14 @@ def step_phase(dev, tiny, b):
 def _apply():
     from mamba2_cli.kernels import gemv, norm, step, triton_backend
 
-    saved = (dict(gemv.GEMV_CONFIG), dict(norm.NORM_CONFIG), dict(step.STEP_CONFIG), list(step.STEP_BATCH_CONFIG))
+    restore = r46.restorer()
 
     def unsettled(*a, **k):  # decode's step without its promise: the state loads after the wait
         return step.mixer_decode_step(*a, **{**k, "state_settled": False})
 
     def apply(cfg):
         triton_backend.mixer_decode_step = unsettled if cfg.get("unsettled") else step.mixer_decode_step
-        gemv.GEMV_CONFIG.clear()
-        gemv.GEMV_CONFIG.update(saved[0])
-        norm.NORM_CONFIG.clear()
-        norm.NORM_CONFIG.update(saved[1])
-        step.STEP_CONFIG.clear()
-        step.STEP_CONFIG.update(saved[2])
-        step.STEP_BATCH_CONFIG[:] = saved[3]
+        restore()
         if cfg.get("old"):
             norm.NORM_CONFIG["add_pdl"] = False
             for rows in (1, 2, 4, 8):

@@ -434,6 +434,21 @@ def test_bf16_kernels_at_codestral_shapes(gemv_mod, name, M):
         assert rel_err(gemv_mod.gemv(x, w, config=cfg), F.linear(x.float(), w.float())) < 1e-2
 
 
+def _replays_equal_eager(chain):
+    """chain() -> tensors, run eagerly, then captured in a CUDA graph and replayed three times:
+    the replays' outputs must equal the eager ones bit for bit. Returns the eager outputs."""
+    eager = chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, e) for o, e in zip(out, eager))
+    return eager
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 8])
@@ -462,16 +477,7 @@ def test_decode_chain_under_pdl_equals_plain_launches(gemv_mod, monkeypatch, row
         monkeypatch.setitem(norm.NORM_CONFIG, "add_pdl", pdl)
         for r in (1, 2, 4, 8):
             monkeypatch.setitem(gemv_mod.GEMV_CONFIG, r, gemv_mod.GEMV_CONFIG[r].with_(pdl=pdl))
-        eager = chain()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
-        return eager
+        return _replays_equal_eager(chain)
 
     on, off = run(True), run(False)
     assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
@@ -499,12 +505,4 @@ def test_dependent_matvecs_and_norms_in_a_cuda_graph_equal_eager_calls(gemv_mod,
             h = gemv_mod.gemv(z[:, :DI], w_out[i], config=mv)
         return h, res
 
-    eager = chain()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+    _replays_equal_eager(chain)
