@@ -2,10 +2,12 @@
 
 A kernel launched with PDL may start while the kernel before it on the stream still runs:
 it calls `gdc_launch_dependents()` to let the kernel after it launch in turn, loads what no
-kernel in flight writes (weights, its own layer's state), and calls `gdc_wait()` before it
-reads anything an earlier kernel wrote or writes anything at all. The wait returns once the
-kernel before has completed and its memory is visible; since every PDL kernel completes only
-after its own wait, completion stays ordered along the whole chain.
+kernel in flight writes (weights; the decode step's SSM state only when its caller promises
+that no kernel just before wrote it, `state_settled`), and calls `gdc_wait()` before it reads
+anything an earlier kernel wrote or writes anything at all. The wait returns once the kernel
+before has completed and its memory is visible; since every PDL kernel completes only after
+its own wait, completion stays ordered along the whole chain. Which kernels launch this way:
+norm.NORM_CONFIG["add_pdl"], gemv.GemvConfig.pdl, step.STEP_CONFIG["pdl"].
 """
 
 from __future__ import annotations
