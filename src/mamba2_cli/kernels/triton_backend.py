@@ -2,7 +2,7 @@
 this project's Triton kernels. Imported only when backend 'triton' is chosen.
 
     ssd_prefill        ssd.py   one pass over the chunks, state carried in registers
-    mixer_decode_step  step.py  conv + SSM update + gated norm of one token, one launch
+    mixer_decode_step  step.py  conv + SSM update + gated norm of one token, in one to three launches
     ssd_decode_step    step.py
     causal_conv1d      conv.py  (and conv1d_step)
     add_rmsnorm        norm.py  (and gated_rmsnorm)
