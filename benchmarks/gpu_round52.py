@@ -12,7 +12,7 @@ Phases: `check` (each mode against the unfolded path on Codestral's layer, bf16)
 (conv + scan per call, alternated), `prefill` (the model, 2048 and 65536 tokens, alternated;
 `fold3 lt` also routes torch's matmuls through cuBLASLt).
 
-    PYTHONPATH=src python3 benchmarks/gpu_round52.py            # H200
+    PYTHONPATH=src python3 benchmarks/gpu_round52.py            # H200, at 9b6930d, which has the fold (taken out again after this round)
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round52.py --tiny  # CPU: runs
 
 Lines go to stdout and $OUT/round52.txt.

@@ -1,7 +1,7 @@
 """Compile the prefill scan for sm_90 with and without the conv fold (ssd.CONV_FOLD) and read
 the machine code: registers, spills, loads. No device.
 
-    PYTHONPATH=src python3 benchmarks/sass_fold.py
+    PYTHONPATH=src python3 benchmarks/sass_fold.py   # at 9b6930d, which has the fold
 
 Codestral's layer (H 128, P 64, G 8, N 128, bf16), as the 65k prefill runs it: batch 1 in
 segments, SCAN_CONFIG_MANY for the main pass and its states pass (SPLIT_STATES).

@@ -330,104 +330,6 @@ def test_causal_conv1d_matches_reference(tb, L, dtype, tol):
     assert torch.equal(cs, cs_ref)
 
 
-def conv_ssd_inputs(b, L, H, P, G, N, dtype, seed=0, init=True):
-    """The mixer's prompt inputs between in_proj and the scan: xBC = [x, B, C] as a strided view
-    into a wider tensor (as in_proj's output is), dt, the conv weights and state, the SSM's."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
-
-    Cd = H * P + 2 * G * N
-    return dict(
-        xBC=rn(b, L, Cd + 9).to(dtype)[..., 5 : 5 + Cd], dt=rn(b, L, H), conv_weight=rn(Cd, 4, scale=0.5).to(dtype),
-        conv_bias=rn(Cd, scale=0.3).to(dtype), conv_state=rn(b, Cd, 3).to(dtype), A=-torch.exp(rn(H, scale=0.5)),
-        D=rn(H), dt_bias=rn(H, scale=0.5) - 1.0, initial_state=rn(b, H, P, N) if init else None, G=G, N=N,
-    )
-
-
-def run_conv_ssd(fn, inp, **kw):
-    return fn(inp["xBC"], inp["dt"], inp["conv_weight"], inp["conv_bias"], inp["conv_state"], inp["A"], inp["D"],
-              inp["dt_bias"], (0.0, INF), 16, inp["G"], inp["N"], inp["initial_state"], **kw)
-
-
-def conv_ssd_float64(inp, H, P):
-    """The conv in float64 (torch_ref's, on a float64 copy), then the float64 recurrence."""
-    cs = inp["conv_state"].cpu().double()
-    xc = torch_ref.causal_conv1d(inp["xBC"].cpu().double(), inp["conv_weight"].cpu().double(),
-                                 inp["conv_bias"].cpu().double(), cs)
-    b, L, _ = xc.shape
-    G, N = inp["G"], inp["N"]
-    x, B, C = torch.split(xc, [H * P, G * N, G * N], dim=-1)
-    y, state = sequential_ssd(x.reshape(b, L, H, P), inp["dt"].cpu(), inp["A"].cpu(), B.reshape(b, L, G, N),
-                              C.reshape(b, L, G, N), inp["D"].cpu(), inp["dt_bias"].cpu(), (0.0, INF),
-                              None if inp["initial_state"] is None else inp["initial_state"].cpu())
-    return y, state, cs
-
-
-@pytest.mark.parametrize("fold", [0, 1, 2, 3])
-@pytest.mark.parametrize(
-    "b, L, init, cfg",
-    [(2, 37, True, None), (1, 70, False, {"CHUNK": 16, "SEGMENTS": 3}),
-     (1, 50, True, {"CHUNK": 16, "BLOCK_P": 64, "num_stages": 3, "STATE_T": True, "CB_PRECOMPUTED": False,
-                    "SEGMENTS": 2, "states": {"num_stages": 4, "STATE_T": False}})],
-    ids=["b2-ragged", "segments", "many-programs-segments"],
-)
-def test_conv_ssd_prefill_matches_float64(tb, monkeypatch, fold, b, L, init, cfg):
-    # x's conv folded into the scan (CONV_FOLD 1-3; 0 runs the conv kernel over every channel
-    # first): against the conv and the recurrence in float64; the conv state as torch_ref's.
-    from mamba2_cli.kernels import ssd
-
-    monkeypatch.setattr(ssd, "CONV_FOLD", fold)
-    H, P = 4, 16
-    inp = conv_ssd_inputs(b, L, H, P, 2, 16, torch.float32, seed=21, init=init)
-    y_ref, state_ref, cs_ref = conv_ssd_float64(inp, H, P)
-    y, state = run_conv_ssd(tb.conv_ssd_prefill, inp, config=cfg)
-    assert rel_err(y.cpu(), y_ref) < 1e-5
-    assert rel_err(state.cpu(), state_ref) < 1e-5
-    assert rel_err(inp["conv_state"].cpu(), cs_ref) == 0
-
-
-@pytest.mark.parametrize("fold", [1, 3])
-def test_conv_ssd_prefill_folded_equals_unfolded(tb, monkeypatch, fold):
-    # fp16, per-row lengths, the state written in place, the scan's own batch-1 rule: the fold
-    # computes the conv in the conv kernel's order and rounding, so the two paths agree.
-    from mamba2_cli.kernels import ssd
-
-    inp = conv_ssd_inputs(2, 45, 4, 16, 1, 16, torch.float16, seed=22)
-    lens = torch.tensor([45, 2], device=DEVICE)
-    out = {}
-    for f in (0, fold):
-        monkeypatch.setattr(ssd, "CONV_FOLD", f)
-        st = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-        y, state = run_conv_ssd(tb.conv_ssd_prefill, st, seq_len=lens, final_state=st["initial_state"])
-        assert state.data_ptr() == st["initial_state"].data_ptr()
-        assert torch.all(y[1, 2:] == 0)  # padding: zero y
-        out[f] = (y, state, st["conv_state"])
-    assert rel_err(out[fold][0], out[0][0]) < 1e-6
-    assert rel_err(out[fold][1], out[0][1]) < 1e-6
-    assert torch.equal(out[fold][2], out[0][2])
-    ref = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    run_conv_ssd(torch_ref.conv_ssd_prefill, ref, seq_len=lens)
-    assert torch.equal(out[fold][2], ref["conv_state"])
-
-
-def test_conv_ssd_prefill_in_pieces_equals_whole(tb):
-    # The conv state and the SSM state carried from one call to the next, with a first piece
-    # shorter than the conv's window (its new conv state keeps one input of the old).
-    inp = conv_ssd_inputs(1, 40, 4, 16, 2, 16, torch.float32, seed=23)
-    whole = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    y, state = run_conv_ssd(tb.conv_ssd_prefill, whole)
-    parts, st = [], {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    for a, e in ((0, 2), (2, 21), (21, 40)):
-        piece = dict(st, xBC=inp["xBC"][:, a:e], dt=inp["dt"][:, a:e])
-        yp, st["initial_state"] = run_conv_ssd(tb.conv_ssd_prefill, piece)
-        parts.append(yp)
-    assert rel_err(torch.cat(parts, dim=1), y) < 1e-5
-    assert rel_err(st["initial_state"], state) < 1e-5
-    assert torch.equal(st["conv_state"], whole["conv_state"])
-
-
 def test_conv1d_step_matches_reference(tb):
     xBC, w, bias, cs = conv_inputs(3, 1, 300, 4, torch.float32)
     cs_ref = cs.clone()
@@ -647,8 +549,8 @@ def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32, w_first,
 
 
 def test_backend_exposes_the_reference_operations(tb):
-    ops = ["ssd_prefill", "conv_ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step", "gated_rmsnorm",
-           "add_rmsnorm", "mixer_decode_step", "norm_linear"]
+    ops = ["ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step", "gated_rmsnorm", "add_rmsnorm",
+           "mixer_decode_step", "norm_linear"]
     assert tb.name == "triton"
     for op in ops:
         assert callable(getattr(tb, op)), op

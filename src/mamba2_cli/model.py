@@ -40,8 +40,6 @@ class Mamba2Mixer(nn.Module):
         """Derived tensors, computed once after the weights are in place."""
         self.A = -torch.exp(self.A_log.detach().float())
         self.conv_weight = self.conv1d.weight.detach()[:, 0, :]  # [C, K] view
-        # x's taps as [K, d_inner], the layout in which the triton scan reads them.
-        self.conv_taps = self.conv_weight[: self.cfg.d_inner].t().contiguous()
 
     scan_chunk: int = 0  # block length of the prefill scan, chosen by the backend (see set_backend)
 
@@ -69,7 +67,7 @@ class Mamba2Mixer(nn.Module):
             zxbcdt = backend.linear(u[:, 0], self.in_proj.weight, self.in_proj.bias)
             return self.decode_step(zxbcdt, conv_state, ssm_state, backend)[:, None]
 
-        H, G, N = cfg.nheads, cfg.ngroups, cfg.d_state
+        H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         if torch.is_grad_enabled():  # training (scripts/train_tiny.py): derived tensors stay attached
             A, conv_weight = -torch.exp(self.A_log.float()), self.conv1d.weight[:, 0, :]
         else:
@@ -86,11 +84,13 @@ class Mamba2Mixer(nn.Module):
         else:
             zxbcdt = backend.linear(u, W, bias)
             z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, H], dim=-1)
-        # The conv, then the scan, which writes the final state over the initial one in place.
-        y, _ = backend.conv_ssd_prefill(
-            xBC, dt, conv_weight, self.conv1d.bias, conv_state, A, self.D, self.dt_bias, cfg.dt_limit,
-            self.scan_chunk, G, N, initial_state=ssm_state, seq_len=seq_len, final_state=ssm_state,
-            conv_taps=None if torch.is_grad_enabled() else self.conv_taps,
+        xBC = backend.causal_conv1d(xBC, conv_weight, self.conv1d.bias, conv_state, seq_len=seq_len)
+        x, B, C = torch.split(xBC, [cfg.d_inner, G * N, G * N], dim=-1)
+        # The scan writes the final state over the initial one, in place.
+        y, _ = backend.ssd_prefill(
+            x.reshape(b, L, H, P), dt, A, B.reshape(b, L, G, N), C.reshape(b, L, G, N),
+            self.D, self.dt_bias, cfg.dt_limit, self.scan_chunk, initial_state=ssm_state,
+            seq_len=seq_len, final_state=ssm_state,
         )
         y = y.reshape(b, L, cfg.d_inner)
         if keep is not None:  # the positions whose output is used (the norm and out_proj are per position)

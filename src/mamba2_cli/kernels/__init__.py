@@ -15,11 +15,6 @@ implementation and the exact semantics of each):
     causal_conv1d(xBC, weight, bias, conv_state, seq_len=None) -> [b, L, C]
         Depthwise causal conv + SiLU over a prompt from `conv_state` [b, C, K-1];
         overwrites conv_state with the last K-1 inputs (before position seq_len).
-    conv_ssd_prefill(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
-                     chunk_size, ngroups, d_state, initial_state=None, seq_len=None,
-                     final_state=None, *, conv_taps=None) -> like ssd_prefill
-        causal_conv1d over xBC = [x, B, C], then ssd_prefill on its parts; a fast backend
-        folds x's conv into the scan. conv_taps: the x channels' weight as [K, H*P].
     conv1d_step(xBC, weight, bias, conv_state) -> [b, C]
         One token of the same; shifts conv_state in place.
     gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False) -> like y

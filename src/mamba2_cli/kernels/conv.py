@@ -161,25 +161,6 @@ def _conv_state_update(x_base, cs_base, len_ptr, bi, L, ch, cmask, stride_x_l, s
 
 
 @triton.jit
-def _conv_x_state_kernel(
-    x_ptr, cs_ptr, old_ptr, len_ptr, L, Cx,
-    stride_x_b, stride_x_l, stride_cs_b, stride_cs_c, stride_old_b, stride_old_k,
-    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LEN: tl.constexpr,
-):
-    """conv_x_state: copy the old conv state of channels [0, Cx) out ([K-1, Cx]), then advance it."""
-    bi = tl.program_id(0).to(tl.int64)
-    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = ch < Cx
-    cs_base = cs_ptr + bi * stride_cs_b
-    kk = tl.arange(0, BLOCK_K)
-    kmask = (kk < K - 1)[:, None] & cmask[None, :]
-    old = tl.load(cs_base + ch[None, :] * stride_cs_c + kk[:, None], mask=kmask, other=0.0)
-    tl.store(old_ptr + bi * stride_old_b + kk[:, None] * stride_old_k + ch[None, :], old, mask=kmask)
-    _conv_state_update(x_ptr + bi * stride_x_b, cs_base, len_ptr, bi, L, ch, cmask, stride_x_l, stride_cs_c, K,
-                       BLOCK_K, HAS_LEN)
-
-
-@triton.jit
 def _conv_input(x_base, cs_base, pos, L, ch, cmask, stride_x_l, stride_cs_c, K: tl.constexpr):
     """Input `pos` of channels ch as fp32: the prompt's when 0 <= pos < L, the conv state's
     when pos < 0 (zero past L)."""
@@ -379,28 +360,3 @@ def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
         HAS_LEN=seq_len is not None, STATE_BRANCH=CONV_CONFIG["STATE_BRANCH"], num_warps=CONV_CONFIG["num_warps"],
     )
     return out
-
-
-def conv_x_state(x, conv_state, seq_len=None):
-    """The conv state of channels whose conv is computed elsewhere (conv_ssd_prefill folds x's
-    into the scan): returns a copy of the old state, transposed to [b, K-1, C] (a position's
-    channels contiguous), and advances `conv_state` [b, C, K-1] in place to the K-1 inputs of
-    x [b, L, C] before position seq_len (L when None), as causal_conv1d would."""
-    op = "conv_x_state"
-    _check(x.dim() == 3, op, lambda: f"x must be [b, L, C], got {tuple(x.shape)}")
-    b, L, Cx = x.shape
-    _check(conv_state.dim() == 3 and conv_state.shape[:2] == (b, Cx) and conv_state.stride(-1) == 1, op,
-           lambda: f"conv_state must be [b, {Cx}, K-1] contiguous in its last dim, got {tuple(conv_state.shape)}")
-    _check(x.stride(-1) == 1, op, "x must be contiguous in its last dim")
-    K = conv_state.shape[-1] + 1
-    old = torch.empty((b, K - 1, Cx), dtype=conv_state.dtype, device=conv_state.device)
-    if b == 0 or Cx == 0:
-        return old
-    BLOCK_C = 256
-    _conv_x_state_kernel[(b, triton.cdiv(Cx, BLOCK_C))](
-        x, conv_state, old, seq_len if seq_len is not None else old, L, Cx,
-        x.stride(0), x.stride(1), conv_state.stride(0), conv_state.stride(1), old.stride(0), old.stride(1),
-        K=K, BLOCK_C=BLOCK_C, BLOCK_K=max(2, triton.next_power_of_2(K - 1)), HAS_LEN=seq_len is not None,
-        num_warps=4,
-    )
-    return old

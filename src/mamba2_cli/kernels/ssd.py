@@ -61,15 +61,8 @@ import triton
 import triton.language as tl
 
 from ..errors import Mamba2Error
-from .conv import causal_conv1d, conv_x_state
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# conv_ssd_prefill with a width-4 conv: the scan computes x's conv + SiLU from the raw input,
-# and the conv kernel runs over B and C only. 0: off (the conv kernel over every channel,
-# then the scan); 1: the shifted inputs loaded when used (their lines mostly the prefetched
-# tile's); 2: prefetched a chunk ahead with it.
-CONV_FOLD = 1
 
 # Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md, round 3); the scan
 # writes the final state, and none of these kernels is autotuned.
@@ -157,44 +150,6 @@ def row_length(len_ptr, bi, L, HAS_LEN: tl.constexpr):
     return n
 
 
-@triton.jit
-def _x_rows(x_chunk, xs_base, rel0, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k,
-            SHIFT: tl.constexpr):
-    """Raw conv inputs (the in_proj output) of the chunk's rows, each taken SHIFT positions back:
-    [CHUNK, BLOCK_P]. rel0 is the chunk's first position in the segment, t_seg the segment's in
-    the sequence. Positions before the sequence come from the old conv state xs [3, C] (only in
-    the sequence's first chunk); positions past its n real ones read as zero."""
-    rel = rel0 + offs_q - SHIFT
-    v = tl.load(x_chunk + (offs_q - SHIFT)[:, None] * stride_x_l + offs_p[None, :],
-                mask=((rel < n) & (rel + t_seg >= 0))[:, None] & pmask[None, :], other=0.0)
-    if SHIFT > 0:
-        if t_seg + rel0 < SHIFT:
-            a = rel + t_seg
-            sv = tl.load(xs_base + (a + 3)[:, None] * stride_xs_k + offs_p[None, :],
-                         mask=(a < 0)[:, None] & pmask[None, :], other=0.0)
-            v = tl.where((a < 0)[:, None], sv.to(v.dtype), v)
-    return v
-
-
-@triton.jit
-def _conv_x(x0, x1, x2, x3, cw_ptr, cbias_ptr, ch, pmask, rows_ok, Cx, HAS_CBIAS: tl.constexpr):
-    """SiLU(width-4 depthwise conv) of x's channels from its four shifted input tiles, in the
-    order and rounding of the conv kernel (fp32 sums, one rounding to the input dtype); rows
-    not ok (padding) are zero, as the scan's x loads give them. cw_ptr: the taps [4, Cx]."""
-    w0 = tl.load(cw_ptr + ch, mask=pmask, other=0.0).to(tl.float32)
-    w1 = tl.load(cw_ptr + Cx + ch, mask=pmask, other=0.0).to(tl.float32)
-    w2 = tl.load(cw_ptr + 2 * Cx + ch, mask=pmask, other=0.0).to(tl.float32)
-    w3 = tl.load(cw_ptr + 3 * Cx + ch, mask=pmask, other=0.0).to(tl.float32)
-    acc = x0.to(tl.float32) * w0[None, :]
-    acc += x1.to(tl.float32) * w1[None, :]
-    acc += x2.to(tl.float32) * w2[None, :]
-    acc += x3.to(tl.float32) * w3[None, :]
-    if HAS_CBIAS:
-        acc += tl.load(cbias_ptr + ch, mask=pmask, other=0.0).to(tl.float32)[None, :]
-    out = acc * tl.sigmoid(acc)
-    return tl.where(rows_ok[:, None], out, 0.0).to(x3.dtype)
-
-
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _chunk_cb_kernel(
     C_ptr, B_ptr, cb_ptr, len_ptr,
@@ -264,7 +219,7 @@ def _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PREC
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _ssd_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, cb_ptr, init_ptr, y_ptr, final_ptr, len_ptr,
-    seg_state_ptr, seg_decay_ptr, cw_ptr, cbias_ptr, xs_ptr,
+    seg_state_ptr, seg_decay_ptr,
     L, H, P, N, G, heads_per_group, nchunks, dt_lo, dt_hi, seg_chunks, nseg,
     stride_x_b, stride_x_l, stride_x_h,
     stride_dt_b, stride_dt_l, stride_dt_h,
@@ -272,12 +227,12 @@ def _ssd_scan_kernel(
     stride_C_b, stride_C_l, stride_C_g,
     stride_D_h, stride_D_p,
     stride_y_b, stride_y_l, stride_y_h,
-    stride_s_b, stride_s_h, stride_s_p, stride_xs_b, stride_xs_k,
+    stride_s_b, stride_s_h, stride_s_p,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     CB_PRECOMPUTED: tl.constexpr, HAS_INIT: tl.constexpr, DT_CLAMP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, FOLD_DECAY: tl.constexpr,
     STATE_T: tl.constexpr, D_IN_SCORES: tl.constexpr, HAS_LEN: tl.constexpr,
-    STATES_ONLY: tl.constexpr, SPLIT: tl.constexpr, CONV_X: tl.constexpr = 0, HAS_CBIAS: tl.constexpr = False,
+    STATES_ONLY: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Program order: P block fastest, then head, then segment, then sequence, so the heads
     # of one group (which read the same B, C and C B^T) run side by side and share L2.
@@ -341,12 +296,6 @@ def _ssd_scan_kernel(
 
     PF_BC: tl.constexpr = PREFETCH == 2 or PREFETCH == 4
     PF_CB: tl.constexpr = CB_PRECOMPUTED and (PREFETCH == 2 or PREFETCH == 3)
-    if CONV_X:
-        # x arrives raw (in_proj's output) and the scan applies the conv + SiLU itself: the
-        # conv kernel's x output (written once, read once) never exists. xs: the old conv
-        # state of x's channels [3, C], read in the sequence's first chunk only.
-        ch_x = h * P + offs_p
-        xs_base = xs_ptr + bi * stride_xs_b + h * P
     if PREFETCH:
         # Registers hold the next chunk's dt and x while this one computes, so their
         # latency hides behind a whole chunk step. (Triton pipelines loads that feed a dot
@@ -356,19 +305,6 @@ def _ssd_scan_kernel(
         dt_n = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask_n, other=0.0)
         x_n = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
                       mask=tmask_n[:, None] & pmask[None, :], other=0.0)
-        if CONV_X == 3:
-            # The conv of the next chunk at the end of the loop body, where few registers are
-            # live; its shifted rows are mostly the prefetched tile's lines.
-            x_n = _conv_x(_x_rows(x_base, xs_base, 0, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 3),
-                          _x_rows(x_base, xs_base, 0, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 2),
-                          _x_rows(x_base, xs_base, 0, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 1),
-                          x_n, cw_ptr, cbias_ptr, ch_x, pmask, tmask_n, H * P, HAS_CBIAS)
-        if CONV_X == 2:
-            # The shifted inputs prefetched too (CONV_X 1: loaded when used; their lines are
-            # mostly the prefetched tile's).
-            x_n1 = _x_rows(x_base, xs_base, 0, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 1)
-            x_n2 = _x_rows(x_base, xs_base, 0, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 2)
-            x_n3 = _x_rows(x_base, xs_base, 0, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 3)
         if PF_BC:
             C_n = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
                           mask=tmask_n[:, None] & nmask[None, :], other=0.0)
@@ -382,32 +318,14 @@ def _ssd_scan_kernel(
         if PREFETCH:
             dt_raw = dt_n
             xm = x_n
-            if CONV_X == 2:
-                xs1 = x_n1
-                xs2 = x_n2
-                xs3 = x_n3
             tmask_n = ((c + 1) * CHUNK + offs_q) < n
             dt_n = tl.load(dt_base + (CHUNK + offs_q) * stride_dt_l, mask=tmask_n, other=0.0)
             x_n = tl.load(x_base + (CHUNK + offs_q)[:, None] * stride_x_l + offs_p[None, :],
                           mask=tmask_n[:, None] & pmask[None, :], other=0.0)
-            if CONV_X == 2:
-                x_next = x_base + CHUNK * stride_x_l
-                x_n1 = _x_rows(x_next, xs_base, (c + 1) * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l,
-                               stride_xs_k, 1)
-                x_n2 = _x_rows(x_next, xs_base, (c + 1) * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l,
-                               stride_xs_k, 2)
-                x_n3 = _x_rows(x_next, xs_base, (c + 1) * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l,
-                               stride_xs_k, 3)
         else:
             dt_raw = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask, other=0.0)
             xm = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
                          mask=tmask[:, None] & pmask[None, :], other=0.0)
-        if CONV_X and not (CONV_X == 3 and PREFETCH):
-            if CONV_X != 2 or not PREFETCH:
-                xs1 = _x_rows(x_base, xs_base, c * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 1)
-                xs2 = _x_rows(x_base, xs_base, c * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 2)
-                xs3 = _x_rows(x_base, xs_base, c * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l, stride_xs_k, 3)
-            xm = _conv_x(xs3, xs2, xs1, xm, cw_ptr, cbias_ptr, ch_x, pmask, tmask, H * P, HAS_CBIAS)
         if PF_BC:
             Cm = C_n
             Bm = B_n
@@ -461,14 +379,6 @@ def _ssd_scan_kernel(
         B_base += CHUNK * stride_B_l
         C_base += CHUNK * stride_C_l
         cb_base += G * CHUNK * CHUNK
-        if CONV_X == 3 and PREFETCH:
-            x_n = _conv_x(_x_rows(x_base, xs_base, (c + 1) * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l,
-                                  stride_xs_k, 3),
-                          _x_rows(x_base, xs_base, (c + 1) * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l,
-                                  stride_xs_k, 2),
-                          _x_rows(x_base, xs_base, (c + 1) * CHUNK, t_seg, n, offs_q, offs_p, pmask, stride_x_l,
-                                  stride_xs_k, 1),
-                          x_n, cw_ptr, cbias_ptr, ch_x, pmask, tmask_n, H * P, HAS_CBIAS)
 
     if STATES_ONLY:
         # This segment's own final state (from zero) and its total decay, for the segments after
@@ -494,11 +404,10 @@ def _segments(cfg: dict, programs: int, nchunks: int) -> int:
 
 def _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
                  grid, L, H, P, N, G, nchunks, lo, hi, seg_chunks, nseg, BLOCK_P, flags, num_warps, num_stages,
-                 launch_extra, conv):
-    taps, cbias, xs = conv if conv is not None else (A, None, A)
+                 launch_extra):
     _ssd_scan_kernel[grid](
         x, dt, A, B, C, D2, dt_bias, cb, init, y, final, seq_len if seq_len is not None else A,
-        seg_state, seg_decay, taps, cbias if cbias is not None else A, xs,
+        seg_state, seg_decay,
         L, H, P, N, G, H // G, nchunks, lo, hi if hi != float("inf") else 3.0e38, seg_chunks, nseg,
         x.stride(0), x.stride(1), x.stride(2),
         dt.stride(0), dt.stride(1), dt.stride(2),
@@ -507,8 +416,6 @@ def _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_
         stride_D[0], stride_D[1],
         y.stride(0), y.stride(1), y.stride(2),
         final.stride(0), final.stride(1), final.stride(2),
-        xs.stride(0) if conv is not None else 0, xs.stride(1) if conv is not None else 0,
-        CONV_X=CONV_FOLD if conv is not None else 0, HAS_CBIAS=conv is not None and cbias is not None,
         BLOCK_P=BLOCK_P, **flags, num_warps=num_warps, num_stages=num_stages, **launch_extra,
     )
 
@@ -547,7 +454,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None, seq_len=None,
-                final_state=None, *, config=None, _conv=None):
+                final_state=None, *, config=None):
     """Chunked SSD scan; same contract as `torch_ref.ssd_prefill`.
 
     x [b, L, H, P] (fp16, bf16 or fp32); dt [b, L, H]; A [H] fp32; B, C [b, L, G, N] in
@@ -560,8 +467,6 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     writes the same slice, so the update is in place and needs no copy).
     `chunk_size` is accepted for the interface; the kernel's own chunk gives the same sums.
     `config` overrides the chosen configuration's keys (benchmarks use it).
-    `_conv` (conv_ssd_prefill's): (taps [4, H*P], bias [H*P] or None, old conv state of x's
-    channels [b, H*P, 3]): x is the conv's raw input, and the scan applies the conv itself.
     """
     _check(x.dim() == 4, lambda: f"x must be [b, L, H, P], got shape {tuple(x.shape)}")
     b, L, H, P = x.shape
@@ -668,51 +573,14 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
                      seg_chunks * CHUNK // CHUNK1, nseg - 1, BP1,
                      {**common, "CHUNK": CHUNK1, "STATE_T": bool(pcfg["STATE_T"]), "D_IN_SCORES": False,
                       "STATES_ONLY": True, "SPLIT": True},
-                     int(pcfg["num_warps"]), int(pcfg["num_stages"]),
-                     {"maxnreg": int(pcfg["maxnreg"])} if pcfg.get("maxnreg") and x.is_cuda else {}, _conv)
+                     int(pcfg["num_warps"]), int(pcfg["num_stages"]), launch_extra)
     # Pass 2 (the only one unless split): every segment, from the state composed for it.
     _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
                  (b * nseg * H * npb,), L, H, P, N, G, nchunks, lo, hi, seg_chunks, nseg, BLOCK_P,
                  {**common, "STATE_T": bool(cfg["STATE_T"]), "D_IN_SCORES": bool(cfg["D_IN_SCORES"]) and D.dim() == 1,
                   "STATES_ONLY": False, "SPLIT": nseg > 1},
-                 int(cfg["num_warps"]), int(cfg["num_stages"]), launch_extra, _conv)
+                 int(cfg["num_warps"]), int(cfg["num_stages"]), launch_extra)
     if out is not None and out is not final:
         out.copy_(final)
         final = out
     return y, final
-
-
-def conv_ssd_prefill(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit, chunk_size, ngroups,
-                     d_state, initial_state=None, seq_len=None, final_state=None, *, conv_taps=None, config=None):
-    """causal_conv1d over xBC = [x, B, C] [b, L, conv_dim], then ssd_prefill on its parts; same
-    contract as `torch_ref.conv_ssd_prefill`. With CONV_FOLD and a width-4 conv, x's conv runs
-    inside the scan. conv_taps: conv_weight[:H*P] as [4, H*P] contiguous, if the caller keeps
-    one (else made here)."""
-    _check(xBC.dim() == 3, lambda: f"xBC must be [b, L, conv_dim], got shape {tuple(xBC.shape)}")
-    b, L, Cdim = xBC.shape
-    H = dt.shape[-1]
-    G, N = int(ngroups), int(d_state)
-    Cx = Cdim - 2 * G * N
-    _check(Cx > 0 and Cx % H == 0, lambda: f"conv_dim {Cdim} does not hold x ({H} heads), B and C ({G} x {N})")
-    P = Cx // H
-    K = conv_weight.shape[-1]
-    if not (CONV_FOLD and K == 4 and conv_state.dtype == xBC.dtype and L > 0 and b > 0):
-        xc = causal_conv1d(xBC, conv_weight, conv_bias, conv_state, seq_len=seq_len)
-        x, B, C = torch.split(xc, [Cx, G * N, G * N], dim=-1)
-        return ssd_prefill(x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), D,
-                           dt_bias, dt_limit, chunk_size, initial_state, seq_len, final_state, config=config)
-    xBC = _last_dim_contiguous(xBC)
-    if conv_taps is None:
-        conv_taps = conv_weight[:Cx].t().contiguous()
-    _check(conv_taps.shape == (K, Cx) and conv_taps.is_contiguous() and conv_taps.device == xBC.device,
-           lambda: f"conv_taps must be a contiguous [{K}, {Cx}] on {xBC.device}, got {tuple(conv_taps.shape)}")
-    # x's conv state: the old one for the scan's first chunk, the new one written now (the scan
-    # only reads the copy).
-    xs_old = conv_x_state(xBC[..., :Cx], conv_state[:, :Cx], seq_len)
-    BC = causal_conv1d(xBC[..., Cx:], conv_weight[Cx:], None if conv_bias is None else conv_bias[Cx:],
-                       conv_state[:, Cx:], seq_len=seq_len)
-    B, C = torch.split(BC, [G * N, G * N], dim=-1)
-    cbias = None if conv_bias is None else conv_bias[:Cx].contiguous()
-    return ssd_prefill(xBC[..., :Cx].unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
-                       D, dt_bias, dt_limit, chunk_size, initial_state, seq_len, final_state, config=config,
-                       _conv=(conv_taps, cbias, xs_old))

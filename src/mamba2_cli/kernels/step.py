@@ -69,6 +69,13 @@ STEP_CONFIG["evict"] = False
 # `mamba2 bench` times them: b1 8.37 against 9.22 µs, b8 26.78 against 27.71, b64 85.2 % of
 # copy against 84.5 %; Codestral decode b1 226.5 against 222.6 tok/s (medians of 3, alternated).
 STEP_CONFIG["early"] = True
+# maxnreg: a cap on the step kernel's registers per thread (CUDA; None: the compiler's
+# choice, 126 at batch 1's p16 w4 on sm_90, so its 512 programs fill every SM's register file
+# and out_proj, launched early under PDL, cannot make programs resident until they end).
+# H200, session 11, round 53 (alternated, medians): the step per layer 8.12 / 7.16 / 6.31 µs
+# at 64 / 80 / 96 against 6.31; Codestral batch-1 decode 217.1 / 228.1 / 233.7 against 242.4
+# tok/s. out_proj's programs loading beside the step slow decode, so no cap.
+STEP_CONFIG["maxnreg"] = None
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
 # from 2 rows one program per head (b2 11.75 us per layer against 13.04, b4 16.19 against
@@ -500,6 +507,9 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
     split = bool(cfg["split"])
     pdl = usable(cfg["pdl"], zxbcdt.device)
     launch = {"launch_pdl": True} if pdl else {}
+    first_launch = dict(launch)
+    if cfg.get("maxnreg") and zxbcdt.is_cuda:
+        first_launch["maxnreg"] = int(cfg["maxnreg"])
     out = torch.empty((b, d_inner), dtype=zxbcdt.dtype, device=zxbcdt.device)
     ybuf, ssbuf, counts = _scratch_for(zxbcdt.device, b, d_inner, H * npb, G)
     bc_pre = bool(cfg["bc_pre"])
@@ -524,7 +534,7 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
         TAIL=not split, PDL=pdl, BC_PRE=bc_pre, EVICT_STATE="evict_first" if cfg["evict"] else "",
         EARLY=bool(cfg["early"]), PDL_STATE=bool(state_settled),
-        num_warps=cfg["num_warps"], **launch,
+        num_warps=cfg["num_warps"], **first_launch,
     )
     if split:
         _group_norm_kernel[(b * G,)](

@@ -200,22 +200,6 @@ def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
     return F.silu(out, inplace=True)
 
 
-def conv_ssd_prefill(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit, chunk_size, ngroups,
-                     d_state, initial_state=None, seq_len=None, final_state=None, *, conv_taps=None):
-    """The mixer's prompt path between in_proj and the gated norm: `causal_conv1d` over
-    xBC = [x, B, C] [b, L, conv_dim] (updating conv_state), then `ssd_prefill` on x [b, L, H, P],
-    B and C [b, L, ngroups, d_state] (H = dt.shape[-1]). Returns ssd_prefill's (y, final state).
-    conv_taps: conv_weight[:H*P] as [K, H*P], for a backend that wants that layout (unused here).
-    """
-    b, L, Cdim = xBC.shape
-    H, G, N = dt.shape[-1], ngroups, d_state
-    Cx = Cdim - 2 * G * N
-    xc = causal_conv1d(xBC, conv_weight, conv_bias, conv_state, seq_len=seq_len)
-    x, B, C = torch.split(xc, [Cx, G * N, G * N], dim=-1)
-    return ssd_prefill(x.unflatten(-1, (H, Cx // H)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), D,
-                       dt_bias, dt_limit, chunk_size, initial_state, seq_len, final_state)
-
-
 def conv1d_step(xBC, weight, bias, conv_state):
     """One token of the causal conv: xBC [b, C] -> [b, C]; shifts `conv_state` in place."""
     window = torch.cat([conv_state, _as(xBC, conv_state.dtype)[:, :, None]], dim=-1)  # [b, C, K]

@@ -2,7 +2,6 @@
 this project's Triton kernels. Imported only when backend 'triton' is chosen.
 
     ssd_prefill        ssd.py   one pass over the chunks, state carried in registers
-    conv_ssd_prefill   ssd.py   B and C's conv, then the scan, which does x's conv itself
     mixer_decode_step  step.py  conv + SSM update + gated norm of one token, in one to three launches
     ssd_decode_step    step.py
     causal_conv1d      conv.py  (and conv1d_step)
@@ -14,12 +13,12 @@ this project's Triton kernels. Imported only when backend 'triton' is chosen.
 from .conv import causal_conv1d, conv1d_step
 from .gemv import linear, norm_linear
 from .norm import add_rmsnorm, gated_rmsnorm
-from .ssd import conv_ssd_prefill, ssd_prefill
+from .ssd import ssd_prefill
 from .step import mixer_decode_step, ssd_decode_step
 
 name = "triton"
 
 __all__ = [
-    "name", "linear", "ssd_prefill", "conv_ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step",
+    "name", "linear", "ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step",
     "gated_rmsnorm", "add_rmsnorm", "mixer_decode_step", "norm_linear",
 ]
