@@ -53,6 +53,39 @@ def conv_taps(xbc_ptr, cs_ptr, w_ptr, b_ptr, ch, cmask, stride_cs_c, stride_w_c,
 
 
 @triton.jit
+def conv_taps4_pre(cs_ptr, w_ptr, b_ptr, ch, cmask, stride_cs_c, stride_w_c, HAS_BIAS: tl.constexpr):
+    """conv_taps' loads that do not read the new input, width 4: the three inputs in the conv
+    state and the taps (and bias) as fp32, for a caller that issues them early."""
+    o0 = tl.load(cs_ptr + ch * stride_cs_c + 0, mask=cmask, other=0.0).to(tl.float32)
+    o1 = tl.load(cs_ptr + ch * stride_cs_c + 1, mask=cmask, other=0.0).to(tl.float32)
+    o2 = tl.load(cs_ptr + ch * stride_cs_c + 2, mask=cmask, other=0.0).to(tl.float32)
+    w0 = tl.load(w_ptr + ch * stride_w_c + 0, mask=cmask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + ch * stride_w_c + 1, mask=cmask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + ch * stride_w_c + 2, mask=cmask, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + ch * stride_w_c + 3, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = w3 * 0.0
+    return o0, o1, o2, w0, w1, w2, w3, bias
+
+
+@triton.jit
+def conv_taps4_post(xbc_ptr, cs_ptr, ch, cmask, o0, o1, o2, w0, w1, w2, w3, bias, HAS_BIAS: tl.constexpr):
+    """conv_taps from conv_taps4_pre's values and the new input: the same sums in the same
+    order, so the same bits."""
+    xin = tl.load(xbc_ptr + ch, mask=cmask, other=0.0)
+    acc = xin.to(cs_ptr.dtype.element_ty).to(tl.float32) * w3
+    acc += o0 * w0
+    acc += o1 * w1
+    acc += o2 * w2
+    if HAS_BIAS:
+        acc += bias
+    out = acc * tl.sigmoid(acc)
+    return out.to(xin.dtype).to(tl.float32)
+
+
+@triton.jit
 def conv_window(xbc_ptr, cs_ptr, ch, cmask, offs_k, stride_cs_c, K: tl.constexpr):
     """The window [C, BLOCK_K] (conv state, then the new input) in the state's dtype."""
     kk = offs_k[None, :]

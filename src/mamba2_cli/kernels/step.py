@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..errors import Mamba2Error
-from .conv import conv_taps, conv_window, shift_in
+from .conv import conv_taps, conv_taps4_post, conv_taps4_pre, conv_window, shift_in
 from .pdl import gdc_launch_dependents, gdc_wait, usable
 from .ssd import softplus_clamp
 
@@ -76,6 +76,9 @@ STEP_CONFIG["early"] = True
 # at 64 / 80 / 96 against 6.31; Codestral batch-1 decode 217.1 / 228.1 / 233.7 against 242.4
 # tok/s. out_proj's programs loading beside the step slow decode, so no cap.
 STEP_CONFIG["maxnreg"] = None
+# conv_early: under PDL with a settled state, the conv's state inputs and taps (and dt_bias)
+# are loaded before the wait for in_proj as well (the kernel's CONV_EARLY); same bits.
+STEP_CONFIG["conv_early"] = True
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
 # from 2 rows one program per head (b2 11.75 us per layer against 13.04, b4 16.19 against
@@ -269,6 +272,7 @@ def _mixer_step_kernel(
     NORM_BEFORE_GATE: tl.constexpr, DT_CLAMP: tl.constexpr,
     TAIL: tl.constexpr = True, PDL: tl.constexpr = False, BC_PRE: tl.constexpr = False,
     EVICT_STATE: tl.constexpr = "", EARLY: tl.constexpr = False, PDL_STATE: tl.constexpr = False,
+    CONV_EARLY: tl.constexpr = False,
 ):
     """TAIL: the group's last program normalizes it (else `_group_norm_kernel` does, after).
     PDL: launched early; D and A (and with PDL_STATE the state slice) are loaded before the
@@ -276,7 +280,10 @@ def _mixer_step_kernel(
     BC_PRE: B and C come convolved from `_bc_conv_kernel` (which also shifted their windows).
     EARLY: z and the norm weights are loaded with the state, not after the reductions (which
     the compiler does not move loads across) and the scratch stores (which it does not move
-    loads above); each of those was one more trip to memory on the program's path."""
+    loads above); each of those was one more trip to memory on the program's path.
+    CONV_EARLY (a settled state, width 4, not BC_PRE): the conv state's inputs, the taps, the
+    conv bias and dt_bias are loaded first as well (under PDL_STATE, before the wait), and only
+    in_proj's output after; the same sums in the same order."""
     pid = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()
@@ -303,13 +310,24 @@ def _mixer_step_kernel(
         # only where the caller knows that none did (`state_settled`).
         Dv = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=pmask, other=0.0).to(tl.float32)
         A = tl.load(A_ptr + h).to(tl.float32)
-        if PDL_STATE:
-            gdc_wait()
 
     zx = zx_ptr + bi64 * stride_zx_b
     xbc = zx + d_inner  # the conv input starts after z
     cs = conv_state_ptr + bi64 * stride_cs_b
     ch_x = h * P + offs_p
+    ch_B = d_inner + g * N + offs_n
+    ch_C = d_inner + G * N + g * N + offs_n
+    if CONV_EARLY:
+        # The conv state is as settled as the SSM state (only this layer's step writes it).
+        xo0, xo1, xo2, xw0, xw1, xw2, xw3, xb = conv_taps4_pre(cs, conv_w_ptr, conv_b_ptr, ch_x, pmask, stride_cs_c,
+                                                               stride_cw_c, HAS_CONV_BIAS)
+        bo0, bo1, bo2, bw0, bw1, bw2, bw3, bb = conv_taps4_pre(cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c,
+                                                               stride_cw_c, HAS_CONV_BIAS)
+        co0, co1, co2, cw0, cw1, cw2, cw3, cbb = conv_taps4_pre(cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c,
+                                                                stride_cw_c, HAS_CONV_BIAS)
+        dt_b = tl.load(dt_bias_ptr + h).to(tl.float32)
+    if PDL and PDL_STATE:
+        gdc_wait()
     GS = heads_per_group * P
     offs_gs = tl.arange(0, BLOCK_GS)
     gsmask = offs_gs < GS
@@ -319,20 +337,24 @@ def _mixer_step_kernel(
             z_early = tl.load(zx + ch_x, mask=pmask, other=0.0).to(tl.float32)
         if TAIL:
             norm_w = tl.load(norm_w_ptr + ch_g, mask=gsmask, other=0.0).to(tl.float32)
-    ch_B = d_inner + g * N + offs_n
-    ch_C = d_inner + G * N + g * N + offs_n
-    x = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_x, pmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
-    if BC_PRE:
-        bc = bc_ptr + bi64 * (2 * G * N) + g * N + offs_n
-        Bv = tl.load(bc, mask=nmask, other=0.0)
-        Cv = tl.load(bc + G * N, mask=nmask, other=0.0)
+    if CONV_EARLY:
+        x = conv_taps4_post(xbc, cs, ch_x, pmask, xo0, xo1, xo2, xw0, xw1, xw2, xw3, xb, HAS_CONV_BIAS)
+        Bv = conv_taps4_post(xbc, cs, ch_B, nmask, bo0, bo1, bo2, bw0, bw1, bw2, bw3, bb, HAS_CONV_BIAS)
+        Cv = conv_taps4_post(xbc, cs, ch_C, nmask, co0, co1, co2, cw0, cw1, cw2, cw3, cbb, HAS_CONV_BIAS)
     else:
-        Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
-        Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+        x = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_x, pmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+        if BC_PRE:
+            bc = bc_ptr + bi64 * (2 * G * N) + g * N + offs_n
+            Bv = tl.load(bc, mask=nmask, other=0.0)
+            Cv = tl.load(bc + G * N, mask=nmask, other=0.0)
+        else:
+            Bv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_B, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+            Cv = conv_taps(xbc, cs, conv_w_ptr, conv_b_ptr, ch_C, nmask, stride_cs_c, stride_cw_c, K, HAS_CONV_BIAS)
+        dt_b = tl.load(dt_bias_ptr + h).to(tl.float32)
     win_x = conv_window(xbc, cs, ch_x, pmask, offs_k, stride_cs_c, K)
 
     conv_dim = d_inner + 2 * G * N
-    dt = tl.load(xbc + conv_dim + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+    dt = tl.load(xbc + conv_dim + h).to(tl.float32) + dt_b
     dt = softplus_clamp(dt, dt_lo, dt_hi, DT_CLAMP)
     if not PDL:
         A = tl.load(A_ptr + h).to(tl.float32)
@@ -534,6 +556,7 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
         TAIL=not split, PDL=pdl, BC_PRE=bc_pre, EVICT_STATE="evict_first" if cfg["evict"] else "",
         EARLY=bool(cfg["early"]), PDL_STATE=bool(state_settled),
+        CONV_EARLY=bool(cfg["conv_early"]) and bool(state_settled) and K == 4 and not bc_pre,
         num_warps=cfg["num_warps"], **first_launch,
     )
     if split:
