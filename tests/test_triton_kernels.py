@@ -432,16 +432,16 @@ def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split,
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 def test_mixer_decode_step_state_settled_gives_the_same_steps(tb, split):
     # state_settled (decode's promise that no kernel just before wrote the state): on a GPU
-    # under PDL the state is loaded before the wait, and (conv_early, here and on the CPU) the
-    # conv's state inputs and taps are loaded first; the steps are the same, bit for bit. The
-    # torch reference takes the keyword too.
+    # under PDL the state is loaded before the wait, and (conv_early; "always" also without PDL,
+    # so on the CPU) the conv's state inputs and taps are loaded first; the steps are the same,
+    # bit for bit. The torch reference takes the keyword too.
     st, draw = mixer_inputs(2, 4, 32, 2, 16, 4, torch.float32, seed=15)
     plain = {k: v.clone() for k, v in st.items()}
     ref = {k: v.clone() for k, v in st.items()}
     for _ in range(3):
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False, state_settled=True,
-                        config={"split": split, "pdl": True})
+                        config={"split": split, "pdl": True, "conv_early": "always"})
         out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, False, config={"split": split, "pdl": True})
         out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 2, False, state_settled=True)
         assert torch.equal(out, out_plain) and torch.equal(st["ssm_state"], plain["ssm_state"])

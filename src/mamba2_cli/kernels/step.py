@@ -77,7 +77,10 @@ STEP_CONFIG["early"] = True
 # tok/s. out_proj's programs loading beside the step slow decode, so no cap.
 STEP_CONFIG["maxnreg"] = None
 # conv_early: under PDL with a settled state, the conv's state inputs and taps (and dt_bias)
-# are loaded before the wait for in_proj as well (the kernel's CONV_EARLY); same bits.
+# are loaded before the wait for in_proj as well (the kernel's CONV_EARLY); same bits ("always":
+# without PDL too, where it only moves those loads first; the CPU tests take that form).
+# H200, session 11, round 55 (graphs of 64 layers, medians of 5, alternated): b1 5.98 µs per
+# layer against 6.31, b2 10.47 against 11.48; the fused step at b4 (no PDL) 16.65 against 16.26.
 STEP_CONFIG["conv_early"] = True
 # Overrides by batch size: (smallest batch, keys of STEP_CONFIG), applied in order. Measured
 # on the H200 in graphs of 64 Codestral layers (benchmarks/NOTES.md, session 3, round 8):
@@ -556,7 +559,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         HAS_CONV_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate), DT_CLAMP=clamp,
         TAIL=not split, PDL=pdl, BC_PRE=bc_pre, EVICT_STATE="evict_first" if cfg["evict"] else "",
         EARLY=bool(cfg["early"]), PDL_STATE=bool(state_settled),
-        CONV_EARLY=bool(cfg["conv_early"]) and bool(state_settled) and K == 4 and not bc_pre,
+        CONV_EARLY=bool(cfg["conv_early"]) and (pdl or cfg["conv_early"] == "always") and bool(state_settled)
+        and K == 4 and not bc_pre,
         num_warps=cfg["num_warps"], **first_launch,
     )
     if split:
