@@ -251,12 +251,21 @@ class DecodeGraph:
     replays embedding, every layer, the final norm and lm_head in one launch. Warm-up runs
     before the capture (compiling kernels, allocating scratch) advance the state, so it is
     saved and put back.
+
+    greedy: the graph also takes the argmax, writes it over `tokens` (the next step's input,
+    so no copy comes before the next replay) and copies it to pinned host memory; `launch`
+    and `collect` then replace the call and the host's read of a separately sampled token
+    (one launch and one wait per step instead of four launches and a blocking copy).
     """
 
-    def __init__(self, model: Mamba2LM, state: Mamba2State):
+    def __init__(self, model: Mamba2LM, state: Mamba2State, greedy: bool = False):
         device = model.device
         self.state = state
         self.tokens = torch.zeros(state.batch_size, dtype=torch.long, device=device)
+        self.greedy = greedy
+        if greedy:
+            self.host = torch.zeros(state.batch_size, dtype=torch.long).pin_memory()
+            self.done = torch.cuda.Event()
         saved = state.clone()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -268,6 +277,10 @@ class DecodeGraph:
         try:
             with torch.inference_mode(), torch.cuda.graph(self.graph):
                 self.logits = decode_one_token(model, self.tokens, state)
+                if greedy:
+                    nxt = self.logits.argmax(dim=-1)  # as sampling.sample takes it
+                    self.tokens.copy_(nxt)
+                    self.host.copy_(nxt, non_blocking=True)
         except Exception as e:
             raise Mamba2Error(f"CUDA graph capture of the decode step failed ({e}); "
                               "run with --no-cuda-graph to decode without it") from None
@@ -277,6 +290,18 @@ class DecodeGraph:
         self.tokens.copy_(tokens.view(-1))
         self.graph.replay()
         return self.logits
+
+    def launch(self, tokens: torch.Tensor | None = None) -> None:
+        """A greedy graph's step: from `tokens`, or (None) from the token the last step chose."""
+        if tokens is not None:
+            self.tokens.copy_(tokens.view(-1))
+        self.graph.replay()
+        self.done.record()
+
+    def collect(self) -> list[int]:
+        """The tokens the launched step chose, on the host, once it is done."""
+        self.done.synchronize()
+        return self.host.tolist()
 
 
 def owned_state(model: Mamba2LM, batch_size: int) -> Mamba2State:
@@ -289,15 +314,16 @@ def owned_state(model: Mamba2LM, batch_size: int) -> Mamba2State:
     return states[batch_size]
 
 
-def decode_step_fn(model: Mamba2LM, state: Mamba2State, cuda_graph: bool = True):
+def decode_step_fn(model: Mamba2LM, state: Mamba2State, cuda_graph: bool = True, greedy: bool = False):
     """tokens [B] -> logits [B, V], advancing `state`: a CUDA graph replay on GPUs (captured
-    once per model and state, then cached), the eager forward elsewhere."""
+    once per model and state, then cached), the eager forward elsewhere. greedy (GPUs): the
+    DecodeGraph that also picks the argmax (its launch/collect)."""
     if model.device.type != "cuda" or not cuda_graph:
         return lambda tokens: decode_one_token(model, tokens, state)
     cache = model.__dict__.setdefault("_decode_graphs", {})
-    key = (state.ssm.data_ptr(), state.conv.data_ptr(), state.batch_size, model.backend_name)
+    key = (state.ssm.data_ptr(), state.conv.data_ptr(), state.batch_size, model.backend_name, greedy)
     if key not in cache:
-        cache[key] = DecodeGraph(model, state)
+        cache[key] = DecodeGraph(model, state, greedy)
     return cache[key]
 
 
@@ -592,7 +618,12 @@ def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request
         raise Mamba2Error(f"the state holds {state.batch_size} sequences, {B} requests were given")
     device = model.device
     decode = _LiveRows(model, state, cuda_graph)
-    if any(s.max_tokens > 1 for s in seqs):
+    # One greedy sequence on a GPU: the graph takes the argmax itself (DecodeGraph's greedy).
+    greedy_graph = None
+    if B == 1 and decode.graphs and seqs[0].params.greedy and seqs[0].seen is None:
+        if seqs[0].max_tokens > 1:
+            greedy_graph = decode_step_fn(model, state, True, greedy=True)  # captured before the clock
+    elif any(s.max_tokens > 1 for s in seqs):
         decode.capture()  # once per model and state, before the clock starts
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -633,19 +664,28 @@ def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request
             index = torch.tensor(order, dtype=torch.long, device=device)
             logits = logits[index]
             tokens = tokens[index] if tokens is not None else None
+        launched = False
         if tokens is not None and rows:
             if first_step:
                 yield from pending
                 pending = []
             first_step = False
-            logits = decode(tokens)
+            if greedy_graph is not None:
+                greedy_graph.launch(None if tokens is greedy_graph.tokens else tokens)
+                launched = True
+            else:
+                logits = decode(tokens)
         yield from pending
         for i in done:
             yield i, seqs[i].final_event(t0, t_done, device)
         if not rows:
             return
-        tokens = _sample_rows(logits, [seqs[i] for i in rows])
-        tids = tokens.tolist()  # the one host sync per step
+        if launched:
+            tids = greedy_graph.collect()  # the one wait per step
+            tokens = greedy_graph.tokens
+        else:
+            tokens = _sample_rows(logits, [seqs[i] for i in rows])
+            tids = tokens.tolist()  # the one host sync per step
         t_done = time.perf_counter()
         cancelled = cancel is not None and cancel()
         pending, finished = [], []
