@@ -138,7 +138,6 @@ def test_stream_decoder_matches_full_decode_with_byte_fallback(mistral_tokenizer
         assert tok.decode_continuation(prefix, gen) == want
 
 
-
 @pytest.mark.parametrize("eos_at", [None, 5], ids=["length", "eos"])
 def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypatch, eos_at):
     # On GPUs one greedy sequence runs DecodeGraph's greedy form: the graph takes the argmax,

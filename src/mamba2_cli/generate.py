@@ -627,9 +627,9 @@ def _generate_rows(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request
     decode = _LiveRows(model, state, cuda_graph)
     # One greedy sequence on a GPU: the graph takes the argmax itself (DecodeGraph's greedy).
     greedy_graph = None
-    if GREEDY_GRAPH and B == 1 and decode.graphs and seqs[0].params.greedy and seqs[0].seen is None:
-        if seqs[0].max_tokens > 1:
-            greedy_graph = decode_step_fn(model, state, True, greedy=True)  # captured before the clock
+    if (GREEDY_GRAPH and B == 1 and decode.graphs and seqs[0].params.greedy and seqs[0].seen is None
+            and seqs[0].max_tokens > 1):
+        greedy_graph = decode_step_fn(model, state, True, greedy=True)  # captured before the clock
     elif any(s.max_tokens > 1 for s in seqs):
         decode.capture()  # once per model and state, before the clock starts
     if device.type == "cuda":
