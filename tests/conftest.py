@@ -58,3 +58,25 @@ def make_checkpoint(tmp_path, bpe_tokenizer_dir):
         return out, shape, sd
 
     return make
+
+
+@pytest.fixture
+def take_graphs(monkeypatch):
+    """take_graphs(step_fn) -> the generate module, whose loop then takes its CUDA-graph paths
+    (graph sizes, the greedy graph) on this CPU: _LiveRows says graphs are in use, and
+    decode_step_fn is step_fn, an eager stand-in. monkeypatch.undo() ends it."""
+    import importlib
+
+    g = importlib.import_module("mamba2_cli.generate")  # the package's `generate` is the function
+
+    def take(step_fn):
+        init = g._LiveRows.__init__
+
+        def with_graphs(self, model, state, cuda_graph):
+            init(self, model, state, cuda_graph)
+            self.graphs = True
+
+        monkeypatch.setattr(g._LiveRows, "__init__", with_graphs)
+        monkeypatch.setattr(g, "decode_step_fn", step_fn)
+        return g
+    return take

@@ -101,27 +101,19 @@ def test_cli_batch_from_lines_and_jsonl(model_dir, tiny, tmp_path):
     assert b"Traceback" not in bad.stderr
 
 
-def test_padded_steps_for_cuda_graph_sizes_leave_live_rows_unchanged(tiny, monkeypatch):
+def test_padded_steps_for_cuda_graph_sizes_leave_live_rows_unchanged(tiny, monkeypatch, take_graphs):
     # On GPUs the live rows run in a batch of the next power of two (one CUDA graph per size);
     # here the same padding runs eagerly.
-    import importlib
+    from mamba2_cli.generate import decode_one_token
 
-    g = importlib.import_module("mamba2_cli.generate")  # the package's `generate` is the function
     model, tok = tiny
     sizes = []
 
     def step_fn(model, state, cuda_graph=True):
         sizes.append(state.batch_size)
-        return lambda tokens: g.decode_one_token(model, tokens, state)
+        return lambda tokens: decode_one_token(model, tokens, state)
 
-    monkeypatch.setattr(g, "decode_step_fn", step_fn)
-    init = g._LiveRows.__init__
-
-    def with_graphs(self, model, state, cuda_graph):
-        init(self, model, state, cuda_graph)
-        self.graphs = True
-
-    monkeypatch.setattr(g._LiveRows, "__init__", with_graphs)
+    take_graphs(step_fn)
     lengths = [3, 20, 7, 12, 5]
     requests = [Request(PROMPTS[i % 3], max_tokens=n) for i, n in enumerate(lengths)]
     got = generate_batch(model, tok, requests)

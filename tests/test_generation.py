@@ -139,15 +139,14 @@ def test_stream_decoder_matches_full_decode_with_byte_fallback(mistral_tokenizer
 
 
 @pytest.mark.parametrize("eos_at", [None, 5], ids=["length", "eos"])
-def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypatch, eos_at):
+def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypatch, take_graphs, eos_at):
     # On GPUs one greedy sequence runs DecodeGraph's greedy form: the graph takes the argmax,
     # writes it over its input buffer and hands it to the host (launch, then collect). A
     # stand-in with that interface runs eagerly here: the loop must give the tokens and leave
     # the state (prompt + generated[:-1]) that the plain loop does, and feed each step's own
     # token back without a copy after the first.
-    import importlib
+    from mamba2_cli.generate import decode_one_token
 
-    g = importlib.import_module("mamba2_cli.generate")  # the package's `generate` is the function
     model, tok = tiny
     if eos_at is not None:
         tok.eos_ids = {generate(model, tok, "def f(x):", max_tokens=20).token_ids[eos_at]}
@@ -160,7 +159,7 @@ def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypa
             self.copied.append(tokens is not None)
             if tokens is not None:
                 self.tokens.copy_(tokens.view(-1))
-            self.tokens.copy_(g.decode_one_token(model, self.tokens, self.state).argmax(dim=-1))
+            self.tokens.copy_(decode_one_token(model, self.tokens, self.state).argmax(dim=-1))
 
         def collect(self):
             return self.tokens.tolist()
@@ -172,14 +171,7 @@ def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypa
         made.append(GreedyStandIn(state))
         return made[-1]
 
-    monkeypatch.setattr(g, "decode_step_fn", step_fn)
-    init = g._LiveRows.__init__
-
-    def with_graphs(self, model, state, cuda_graph):
-        init(self, model, state, cuda_graph)
-        self.graphs = True
-
-    monkeypatch.setattr(g._LiveRows, "__init__", with_graphs)
+    take_graphs(step_fn)
     fast_state = model.new_state(1)
     fast = generate(model, tok, "def f(x):", max_tokens=20, state=fast_state)
     monkeypatch.undo()

@@ -53,12 +53,8 @@ def conv_taps(xbc_ptr, cs_ptr, w_ptr, b_ptr, ch, cmask, stride_cs_c, stride_w_c,
 
 
 @triton.jit
-def conv_taps4_pre(cs_ptr, w_ptr, b_ptr, ch, cmask, stride_cs_c, stride_w_c, HAS_BIAS: tl.constexpr):
-    """conv_taps' loads that do not read the new input, width 4: the three inputs in the conv
-    state and the taps (and bias) as fp32, for a caller that issues them early."""
-    o0 = tl.load(cs_ptr + ch * stride_cs_c + 0, mask=cmask, other=0.0).to(tl.float32)
-    o1 = tl.load(cs_ptr + ch * stride_cs_c + 1, mask=cmask, other=0.0).to(tl.float32)
-    o2 = tl.load(cs_ptr + ch * stride_cs_c + 2, mask=cmask, other=0.0).to(tl.float32)
+def taps4(w_ptr, b_ptr, ch, cmask, stride_w_c, HAS_BIAS: tl.constexpr):
+    """The four taps and the bias (zero without one) of width-4 channels `ch`, as fp32."""
     w0 = tl.load(w_ptr + ch * stride_w_c + 0, mask=cmask, other=0.0).to(tl.float32)
     w1 = tl.load(w_ptr + ch * stride_w_c + 1, mask=cmask, other=0.0).to(tl.float32)
     w2 = tl.load(w_ptr + ch * stride_w_c + 2, mask=cmask, other=0.0).to(tl.float32)
@@ -67,6 +63,17 @@ def conv_taps4_pre(cs_ptr, w_ptr, b_ptr, ch, cmask, stride_cs_c, stride_w_c, HAS
         bias = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     else:
         bias = w3 * 0.0
+    return w0, w1, w2, w3, bias
+
+
+@triton.jit
+def conv_taps4_pre(cs_ptr, w_ptr, b_ptr, ch, cmask, stride_cs_c, stride_w_c, HAS_BIAS: tl.constexpr):
+    """conv_taps' loads that do not read the new input, width 4: the three inputs in the conv
+    state and the taps (and bias) as fp32, for a caller that issues them early."""
+    o0 = tl.load(cs_ptr + ch * stride_cs_c + 0, mask=cmask, other=0.0).to(tl.float32)
+    o1 = tl.load(cs_ptr + ch * stride_cs_c + 1, mask=cmask, other=0.0).to(tl.float32)
+    o2 = tl.load(cs_ptr + ch * stride_cs_c + 2, mask=cmask, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, bias = taps4(w_ptr, b_ptr, ch, cmask, stride_w_c, HAS_BIAS)
     return o0, o1, o2, w0, w1, w2, w3, bias
 
 
@@ -233,12 +240,7 @@ def _causal_conv_rows_kernel(
     x_base = xbc_ptr + bi * stride_x_b
     cs_base = cs_ptr + bi * stride_cs_b
     o_base = out_ptr + bi * stride_out_b
-    w0 = tl.load(w_ptr + ch * stride_w_c + 0, mask=cmask, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + ch * stride_w_c + 1, mask=cmask, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + ch * stride_w_c + 2, mask=cmask, other=0.0).to(tl.float32)
-    w3 = tl.load(w_ptr + ch * stride_w_c + 3, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, bias = taps4(w_ptr, b_ptr, ch, cmask, stride_w_c, HAS_BIAS)
     q1 = _conv_input(x_base, cs_base, t0 - 3, L, ch, cmask, stride_x_l, stride_cs_c, 4)
     q2 = _conv_input(x_base, cs_base, t0 - 2, L, ch, cmask, stride_x_l, stride_cs_c, 4)
     q3 = _conv_input(x_base, cs_base, t0 - 1, L, ch, cmask, stride_x_l, stride_cs_c, 4)
