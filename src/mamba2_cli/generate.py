@@ -262,7 +262,6 @@ class DecodeGraph:
         device = model.device
         self.state = state
         self.tokens = torch.zeros(state.batch_size, dtype=torch.long, device=device)
-        self.greedy = greedy
         if greedy:
             self.host = torch.zeros(state.batch_size, dtype=torch.long).pin_memory()
             self.done = torch.cuda.Event()
