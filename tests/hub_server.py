@@ -16,7 +16,9 @@ What huggingface_hub 2.4 and mamba2 send, and what this server answers:
 
 Faults for tests: `drop_after[path] = n` closes the connection after n bytes of the next
 GET of that file (once); `corrupt.add(path)` serves that file with one byte changed while
-advertising the true SHA-256; `throttle[path] = s` pauses s seconds after each 16 KiB. Every request is appended to `log`.
+advertising the true SHA-256; `hold[path] = n` sends n bytes of the next GET of that file, then
+waits until `release` is set (or the client goes away) before sending the rest. Every request
+is appended to `log`.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class HubServer:
         self.log: list[Request] = []
         self.drop_after: dict[str, int] = {}
         self.corrupt: set[str] = set()
-        self.throttle: dict[str, float] = {}  # path -> seconds to wait after each 16 KiB sent
+        self.hold: dict[str, int] = {}  # path -> bytes to send before waiting for `release`
+        self.release = threading.Event()
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -271,18 +274,19 @@ def _make_handler(server: HubServer):
             headers["Accept-Ranges"] = "bytes"
             with server._lock:
                 drop = server.drop_after.pop(file, None) if body else None
-                pause = server.throttle.get(file) if body else None
-            if pause:
+                hold = server.hold.pop(file, None) if body else None
+            if hold is not None:
                 self._send(status, {**headers, "Content-Length": str(len(data))}, b"", body)
-                for i in range(0, len(data), 16384):
-                    try:
-                        self.wfile.write(data[i:i + 16384])
+                try:
+                    for piece in (data[:hold], data[hold:]):
+                        self.wfile.write(piece)
                         self.wfile.flush()
-                    except OSError:  # the client went away
-                        self.close_connection = True
-                        return
-                    self.req.sent += len(data[i:i + 16384])
-                    time.sleep(pause)
+                        self.req.sent += len(piece)
+                        if not server.release.wait(60):
+                            break
+                except OSError:  # the client went away
+                    pass
+                self.close_connection = True
                 return
             if drop is None:
                 return self._send(status, headers, data, body)

@@ -241,20 +241,25 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, env, repos):
 
     shard = "model-00001-of-00002.safetensors"
     data = repos[CODESTRAL].files[shard]
-    hub.throttle[shard] = 0.2
+    hub.hold[shard] = 40_000  # the rest waits for hub.release: the interrupt lands mid-file
     proc = subprocess.Popen([sys.executable, "-m", "mamba2_cli", "download", "codestral"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
-    part = snapshot(env, CODESTRAL, repos).parents[1] / "blobs" / f"{repos[CODESTRAL].sha256[shard]}.incomplete"
-    deadline = time.monotonic() + 30
-    while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    try:
+        part = snapshot(env, CODESTRAL, repos).parents[1] / "blobs" / f"{repos[CODESTRAL].sha256[shard]}.incomplete"
+        deadline = time.monotonic() + 120
+        while not (part.is_file() and part.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert part.is_file() and proc.poll() is None, "the download never started the shard"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        hub.release.set()
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
     have = part.stat().st_size
     assert 0 < have < len(data)
 
-    hub.throttle.clear()
     ok(mamba2("download", "codestral", env=env))
     assert hub.gets(shard)[-1].range == f"bytes={have}-"
     assert (snapshot(env, CODESTRAL, repos) / shard).read_bytes() == data
