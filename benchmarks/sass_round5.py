@@ -32,9 +32,11 @@ from mamba2_cli.kernels import gemv, step
 def compile_one(fn, sig: dict, consts: dict, div16: set, target, **opts):
     """sig: arg name -> type for the runtime args; consts: constexpr values; div16: args Triton
     would see as multiples of 16 (pointers from torch and sizes like 4096)."""
-    full = dict(sig)
+    params = inspect.signature(fn.fn).parameters
+    full = {k: v for k, v in sig.items() if k in params}  # a signature may serve kernels with fewer args
+    div16 = {a for a in div16 if a in params}
     consts = dict(consts)
-    for name, p in inspect.signature(fn.fn).parameters.items():  # constexprs left at their defaults
+    for name, p in params.items():  # constexprs left at their defaults
         if name not in full and name not in consts and p.default is not inspect.Parameter.empty:
             consts[name] = p.default
     full.update({k: "constexpr" for k in consts})
@@ -61,8 +63,8 @@ def sass_stats(kernel) -> str:
 
 
 GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-            "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
-GEMV_DIV = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym"}
+            "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "wp_ptr": "*bf16"}
+GEMV_DIV = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym", "wp_ptr"}
 
 
 def gemv_cases(rows: int):

@@ -556,3 +556,59 @@ def test_backend_exposes_the_reference_operations(tb):
     assert tb.name == "triton"
     for op in ops:
         assert callable(getattr(tb, op)), op
+
+
+# ---------------------------------------------------------------------------------------
+# argmax: greedy decode's pick
+
+
+@pytest.mark.parametrize("b,V,dtype,block", [(1, 1000, torch.float32, None), (3, 4099, torch.float16, None),
+                                             (2, 300, torch.float32, 128)], ids=["b1", "b3-fp16", "tiles"])
+def test_argmax_matches_torch_with_ties_and_nan(tb, monkeypatch, b, V, dtype, block):
+    from mamba2_cli.kernels import argmax as am
+
+    if block is not None:  # several tiles per row: the running maximum across tiles
+        monkeypatch.setattr(am, "MAX_BLOCK", block)
+    g = torch.Generator().manual_seed(b * V)
+    pad = 7  # rows of a wider buffer, as lm_head's padded vocabulary leaves them
+    full = (torch.randn(b, V + pad, generator=g) * 3).to(dtype).to(DEVICE)
+    full[:, V:] = 100.0  # past V: never chosen
+    logits = full[:, :V]
+    if b >= 2:
+        logits[1, V // 3] = logits[1, V - 2] = logits[1].max() + 1  # a tie: the first index wins
+    if b >= 3:
+        logits[2, V - 5] = math.nan  # NaN is the largest, as torch.argmax has it
+        logits[2, V - 1] = math.nan
+    out = torch.full((b,), -1, dtype=torch.long, device=DEVICE)
+    host = torch.full((b,), -1, dtype=torch.long, device=DEVICE)
+    tb.argmax(logits, out, host)
+    want = logits.float().argmax(dim=-1)
+    assert torch.equal(out, want) and torch.equal(host, want)
+    if b >= 2:
+        assert out[1] == V // 3
+    if b >= 3:
+        assert out[2] == V - 5
+    ref_out = torch.full((b,), -1, dtype=torch.long, device=DEVICE)
+    assert torch.equal(torch_ref.argmax(logits, ref_out), want)
+
+
+def test_argmax_all_minus_inf_and_across_tiles(tb, monkeypatch):
+    from mamba2_cli.kernels import argmax as am
+
+    monkeypatch.setattr(am, "MAX_BLOCK", 64)
+    x = torch.full((2, 200), -INF, device=DEVICE)
+    x[1, 130] = -1.0  # the max in the third tile, after two tiles of -inf
+    x[1, 190] = -1.0
+    out = torch.empty(2, dtype=torch.long, device=DEVICE)
+    tb.argmax(x, out)
+    assert out.tolist() == [0, 130]
+
+
+def test_argmax_checks_its_buffers(tb):
+    x = torch.zeros(2, 10, device=DEVICE)
+    with pytest.raises(Mamba2Error, match="int64"):
+        tb.argmax(x, torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(Mamba2Error, match="shape"):
+        tb.argmax(x, torch.zeros(3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(Mamba2Error, match="contiguous rows"):
+        tb.argmax(x.t(), torch.zeros(10, dtype=torch.long, device=DEVICE))

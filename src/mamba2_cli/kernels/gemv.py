@@ -74,6 +74,7 @@ class GemvConfig:
     one_pass: bool = False  # norm_gemv: scale by 1/rms after the product (x not rounded first)
     per_sm: int = 1  # dotp: programs per SM
     tma: bool = False  # dot, dotp: tiles fetched through tensor descriptors (where strides allow)
+    prefetch_l2: int = 0  # dot with pdl and tma: bytes of each weight row asked into L2 before the wait
 
     @property
     def name(self) -> str:
@@ -82,6 +83,8 @@ class GemvConfig:
             s += f" s{self.num_stages}"
         if self.kind == "dotp":
             s += f" p{self.per_sm}"
+        if self.prefetch_l2:
+            s += f" l2pf{self.prefetch_l2}"
         for flag in ("evict_first", "prefetch", "pdl", "one_pass", "tma"):
             if getattr(self, flag):
                 s += " " + flag.replace("_first", "")
@@ -293,18 +296,34 @@ def _store_rows(y_ptr, acc, b_ptr, rn, n_mask, rm, m_mask, stride_ym, HAS_BIAS: 
 
 
 @triton.jit
+def _l2_prefetch_rows(wp_ptr, rn, N, stride_wn, nbytes):
+    """Ask L2 for the first `nbytes` of weight rows rn (clamped to N - 1): one bulk prefetch
+    per row (sm_90 and later; rows 16-byte aligned, nbytes a multiple of 16). A hint only:
+    nothing waits for it and nothing it fetches is read from registers."""
+    rows = wp_ptr + tl.minimum(rn, N - 1).to(tl.int64) * stride_wn
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tcp.async.bulk.prefetch.L2.global [$1], $2;", "=r,l,r",
+                              [rows, tl.full(rn.shape, nbytes, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
-    stride_xm, stride_wn, stride_ym,
+    stride_xm, stride_wn, stride_ym, wp_ptr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH_L2: tl.constexpr = 0,
 ):
     """One BLOCK_N-row tile per program. TMA: x_ptr and w_ptr are tensor descriptors. PDL: the
     next kernel may launch at once; this one waits for the kernel that writes x before its
-    first load (the pipeline's first copies take x with the weights)."""
+    first load (the pipeline's first copies take x with the weights). PREFETCH_L2 (bytes, under
+    PDL on sm_90): before that wait, the first PREFETCH_L2 bytes of the program's weight rows
+    (`wp_ptr`, the weight as a plain pointer) are requested into L2, so the pipeline's first
+    copies after the wait find them there."""
     if PDL:
         gdc_launch_dependents()
+        if PREFETCH_L2 > 0:
+            _l2_prefetch_rows(wp_ptr, tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N, stride_wn, PREFETCH_L2)
         gdc_wait()
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -617,7 +636,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             args = (TensorDescriptor.from_tensor(x, [dot_opts["BLOCK_M"], block_k]),
                     TensorDescriptor.from_tensor(weight, [block_n, block_k]), *args[2:])
         if cfg.kind == "dot":
-            _gemv_dot_kernel[grid](*args, **dot_opts, TMA=tma, PDL=_pdl(cfg, x.device))
+            pdl = _pdl(cfg, x.device)
+            # The bulk prefetch is sm_90's, as TMA is; a multiple of 16 bytes within the row.
+            pf = min(cfg.prefetch_l2, K * weight.element_size()) // 16 * 16 if pdl and tma else 0
+            _gemv_dot_kernel[grid](*args, weight, **dot_opts, TMA=tma, PDL=pdl, PREFETCH_L2=pf)
         else:
             nprog = min(grid[0], max(1, cfg.per_sm) * sm_count(x.device))
             part, count = _dotp_scratch(x.device, nprog, block_n * max(16, block_m))
