@@ -142,8 +142,7 @@ def test_stream_decoder_matches_full_decode_with_byte_fallback(mistral_tokenizer
 def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypatch, take_graphs, eos_at):
     # On GPUs one greedy sequence runs DecodeGraph's greedy form: the graph takes the argmax,
     # writes it over its input buffer and hands it to the host (launch, then collect). A
-    # stand-in with that interface runs its step (decode_greedy) eagerly here: the loop must
-    # give the tokens and leave
+    # stand-in with that interface runs eagerly here: the loop must give the tokens and leave
     # the state (prompt + generated[:-1]) that the plain loop does, and feed each step's own
     # token back without a copy after the first.
     from mamba2_cli.generate import decode_one_token
@@ -154,16 +153,16 @@ def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypa
 
     class GreedyStandIn:
         def __init__(self, state):
-            self.state, self.tokens, self.host, self.copied = state, torch.full((1,), -1), torch.full((1,), -1), []
+            self.state, self.tokens, self.copied = state, torch.full((1,), -1), []
 
         def launch(self, tokens=None):
             self.copied.append(tokens is not None)
             if tokens is not None:
                 self.tokens.copy_(tokens.view(-1))
-            model.decode_greedy(self.tokens, self.state, self.tokens, self.host)  # what the graph captures
+            self.tokens.copy_(decode_one_token(model, self.tokens, self.state).argmax(dim=-1))
 
         def collect(self):
-            return self.host.tolist()
+            return self.tokens.tolist()
 
     made = []
 

@@ -252,46 +252,38 @@ class DecodeGraph:
     before the capture (compiling kernels, allocating scratch) advance the state, so it is
     saved and put back.
 
-    greedy: the graph ends in the backend's `argmax` of lm_head's output instead of the fp32
-    logits (`Mamba2LM.decode_greedy`), written over `tokens` (the next step's input, so no
-    copy comes before the next replay) and into pinned host memory (HOST_WRITE: by the argmax
-    itself, else copied after it); `launch` and `collect` then replace the call and the host's
-    read of a separately sampled token (one launch and one wait per step instead of four
-    launches and a blocking copy). A greedy graph keeps no logits.
+    greedy: the graph also takes the argmax, writes it over `tokens` (the next step's input,
+    so no copy comes before the next replay) and copies it to pinned host memory; `launch`
+    and `collect` then replace the call and the host's read of a separately sampled token
+    (one launch and one wait per step instead of four launches and a blocking copy).
     """
 
     def __init__(self, model: Mamba2LM, state: Mamba2State, greedy: bool = False):
         device = model.device
         self.state = state
         self.tokens = torch.zeros(state.batch_size, dtype=torch.long, device=device)
-        self.logits = None
         if greedy:
             self.host = torch.zeros(state.batch_size, dtype=torch.long).pin_memory()
             self.done = torch.cuda.Event()
-
-        def step():
-            if not greedy:
-                return decode_one_token(model, self.tokens, state)
-            model.decode_greedy(self.tokens, state, self.tokens, self.host if HOST_WRITE else None)
-            if not HOST_WRITE:
-                self.host.copy_(self.tokens, non_blocking=True)
-
         saved = state.clone()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                step()
+                decode_one_token(model, self.tokens, state)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.inference_mode(), torch.cuda.graph(self.graph):
-                self.logits = step()
+                self.logits = decode_one_token(model, self.tokens, state)
+                if greedy:
+                    nxt = self.logits.argmax(dim=-1)  # as sampling.sample takes it
+                    self.tokens.copy_(nxt)
+                    self.host.copy_(nxt, non_blocking=True)
         except Exception as e:
             raise Mamba2Error(f"CUDA graph capture of the decode step failed ({e}); "
                               "run with --no-cuda-graph to decode without it") from None
         state.copy_(saved)
-        self.tokens.zero_()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens.view(-1))
@@ -326,9 +318,6 @@ def owned_state(model: Mamba2LM, batch_size: int) -> Mamba2State:
 # µs per step): graph replays back to back 3992, replay + argmax + the host's read 4147, the
 # greedy form 4089.
 GREEDY_GRAPH = True
-# The greedy graph's argmax writes the token into pinned host memory itself (through the
-# mapping CUDA gives pinned memory) instead of a copy after it.
-HOST_WRITE = True
 
 
 def decode_step_fn(model: Mamba2LM, state: Mamba2State, cuda_graph: bool = True, greedy: bool = False):

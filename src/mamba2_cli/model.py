@@ -204,18 +204,8 @@ class Mamba2LM(nn.Module):
         logits = logits[..., : cfg.vocab_size]
         return logits if logits.dtype == torch.float64 else logits.float()  # float64 models: the references
 
-    def decode_greedy(self, input_ids: torch.Tensor, state: Mamba2State, out: torch.Tensor,
-                      host: torch.Tensor | None = None) -> torch.Tensor:
-        """One token per sequence, input_ids [B] -> the argmax of each row's next-token logits
-        into out [B] int64 (and `host`, pinned CPU or device memory, if given); `state` is
-        advanced in place. The logits stay in the model dtype (the backend's `argmax` compares
-        them as fp32 would), so greedy decode needs no cast. `out` may be input_ids itself."""
-        logits = self._decode(self.backbone.embeddings(input_ids.view(-1)), state, raw=True)
-        return self.backend.argmax(logits, out, host)
-
-    def _decode(self, h: torch.Tensor, state: Mamba2State, raw: bool = False) -> torch.Tensor:
-        """One token per sequence, h [B, d_model] embedded -> fp32 logits [B, 1, vocab]
-        (raw: lm_head's [B, vocab] as it left them, in the model dtype).
+    def _decode(self, h: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+        """One token per sequence, h [B, d_model] embedded -> fp32 logits [B, 1, vocab].
 
         Each pre-norm goes with the projection after it (`norm_linear`), which a backend
         may run as one launch.
@@ -231,7 +221,5 @@ class Mamba2LM(nn.Module):
             # and only this layer's step writes its state: settled.
             h = mixer.decode_step(zxbcdt, state.conv[i], state.ssm[i], be, state_settled=True)
         logits, _ = be.norm_linear(h, residual, self.backbone.norm_f.weight, eps, fp32, self.lm_head.weight)
-        if raw:
-            return logits[:, : cfg.vocab_size]
         logits = logits[:, None, : cfg.vocab_size]
         return logits if logits.dtype == torch.float64 else logits.float()

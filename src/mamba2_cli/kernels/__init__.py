@@ -29,10 +29,6 @@ implementation and the exact semantics of each):
         conv + SiLU, dt softplus/clamp, state update in place, y = S C + D x, gated norm.
         state_settled: no kernel launched just before the call wrote ssm_state (the model's
         decode passes it: each token starts with the embedding's plain launch).
-    argmax(logits, out, host=None) -> out
-        Greedy decode's pick: out [b] int64 = the argmax of each row of logits [b, V] (the
-        model dtype; ties to the first index, NaN the largest, as torch.argmax), also into
-        `host` [b] (pinned CPU or device memory) if given.
 
 seq_len (prefill operations): None, or an integer tensor [b] on the device: row i holds
 seq_len[i] real positions, then padding that is never read (the SSM state passes through

@@ -74,7 +74,10 @@ class GemvConfig:
     one_pass: bool = False  # norm_gemv: scale by 1/rms after the product (x not rounded first)
     per_sm: int = 1  # dotp: programs per SM
     tma: bool = False  # dot, dotp: tiles fetched through tensor descriptors (where strides allow)
-    prefetch_l2: int = 0  # dot with pdl and tma: bytes of each weight row asked into L2 before the wait
+    # dot with pdl and tma: bytes of each weight row asked into L2 before the wait. Off: H200,
+    # session 12, round 59 (batch-8 decode graph replays, medians of 9, alternated): 1024 bytes
+    # 5808.6 µs per step against 5815.5, 2048 5936.3, 4096 6321.2, 8192 7218.4.
+    prefetch_l2: int = 0
 
     @property
     def name(self) -> str:

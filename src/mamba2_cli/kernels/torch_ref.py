@@ -265,12 +265,3 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
         D, dt_bias, dt_limit, ssm_state,
     )
     return gated_rmsnorm(y.reshape(b, d_inner), z, norm_weight, d_inner // ngroups, eps, norm_before_gate)
-
-
-def argmax(logits, out, host=None):
-    """out[b] = argmax of logits [b, V] (int64; ties: the first index; NaN counts as the
-    largest); also copied into `host` (pinned CPU or device memory) if given. Returns out."""
-    out.copy_(logits.argmax(dim=-1))
-    if host is not None:
-        host.copy_(out, non_blocking=True)
-    return out

@@ -8,10 +8,8 @@ this project's Triton kernels. Imported only when backend 'triton' is chosen.
     add_rmsnorm        norm.py  (and gated_rmsnorm)
     linear             gemv.py  matvec kernel for decode's few-row products, F.linear otherwise
     norm_linear        gemv.py  add_rmsnorm + linear; one fused launch for a row when gemv.FUSE_NORM
-    argmax             argmax.py  greedy pick of each row, written where the next step reads it
 """
 
-from .argmax import argmax
 from .conv import causal_conv1d, conv1d_step
 from .gemv import linear, norm_linear
 from .norm import add_rmsnorm, gated_rmsnorm
@@ -22,5 +20,5 @@ name = "triton"
 
 __all__ = [
     "name", "linear", "ssd_prefill", "ssd_decode_step", "causal_conv1d", "conv1d_step",
-    "gated_rmsnorm", "add_rmsnorm", "mixer_decode_step", "norm_linear", "argmax",
+    "gated_rmsnorm", "add_rmsnorm", "mixer_decode_step", "norm_linear",
 ]
