@@ -10,6 +10,10 @@ the default, so the A/A spread shows.
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round56.py --tiny  # CPU: runs
 
 Lines go to stdout and $OUT/round56.txt.
+
+Flawed (found in session 12): `owned_state` hands out one state per batch size and decode graphs
+are cached by state, so every variant here replayed the first variant's graph. Round 59
+(gpu_round59.py) gives each variant its own state and repeated the batch-1 A/B.
 """
 
 from __future__ import annotations
