@@ -31,7 +31,9 @@ log = r7.log
 VARIANTS = {"conv late": {"conv_early": False}, "conv early": {"conv_early": True}}
 
 
-def step_phase(dev, tiny, b):
+def step_phase(dev, tiny, b, variants=None):
+    """The step per layer at batch b under each of `variants` (name -> STEP_CONFIG overrides;
+    default VARIANTS), bit-compared with the first; round 61 uses it too."""
     from mamba2_cli import kernel_bench as kb
     from mamba2_cli.kernels import step
 
@@ -39,8 +41,9 @@ def step_phase(dev, tiny, b):
     dtype = torch.float16 if tiny else torch.bfloat16
     n = 2 if tiny else 64
     layers = kb.mixer_layers(s, n, b, dev, dtype, seed=b)
+    variants = variants or VARIANTS
     ref = None
-    for name, cfg in VARIANTS.items():
+    for name, cfg in variants.items():
         st = {k: v.clone() for k, v in layers[0].items()}
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -50,9 +53,9 @@ def step_phase(dev, tiny, b):
         log(f"  step b{b} {name:10s} bit-identical {all(torch.equal(x, y) for x, y in zip(out, ref))}")
     if dev.type != "cuda":
         return
-    r33._timed(f"step b{b}", VARIANTS,
+    r33._timed(f"step b{b}", variants,
                lambda name: [functools.partial(kb.call_mixer, functools.partial(step.mixer_decode_step,
-                                                                                 config=VARIANTS[name]), st, s.ngroups,
+                                                                                 config=variants[name]), st, s.ngroups,
                                                state_settled=True)
                              for st in layers], n, dev, reps=5)
 

@@ -6,8 +6,8 @@ before the wait (`state_settled`, round 49; `conv_early`, round 55): 8.97 agains
 layer without PDL. The split form under PDL took over at 6.31-6.39 µs. Here the fused form gets
 both early loads, which it takes already (PDL_STATE and CONV_EARLY do not depend on the form).
 Config only, no code: the step per layer at batch 1 and 8 (graphs of 64 layers, as `mamba2
-bench` times it) and the decode graph's replays, each variant its own graph (round 59's
-replay phase).
+bench` times it; round 55's step phase) and the decode graph's replays, each variant its own
+graph (round 59's replay phase).
 
     PYTHONPATH=src timeout 560 python3 benchmarks/gpu_round61.py        # H200
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu_round61.py --tiny  # CPU: runs
@@ -17,48 +17,17 @@ Lines go to stdout and $OUT/round61.txt.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_round7 as r7  # noqa: E402
-import gpu_round33 as r33  # noqa: E402
+import gpu_round55 as r55  # noqa: E402
 import gpu_round59 as r59  # noqa: E402
 
-r7.LOG_NAME = "round61.txt"
-log = r7.log
+r7.LOG_NAME = "round61.txt"  # after the imports above, which set their own
 
 STEP = {"split pdl": {}, "fused pdl": {"split": False}, "fused": {"split": False, "pdl": False}}
-
-
-def step_phase(dev, tiny, b):
-    from mamba2_cli import kernel_bench as kb
-    from mamba2_cli.kernels import step
-
-    s = kb.SHAPES["tiny" if tiny else "codestral"]
-    dtype = torch.float16 if tiny else torch.bfloat16
-    n = 2 if tiny else 64
-    layers = kb.mixer_layers(s, n, b, dev, dtype, seed=b)
-    ref = None
-    for name, cfg in STEP.items():
-        st = {k: v.clone() for k, v in layers[0].items()}
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        out = (kb.call_mixer(functools.partial(step.mixer_decode_step, config=cfg), st, s.ngroups, state_settled=True),
-               st["ssm_state"], st["conv_state"])
-        ref = ref or out
-        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(out, ref))
-        log(f"  step b{b} {name:10s} bit-identical {all(torch.equal(x, y) for x, y in zip(out, ref))} (max diff {diff:.3g})")
-    if dev.type != "cuda":
-        return
-    r33._timed(f"step b{b}", STEP,
-               lambda name: [functools.partial(kb.call_mixer, functools.partial(step.mixer_decode_step,
-                                                                                 config=STEP[name]), st, s.ngroups,
-                                               state_settled=True)
-                             for st in layers], n, dev, reps=5)
 
 
 def _cfg(over):
@@ -79,8 +48,8 @@ def _batch_cfg(over):
 def main():
     b1 = {"split pdl": lambda: None, "fused pdl": _cfg({"split": False}), "split pdl (2)": lambda: None}
     b8 = {"split pdl": lambda: None, "fused pdl": _batch_cfg({"split": False}), "split pdl (2)": lambda: None}
-    r7.round_main(61, lambda dev, tiny: [("step b1", lambda: step_phase(dev, tiny, 1)),
-                                         ("step b8", lambda: step_phase(dev, tiny, 8)),
+    r7.round_main(61, lambda dev, tiny: [("step b1", lambda: r55.step_phase(dev, tiny, 1, STEP)),
+                                         ("step b8", lambda: r55.step_phase(dev, tiny, 8, STEP)),
                                          ("decode b1", lambda: r59.replay_phase(dev, tiny, 1, b1)),
                                          ("decode b8", lambda: r59.replay_phase(dev, tiny, 8, b8))])
 
