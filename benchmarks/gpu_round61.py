@@ -28,6 +28,10 @@ import gpu_round59 as r59  # noqa: E402
 r7.LOG_NAME = "round61.txt"  # after the imports above, which set their own
 
 STEP = {"split pdl": {}, "fused pdl": {"split": False}, "fused": {"split": False, "pdl": False}}
+# batch 1 also at the fused form's other layouts (it holds 128 registers at p16 w4)
+STEP_B1 = {**STEP, "fused pdl p16 w2": {"split": False, "num_warps": 2},
+           "fused pdl p8 w2": {"split": False, "BLOCK_P": 8, "num_warps": 2},
+           "fused pdl p32 w4": {"split": False, "BLOCK_P": 32}}
 
 
 def _cfg(over):
@@ -48,7 +52,7 @@ def _batch_cfg(over):
 def main():
     b1 = {"split pdl": lambda: None, "fused pdl": _cfg({"split": False}), "split pdl (2)": lambda: None}
     b8 = {"split pdl": lambda: None, "fused pdl": _batch_cfg({"split": False}), "split pdl (2)": lambda: None}
-    r7.round_main(61, lambda dev, tiny: [("step b1", lambda: r55.step_phase(dev, tiny, 1, STEP)),
+    r7.round_main(61, lambda dev, tiny: [("step b1", lambda: r55.step_phase(dev, tiny, 1, STEP_B1)),
                                          ("step b8", lambda: r55.step_phase(dev, tiny, 8, STEP)),
                                          ("decode b1", lambda: r59.replay_phase(dev, tiny, 1, b1)),
                                          ("decode b8", lambda: r59.replay_phase(dev, tiny, 8, b8))])
