@@ -21,7 +21,8 @@ norm kernel is resident before the first kernel ends, the step's programs load t
 and weights while in_proj finishes (the state only when the caller says no kernel just before
 wrote it: `state_settled`, which decode passes), and out_proj's programs load their weight rows
 while the norm runs. From 8 rows a first small kernel also convolves each group's B and C once
-and shifts their windows (`bc_pre`). The results do not depend on the form.
+and shifts their windows (`bc_pre`), launched under PDL as well (`bc_pdl`), so the step's
+programs still load their state in in_proj's tail. The results do not depend on the form.
 
 The state slice of a program is read and written by the same threads in one tile, so the
 in-place update has no hazard; the kernel is never autotuned (a tuning run would apply
@@ -59,6 +60,13 @@ STEP_CONFIG.update({"split": True, "pdl": True, "tail_warps": 8})
 # and group) instead of every head's programs recomputing them: one launch more, less work.
 # At batch 1 under split + pdl: 8.86 against 7.39 µs per layer (round 47).
 STEP_CONFIG["bc_pre"] = False
+# "bc_pdl": bc_pre's kernel launched with PDL too (under "pdl"), so the step's kernel after it
+# launches while in_proj still runs and its programs load their settled state in in_proj's
+# tail; otherwise bc_pre is a plain launch, and the step's kernel launches once in_proj is done.
+# H200, session 13, round 63 (bit-identical): Codestral batch-8 decode graph replays 5742.5 µs
+# per step against 5810.6 and 5818.0 plain (medians of 9, alternated); the step per layer in
+# graphs of 64 layers 25.48 against 25.64-25.66 µs.
+STEP_CONFIG["bc_pdl"] = True
 # "evict": the state's loads and stores marked evict_first (each layer's state is touched once
 # per token). Measured slower at every batch (session 5, round 17: b1 9.53 against 8.83 us per
 # layer, b64 82.8 % of copy against 84.4 %), so off.
@@ -212,12 +220,17 @@ def _bc_conv_kernel(
     zx_ptr, conv_w_ptr, conv_b_ptr, conv_state_ptr, bc_ptr, G, N, d_inner,
     stride_zx_b, stride_cw_c, stride_cs_b, stride_cs_c,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-    EARLY: tl.constexpr = False,
+    EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """BC_PRE's first kernel, one program per (sequence, group): the conv + SiLU of the group's
     B and C channels into bc [b, 2, G, N] (fp32), then the shift of their windows, so the
     step's programs load B and C instead of each recomputing them. EARLY: the windows are
-    loaded before bc is stored (a load after a store waits for the work before it)."""
+    loaded before bc is stored (a load after a store waits for the work before it). PDL: the
+    step's kernel may launch at once (its programs then load their state while in_proj ends);
+    this one waits for in_proj before anything else."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     g = tl.program_id(0) % G
     bi64 = (tl.program_id(0) // G).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -545,7 +558,8 @@ def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias,
             zxbcdt, conv_weight, conv_bias_arg, conv_state, bc, G, N, d_inner,
             zxbcdt.stride(0), conv_weight.stride(0), conv_state.stride(0), conv_state.stride(1),
             K=K, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(K),
-            HAS_CONV_BIAS=conv_bias is not None, EARLY=bool(cfg["early"]), num_warps=4,
+            HAS_CONV_BIAS=conv_bias is not None, EARLY=bool(cfg["early"]), PDL=pdl and bool(cfg["bc_pdl"]),
+            num_warps=4, **(launch if cfg["bc_pdl"] else {}),
         )
     _mixer_step_kernel[(b * H * npb,)](
         zxbcdt, conv_weight, conv_bias_arg, conv_state, A, D2, dt_bias, norm_weight,
