@@ -63,8 +63,9 @@ def sass_stats(kernel) -> str:
 
 
 GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-            "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "wp_ptr": "*bf16"}
-GEMV_DIV = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym", "wp_ptr"}
+            "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "wp_ptr": "*bf16",
+            "xp_ptr": "*bf16"}
+GEMV_DIV = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym", "wp_ptr", "xp_ptr"}
 
 
 def gemv_cases(rows: int):

@@ -34,6 +34,10 @@ def test_dot_pipeline_fits_shared_memory(gemv_mod):
     fp32 = gemv_mod.dot_stages(cfg, cfg.block_n, cfg.block_k, 16, 4)
     assert fp32 * (cfg.block_n + 16) * cfg.block_k * 4 <= gemv_mod.DOT_SMEM_BYTES < 232448
     assert gemv_mod.dot_stages(cfg, cfg.block_n, cfg.block_k, 16, 2) == cfg.num_stages  # bf16: as tuned
+    early = cfg.with_(early_tile=True)  # one weight tile more, outside the stages
+    for itemsize in (2, 4):
+        stages = gemv_mod.dot_stages(early, cfg.block_n, cfg.block_k, 16, itemsize)
+        assert (stages * (cfg.block_n + 16) + cfg.block_n) * cfg.block_k * itemsize <= gemv_mod.DOT_SMEM_BYTES
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
@@ -115,6 +119,8 @@ def _configs(g):
         "dot": C("dot", 16, 32, 4, num_stages=2),
         "dot-n32-evict": C("dot", 32, 64, 4, evict_first=True),
         "dot-tma": C("dot", 16, 32, 4, num_stages=2, tma=True),  # K 300 in 16 bits: rows not 16-byte aligned
+        "dot-early": C("dot", 16, 32, 4, num_stages=2, early_tile=True),  # the first tile multiplied last
+        "dot-tma-early": C("dot", 16, 32, 4, num_stages=2, tma=True, early_tile=True),
         "dotp": C("dotp", 16, 32, 4, num_stages=2),
         "dotp-tma-p2": C("dotp", 16, 64, 4, num_stages=3, per_sm=2, tma=True),
         "row": C("row", 1, 1024, 4),  # more than one row of x: the acc kernel
@@ -123,7 +129,7 @@ def _configs(g):
 
 
 CONFIG_NAMES = ["reduce", "acc", "acc-n4-evict", "acc-prefetch", "acc-pdl", "acc-one-tile", "dot", "dot-n32-evict",
-                "dot-tma", "dotp", "dotp-tma-p2", "row", "row-n4-evict"]
+                "dot-tma", "dot-early", "dot-tma-early", "dotp", "dotp-tma-p2", "row", "row-n4-evict"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -417,6 +423,7 @@ GPU_CONFIGS = {  # what benchmarks/gpu_round5.py tries, one of each kind
     "row-n2": ("row", 2, 1024, 4, {}),
     "row-pdl": ("row", 1, 1024, 8, dict(pdl=True)),
     "dot-tma-pdl": ("dot", 64, 256, 4, dict(num_stages=4, tma=True, pdl=True)),
+    "dot-tma-pdl-early": ("dot", 64, 256, 4, dict(num_stages=4, tma=True, pdl=True, early_tile=True)),
 }
 
 

@@ -78,6 +78,7 @@ class GemvConfig:
     # session 12, round 59 (batch-8 decode graph replays, medians of 9, alternated): 1024 bytes
     # 5808.6 µs per step against 5815.5, 2048 5936.3, 4096 6321.2, 8192 7218.4.
     prefetch_l2: int = 0
+    early_tile: bool = False  # dot: the first weight tile loaded on its own (under pdl before the wait), used last
 
     @property
     def name(self) -> str:
@@ -88,7 +89,7 @@ class GemvConfig:
             s += f" p{self.per_sm}"
         if self.prefetch_l2:
             s += f" l2pf{self.prefetch_l2}"
-        for flag in ("evict_first", "prefetch", "pdl", "one_pass", "tma"):
+        for flag in ("evict_first", "prefetch", "pdl", "one_pass", "tma", "early_tile"):
             if getattr(self, flag):
                 s += " " + flag.replace("_first", "")
         return s
@@ -311,23 +312,21 @@ def _l2_prefetch_rows(wp_ptr, rn, N, stride_wn, nbytes):
 @triton.jit
 def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
-    stride_xm, stride_wn, stride_ym, wp_ptr,
+    stride_xm, stride_wn, stride_ym, wp_ptr, xp_ptr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
-    PREFETCH_L2: tl.constexpr = 0,
+    PREFETCH_L2: tl.constexpr = 0, EARLY_TILE: tl.constexpr = False,
 ):
     """One BLOCK_N-row tile per program. TMA: x_ptr and w_ptr are tensor descriptors. PDL: the
     next kernel may launch at once; this one waits for the kernel that writes x before its
     first load (the pipeline's first copies take x with the weights). PREFETCH_L2 (bytes, under
     PDL on sm_90): before that wait, the first PREFETCH_L2 bytes of the program's weight rows
     (`wp_ptr`, the weight as a plain pointer) are requested into L2, so the pipeline's first
-    copies after the wait find them there."""
-    if PDL:
-        gdc_launch_dependents()
-        if PREFETCH_L2 > 0:
-            _l2_prefetch_rows(wp_ptr, tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N, stride_wn, PREFETCH_L2)
-        gdc_wait()
+    copies after the wait find them there. EARLY_TILE: the first weight tile is loaded on its
+    own (under PDL before the wait) and multiplied last: the pipelined loop runs from the second
+    tile, its first copies issued at once after the wait, and the first tile's x (`xp_ptr`, x as
+    a plain pointer) is loaded by plain loads that nothing waits for until the end."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -340,10 +339,27 @@ def _gemv_dot_kernel(
     else:
         w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    if PDL:
+        gdc_launch_dependents()
+        if PREFETCH_L2 > 0:
+            _l2_prefetch_rows(wp_ptr, rn, N, stride_wn, PREFETCH_L2)
+    if EARLY_TILE:
+        if TMA:
+            w_first = w_ptr.load([pid * BLOCK_N, 0])
+        else:
+            w_first = _w_tile(w_ptrs, 0, K, n_mask, rk, EVEN_K, EVICT)
+    if PDL:
+        gdc_wait()
+    k_first = 0
+    if EARLY_TILE:
+        x_first = _x_tile(xp_ptr + rm[:, None] * stride_xm + rk[None, :], 0, K, m_mask, rk, EVEN_K)
+        k_first = BLOCK_K
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: the weight rows fill the MMA's M
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_first, K, BLOCK_K):
         acc = _dot_tile(acc, x_ptr, w_ptr, x_ptrs, w_ptrs, pid * BLOCK_N, k0, K, n_mask, m_mask, rk, EVEN_K, EVICT,
                         TMA, DOT_PRECISION)
+    if EARLY_TILE:
+        acc = tl.dot(w_first, tl.trans(x_first.to(w_first.dtype)), acc, input_precision=DOT_PRECISION)
     _store_rows(y_ptr, acc, b_ptr, rn, n_mask, rm, m_mask, stride_ym, HAS_BIAS)
 
 
@@ -519,12 +535,14 @@ DOT_SMEM_BYTES = 192 * 1024
 
 def dot_stages(cfg: GemvConfig, block_n: int, block_k: int, block_m: int, itemsize: int) -> int | None:
     """cfg.num_stages, lowered until the staged weight and x tiles fit DOT_SMEM_BYTES (fp32
-    tiles take twice the bytes of the 16-bit ones the configurations were tuned with)."""
+    tiles take twice the bytes of the 16-bit ones the configurations were tuned with); an early
+    tile takes one weight tile besides the stages."""
     stages = cfg.num_stages
     if stages is None:
         return None
     per_stage = (block_n + block_m) * block_k * itemsize
-    while stages > 1 and stages * per_stage > DOT_SMEM_BYTES:
+    early = block_n * block_k * itemsize if cfg.early_tile else 0
+    while stages > 1 and stages * per_stage + early > DOT_SMEM_BYTES:
         stages -= 1
     return stages
 
@@ -642,7 +660,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             pdl = _pdl(cfg, x.device)
             # The bulk prefetch is sm_90's, as TMA is; a multiple of 16 bytes within the row.
             pf = min(cfg.prefetch_l2, K * weight.element_size()) // 16 * 16 if pdl and tma else 0
-            _gemv_dot_kernel[grid](*args, weight, **dot_opts, TMA=tma, PDL=pdl, PREFETCH_L2=pf)
+            _gemv_dot_kernel[grid](*args, weight, x, **dot_opts, TMA=tma, PDL=pdl, PREFETCH_L2=pf,
+                                   EARLY_TILE=cfg.early_tile)
         else:
             nprog = min(grid[0], max(1, cfg.per_sm) * sm_count(x.device))
             part, count = _dotp_scratch(x.device, nprog, block_n * max(16, block_m))
