@@ -139,12 +139,14 @@ def test_stream_decoder_matches_full_decode_with_byte_fallback(mistral_tokenizer
 
 
 @pytest.mark.parametrize("eos_at", [None, 5], ids=["length", "eos"])
-def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypatch, take_graphs, eos_at):
+@pytest.mark.parametrize("keep_state", [True, False], ids=["kept", "left"])
+def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypatch, take_graphs, eos_at, keep_state):
     # On GPUs one greedy sequence runs DecodeGraph's greedy form: the graph takes the argmax,
     # writes it over its input buffer and hands it to the host (launch, then collect). A
     # stand-in with that interface runs eagerly here: the loop must give the tokens and leave
     # the state (prompt + generated[:-1]) that the plain loop does, and feed each step's own
-    # token back without a copy after the first.
+    # token back without a copy after the first. A state left to the loop (keep_state False)
+    # lets it launch the step after next before collecting: then an EOS has been fed as well.
     from mamba2_cli.generate import decode_one_token
 
     model, tok = tiny
@@ -153,16 +155,24 @@ def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypa
 
     class GreedyStandIn:
         def __init__(self, state):
-            self.state, self.tokens, self.copied = state, torch.full((1,), -1), []
+            self.state, self.tokens, self.copied, self.in_flight, self.slots = state, torch.full((1,), -1), [], [], 1
+
+        def forget(self):
+            self.in_flight.clear()
+
+        def allow_ahead(self, model):
+            self.slots = 2
 
         def launch(self, tokens=None):
+            assert len(self.in_flight) < self.slots
             self.copied.append(tokens is not None)
             if tokens is not None:
                 self.tokens.copy_(tokens.view(-1))
             self.tokens.copy_(decode_one_token(model, self.tokens, self.state).argmax(dim=-1))
+            self.in_flight.append(self.tokens.tolist())
 
         def collect(self):
-            return self.tokens.tolist()
+            return self.in_flight.pop(0)
 
     made = []
 
@@ -173,11 +183,15 @@ def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypa
 
     take_graphs(step_fn)
     fast_state = model.new_state(1)
-    fast = generate(model, tok, "def f(x):", max_tokens=20, state=fast_state)
+    fast = generate(model, tok, "def f(x):", max_tokens=20, state=fast_state, keep_state=keep_state)
     monkeypatch.undo()
     plain_state = model.new_state(1)
     plain = generate(model, tok, "def f(x):", max_tokens=20, state=plain_state)
-    assert len(made) == 1 and made[0].copied == [True] + [False] * (len(plain.token_ids) - 2)
+    overshoot = not keep_state and eos_at is not None  # the step ahead of the EOS ran
+    launches = len(plain.token_ids) - 1 + overshoot
+    assert len(made) == 1 and made[0].copied == [True] + [False] * (launches - 1)
+    assert made[0].slots == (1 if keep_state else 2)
     assert fast.token_ids == plain.token_ids and fast.finish_reason == plain.finish_reason
     assert plain.finish_reason == ("eos" if eos_at is not None else "length")
-    assert torch.equal(fast_state.ssm, plain_state.ssm) and torch.equal(fast_state.conv, plain_state.conv)
+    same = torch.equal(fast_state.ssm, plain_state.ssm) and torch.equal(fast_state.conv, plain_state.conv)
+    assert same != overshoot

@@ -90,3 +90,28 @@ def test_bench_counts_the_kernels_of_a_decode_step(batch):
     eager = kernels_per_token(model, batch, cuda_graph=False)
     assert graph == eager and graph == int(graph)
     assert graph >= 4 * model.cfg.n_layer
+
+
+def test_the_step_ahead_leaves_a_kept_state_as_eager_leaves_it(monkeypatch):
+    # A greedy sequence whose state the caller leaves to the loop (none given, or keep_state
+    # False) has the step after next launched before the host reads the next token; when an
+    # EOS then ends it, that step has fed the EOS too. A kept state must not see that step.
+    model, tok = load_preset("mamba2-130m", "cuda", "bfloat16", "triton")
+    prompt = list(range(100, 164))
+    free = greedy_tokens(model, tok, prompt, 24, cuda_graph=False)
+    eos = next(t for i, t in enumerate(free) if i >= 1 and t not in free[:i])  # first seen at step 2 or later
+    monkeypatch.setattr(tok, "eos_ids", {eos})
+
+    def run(**kw):
+        state = model.new_state(1)
+        ids = [e.token_id for e in stream_generate(model, tok, prompt, max_tokens=24, state=state, **kw)
+               if e.token_id is not None]
+        return ids, state.ssm.clone()
+
+    eager, eager_ssm = run(cuda_graph=False)
+    assert eager == free[:free.index(eos)]  # the EOS ends it and is not handed out
+    kept, kept_ssm = run(keep_state=True)
+    left, left_ssm = run(keep_state=False)
+    assert kept == eager and left == eager
+    assert rel_err(kept_ssm, eager_ssm) < 1e-3  # the same tokens fed (graph and eager may round apart)
+    assert rel_err(left_ssm, eager_ssm) > 1e-2  # the step ahead ran and fed the EOS

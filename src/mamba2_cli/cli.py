@@ -256,7 +256,8 @@ def run(
             out.write(text_in)
             out.flush()
         events = stream_generate(m, tok, prompt_arg, state=state, last_token=saved.last_token if saved else None,
-                                 on_prompt=on_prompt, cuda_graph=not no_cuda_graph, **settings)
+                                 on_prompt=on_prompt, cuda_graph=not no_cuda_graph, keep_state=save_state is not None,
+                                 **settings)
         for event in events:
             if event.text and not as_json:
                 out.write(event.text)

@@ -124,6 +124,11 @@ GEMV_CONFIG = {
     4: _DOT_ROWS,
     8: _DOT_ROWS,
 }
+# K 8192 (Codestral's out_proj, which follows the step's short norm kernel): the first weight
+# tile loaded before the wait (early_tile). H200, session 13, round 64 (batch-8 decode graph
+# replays, medians of 9, alternated): 5683.3 µs per step against 5696.0 and 5697.3; the early
+# tile on every product 5710.7, on K 4096 only (in_proj, lm_head) 5719.4.
+MULTI_BY_K[8192] = _DOT_ROWS.with_(early_tile=True)
 
 # The fused add + RMSNorm + matvec; used by `norm_linear` only when FUSE_NORM is set.
 NORM_GEMV_CONFIG = GemvConfig("acc", 4, 1024, 4)
