@@ -1,0 +1,251 @@
+"""Chat: the model's chat template, and a conversation carried in the recurrent state.
+
+A transformer re-reads (or caches) the whole conversation every turn; a Mamba-2 model only
+needs its state. So a turn renders the whole conversation with the template, tokenizes it,
+checks that what the state has already consumed is a prefix of it, and prefills only the
+rest: turn N costs what turn 1 costs. When the prefix does not match (a new system
+prompt, a template that rewrites history) the conversation is re-read from the start.
+
+Token ids of a conversation are the template's text tokenized piece by piece, with each
+assistant reply's text replaced by the ids the model generated for it. Tokenizing a reply's
+text again would not always give back those ids (the model may pick a non-canonical
+split), and then every turn would have to re-read the conversation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import Mamba2Error
+from .generate import GenerationEvent, stream_generate
+from .model import Mamba2LM
+from .statefile import load_state, read_metadata, save_state
+from .tokenizer import Tokenizer
+
+# For models without a chat template (base models): plain text turns. Base models do not end
+# a reply with an end-of-text token, so a reply also stops where the model starts the user's
+# next line. The assistant's text follows "Assistant:" directly: the model writes the space.
+FALLBACK_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Assistant:{{ message['content'] }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+FALLBACK_STOP = ("\nUser:",)
+
+# Stands in for a reply's text while rendering (private-use characters survive `trim`).
+_MARK = "\ue000{}\ue001"
+
+
+class ChatTemplate:
+    """A jinja2 chat template (from tokenizer_config.json, or the plain fallback), rendered
+    in jinja2's sandbox: templates come with downloaded models and are not trusted."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str | None = None):
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.tokenizer = tokenizer
+        source = source if source is not None else _pick_template(tokenizer.chat_template)
+        self.is_fallback = source is None
+        self.stop: tuple[str, ...] = FALLBACK_STOP if self.is_fallback else ()
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_from_template
+        try:
+            self.template = env.from_string(source if source is not None else FALLBACK_TEMPLATE)
+        except TemplateError as e:
+            where = f" in {tokenizer.path.parent / 'tokenizer_config.json'}" if tokenizer.path else ""
+            raise Mamba2Error(f"the chat template{where} does not compile: {e}") from None
+
+        def text(i):
+            return tokenizer.tok.id_to_token(i) if i is not None else None
+
+        bos = text(tokenizer.bos_id) if (tokenizer.add_bos or not self.is_fallback) else None
+        self.variables = {"bos_token": bos or "", "eos_token": text(tokenizer.eos_id) or "",
+                          "pad_token": text(tokenizer.pad_id) or ""}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.variables)
+        except TemplateError as e:
+            raise Mamba2Error(f"the chat template refused this conversation: {e}") from None
+
+    def shows_system_prompt(self) -> bool:
+        """Whether the template renders a system message at all (some drop it silently)."""
+        user = [{"role": "user", "content": "x"}]
+        try:
+            return self.render([{"role": "system", "content": "\ue002"}] + user) != self.render(user)
+        except Mamba2Error:
+            return False
+
+    def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation (the template writes any BOS itself)."""
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt), add_bos=False)
+
+
+def _pick_template(t) -> str | None:
+    # tokenizer_config.json holds a string, or a list of named templates.
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t if isinstance(t, str) and t.strip() else None
+
+
+def _raise_from_template(message):
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
+
+
+def one_shot_messages(prompt: str, system: str | None = None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+class ChatSession:
+    """A conversation and the model state that has read it.
+
+    `ids` are the tokens the state has consumed; `last_token` is the last reply's final
+    token, sampled but not yet consumed (it leads the next turn's prefill when the
+    template keeps it). Settings are stream_generate's; a seed makes turn n use seed + n.
+    """
+
+    def __init__(self, model: Mamba2LM, tokenizer: Tokenizer, system: str | None = None,
+                 template: ChatTemplate | None = None, model_name: str | None = None, **settings):
+        self.model, self.tokenizer = model, tokenizer
+        self.template = template or ChatTemplate(tokenizer)
+        self.model_name = model_name
+        self.system = system or None
+        self.settings = {"max_tokens": 512, **settings}
+        if self.settings["max_tokens"] < 1:
+            raise Mamba2Error("a chat reply needs max tokens >= 1")
+        self.stop = tuple(self.settings.pop("stop", ())) + self.template.stop
+        self.state = model.new_state(1)
+        self.messages: list[dict] = []  # user and assistant turns; the system prompt is apart
+        self.ids: list[int] = []
+        self.last_token: int | None = None
+        self.last_turn: dict = {}
+
+    # -- the conversation as tokens ----------------------------------------------------
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
+
+    def conversation_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the system prompt + `messages`, replies as the ids generated for them."""
+        shown, replies = [], []
+        for m in self._with_system(messages):
+            if m["role"] == "assistant" and m.get("ids") is not None:
+                shown.append({"role": "assistant", "content": _MARK.format(len(replies))})
+                replies.append(m)
+            else:
+                shown.append({"role": m["role"], "content": m["content"]})
+        text = self.template.render(shown, add_generation_prompt)
+        encode = self.tokenizer.encode
+        ids, pos, skip = [], 0, ""
+        for k, m in enumerate(replies):
+            at = text.find(_MARK.format(k), pos)
+            if at < 0 or not text.startswith(skip, pos):  # the template rewrote a reply: plain text it is
+                return self._plain_ids(messages, add_generation_prompt)
+            ids += encode(text[pos + len(skip) : at], add_bos=False) + list(m["ids"])
+            # Text the reply ran past its end (into a stop string) is in `ids` already.
+            skip = m.get("overshoot") or ""
+            pos = at + len(_MARK.format(k))
+        if not text.startswith(skip, pos):
+            return self._plain_ids(messages, add_generation_prompt)
+        return ids + encode(text[pos + len(skip) :], add_bos=False)
+
+    def _plain_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        plain = [{"role": m["role"], "content": m["content"]} for m in self._with_system(messages)]
+        return self.template.prompt_ids(plain, add_generation_prompt)
+
+    # -- turns ---------------------------------------------------------------------------
+
+    def send(self, text: str, cancel: Callable[[], bool] | None = None) -> Iterator[GenerationEvent]:
+        """Stream the reply to a user message; the last event carries the result."""
+        user = {"role": "user", "content": text}
+        full = self.conversation_ids(self.messages + [user])
+        before = self.ids
+        if full[: len(before)] != before or len(full) <= len(before):
+            self.state.reset()
+            before = []
+        reread = bool(self.messages) and not before  # the whole conversation goes through the model
+        suffix = full[len(before) :]
+        self.ids, self.last_token = [], None  # until the reply is complete the state is in flux
+        settings = dict(self.settings)
+        if settings.get("seed") is not None:
+            settings["seed"] += sum(m["role"] == "assistant" for m in self.messages)
+        result = None
+        try:
+            for event in stream_generate(self.model, self.tokenizer, suffix, state=self.state, stop=self.stop,
+                                         cancel=cancel, **settings):
+                if event.result is not None:
+                    result = event.result
+                    self._record(user, before + suffix, suffix, result, reread)
+                yield event
+        finally:
+            if result is None:  # abandoned mid-reply: the state holds an unknown amount; re-read next turn
+                self.state.reset()
+
+    def _record(self, user: dict, prompt: list[int], suffix: list[int], result, reread: bool) -> None:
+        gen = result.token_ids
+        self.ids = prompt + gen[:-1]  # the last sampled token is never fed
+        self.last_token = gen[-1]
+        reply = gen[:-1] if result.finish_reason == "eos" else gen  # the template writes its own end
+        full_text = self.tokenizer.decode_continuation(suffix, reply)
+        overshoot = full_text[len(result.text):] if full_text.startswith(result.text) else None
+        self.messages += [user, {"role": "assistant", "content": result.text,
+                                 "ids": reply if overshoot is not None else None, "overshoot": overshoot}]
+        self.last_turn = {"prefill_tokens": len(suffix), "reread": reread, "reply_tokens": len(gen),
+                          "finish_reason": result.finish_reason, **result.stats}
+
+    # -- commands ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.state.reset()
+        self.messages, self.ids, self.last_token, self.last_turn = [], [], None, {}
+
+    def set_system(self, text: str | None) -> None:
+        """A new system prompt changes the start of the conversation: the next turn re-reads it."""
+        self.system = text or None
+
+    @property
+    def context_tokens(self) -> int:
+        return len(self.ids) + (self.last_token is not None)
+
+    def save(self, path: str | Path) -> Path:
+        if self.last_token is None:
+            raise Mamba2Error("nothing to save yet: the conversation has no reply")
+        chat = {"system": self.system, "messages": self.messages, "ids": self.ids}
+        return save_state(path, self.model, self.state, self.context_tokens, self.last_token,
+                          extra={"chat": chat}, model_name=self.model_name)
+
+    def load(self, path: str | Path) -> None:
+        """Continue a conversation saved by save(); the session is unchanged if it fails."""
+        meta, _, _ = read_metadata(path)
+        if "chat" not in meta:
+            raise Mamba2Error(f"{path} holds no conversation (it was not saved by mamba2 chat); "
+                              "`mamba2 run --load-state` continues it")
+        try:
+            chat = json.loads(meta["chat"])
+            messages, ids, system = chat["messages"], [int(i) for i in chat["ids"]], chat.get("system")
+            ok = isinstance(messages, list) and all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                for m in messages)
+            ok = ok and str(len(ids) + 1) == meta.get("tokens") and (system is None or isinstance(system, str))
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise Mamba2Error(f"{path}: damaged state file (its conversation does not add up)")
+        saved = load_state(path, self.model, into=self.state)
+        self.messages, self.ids, self.system = messages, ids, system
+        self.last_token, self.last_turn = saved.last_token, {}

@@ -1,0 +1,285 @@
+"""Mamba2Config: one dataclass for the three checkpoint formats Mamba-2 models ship in.
+
+- HF (`config.json` with `model_type: mamba2`), as written by transformers' converters.
+- mamba_ssm (`config.json` with `d_model`, `n_layer`, `ssm_cfg`), state-spaces/mamba2-*.
+- Mistral (`params.json`), Mamba-Codestral's consolidated release.
+
+Keys a format leaves out take mamba_ssm's Mamba-2 defaults (d_state 128, not Mamba-1's 16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Mamba2Error
+
+INF = float("inf")
+
+
+@dataclass
+class Mamba2Config:
+    d_model: int
+    n_layer: int
+    vocab_size: int  # real vocabulary: logits are sliced to this
+    pad_vocab_size_multiple: int = 1
+    d_state: int = 128
+    headdim: int = 64
+    expand: int = 2
+    d_conv: int = 4
+    chunk_size: int = 256
+    ngroups: int = 1
+    norm_before_gate: bool = False
+    dt_limit: tuple[float, float] = (0.0, INF)
+    layer_norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    bias: bool = False  # in_proj / out_proj bias
+    conv_bias: bool = True
+    D_has_hdim: bool = False
+    format: str = "hf"  # which file format it was read from: hf | mamba_ssm | mistral
+
+    def __post_init__(self):
+        self.dt_limit = (float(self.dt_limit[0]), float(self.dt_limit[1]))
+        if self.d_inner % self.headdim:
+            raise Mamba2Error(
+                f"config: d_inner {self.d_inner} (expand {self.expand} x d_model {self.d_model}) "
+                f"is not a multiple of headdim {self.headdim}"
+            )
+        if self.nheads % self.ngroups:
+            raise Mamba2Error(f"config: {self.nheads} heads do not split into {self.ngroups} groups")
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "d_conv", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise Mamba2Error(f"config: {name} must be positive, got {getattr(self, name)}")
+
+    # Derived sizes, named as in the mixer.
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def in_proj_dim(self) -> int:
+        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_size_multiple)
+        return math.ceil(self.vocab_size / m) * m
+
+    def num_parameters(self) -> int:
+        per_layer = (
+            self.d_model  # block norm
+            + self.d_model * self.in_proj_dim + (self.in_proj_dim if self.bias else 0)
+            + self.conv_dim * self.d_conv + (self.conv_dim if self.conv_bias else 0)
+            + 3 * self.nheads + (self.nheads * (self.headdim - 1) if self.D_has_hdim else 0)
+            + self.d_inner  # gated norm
+            + self.d_inner * self.d_model + (self.d_model if self.bias else 0)
+        )
+        emb = self.padded_vocab_size * self.d_model
+        return self.n_layer * per_layer + emb * (1 if self.tie_embeddings else 2) + self.d_model
+
+    def state_bytes(self, batch_size: int, dtype_bytes: int) -> int:
+        """Bytes of recurrent state: conv window in the model dtype, SSM state in fp32."""
+        conv = self.conv_dim * (self.d_conv - 1) * dtype_bytes
+        ssm = self.nheads * self.headdim * self.d_state * 4
+        return batch_size * self.n_layer * (conv + ssm)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dt_limit"] = list(self.dt_limit)
+        return d
+
+
+# Random-weight shapes for `bench --preset` and for the stand-in model of `run`.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=16),
+    "mamba2-130m": dict(d_model=768, n_layer=24, vocab_size=50277, pad_vocab_size_multiple=16),
+    "mamba2-370m": dict(d_model=1024, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=16),
+    "mamba2-780m": dict(d_model=1536, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=16),
+    "mamba2-1.3b": dict(d_model=2048, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=16),
+    "mamba2-2.7b": dict(d_model=2560, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=16),
+    "codestral-7b": dict(d_model=4096, n_layer=64, vocab_size=32768, ngroups=8, tie_embeddings=False),
+}
+
+
+def preset_config(name: str) -> Mamba2Config:
+    if name not in PRESETS:
+        from .hub import ALIASES
+
+        real = f" ({name!r} is a real checkpoint: -m {name})" if name.lower() in ALIASES else ""
+        raise Mamba2Error(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}{real}")
+    return Mamba2Config(**PRESETS[name])
+
+
+# ---------------------------------------------------------------------------------------
+# Readers
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise Mamba2Error(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        # Python's json accepts the bare `Infinity` some converters write.
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Mamba2Error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise Mamba2Error(f"{path} does not hold a JSON object")
+    return data
+
+
+def _float(v) -> float:
+    # time_step_limit entries can be numbers, bare Infinity, or {"__float__": "Infinity"}.
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise Mamba2Error(f"config: cannot read {v!r} as a number") from None
+
+
+def _limit(v) -> tuple[float, float]:
+    if v is None:
+        return (0.0, INF)
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise Mamba2Error(f"config: time step limit must be a pair, got {v!r}")
+    return (_float(v[0]), _float(v[1]))
+
+
+def _int(d: dict, key: str, where: str) -> int:
+    if key not in d:
+        raise Mamba2Error(f"{where}: missing key {key!r}")
+    v = d[key]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise Mamba2Error(f"{where}: {key} must be an integer, got {v!r}")
+    return v
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> Mamba2Config:
+    mt = d.get("model_type")
+    if mt != "mamba2":
+        if mt in ("mamba", "falcon_mamba"):
+            raise Mamba2Error(f"{where}: model_type {mt!r} is Mamba-1; only Mamba-2 models are supported")
+        raise Mamba2Error(f"{where}: model_type {mt!r} is not a Mamba-2 language model")
+    if d.get("rms_norm", True) is False:
+        raise Mamba2Error(f"{where}: LayerNorm (rms_norm false) models are not supported")
+    d_model = _int(d, "hidden_size", where)
+    expand = d.get("expand", 2)
+    headdim = d.get("head_dim", 64)
+    cfg = Mamba2Config(
+        d_model=d_model,
+        n_layer=_int(d, "num_hidden_layers", where),
+        vocab_size=_int(d, "vocab_size", where),
+        d_state=d.get("state_size", 128),
+        headdim=headdim,
+        expand=expand,
+        d_conv=d.get("conv_kernel", 4),
+        chunk_size=d.get("chunk_size", 256),
+        ngroups=d.get("n_groups", 1),
+        # HF's own code ignores `norm_before_gate`, and Codestral's config says true while its
+        # weights need false: every HF-format checkpoint is norm-after-gate.
+        norm_before_gate=False,
+        dt_limit=_limit(d.get("time_step_limit")),
+        layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+        residual_in_fp32=bool(d.get("residual_in_fp32", True)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bias=bool(d.get("use_bias", False)),
+        conv_bias=bool(d.get("use_conv_bias", True)),
+        format="hf",
+    )
+    nh = d.get("num_heads")
+    if nh is not None and nh != cfg.nheads:
+        raise Mamba2Error(
+            f"{where}: num_heads {nh} disagrees with expand*hidden_size/head_dim = {cfg.nheads}"
+        )
+    return cfg
+
+
+def _refuse_hybrid(d: dict, where: str) -> None:
+    if d.get("attn_layer_idx"):
+        raise Mamba2Error(f"{where}: hybrid checkpoints (attention layers {d['attn_layer_idx']}) are not supported")
+    if d.get("d_intermediate", 0):
+        raise Mamba2Error(f"{where}: checkpoints with MLP blocks (d_intermediate > 0) are not supported")
+
+
+def config_from_mamba_ssm(d: dict, where: str = "config.json") -> Mamba2Config:
+    _refuse_hybrid(d, where)
+    ssm = d.get("ssm_cfg") or {}
+    if ssm.get("layer", "Mamba1") != "Mamba2":
+        raise Mamba2Error(f"{where}: ssm_cfg.layer is {ssm.get('layer', 'Mamba1 (default)')!r}; only Mamba-2 models are supported")
+    if d.get("rms_norm", True) is False:
+        raise Mamba2Error(f"{where}: LayerNorm (rms_norm false) models are not supported")
+    return Mamba2Config(
+        d_model=_int(d, "d_model", where),
+        n_layer=_int(d, "n_layer", where),
+        vocab_size=_int(d, "vocab_size", where),
+        pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
+        d_state=ssm.get("d_state", 128),
+        headdim=ssm.get("headdim", 64),
+        expand=ssm.get("expand", 2),
+        d_conv=ssm.get("d_conv", 4),
+        chunk_size=ssm.get("chunk_size", 256),
+        ngroups=ssm.get("ngroups", 1),
+        norm_before_gate=bool(ssm.get("norm_before_gate", False)),
+        dt_limit=_limit(ssm.get("dt_limit")),
+        layer_norm_epsilon=float(d.get("norm_epsilon", 1e-5)),
+        residual_in_fp32=bool(d.get("residual_in_fp32", True)),
+        tie_embeddings=bool(d.get("tie_embeddings", True)),
+        bias=bool(ssm.get("bias", False)),
+        conv_bias=bool(ssm.get("conv_bias", True)),
+        D_has_hdim=bool(ssm.get("D_has_hdim", False)),
+        format="mamba_ssm",
+    )
+
+
+def config_from_mistral(d: dict, where: str = "params.json") -> Mamba2Config:
+    _refuse_hybrid(d, where)
+    if d.get("rms_norm", True) is False:
+        raise Mamba2Error(f"{where}: LayerNorm (rms_norm false) models are not supported")
+    return Mamba2Config(
+        d_model=_int(d, "dim", where),
+        n_layer=_int(d, "n_layers", where),
+        vocab_size=_int(d, "vocab_size", where),
+        pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 1),
+        d_state=d.get("d_state", 128),
+        headdim=d.get("headdim", 64),
+        expand=d.get("expand", 2),
+        d_conv=d.get("d_conv", 4),
+        chunk_size=d.get("chunk_size", 256),
+        ngroups=d.get("n_groups", 1),
+        norm_before_gate=bool(d.get("norm_before_gate", False)),
+        dt_limit=_limit(d.get("dt_limit")),
+        layer_norm_epsilon=float(d.get("norm_eps", d.get("layer_norm_epsilon", 1e-5))),
+        residual_in_fp32=bool(d.get("residual_in_fp32", True)),
+        tie_embeddings=bool(d.get("tie_embeddings", False)),
+        format="mistral",
+    )
+
+
+def read_config(model_dir: Path) -> Mamba2Config:
+    """Read the config of a checkpoint directory, whatever its format."""
+    model_dir = Path(model_dir)
+    cfg_path, params_path = model_dir / "config.json", model_dir / "params.json"
+    if cfg_path.is_file():
+        d = _read_json(cfg_path)
+        if "model_type" in d and "d_model" not in d:
+            return config_from_hf(d, str(cfg_path))
+        if "d_model" in d or "ssm_cfg" in d:
+            return config_from_mamba_ssm(d, str(cfg_path))
+        raise Mamba2Error(f"{cfg_path}: neither an HF Mamba-2 config (model_type) nor a mamba_ssm config (d_model)")
+    if params_path.is_file():
+        return config_from_mistral(_read_json(params_path), str(params_path))
+    raise Mamba2Error(f"{model_dir}: no config.json or params.json; is this a model directory?")

@@ -1,0 +1,90 @@
+"""Backends: the operations the model calls, with one signature per operation.
+
+A backend is a module that provides these functions (see `torch_ref` for the reference
+implementation and the exact semantics of each):
+
+    linear(x, weight, bias=None) -> x @ weight^T + bias
+        The projections; a fast backend streams weights for the few-row products of decode.
+    ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None,
+                seq_len=None, final_state=None)
+        -> (y [b, L, H, P] in x.dtype, final_state [b, H, P, N] fp32)
+        Chunked SSD scan of a whole prompt, continuing from `initial_state`. `final_state`,
+        if given, receives the result and may be `initial_state` itself (in place).
+    ssd_decode_step(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_state) -> y [b, H, P]
+        One token; updates `ssm_state` [b, H, P, N] fp32 in place.
+    causal_conv1d(xBC, weight, bias, conv_state, seq_len=None) -> [b, L, C]
+        Depthwise causal conv + SiLU over a prompt from `conv_state` [b, C, K-1];
+        overwrites conv_state with the last K-1 inputs (before position seq_len).
+    conv1d_step(xBC, weight, bias, conv_state) -> [b, C]
+        One token of the same; shifts conv_state in place.
+    gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False) -> like y
+    add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True) -> (normed, residual)
+    norm_linear(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None)
+        -> (linear(add_rmsnorm(...)[0], weight, bias), residual): the pre-norm and the
+        projection after it (decode's in_proj and lm_head), which a backend may fuse.
+    mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
+                      norm_weight, ssm_state, ngroups, eps, norm_before_gate,
+                      *, state_settled=False) -> [b, d_inner]
+        Everything of one decode token between in_proj and out_proj: conv window update,
+        conv + SiLU, dt softplus/clamp, state update in place, y = S C + D x, gated norm.
+        state_settled: no kernel launched just before the call wrote ssm_state (the model's
+        decode passes it: each token starts with the embedding's plain launch).
+
+seq_len (prefill operations): None, or an integer tensor [b] on the device: row i holds
+seq_len[i] real positions, then padding that is never read (the SSM state passes through
+it, the conv state is taken before it; y there is zero). Read on the device, so a CUDA
+graph captured for L positions serves every shorter prompt (generate.PrefillGraphs).
+
+Layouts: x [b, L, H, P]; dt [b, L, H] (raw, before softplus and dt_bias); A [H] fp32,
+already -exp(A_log); B, C [b, L, G, N] with head h reading group h // (H / G);
+D [H] or [H, P]; conv weight [C, K]; conv_state [b, C, K-1] oldest input first.
+
+A backend may implement an operation by composing others (torch_ref composes
+mixer_decode_step from the step operations); a fast backend fuses it into few launches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+from ..errors import Mamba2Error
+
+BACKENDS = ("torch", "triton")
+
+
+def triton_available(device_type: str) -> tuple[bool, str]:
+    """Whether the triton backend can run on this device type, and why not."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type != "cuda" and not (interpret and device_type == "cpu"):
+        return False, "the triton backend needs an NVIDIA GPU (or TRITON_INTERPRET=1 on CPU)"
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False, "the triton backend needs the `triton` package (pip install triton)"
+    return True, ""
+
+
+def get_backend(name: str, device_type: str = "cpu") -> ModuleType:
+    """'torch' | 'triton' | 'auto' -> the backend module. auto = triton on CUDA, else torch."""
+    if name == "auto":
+        ok, _ = triton_available(device_type)
+        name = "triton" if ok and device_type == "cuda" and _has_triton_backend() else "torch"
+    if name == "torch":
+        from . import torch_ref
+
+        return torch_ref
+    if name == "triton":
+        ok, why = triton_available(device_type)
+        if not ok:
+            raise Mamba2Error(why)
+        if not _has_triton_backend():
+            raise Mamba2Error("this build has no triton backend yet")
+        return importlib.import_module(".triton_backend", __name__)
+    raise Mamba2Error(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+
+
+def _has_triton_backend() -> bool:
+    return importlib.util.find_spec(f"{__name__}.triton_backend") is not None
