@@ -27,7 +27,9 @@ r7.LOG_NAME = "round58.txt"
 log = r7.log
 
 
-def loop_phase(dev, tiny):
+def loop_phase(dev, tiny, switch="GREEDY_GRAPH", label="greedy graph"):
+    """bench_model b1 with generate's `switch` on and off, alternated, and the replays; round 65
+    times generate.AHEAD with it (and also compares the tokens of a state the caller keeps)."""
     import importlib
 
     from mamba2_cli.bench import _NullTokenizer, bench_model
@@ -39,10 +41,15 @@ def loop_phase(dev, tiny):
     ids = torch.randint(3, model.cfg.vocab_size, (40 if tiny else 128,), generator=torch.Generator().manual_seed(5))
     toks = {}
     for on in (True, False):
-        g.GREEDY_GRAPH = on
+        setattr(g, switch, on)
         toks[on] = g.generate(model, _NullTokenizer(), ids.tolist(), max_tokens=33, ignore_eos=True).token_ids
-    g.GREEDY_GRAPH = True
-    log(f"  greedy tokens equal with the switch on and off: {toks[True] == toks[False]}")
+    setattr(g, switch, True)
+    line = f"  greedy tokens equal with the switch on and off: {toks[True] == toks[False]}"
+    if switch != "GREEDY_GRAPH":
+        kept = g.generate(model, _NullTokenizer(), ids.tolist(), max_tokens=33, ignore_eos=True,
+                          state=model.new_state(1)).token_ids
+        line += f"; with a kept state: {kept == toks[True]}"
+    log(line)
     if dev.type != "cuda":
         return
     tok = torch.randint(3, model.cfg.vocab_size, (1,), device=dev)
@@ -53,11 +60,11 @@ def loop_phase(dev, tiny):
         for _ in range(5):
             res.setdefault("replays", []).append(r7.graph_ms(lambda: fn(tok), dev, reps=100) * 1e3)
             for on in (True, False):
-                g.GREEDY_GRAPH = on
+                setattr(g, switch, on)
                 r = bench_model(model, prompt_len=128, gen_len=128, batch_size=1, repeats=2)
-                res.setdefault(f"bench, greedy graph {'on' if on else 'off'}", []).append(1e6 / r["decode_tok_s"])
+                res.setdefault(f"bench, {label} {'on' if on else 'off'}", []).append(1e6 / r["decode_tok_s"])
     finally:
-        g.GREEDY_GRAPH = True
+        setattr(g, switch, True)
     for name, v in res.items():
         v = sorted(v)
         med = v[len(v) // 2]

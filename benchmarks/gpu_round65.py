@@ -19,59 +19,15 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
-import gpu_round5 as r5  # noqa: E402
+import gpu_round58 as r58  # noqa: E402
 import gpu_round7 as r7  # noqa: E402
 
-r7.LOG_NAME = "round65.txt"
-log = r7.log
-
-
-def loop_phase(dev, tiny):
-    import importlib
-
-    from mamba2_cli.bench import _NullTokenizer, bench_model
-    from mamba2_cli.generate import decode_step_fn, owned_state
-
-    g = importlib.import_module("mamba2_cli.generate")
-    r5.log = lambda m="": log(m)
-    model = r5.load_model(dev, tiny)
-    ids = torch.randint(3, model.cfg.vocab_size, (40 if tiny else 128,), generator=torch.Generator().manual_seed(5))
-    toks = {}
-    for on in (True, False):
-        g.AHEAD = on
-        toks[on] = g.generate(model, _NullTokenizer(), ids.tolist(), max_tokens=33, ignore_eos=True).token_ids
-    g.AHEAD = True
-    kept = g.generate(model, _NullTokenizer(), ids.tolist(), max_tokens=33, ignore_eos=True,
-                      state=model.new_state(1)).token_ids
-    log(f"  greedy tokens equal with the switch on and off: {toks[True] == toks[False]}; "
-        f"with a kept state: {kept == toks[True]}")
-    if dev.type != "cuda":
-        return
-    tok = torch.randint(3, model.cfg.vocab_size, (1,), device=dev)
-    fn = decode_step_fn(model, owned_state(model, 1), True)
-    fn(tok)
-    res: dict = {}
-    try:
-        for _ in range(5):
-            res.setdefault("replays", []).append(r7.graph_ms(lambda: fn(tok), dev, reps=100) * 1e3)
-            for on in (True, False):
-                g.AHEAD = on
-                r = bench_model(model, prompt_len=128, gen_len=128, batch_size=1, repeats=2)
-                res.setdefault(f"bench, ahead {'on' if on else 'off'}", []).append(1e6 / r["decode_tok_s"])
-    finally:
-        g.AHEAD = True
-    for name, v in res.items():
-        v = sorted(v)
-        med = v[len(v) // 2]
-        log(f"  summary {name:26s} " + "/".join(f"{x:.1f}" for x in v) + f" us per step (median {med:.1f}, "
-            f"{1e6 / med:.1f} tok/s)")
+r7.LOG_NAME = "round65.txt"  # after the imports above, which set their own
 
 
 def main():
-    r7.round_main(65, lambda dev, tiny: [("loop", lambda: loop_phase(dev, tiny))])
+    r7.round_main(65, lambda dev, tiny: [("loop", lambda: r58.loop_phase(dev, tiny, "AHEAD", "ahead"))])
 
 
 if __name__ == "__main__":
