@@ -344,8 +344,9 @@ def owned_state(model: Mamba2LM, batch_size: int) -> Mamba2State:
 # greedy form 4089.
 GREEDY_GRAPH = True
 # Where the caller leaves the state to the loop (`ahead`), that greedy form issues the step
-# after next before waiting for the next token. H200, session 11, round 57 (µs per step): 4054
-# against 4089.
+# after next before waiting for the next token. H200, session 13, round 65 (bench_model b1,
+# Codestral, medians of 5 alternated in one process): 3948.5 against 4087.7 µs per step, the
+# replays alone 3929.3; against session 12's src in separate processes 253.4 against 252.5 tok/s.
 AHEAD = True
 
 
