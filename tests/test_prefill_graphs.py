@@ -263,6 +263,21 @@ def test_prepare_drops_graphs_that_hold_old_tensors(take_graphs):
     assert not any(k.startswith("_") and k.endswith("_graphs") for k in model.__dict__)
 
 
+def test_the_runner_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    model = tiny_model("torch")
+    attach_stand_in(model)
+    state = model.new_state(1)
+    for _ in range(2):  # eager, then captured
+        prefill(model, torch.randint(0, 50, (1, 5)), state, cuda_graph=True)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
 # --- the generation loop
 
 

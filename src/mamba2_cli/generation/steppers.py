@@ -15,12 +15,17 @@ after next before it waits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..model import Mamba2LM
 from ..state import Mamba2State
 from .sampling import sample
 from .sequence import LiveSequence
+
+if TYPE_CHECKING:
+    from .runner import Runner
 
 
 @torch.inference_mode()
@@ -88,7 +93,7 @@ class GraphSteps(Stepper):
     their extra steps are thrown away), so a batch of B captures at most log2(B) + 1 graphs,
     not B."""
 
-    def __init__(self, runner, state: Mamba2State, live: list[LiveSequence]):
+    def __init__(self, runner: Runner, state: Mamba2State, live: list[LiveSequence]):
         super().__init__()
         self.runner, self.state = runner, state
         if any(s.max_tokens > 1 for s in live):
@@ -110,7 +115,7 @@ class GreedyGraphSteps(Stepper):
     none is launched past max_tokens, but a sequence that ends early (EOS, a stop string)
     leaves that step's token in the state."""
 
-    def __init__(self, runner, state: Mamba2State, keep_state: bool):
+    def __init__(self, runner: Runner, state: Mamba2State, keep_state: bool):
         super().__init__()
         self.graph = runner.decode_graph(state, greedy=True)  # captured before the clock starts
         self.graph.forget()
@@ -132,7 +137,7 @@ class GreedyGraphSteps(Stepper):
         return self.graph.collect()  # the one wait per step
 
 
-def choose_stepper(runner, state: Mamba2State, live: list[LiveSequence], cuda_graph: bool,
+def choose_stepper(runner: Runner, state: Mamba2State, live: list[LiveSequence], cuda_graph: bool,
                    keep_state: bool) -> Stepper:
     """The stepper for these sequences; any graph it needs is captured now, before the clock."""
     if not cuda_graph or runner.make_decode_graph is None:
