@@ -1,10 +1,10 @@
-"""End-to-end GPU round: correctness checks, then decode/prefill timings on Codestral shapes.
+"""End-to-end GPU check: correctness checks, then decode/prefill timings on Codestral shapes.
 
     PYTHONPATH=src python3 benchmarks/bench_decode.py [--preset codestral-7b] [--quick]
 
 Prints a table last; with $OUT set, writes the numbers to $OUT/bench_decode.json.
-Checks first (a failed check stops the round): triton vs torch logits on one prompt,
-CUDA-graph greedy tokens equal eager for 64 steps, the triton matvec against F.linear.
+Checks first: triton vs torch logits on one prompt, CUDA-graph greedy tokens equal eager
+for 64 steps, the triton matvec against F.linear.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba2_cli import load_preset, stream_generate
-from mamba2_cli.generate import decode_step_fn, prefill
+from mamba2_cli.generation import prefill, runner_for
 from mamba2_cli.kernel_bench import copy_bandwidth
 
 
@@ -58,7 +58,7 @@ def decode_tok_s(model, tok, prompt_len, gen_len, cuda_graph=True):
 def batched_decode(model, batch, prompt_len, gen_len):
     state = model.new_state(batch)
     ids = torch.randint(3, model.cfg.vocab_size, (batch, prompt_len), device="cuda")
-    step = decode_step_fn(model, state, True)
+    step = runner_for(model).decode_step(state)
     logits = prefill(model, ids, state)
     tok = logits.argmax(-1)
     for _ in range(8):

@@ -1,4 +1,4 @@
-"""Saved state vs full prefill: how fast a long prompt resumes from a state file (issue 7).
+"""Saved state vs full prefill: how fast a long prompt resumes from a state file.
 
 The figure: Codestral shape on one H200, model loaded, a 100,000-token prompt. Loading its
 saved state and producing the first new token should take under 0.2 s, against the full
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mamba2_cli import load_preset, stream_generate  # noqa: E402
 from mamba2_cli.bench import environment  # noqa: E402
-from mamba2_cli.generate import prefill  # noqa: E402
+from mamba2_cli.generation import prefill  # noqa: E402
 from mamba2_cli.statefile import load_state, model_fingerprint, save_state  # noqa: E402
 
 

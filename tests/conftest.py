@@ -62,21 +62,15 @@ def make_checkpoint(tmp_path, bpe_tokenizer_dir):
 
 @pytest.fixture
 def take_graphs(monkeypatch):
-    """take_graphs(step_fn) -> the generate module, whose loop then takes its CUDA-graph paths
-    (graph sizes, the greedy graph) on this CPU: _LiveRows says graphs are in use, and
-    decode_step_fn is step_fn, an eager stand-in. monkeypatch.undo() ends it."""
-    import importlib
+    """take_graphs(model, make_graph) -> the model's generation Runner, which then takes its
+    CUDA-graph paths (a graph per batch size, the greedy graph) on this CPU:
+    make_graph(model, state, greedy) builds an eager stand-in for each decode graph.
+    monkeypatch.undo() ends it."""
+    from mamba2_cli.generation import runner_for
 
-    g = importlib.import_module("mamba2_cli.generate")  # the package's `generate` is the function
-
-    def take(step_fn):
-        init = g._LiveRows.__init__
-
-        def with_graphs(self, model, state, cuda_graph):
-            init(self, model, state, cuda_graph)
-            self.graphs = True
-
-        monkeypatch.setattr(g._LiveRows, "__init__", with_graphs)
-        monkeypatch.setattr(g, "decode_step_fn", step_fn)
-        return g
+    def take(model, make_graph):
+        runner = runner_for(model)
+        monkeypatch.setattr(runner, "make_decode_graph", make_graph)
+        monkeypatch.setattr(runner, "decode_graphs", {})
+        return runner
     return take

@@ -10,7 +10,7 @@ import pytest
 
 from checkpoints import TEXT
 from mamba2_cli import Mamba2Error, generate, load_model
-from mamba2_cli.generate import Request, generate_batch, stream_batch
+from mamba2_cli.generation import Request, generate_batch, stream_batch
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "COLUMNS": "200"}
 ENV.pop("CUDA_VISIBLE_DEVICES", None)
@@ -33,7 +33,7 @@ def test_greedy_batch_equals_each_prompt_alone(tiny):
         assert r.token_ids == alone.token_ids and r.text == alone.text and len(r.token_ids) == 25
 
 
-def test_rows_that_finish_early_leave_the_others_unchanged(tiny):
+def test_sequences_that_finish_early_leave_the_others_unchanged(tiny):
     model, tok = tiny
     free = generate(model, tok, PROMPTS[1], max_tokens=30)
     requests = [
@@ -101,19 +101,19 @@ def test_cli_batch_from_lines_and_jsonl(model_dir, tiny, tmp_path):
     assert b"Traceback" not in bad.stderr
 
 
-def test_padded_steps_for_cuda_graph_sizes_leave_live_rows_unchanged(tiny, monkeypatch, take_graphs):
-    # On GPUs the live rows run in a batch of the next power of two (one CUDA graph per size);
+def test_padded_steps_for_cuda_graph_sizes_leave_live_sequences_unchanged(tiny, monkeypatch, take_graphs):
+    # On GPUs the live sequences run in a batch of the next power of two (one CUDA graph per size);
     # here the same padding runs eagerly.
-    from mamba2_cli.generate import decode_one_token
+    from mamba2_cli.generation import decode_one_token
 
     model, tok = tiny
     sizes = []
 
-    def step_fn(model, state, cuda_graph=True):
+    def make_graph(model, state, greedy=False):
         sizes.append(state.batch_size)
         return lambda tokens: decode_one_token(model, tokens, state)
 
-    take_graphs(step_fn)
+    take_graphs(model, make_graph)
     lengths = [3, 20, 7, 12, 5]
     requests = [Request(PROMPTS[i % 3], max_tokens=n) for i, n in enumerate(lengths)]
     got = generate_batch(model, tok, requests)

@@ -57,7 +57,7 @@ def test_it_completes_functions():
     simple signature are functions with a real body."""
     import torch
 
-    from mamba2_cli.generate import Request, generate_batch
+    from mamba2_cli.generation import Request, generate_batch
     from mamba2_cli.loader import load_model
 
     m, tok = load_model("tiny-code", "cpu", "float32", "torch")

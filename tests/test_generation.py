@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mamba2_cli import Mamba2Error, generate, load_model, stream_generate
-from mamba2_cli.sampling import SamplingParams, sample
+from mamba2_cli.generation.sampling import SamplingParams, sample
 
 
 def test_greedy_is_argmax():
@@ -141,13 +141,14 @@ def test_stream_decoder_matches_full_decode_with_byte_fallback(mistral_tokenizer
 @pytest.mark.parametrize("eos_at", [None, 5], ids=["length", "eos"])
 @pytest.mark.parametrize("keep_state", [True, False], ids=["kept", "left"])
 def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypatch, take_graphs, eos_at, keep_state):
-    # On GPUs one greedy sequence runs DecodeGraph's greedy form: the graph takes the argmax,
-    # writes it over its input buffer and hands it to the host (launch, then collect). A
-    # stand-in with that interface runs eagerly here: the loop must give the tokens and leave
-    # the state (prompt + generated[:-1]) that the plain loop does, and feed each step's own
-    # token back without a copy after the first. A state left to the loop (keep_state False)
-    # lets it launch the step after next before collecting: then an EOS has been fed as well.
-    from mamba2_cli.generate import decode_one_token
+    # On GPUs one greedy sequence runs GreedyGraphSteps over DecodeGraph's greedy form: the
+    # graph takes the argmax, writes it over its input buffer and hands it to the host
+    # (launch, then collect). A stand-in with that interface runs eagerly here: the loop must
+    # give the tokens and leave the state (prompt + generated[:-1]) that the plain loop does,
+    # and feed each step's own token back without a copy after the first. A state left to the
+    # loop (keep_state False) lets it launch the step after next before collecting: then an
+    # EOS has been fed as well.
+    from mamba2_cli.generation import decode_one_token
 
     model, tok = tiny
     if eos_at is not None:
@@ -160,7 +161,7 @@ def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypa
         def forget(self):
             self.in_flight.clear()
 
-        def allow_ahead(self, model):
+        def capture_second_slot(self, model):
             self.slots = 2
 
         def launch(self, tokens=None):
@@ -176,12 +177,12 @@ def test_greedy_graph_loop_gives_the_plain_loops_tokens_and_state(tiny, monkeypa
 
     made = []
 
-    def step_fn(model, state, cuda_graph=True, greedy=False):
+    def make_graph(model, state, greedy=False):
         assert greedy and state.batch_size == 1
         made.append(GreedyStandIn(state))
         return made[-1]
 
-    take_graphs(step_fn)
+    take_graphs(model, make_graph)
     fast_state = model.new_state(1)
     fast = generate(model, tok, "def f(x):", max_tokens=20, state=fast_state, keep_state=keep_state)
     monkeypatch.undo()

@@ -20,7 +20,7 @@ from mamba2_cli import stream_generate
 from mamba2_cli.bench import _NullTokenizer
 from mamba2_cli.checkpoint import random_model
 from mamba2_cli.config import Mamba2Config
-from mamba2_cli.generate import PrefillGraphs, owned_state, prefill
+from mamba2_cli.generation import PrefillGraphs, prefill, runner_for
 from mamba2_cli.kernels import conv as triton_conv
 from mamba2_cli.kernels import torch_ref
 from reference import rel_err
@@ -70,7 +70,7 @@ def random_state(model, batch, seed=1):
 
 def attach_stand_in(model, buckets=(8, 24)):
     graphs = PrefillGraphs(model, buckets=buckets, stand_in=True)
-    model._prefill_graphs = graphs
+    runner_for(model).prefill_graphs = graphs
     return graphs
 
 
@@ -170,7 +170,7 @@ def test_triton_conv_forms_agree(form, monkeypatch):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_padded_rows_of_different_lengths_equal_each_prompt_alone(name):
+def test_padded_sequences_of_different_lengths_equal_each_prompt_alone(name):
     model = tiny_model(name)
     lens, T = [3, 9], 16
     ids = torch.randint(0, 50, (2, T), generator=torch.Generator().manual_seed(4))
@@ -247,12 +247,35 @@ def test_a_shorter_prompt_after_a_longer_one_ignores_the_old_ids():
         assert rel_err(got, ref) < 1e-12 and rel_err(state.ssm, ref_state.ssm) < 1e-12
 
 
-def test_prepare_drops_graphs_that_hold_old_tensors():
+def test_prepare_drops_graphs_that_hold_old_tensors(take_graphs):
+    model = tiny_model("torch")
+    graphs = attach_stand_in(model)
+    runner = take_graphs(model, lambda model, state, greedy=False: object())
+    state = model.new_state(1)
+    runner.decode_graph(state)
+    ids = torch.randint(0, 50, (1, 5))
+    for _ in range(2):
+        prefill(model, ids, state, cuda_graph=True)
+    assert graphs.captures == 1 and runner.decode_graphs
+    model.prepare()  # weights replaced: every graph of the old ones goes with the old runner
+    fresh = runner_for(model)
+    assert fresh is not runner and fresh.prefill_graphs is None and not fresh.decode_graphs
+    assert not any(k.startswith("_") and k.endswith("_graphs") for k in model.__dict__)
+
+
+def test_the_runner_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
     model = tiny_model("torch")
     attach_stand_in(model)
-    model.__dict__["_decode_graphs"] = {"k": object()}
-    model.prepare()
-    assert "_prefill_graphs" not in model.__dict__ and "_decode_graphs" not in model.__dict__
+    state = model.new_state(1)
+    for _ in range(2):  # eager, then captured
+        prefill(model, torch.randint(0, 50, (1, 5)), state, cuda_graph=True)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
 
 
 # --- the generation loop
@@ -269,7 +292,7 @@ def test_loop_with_prefill_graphs_gives_the_tokens_of_the_eager_loop():
 
     want = tokens(False)
     assert [tokens(True) for _ in range(3)] == [want] * 3
-    assert graphs.captures == 1 and list(graphs.entries) == [graphs.key(owned_state(model, 1), 64)]
+    assert graphs.captures == 1 and list(graphs.entries) == [graphs.key(runner_for(model).owned_state(1), 64)]
 
 
 def test_first_token_is_handed_out_before_the_next_step_is_issued():

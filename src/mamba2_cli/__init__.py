@@ -1,8 +1,5 @@
 """mamba2: generate text with Mamba-2 language models, on this project's own implementation."""
 
-import sys
-import types
-
 __version__ = "0.1.0"
 
 from .errors import Mamba2Error  # noqa: E402
@@ -10,31 +7,19 @@ from .errors import Mamba2Error  # noqa: E402
 # The model side imports torch (seconds); `mamba2 download`, `models` and `version` need none
 # of it, so these names are imported on first use.
 _LAZY = {
-    "GenerationEvent": ".generate",
-    "GenerationResult": ".generate",
-    "Request": ".generate",
-    "generate": ".generate",
-    "generate_batch": ".generate",
-    "stream_batch": ".generate",
-    "stream_generate": ".generate",
+    "GenerationEvent": ".generation",
+    "GenerationResult": ".generation",
+    "Request": ".generation",
+    "generate": ".generation",
+    "generate_batch": ".generation",
+    "stream_batch": ".generation",
+    "stream_generate": ".generation",
     "load_model": ".loader",
     "load_preset": ".loader",
     "SavedState": ".statefile",
     "load_state": ".statefile",
     "save_state": ".statefile",
 }
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        # Importing a submodule sets it as an attribute of the package; `mamba2_cli.generate`
-        # stays the function, as it was when this file imported it eagerly.
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == "." + name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import decode_step_fn, owned_state, peak_memory_bytes, prefill, stream_generate
+from .generation import peak_memory_bytes, prefill, runner_for, stream_generate
 from .model import Mamba2LM
 
 
@@ -48,7 +48,7 @@ def _now(device: torch.device) -> float:
 
 
 def prefill_flops(model: Mamba2LM, batch_size: int, prompt_len: int) -> int:
-    """2 x parameters x prompt tokens: the usual count (ANCHORS.md's prefill floor), scan work left out."""
+    """2 x parameters x prompt tokens: the usual count of a prefill's work, scan work left out."""
     return 2 * model.cfg.num_parameters() * batch_size * prompt_len
 
 
@@ -73,8 +73,9 @@ def kernels_per_token(model: Mamba2LM, batch_size: int = 1, cuda_graph: bool = T
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    state = owned_state(model, batch_size)
-    step = decode_step_fn(model, state, cuda_graph)
+    runner = runner_for(model)
+    state = runner.owned_state(batch_size)
+    step = runner.decode_step(state, cuda_graph)
     tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
     step(tokens)  # captures the graph if it is new
     torch.cuda.synchronize(model.device)
@@ -98,7 +99,7 @@ def bench_model(model: Mamba2LM, prompt_len: int, gen_len: int, batch_size: int 
     Batch 1 runs `stream_generate`, the loop `mamba2 run` uses (greedy, EOS ignored); larger
     batches run the same prefill and decode-step functions over a batched state. With CUDA
     graphs there are two warm-up runs: a prompt's prefill graph is captured at its second
-    use (generate.PrefillGraphs), so the repeats measure the replayed graph, as later chat
+    use (generation.PrefillGraphs), so the repeats measure the replayed graph, as later chat
     turns and repeated calls see it; the first call of a process prefills eagerly
     ("first_call_ttft_s", which includes compiling kernels if the cache is cold).
     """
@@ -118,8 +119,9 @@ def bench_model(model: Mamba2LM, prompt_len: int, gen_len: int, batch_size: int 
             st = result.stats
             runs.append((st["ttft_s"], st["decode_s"]))
         else:
-            state = owned_state(model, batch_size)
-            step = decode_step_fn(model, state, cuda_graph)
+            runner = runner_for(model)
+            state = runner.owned_state(batch_size)
+            step = runner.decode_step(state, cuda_graph)
             t0 = _now(device)
             token = prefill(model, ids, state, cuda_graph=cuda_graph).argmax(-1)
             token.tolist()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import Mamba2Error
-from .generate import GenerationEvent, stream_generate
+from .generation import GenerationEvent, stream_generate
 from .model import Mamba2LM
 from .statefile import load_state, read_metadata, save_state
 from .tokenizer import Tokenizer

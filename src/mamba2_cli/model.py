@@ -163,9 +163,8 @@ class Mamba2LM(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.weight
         for layer in self.backbone.layers:
             layer.mixer.prepare()
-        # CUDA graphs captured before hold the addresses of the tensors just replaced.
-        for cache in ("_prefill_graphs", "_decode_graphs"):
-            self.__dict__.pop(cache, None)
+        # Graphs captured before hold the addresses of the tensors just replaced: generation's runner drops them.
+        self.weights_version = getattr(self, "weights_version", 0) + 1
         return self
 
     def new_state(self, batch_size: int = 1) -> Mamba2State:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import Mamba2Error
+from ..errors import Mamba2Error
 
 
 @dataclass
