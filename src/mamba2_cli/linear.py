@@ -23,6 +23,16 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
 
+    @classmethod
+    def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Linear":
+        """A Linear holding these tensors as they are (no copy; for tests and benchmarks)."""
+        with torch.device("meta"):
+            lin = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias, requires_grad=False)
+        return lin
+
     def rows(self, start: int, stop: int) -> "Linear":
         """Output features [start, stop) as a Linear whose tensors are views of this one's.
 
