@@ -140,11 +140,12 @@ def main(argv=None) -> int:
     print(f"# {device_name}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}; "
           f"{S.name} layer: {S.describe()}, {args.dtype}" + "".join(f"; --set {a}" for a in args.set), flush=True)
     t0 = time.time()
-    ceil = ceilings()
-    if args.only in (None, "layer"):
-        bench_layer(ceil)
-    if args.only in (None, "matvec"):
-        bench_matvec(ceil)
+    with torch.inference_mode():
+        ceil = ceilings()
+        if args.only in (None, "layer"):
+            bench_layer(ceil)
+        if args.only in (None, "matvec"):
+            bench_matvec(ceil)
     print(f"# total {time.time() - t0:.0f} s", flush=True)
     with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
         json.dump({"device": device_name, "shape": S.as_dict(), "dtype": args.dtype, "set": args.set,
