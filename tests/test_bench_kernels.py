@@ -53,7 +53,7 @@ def test_codestral_counts_match_the_anchors():
     s = kb.SHAPES["codestral"]
     assert (s.d_inner, s.conv_dim, s.in_proj) == (8192, 10240, 18560)  # DESIGN.md: in_proj width 18560
     assert kb.ssd_flops(s, 1, 16384) == 146_028_888_064  # "about 145 GFLOP" (kernel_bench's docstring)
-    assert kb.state_bytes(s, 1) == 2 * 4_194_304  # 4.2 MB read + 4.2 MB written (NOTES.md)
+    assert kb.state_bytes(s, 1) == 2 * 4_194_304  # 4.2 MB read + 4.2 MB written
     assert round(kb.state_bytes(s, 64) / 1e6) == 537  # 537 MB of state traffic at batch 64
     assert [c for c in s.prefill] == [(1, 4096), (1, 16384), (8, 4096)] and s.decode_batches == (1, 64)
 

@@ -43,11 +43,11 @@ MATVEC = {
 DECODE_STEP = {
     # 512 programs at batch 1; split + PDL: 6.39 µs per layer against 8.38 fused.
     "batch1": {"BLOCK_P": 16, "num_warps": 4, "split": True, "pdl": True, "norm_warps": 8, "bc_pre": False},
-    # One program per head: 11.36 µs per layer at batch 2 against 13.04 at BLOCK_P 16.
+    # One program per head, split + PDL: 11.36 µs per layer at batch 2 against 12.09 fused.
     "batch2-3": {"BLOCK_P": 64, "num_warps": 2, "split": True, "pdl": True, "norm_warps": 8, "bc_pre": False},
     # The fused step without PDL: 16.36 µs per layer at batch 4 against 16.70 split.
     "batch4-7": {"BLOCK_P": 64, "num_warps": 2, "split": False, "pdl": False, "norm_warps": 4, "bc_pre": False},
-    # B and C convolved first, one warp per 32 rows: 25.6 µs per layer at batch 8 against 32.1.
+    # B and C convolved first, one warp per 32 rows: 27.8 µs per layer at batch 8 against 32.1.
     "batch8+": {"BLOCK_P": 32, "num_warps": 1, "split": True, "pdl": True, "norm_warps": 8, "bc_pre": True},
     # ssd_decode_step on its own (the backend operation; decode runs the fused step).
     "ssd_step": {"BLOCK_P": 64, "num_warps": 4},
@@ -79,7 +79,7 @@ SSD = {
 # Causal conv1d (conv.py).
 CONV = {
     # Width 4: 16 positions of 256 channels per program walked row by row, each input loaded
-    # once (4096 Codestral tokens 54 µs against 103 for the tile kernel).
+    # once (4096 Codestral tokens: 54 µs; the tile kernel 103 or more).
     "rows": {"ROWS": 16, "BLOCK_C": 256, "num_warps": 2},
     # Other widths: a tile of positions x channels.
     "tile": {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4},
