@@ -109,11 +109,11 @@ def main():
     eager = [e.token_id for e in stream_generate(model, tok, prompt, max_tokens=64, ignore_eos=True, cuda_graph=False) if e.token_id is not None]
     graph = [e.token_id for e in stream_generate(model, tok, prompt, max_tokens=64, ignore_eos=True, cuda_graph=True) if e.token_id is not None]
     checks["graph == eager greedy (64 steps)"] = eager == graph
-    from mamba2_cli.kernels.gemv import gemv
+    from mamba2_cli.kernels.triton.matvec import matvec
 
     x = torch.randn(1, cfg.d_model, device=dev, dtype=torch.bfloat16)
     W = model.backbone.layers[0].mixer.in_proj.weight
-    checks["gemv vs F.linear"] = rel(gemv(x, W), F.linear(x.float(), W.float()))
+    checks["matvec vs F.linear"] = rel(matvec(x, W), F.linear(x.float(), W.float()))
     print(checks, flush=True)
 
     # --- matvec speed: cuBLAS vs triton, the 129 products of one decode step
@@ -123,7 +123,7 @@ def main():
     for bs in (1, 8):
         xb = {k: v.expand(bs, k).contiguous() for k, v in xs.items()}
         for name, fn in (("cublas", lambda: [F.linear(xb[m.shape[1]], m) for m in mats]),
-                         ("triton", lambda: [gemv(xb[m.shape[1]], m) for m in mats])):
+                         ("triton", lambda: [matvec(xb[m.shape[1]], m) for m in mats])):
             g = torch.cuda.CUDAGraph()
             fn()
             sync()

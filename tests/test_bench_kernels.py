@@ -52,9 +52,9 @@ def test_counts_match_the_hand_computed_values():
 def test_codestral_counts_match_the_anchors():
     s = kb.SHAPES["codestral"]
     assert (s.d_inner, s.conv_dim, s.in_proj) == (8192, 10240, 18560)  # DESIGN.md: in_proj width 18560
-    assert kb.ssd_flops(s, 1, 16384) == 146_028_888_064  # ANCHORS.md: "about 145 GFLOP"
-    assert kb.state_bytes(s, 1) == 2 * 4_194_304  # 4.2 MB read + 4.2 MB written (NOTES.md)
-    assert round(kb.state_bytes(s, 64) / 1e6) == 537  # NOTES.md: 537 MB of state traffic at b64
+    assert kb.ssd_flops(s, 1, 16384) == 146_028_888_064  # "about 145 GFLOP" (kernel_bench's docstring)
+    assert kb.state_bytes(s, 1) == 2 * 4_194_304  # 4.2 MB read + 4.2 MB written
+    assert round(kb.state_bytes(s, 64) / 1e6) == 537  # 537 MB of state traffic at batch 64
     assert [c for c in s.prefill] == [(1, 4096), (1, 16384), (8, 4096)] and s.decode_batches == (1, 64)
 
 
@@ -200,7 +200,7 @@ def test_bench_triton_on_cpu_without_the_interpreter_is_a_clear_error():
     assert p.returncode == 1 and "needs an NVIDIA GPU" in no_traceback(p)
 
 
-def test_the_kernel_script_imports_the_shared_harness():
+def _bench_script():
     path = Path(__file__).parents[1] / "benchmarks" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_script", path)
     mod = importlib.util.module_from_spec(spec)
@@ -209,5 +209,31 @@ def test_the_kernel_script_imports_the_shared_harness():
         spec.loader.exec_module(mod)
     finally:
         sys.modules.pop(spec.name, None)
+    return mod
+
+
+def test_the_kernel_script_imports_the_shared_harness():
+    mod = _bench_script()
     assert mod.kb is kb and mod.time_ms is kb.time_ms
     assert mod.S is kb.SHAPES["codestral"]
+
+
+def test_the_kernel_script_runs_under_the_interpreter_with_a_configuration_set(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs on CPU under Triton's interpreter")
+    from mamba2_cli.kernels.triton import configs
+
+    mod = _bench_script()
+    monkeypatch.setitem(kb.SHAPES, "micro", MICRO)
+    monkeypatch.setitem(configs.MATVEC, "rows1", dict(configs.MATVEC["rows1"]))  # --set changes it for the run
+    assert mod.main(["--device", "cpu", "--shape", "micro", "--dtype", "float32", "--out", str(tmp_path),
+                     "--set", "matvec.rows1.num_warps=2"]) == 0
+    assert configs.MATVEC["rows1"]["num_warps"] == 2
+    out = json.loads((tmp_path / "bench_kernels.json").read_text())
+    assert out["set"] == ["matvec.rows1.num_warps=2"] and out["shape"]["name"] == "micro"
+    sections = {r["section"] for r in out["rows"]}
+    assert {"ceiling", "ssd_prefill", "mixer_decode_step", "matvec"} <= sections
+    assert all(r["ms"] >= 0 for r in out["rows"])
+    with pytest.raises(SystemExit, match="no such entry"):
+        mod.set_config("matvec.rows3.num_warps=2")

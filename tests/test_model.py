@@ -90,25 +90,41 @@ def test_only_the_models_decode_promises_a_settled_state(make_checkpoint, monkey
     assert seen == [False]
 
 
-def test_last_layer_projects_z_for_the_kept_positions_only(make_checkpoint, monkeypatch):
+def test_last_layer_projects_z_for_the_kept_positions_only(make_checkpoint):
     # With logits_to_keep (or per-row lengths) the last layer's in_proj computes z, which only
-    # the gated norm reads, for the kept positions alone: same logits and states as projecting
-    # z for every position and keeping it after.
-    from mamba2_cli import model as model_mod
-
+    # the gated norm reads, for the kept positions alone: the logits and states are those of
+    # the full output at those positions.
     d, shape, _ = make_checkpoint("hf", shape=tiny_shape(n_layer=3))
     model, tok = load_model(str(d), device="cpu", dtype="float32")
     ids = torch.tensor([tok.encode(PROMPT)[:20]] * 2)
+    s_all, s_kept = model.new_state(2), model.new_state(2)
+    full = model(ids, s_all)
+    kept = model(ids, s_kept, logits_to_keep=2)
+    assert kept.shape == (2, 2, shape["vocab_size"])
+    assert rel_err(kept, full[:, -2:]) < 1e-6
+    assert rel_err(s_kept.ssm, s_all.ssm) < 1e-6 and rel_err(s_kept.conv, s_all.conv) < 1e-6
     lens = torch.tensor([20, 13])
-    out = {}
-    for trim in (True, False):
-        monkeypatch.setattr(model_mod, "KEEP_Z_ONLY", trim)
-        s1, s2 = model.new_state(2), model.new_state(2)
-        out[trim] = (model(ids, s1, logits_to_keep=2), s1.ssm.clone(), s1.conv.clone(),
-                     model(ids, s2, seq_len=lens), s2.ssm.clone())
-    for a, b in zip(out[True], out[False]):
-        assert rel_err(a, b) < 1e-6
-    assert out[True][0].shape == (2, 2, shape["vocab_size"]) and out[True][3].shape == (2, 1, shape["vocab_size"])
+    s_len = model.new_state(2)
+    last = model(ids, s_len, seq_len=lens)
+    assert last.shape == (2, 1, shape["vocab_size"])
+    for i, n in enumerate(lens.tolist()):
+        s1 = model.new_state(1)
+        assert rel_err(last[i], model(ids[i : i + 1, :n], s1)[0, -1:]) < 1e-6
+        assert rel_err(s_len.ssm[:, i], s1.ssm[:, 0]) < 1e-6
+
+
+def test_the_projections_keep_the_checkpoint_names(make_checkpoint):
+    # The weight seam (linear.Linear) changes no parameter name; in_proj's views are no
+    # parameters of their own.
+    d, _, _ = make_checkpoint("hf", shape=tiny_shape(n_layer=2))
+    model, _ = load_model(str(d), device="cpu", dtype="float32")
+    names = set(model.state_dict())
+    assert {"backbone.layers.1.mixer.in_proj.weight", "backbone.layers.1.mixer.out_proj.weight",
+            "lm_head.weight"} <= names
+    assert not any("parts" in n for n in names)
+    z, rest = model.backbone.layers[0].mixer.in_proj_parts
+    w = model.backbone.layers[0].mixer.in_proj.weight
+    assert z.weight.data_ptr() == w.data_ptr() and z.weight.shape[0] + rest.weight.shape[0] == w.shape[0]
 
 
 def test_text_in_pieces_gives_same_logits_and_state_as_whole(make_checkpoint):

@@ -1,4 +1,4 @@
-"""The reference backend's operations against independent references (float64, step by step)."""
+"""The PyTorch backend's operations against independent references (float64, step by step)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba2_cli.kernels import torch_ref as R
+from mamba2_cli.kernels import pytorch as R
 from reference import rel_err, sequential_ssd
 
 INF = math.inf

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba2_cli.kernels import torch_ref
+from mamba2_cli.kernels import pytorch as torch_ref
 from reference import rel_err, sequential_ssd
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -53,7 +53,7 @@ def test_vectorized_reference_matches_sequential_reference():
 
 @pytest.fixture
 def tb(monkeypatch):
-    from mamba2_cli.kernels import triton_backend
+    from mamba2_cli.kernels import triton as triton_backend
 
     real_empty = torch.empty
 
@@ -105,7 +105,7 @@ def test_ssd_prefill_codestral_layer_matches_float64_recurrence(tb, dtype, tol, 
 def test_ssd_prefill_batch1_segments_match_float64_recurrence(tb, dtype):
     # Batch 1 from 2048 tokens on: the many-programs configuration with the sequence cut into
     # segments (a states-only pass, then every segment from its composed state). Ragged L.
-    from mamba2_cli.kernels import ssd
+    from mamba2_cli.kernels.triton import ssd
 
     L = 4100
     assert ssd.choose_config(1, H, P, L, dtype).get("SEGMENTS") == 4
@@ -158,16 +158,16 @@ def sweep_lengths(tb, lengths, b, dtype, init):
 def test_ssd_prefill_length_sweep_matches_torch_reference(tb, monkeypatch, config, b, init):
     """bf16 at Codestral shapes for every L in SWEEP_L against torch_ref, rel err <= 1e-2.
 
-    "default" forces SCAN_CONFIG (batch 1 and short prompts; batch 3 would take
-    SCAN_CONFIG_MANY); "many" forces SCAN_CONFIG_MANY, the configuration of batches from 2
-    and, cut into segments, of batch 1's longer prompts, at the same batches. Prompts of one
-    chunk once ran a separately compiled kernel that returned a wrong final state and at
-    times faulted (an illegal memory access at L=64); the long-length tests above never
+    "default" forces configs.SSD["few"] (batch 1 and short prompts; batch 3 would take
+    "many"); "many" forces configs.SSD["many"], the configuration of batches from 2
+    and, cut into segments, of batch 1's longer prompts, at the same batches. A prompt of one
+    chunk compiled as a kernel of its own returns a wrong final state and at times
+    faults (an illegal memory access at L=64); the long-length tests above never
     reach that case.
     """
-    from mamba2_cli.kernels import ssd
+    from mamba2_cli.kernels.triton import configs, ssd
 
-    monkeypatch.setattr(ssd, "MANY_PROGRAMS", 1 if config == "many" else 1 << 30)
+    monkeypatch.setitem(configs.SSD["rules"], "many_programs", 1 if config == "many" else 1 << 30)
     assert all(ssd.choose_config(b, H, P, L, torch.bfloat16).get("SEGMENTS") is None for L in SWEEP_L)
     bad = sweep_lengths(tb, SWEEP_L, b, torch.bfloat16, init)
     assert not bad, f"(L, y err, state err) over 1e-2: {bad}"
@@ -202,14 +202,14 @@ def run_mixer(fn, st, zxbcdt, nbg=False, **kw):
               (0.0, INF), st["norm_weight"], st["ssm_state"], G, 1e-5, nbg, **kw)
 
 
-@pytest.mark.parametrize("b", [1, 5, 8, 64])  # 2+ and 8+ rows take STEP_BATCH_CONFIG's overrides
+@pytest.mark.parametrize("b", [1, 5, 8, 64])  # every configs.DECODE_STEP entry but batch2-3
 @pytest.mark.parametrize("block_p", [None, 16])
 def test_mixer_decode_step_codestral_matches_float_reference(tb, b, block_p):
     st, draw = codestral_mixer(b, torch.bfloat16, seed=b)
     ref = {k: (v.float() if v.dtype == torch.bfloat16 else v).clone() for k, v in st.items()}
     for _ in range(4):
         zxbcdt = draw()
-        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, block_p=block_p)
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, config={"BLOCK_P": block_p} if block_p else None)
         out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt.float())
         assert rel_err(out, out_ref) <= 1e-2
         assert rel_err(st["ssm_state"], ref["ssm_state"]) <= 1e-2
@@ -273,7 +273,7 @@ def test_mixer_decode_step_with_a_settled_state_gives_the_same_steps(tb, b):
 def test_ssd_prefill_splits_a_small_models_sequence_and_matches_torch_reference(tb, L, init):
     # A mamba2-130m layer (24 heads, one group): at batch 1 its grid is small, so the default
     # rule cuts the sequence into segments (a states-only pass, then every segment at once).
-    from mamba2_cli.kernels import ssd
+    from mamba2_cli.kernels.triton import ssd
 
     h, p, g, n = 24, 64, 1, 128
     gen = torch.Generator(device="cuda").manual_seed(L)
@@ -285,16 +285,12 @@ def test_ssd_prefill_splits_a_small_models_sequence_and_matches_torch_reference(
                A=-torch.exp(torch.rand(h, generator=gen, device="cuda") * math.log(16.0)),
                B=rn(1, L, g, n).bfloat16(), C=rn(1, L, g, n).bfloat16(), D=rn(h), dt_bias=rn(h) * 0.1,
                initial_state=rn(1, h, p, n) * 0.1 if init else None)
-    assert ssd._segments(ssd.SCAN_CONFIG, h * 2, triton_cdiv(L, ssd.SCAN_CONFIG["CHUNK"])) > 1
+    assert ssd.choose_config(1, h, p, L, torch.bfloat16).get("SEGMENTS", 1) > 1
     y, state = run_ssd(tb.ssd_prefill, inp)
     as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
     y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, as_fp32)
     assert rel_err(y, y_ref) <= 1e-2
     assert rel_err(state, state_ref) <= 1e-2
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 def test_decode_continues_prefill_at_codestral_shapes(tb):
@@ -309,18 +305,15 @@ def test_decode_continues_prefill_at_codestral_shapes(tb):
     assert rel_err(s, state) <= 1e-2
 
 
-@pytest.mark.parametrize("rows_loop", [False, True], ids=["conv-tiles", "conv-rows"])
-def test_norms_and_conv_at_codestral_shapes(tb, monkeypatch, rows_loop):
-    from mamba2_cli.kernels import conv
-
-    monkeypatch.setitem(conv.CONV_CONFIG, "ROWS_LOOP", rows_loop)
+@pytest.mark.parametrize("width", [3, 4], ids=["conv-tiles", "conv-rows"])  # the rows kernel takes width 4
+def test_norms_and_conv_at_codestral_shapes(tb, width):
     g = torch.Generator(device="cuda").manual_seed(9)
     L, d_inner, conv_dim = 777, H * P, H * P + 2 * G * N
     zxbcdt = torch.randn(2, L, 2 * d_inner + 2 * G * N + H, generator=g, device="cuda").to(torch.bfloat16)
     z, xBC, _ = torch.split(zxbcdt, [d_inner, conv_dim, H], dim=-1)
-    w = torch.randn(conv_dim, K, generator=g, device="cuda").to(torch.bfloat16)
+    w = torch.randn(conv_dim, width, generator=g, device="cuda").to(torch.bfloat16)
     bias = torch.randn(conv_dim, generator=g, device="cuda").to(torch.bfloat16)
-    cs = torch.randn(2, conv_dim, K - 1, generator=g, device="cuda").to(torch.bfloat16)
+    cs = torch.randn(2, conv_dim, width - 1, generator=g, device="cuda").to(torch.bfloat16)
     cs_ref = cs.clone()
     out = tb.causal_conv1d(xBC, w, bias, cs)
     out_ref = torch_ref.causal_conv1d(xBC.float(), w.float(), bias.float(), cs_ref)

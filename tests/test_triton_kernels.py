@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mamba2_cli.errors import Mamba2Error  # noqa: E402
-from mamba2_cli.kernels import torch_ref  # noqa: E402
+from mamba2_cli.kernels import pytorch as torch_ref  # noqa: E402
 from reference import rel_err, sequential_ssd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,7 +32,7 @@ def tb():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{msg}, and CI=true forbids skipping the kernel tests")
         pytest.skip(msg)
-    from mamba2_cli.kernels import triton_backend
+    from mamba2_cli.kernels import triton as triton_backend
 
     return triton_backend
 
@@ -122,16 +122,10 @@ def test_ssd_prefill_applies_dt_limit(tb):
         {"CB_PRECOMPUTED": False},
         {"CHUNK": 32, "BLOCK_P": 16},
         {"CHUNK": 16, "BLOCK_P": 32, "CB_PRECOMPUTED": False},
-        {"PREFETCH": 0, "STATE_T": False, "D_IN_SCORES": False},
-        {"PREFETCH": 2, "FOLD_DECAY": True},
-        {"CHUNK": 32, "BLOCK_P": 64, "num_stages": 3, "PREFETCH": 1, "STATE_T": False, "D_IN_SCORES": False},
-        {"CHUNK": 32, "BLOCK_P": 64, "num_stages": 3, "PREFETCH": 1, "STATE_T": False, "D_IN_SCORES": False,
-         "CB_PRECOMPUTED": False},
-        {"CHUNK": 16, "PREFETCH": 3},
-        {"CHUNK": 16, "PREFETCH": 4, "STATE_T": False},
+        {"CHUNK": 32, "BLOCK_P": 64, "num_stages": 3},
+        {"CHUNK": 32, "BLOCK_P": 64, "num_stages": 3, "CB_PRECOMPUTED": False},
     ],
-    ids=["cb-inline", "chunk32-p16", "chunk16-inline", "plain", "prefetch-all-fold", "many-programs-prepass",
-         "many-programs-cb-inline", "prefetch-cb", "prefetch-bc"],
+    ids=["cb-inline", "chunk32-p16", "chunk16-inline", "many-programs-prepass", "many-programs-cb-inline"],
 )
 def test_ssd_prefill_configs_give_the_same_result(tb, config):
     inp = ssd_inputs(2, 45, 4, 32, 2, 16, torch.float32, seed=3)
@@ -142,10 +136,10 @@ def test_ssd_prefill_configs_give_the_same_result(tb, config):
 
 
 def test_ssd_prefill_many_programs_configuration_matches_float64_recurrence(tb, monkeypatch):
-    # Large batches switch to SCAN_CONFIG_MANY; fp16, since fp32 inputs have their own.
-    from mamba2_cli.kernels import ssd
+    # Large batches switch to the "many" configuration; fp16, since fp32 inputs have their own.
+    from mamba2_cli.kernels.triton import configs
 
-    monkeypatch.setattr(ssd, "MANY_PROGRAMS", 1)
+    monkeypatch.setitem(configs.SSD["rules"], "many_programs", 1)
     inp = ssd_inputs(2, 70, 4, 32, 2, 16, torch.float16, seed=10)
     y, state = run_ssd(tb.ssd_prefill, inp)
     y_ref, state_ref = sequential(inp)
@@ -154,9 +148,9 @@ def test_ssd_prefill_many_programs_configuration_matches_float64_recurrence(tb, 
 
 
 def test_ssd_scan_configuration_rules():
-    # Which configuration each workload gets (the rules above ssd.SCAN_CONFIG).
+    # Which configuration each workload gets (ssd.choose_config, configs.SSD).
     pytest.importorskip("triton")
-    from mamba2_cli.kernels import ssd
+    from mamba2_cli.kernels.triton import configs, ssd
 
     bf16 = torch.bfloat16
     pick = ssd.choose_config
@@ -164,14 +158,14 @@ def test_ssd_scan_configuration_rules():
     for L in (2048, 4096, 16384, 65536):
         cfg = pick(1, 128, 64, L, bf16)
         assert cfg["SEGMENTS"] == 4 and cfg["CHUNK"] == 32 and not cfg["CB_PRECOMPUTED"]
-        assert cfg["states"] == ssd.SPLIT_STATES
+        assert cfg["states"] == configs.SSD["many_states"]
     # Shorter prompts (fewer than 4 segments of 16 chunks) keep the batch-1 configuration.
     for L in (1, 64, 1024, 2016):
-        assert pick(1, 128, 64, L, bf16) == ssd.SCAN_CONFIG
+        assert pick(1, 128, 64, L, bf16) == configs.SSD["few"]
     # Batch 2 and more: the many-programs configuration, whole.
     for b in (2, 3, 8):
         cfg = pick(b, 128, 64, 4096, bf16)
-        assert cfg == {**ssd.SCAN_CONFIG, **ssd.SCAN_CONFIG_MANY}
+        assert cfg == {**configs.SSD["few"], **configs.SSD["many"]}
     # mamba2-130m's layer (24 heads): as many segments as fill 512 programs, if L allows.
     assert pick(1, 24, 64, 16384, bf16)["SEGMENTS"] == 21
     assert pick(1, 24, 64, 2048, bf16)["SEGMENTS"] == 4
@@ -183,10 +177,10 @@ def test_ssd_scan_configuration_rules():
 def test_ssd_prefill_batch1_segments_configuration_matches_float64_recurrence(tb, monkeypatch):
     # The batch-1 rule (many-programs configuration, sequence cut into segments), scaled down:
     # chunk 16 and segments of at least 2 chunks, so a 150-token prompt gets 5 segments.
-    from mamba2_cli.kernels import ssd
+    from mamba2_cli.kernels.triton import configs, ssd
 
-    monkeypatch.setitem(ssd.SCAN_CONFIG_MANY, "CHUNK", 16)
-    monkeypatch.setitem(ssd.SCAN_CONFIG, "SPLIT_MIN_CHUNKS", 2)
+    monkeypatch.setitem(configs.SSD["many"], "CHUNK", 16)
+    monkeypatch.setitem(configs.SSD["few"], "SPLIT_MIN_CHUNKS", 2)
     assert ssd.choose_config(1, 4, 32, 150, torch.float16)["SEGMENTS"] == 5
     inp = ssd_inputs(1, 150, 4, 32, 2, 16, torch.float16, seed=13)
     y, state = run_ssd(tb.ssd_prefill, inp)
@@ -200,13 +194,10 @@ def test_ssd_prefill_batch1_segments_configuration_matches_float64_recurrence(tb
     [
         (2, 70, True, {}),
         (3, 45, False, {}),
-        (4, 16 * 7 + 5, True, {"STATE_T": False, "D_IN_SCORES": False}),
+        (4, 16 * 7 + 5, True, {"states": {"STATE_T": False}}),
         (5, 33, True, {"states": {"BLOCK_P": 16, "STATE_T": False}}),
-        (3, 16 * 9 + 7, True, {"states": {"CHUNK": 32}}),
-        (3, 16 * 7, True, {"states": {"CHUNK": 32}}),
     ],
-    ids=["two", "three-no-init", "four-ragged", "five-p16-states", "three-states-chunk32",
-         "three-states-chunk-fallback"],
+    ids=["two", "three-no-init", "four-ragged", "five-p16-states"],
 )
 def test_ssd_prefill_split_sequence_matches_float64_recurrence(tb, segments, L, init, cfg):
     # The sequence cut into segments: a states-only pass over all but the last, then every
@@ -237,7 +228,7 @@ def test_ssd_prefill_split_sequence_with_lengths_and_the_state_in_place(tb):
 
 
 def test_ssd_prefill_splits_small_grids_by_rule():
-    from mamba2_cli.kernels import ssd
+    from mamba2_cli.kernels.triton import configs, ssd
 
     cfg = {"SPLIT_PROGRAMS": 512, "SPLIT_MIN_CHUNKS": 16}
     assert ssd._segments(cfg, 256, 256) == 2  # batch 1, L 16384: two segments of 128 chunks
@@ -247,9 +238,9 @@ def test_ssd_prefill_splits_small_grids_by_rule():
     assert ssd._segments({"SPLIT_PROGRAMS": 0}, 1, 1000) == 1
     # The defaults: Codestral at batch 1 (128 heads x 2 P blocks) stays whole; a 24-head
     # model at batch 1 splits a long prompt in 5, a 4096-token one in 4.
-    assert ssd._segments(ssd.SCAN_CONFIG, 256, 256) == 1
-    assert ssd._segments(ssd.SCAN_CONFIG, 48, 256) == 5
-    assert ssd._segments(ssd.SCAN_CONFIG, 48, 64) == 4
+    assert ssd._segments(configs.SSD["few"], 256, 256) == 1
+    assert ssd._segments(configs.SSD["few"], 48, 256) == 5
+    assert ssd._segments(configs.SSD["few"], 48, 64) == 4
 
 
 def test_ssd_prefill_in_pieces_equals_whole(tb):
@@ -376,7 +367,8 @@ def test_mixer_decode_step_matches_reference_over_steps(tb, b, H, P, G, N, nbg, 
     limit = (0.01, 2.0) if nbg else (0.0, INF)
     for _ in range(3):  # consecutive calls: the conv window shifts, the arrival counters reset
         zxbcdt = draw()
-        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, G, nbg, limit, block_p=block_p)
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, G, nbg, limit,
+                        config={"BLOCK_P": block_p} if block_p else None)
         out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
         assert out.dtype == dtype and out.shape == (b, H * P)
         assert rel_err(out, out_ref) < tol
@@ -391,7 +383,7 @@ def test_mixer_decode_step_matches_reference_over_steps(tb, b, H, P, G, N, nbg, 
 ], ids=["G2-p8", "G1-norm-before-gate-p4", "G3-p16"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)], ids=["fp32", "fp16"])
 def test_split_mixer_decode_step_matches_reference_and_the_fused_step(tb, b, H, P, G, N, nbg, block_p, dtype, tol):
-    # The gated norm as a second kernel (STEP_CONFIG["split"]) instead of the group's last program.
+    # The gated norm as a second kernel ("split") instead of the group's last program.
     st, draw = mixer_inputs(b, H, P, G, N, 4, dtype, D_per_channel=nbg, seed=11)
     fused = {k: v.clone() for k, v in st.items()}
     ref = {k: v.clone() for k, v in st.items()}
@@ -399,7 +391,7 @@ def test_split_mixer_decode_step_matches_reference_and_the_fused_step(tb, b, H, 
     for _ in range(3):
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, G, nbg, limit,
-                        config={"split": True, "BLOCK_P": block_p, "num_warps": 1, "tail_warps": 2})
+                        config={"split": True, "BLOCK_P": block_p, "num_warps": 1, "norm_warps": 2})
         out_fused = run_mixer(tb.mixer_decode_step, fused, zxbcdt, G, nbg, limit,
                               config={"BLOCK_P": block_p, "split": False})
         out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
@@ -412,19 +404,16 @@ def test_split_mixer_decode_step_matches_reference_and_the_fused_step(tb, b, H, 
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
-@pytest.mark.parametrize("switch,nbg", [("pdl", False), ("evict", False), ("early", False), ("early", True)],
-                         ids=["pdl", "evict", "early", "early-norm-before-gate"])
-def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split, switch, nbg):
-    # STEP_CONFIG["pdl"]: on a GPU the step is launched early and loads its state before
-    # waiting; "evict": the state's loads and stores are marked evict_first (both no-ops in
-    # the interpreter); "early": z, the norm weights and the B/C windows are loaded sooner.
-    # Consecutive steps read what the last one wrote.
+@pytest.mark.parametrize("nbg", [False, True], ids=["gate-then-norm", "norm-then-gate"])
+def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split, nbg):
+    # "pdl": on a GPU the step is launched early and loads its state before waiting (a no-op
+    # in the interpreter). Consecutive steps read what the last one wrote.
     st, draw = mixer_inputs(2, 4, 32, 2, 16, 4, torch.float32, seed=12)
     plain = {k: v.clone() for k, v in st.items()}
     for _ in range(3):
         zxbcdt = draw()
-        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, nbg, config={switch: True, "split": split})
-        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, nbg, config={switch: False, "split": split})
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, nbg, config={"pdl": True, "split": split})
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, nbg, config={"pdl": False, "split": split})
         assert torch.equal(out, out_plain)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
 
@@ -432,8 +421,8 @@ def test_mixer_decode_step_with_dependent_launch_gives_the_same_steps(tb, split,
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 def test_mixer_decode_step_state_settled_gives_the_same_steps(tb, split):
     # state_settled (decode's promise that no kernel just before wrote the state): on a GPU
-    # under PDL the state is loaded before the wait, and (conv_early; "always" also without PDL,
-    # so on the CPU) the conv's state inputs and taps are loaded first; the steps are the same,
+    # under PDL the state is loaded before the wait, and where the entry asks for PDL (so on
+    # the CPU too) the conv's state inputs and taps are loaded first; the steps are the same,
     # bit for bit. The torch reference takes the keyword too.
     st, draw = mixer_inputs(2, 4, 32, 2, 16, 4, torch.float32, seed=15)
     plain = {k: v.clone() for k, v in st.items()}
@@ -441,7 +430,7 @@ def test_mixer_decode_step_state_settled_gives_the_same_steps(tb, split):
     for _ in range(3):
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False, state_settled=True,
-                        config={"split": split, "pdl": True, "conv_early": "always"})
+                        config={"split": split, "pdl": True})
         out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, False, config={"split": split, "pdl": True})
         out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 2, False, state_settled=True)
         assert torch.equal(out, out_plain) and torch.equal(st["ssm_state"], plain["ssm_state"])
@@ -451,9 +440,8 @@ def test_mixer_decode_step_state_settled_gives_the_same_steps(tb, split):
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("early", [False, True], ids=["late-loads", "early-loads"])
-def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb, split, dtype, early):
-    # STEP_CONFIG["bc_pre"]: B and C convolved once per group by a first kernel (which shifts
+def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb, split, dtype):
+    # "bc_pre": B and C convolved once per group by a first kernel (which shifts
     # their windows) instead of by every head's programs: the same values, bit for bit.
     st, draw = mixer_inputs(3, 6, 32, 3, 16, 4, dtype, seed=13)
     plain = {k: v.clone() for k, v in st.items()}
@@ -461,8 +449,8 @@ def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb,
     for _ in range(3):
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 3, False,
-                        config={"bc_pre": True, "split": split, "BLOCK_P": 16, "early": early})
-        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 3, False, config={"BLOCK_P": 16, "early": early})
+                        config={"bc_pre": True, "split": split, "BLOCK_P": 16})
+        out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 3, False, config={"BLOCK_P": 16, "bc_pre": False})
         out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 3, False)
         assert torch.equal(out, out_plain)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
@@ -471,11 +459,13 @@ def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb,
 
 
 def test_decode_step_configuration_follows_the_batch_size(tb, monkeypatch):
-    # STEP_BATCH_CONFIG overrides STEP_CONFIG from a batch size on; the result is the same.
-    from mamba2_cli.kernels import step
+    # configs.DECODE_STEP's entries by batch size; the result is the same.
+    from mamba2_cli.kernels.triton import configs, decode_step
 
+    assert [decode_step.entry_for(b) for b in (1, 2, 3, 4, 7, 8, 64)] == \
+        ["batch1", "batch2-3", "batch2-3", "batch4-7", "batch4-7", "batch8+", "batch8+"]
     seen = []
-    real = step._mixer_step_kernel
+    real = decode_step._mixer_step_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -484,15 +474,16 @@ def test_decode_step_configuration_follows_the_batch_size(tb, monkeypatch):
                 return real[grid](*args, **kw)
             return launch
 
-    monkeypatch.setattr(step, "_mixer_step_kernel", Spy())
-    monkeypatch.setattr(step, "STEP_BATCH_CONFIG", [(3, {"BLOCK_P": 16, "num_warps": 2})])
-    for b in (2, 3):
+    monkeypatch.setattr(decode_step, "_mixer_step_kernel", Spy())
+    monkeypatch.setitem(configs.DECODE_STEP, "batch2-3", {**configs.DECODE_STEP["batch2-3"], "BLOCK_P": 16, "num_warps": 2})
+    for b in (1, 2):
         st, draw = mixer_inputs(b, 4, 32, 2, 16, 4, torch.float32, seed=14)
         ref = {k: v.clone() for k, v in st.items()}
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False)
         assert rel_err(out, run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 2, False)) < 1e-5
-    assert seen[0][1:] == (min(step.STEP_CONFIG["BLOCK_P"], 32), step.STEP_CONFIG["num_warps"])
+    one = configs.DECODE_STEP["batch1"]
+    assert seen[0][1:] == (min(one["BLOCK_P"], 32), one["num_warps"])
     assert seen[1][1:] == (16, 2)
 
 
@@ -511,11 +502,7 @@ def test_mixer_decode_steps_continue_a_prefill(tb):
 
 @pytest.mark.parametrize("nbg", [False, True], ids=["gate-then-norm", "norm-then-gate"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("w_first", [False, True], ids=["w-last", "w-first"])
-def test_gated_rmsnorm_matches_reference(tb, nbg, dtype, tol, w_first, monkeypatch):
-    from mamba2_cli.kernels import norm
-
-    monkeypatch.setitem(norm.NORM_CONFIG, "gated_w_first", w_first)  # where the weight's load sits
+def test_gated_rmsnorm_matches_reference(tb, nbg, dtype, tol):
     g = torch.Generator().manual_seed(7)
     y = torch.randn(2, 5, 96, generator=g).to(DEVICE, dtype)
     zw = torch.randn(2, 5, 130, generator=g).to(DEVICE, dtype)
@@ -532,11 +519,7 @@ def test_gated_rmsnorm_matches_reference(tb, nbg, dtype, tol, w_first, monkeypat
     [(None, True), (torch.float32, True), ("x", False), (None, False)],
     ids=["first-layer-fp32", "fp32-residual", "residual-in-x-dtype", "first-layer-x-dtype"],
 )
-@pytest.mark.parametrize("w_first", [False, True], ids=["w-last", "w-first"])
-def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32, w_first, monkeypatch):
-    from mamba2_cli.kernels import norm
-
-    monkeypatch.setitem(norm.NORM_CONFIG, "add_w_first", w_first)  # where the weight's load sits
+def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32):
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, 2, 100, generator=g).to(DEVICE, torch.float16)
     w = torch.randn(100, generator=g).to(DEVICE, torch.float16)

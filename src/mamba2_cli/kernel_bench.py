@@ -6,7 +6,7 @@ two norms and the single-row product (matvec) of decode. Each figure stands besi
 ceilings measured on the same device in the same run: the copy bandwidth (bytes read +
 written by a device-to-device copy) and a matmul's FLOP/s in the inputs' dtype.
 
-Conventions (benchmarks/NOTES.md):
+Conventions:
 - SSD FLOP: the usual count of the chunked algorithm at the layer's chunk size Q (256 for
   Codestral), whatever block length a backend really uses: per chunk and head
   2·Q²·P (scores × x) + 2·2·Q·P·N (chunk state, and C times the carried state), plus per
@@ -19,8 +19,8 @@ Conventions (benchmarks/NOTES.md):
   measurement. The state's own share (fp32 state read + written) is given apart.
 - err: relative L2 error of the outputs and updated states against the torch reference in
   fp32 on the same inputs (a fast but wrong kernel shows here).
-Times are medians. On GPUs: CUDA events, L2 cleared before each measured call; on CPUs:
-the wall clock.
+Times are medians. On GPUs: `triton.testing.do_bench` (CUDA events, L2 cleared before each
+measured call); on CPUs: the wall clock.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class KernelShape:
 
 
 SHAPES = {
-    # One Codestral-7B layer, at the lengths ANCHORS.md quotes upstream for.
+    # One Codestral-7B layer, at the prompt lengths upstream's kernels are usually quoted for.
     "codestral": KernelShape("codestral", 128, 64, 8, 128, 4, 256, 4096,
                              prefill=((1, 4096), (1, 16384), (8, 4096)), decode_batches=(1, 64),
                              decode_layers=64, long_len=16384),
@@ -114,11 +114,10 @@ _CACHE_FLUSH: dict = {}
 
 
 def _clear_cache(device: torch.device) -> None:
-    """Overwrite a buffer larger than the last-level cache (GPUs: 256 MiB; CPUs: 64 MiB)."""
+    """Overwrite a buffer larger than a CPU's last-level cache (64 MiB)."""
     buf = _CACHE_FLUSH.get(device)
     if buf is None:
-        size = (256 if device.type == "cuda" else 64) << 20
-        buf = _CACHE_FLUSH[device] = torch.empty(size, dtype=torch.int8, device=device)
+        buf = _CACHE_FLUSH[device] = torch.empty(64 << 20, dtype=torch.int8, device=device)
     buf.zero_()
 
 
@@ -127,39 +126,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_s: float |
             clear_cache: bool = True) -> float:
     """Median milliseconds of one call of `fn`, after a first call (compilation) and a warm-up.
 
-    GPUs: each call between two CUDA events, the L2 cache cleared before it (outside the
-    events), ~25 ms of warm-up, ~100 ms of measured calls (5 to 1000). CPUs: the wall clock,
-    the last-level cache cleared before each call, ~0.3 s of calls (3 to 30).
+    GPUs: triton.testing.do_bench, ~25 ms of warm-up and ~100 ms of measured calls, the L2
+    cleared before each. CPUs: the wall clock, the last-level cache cleared before each call
+    (unless clear_cache is off), ~0.3 s of calls (min_reps to max_reps, 3 to 30 by default).
     """
-    cuda = device.type == "cuda"
-    warmup_s = (0.025 if cuda else 0.0) if warmup_s is None else warmup_s
-    rep_s = (0.1 if cuda else 0.3) if rep_s is None else rep_s
-    min_reps = (5 if cuda else 3) if min_reps is None else min_reps
-    max_reps = (1000 if cuda else 30) if max_reps is None else max_reps
-    if cuda:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
         with torch.cuda.device(device):
-            fn()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            est = start.elapsed_time(end) / 3e3
-            for _ in range(min(int(warmup_s / max(est, 1e-7)), 100)):
-                fn()
-            reps = max(min_reps, min(max_reps, int(rep_s / max(est, 1e-7))))
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-            for s, e in zip(starts, ends):
-                if clear_cache:
-                    _clear_cache(device)
-                s.record()
-                fn()
-                e.record()
-            torch.cuda.synchronize()
-            return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+            return do_bench(fn, warmup=1e3 * (0.025 if warmup_s is None else warmup_s),
+                            rep=1e3 * (0.1 if rep_s is None else rep_s), return_mode="median")
+    warmup_s = 0.0 if warmup_s is None else warmup_s
+    rep_s = 0.3 if rep_s is None else rep_s
+    min_reps = 3 if min_reps is None else min_reps
+    max_reps = 30 if max_reps is None else max_reps
     t0 = time.perf_counter()
     fn()  # also the estimate: nothing compiles on CPUs but Triton's interpreter, which does not cache
     est = time.perf_counter() - t0
@@ -380,7 +360,9 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
     `min_reps`: fewest measured calls per case (default: time_ms's; 1 under Triton's CPU
     interpreter, whose times mean nothing and whose calls take a good part of a second).
     """
-    from .kernels import get_backend, torch_ref
+    from .kernels import get_backend
+    from .kernels import pytorch as torch_ref
+    from .linear import Linear
 
     be = get_backend(backend, device.type)
     s, isz = shape, torch.tensor([], dtype=dtype).element_size()
@@ -530,9 +512,11 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
         def go():
             g = _gen(device, 4)
             x = torch.randn(1, s.d_model, generator=g, device=device).to(dtype)
-            w = (torch.randn(s.in_proj, s.d_model, generator=g, device=device) * s.d_model ** -0.5).to(dtype)
-            err = rel_err(be.linear(x, w), torch_ref.linear(_fp32(x), _fp32(w))) if check else None
-            ms = time_it(lambda: be.linear(x, w))
+            proj = Linear.from_tensors(
+                (torch.randn(s.in_proj, s.d_model, generator=g, device=device) * s.d_model ** -0.5).to(dtype))
+            ref = Linear.from_tensors(_fp32(proj.weight.detach()))
+            err = rel_err(be.linear(x, proj), torch_ref.linear(_fp32(x), ref)) if check else None
+            ms = time_it(lambda: be.linear(x, proj))
             return _row(be.name, "linear (matvec)", f"b1 {s.in_proj}x{s.d_model}", ms, 2 * s.in_proj * s.d_model,
                         matvec_bytes(s, isz), ceilings, batch=1, err=err, note="in_proj, 1 token")
         return "linear (matvec)", f"b1 {s.in_proj}x{s.d_model}", go

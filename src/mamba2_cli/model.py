@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import Mamba2Config
 from .kernels import get_backend
+from .linear import Linear
 from .state import Mamba2State
 
 
@@ -26,20 +27,29 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.cfg = cfg
         H = cfg.nheads
-        self.in_proj = nn.Linear(cfg.d_model, cfg.in_proj_dim, bias=cfg.bias)
+        self.in_proj = Linear(cfg.d_model, cfg.in_proj_dim, bias=cfg.bias)
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
         # dt_bias, A_log and D stay fp32 whatever the model dtype (fp16 A overflows).
         self.dt_bias = nn.Parameter(torch.zeros(H, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.zeros(H, dtype=torch.float32))
         self.D = nn.Parameter(torch.ones((H, cfg.headdim) if cfg.D_has_hdim else (H,), dtype=torch.float32))
         self.norm = RMSNorm(cfg.d_inner)
-        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        self.out_proj = Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
         self.register_buffer("A", torch.zeros(H, dtype=torch.float32), persistent=False)
 
     def prepare(self) -> None:
         """Derived tensors, computed once after the weights are in place."""
         self.A = -torch.exp(self.A_log.detach().float())
         self.conv_weight = self.conv1d.weight.detach()[:, 0, :]  # [C, K] view
+        with torch.no_grad():
+            self.in_proj_parts = self._split_in_proj()
+
+    def _split_in_proj(self) -> tuple[Linear, Linear]:
+        """in_proj as (z's rows, the rest): z feeds only the gated norm, so where only some
+        positions' outputs are kept, z is projected for those alone. A tuple, so the views
+        stay out of the module tree."""
+        d = self.cfg.d_inner
+        return self.in_proj.rows(0, d), self.in_proj.rows(d, self.cfg.in_proj_dim)
 
     scan_chunk: int = 0  # block length of the prefill scan, chosen by the backend (see set_backend)
 
@@ -54,7 +64,7 @@ class Mamba2Mixer(nn.Module):
             cfg.dt_limit, self.norm.weight, ssm_state, cfg.ngroups, cfg.layer_norm_epsilon,
             cfg.norm_before_gate, state_settled=state_settled,
         )
-        return backend.linear(y, self.out_proj.weight, self.out_proj.bias)
+        return backend.linear(y, self.out_proj)
 
     def forward(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, backend,
                 seq_len: torch.Tensor | None = None, keep=None) -> torch.Tensor:
@@ -64,25 +74,24 @@ class Mamba2Mixer(nn.Module):
         b, L, _ = u.shape
         if L == 1 and seq_len is None:
             # The backend's linear, not the modules' __call__: per-token overhead adds up.
-            zxbcdt = backend.linear(u[:, 0], self.in_proj.weight, self.in_proj.bias)
+            zxbcdt = backend.linear(u[:, 0], self.in_proj)
             return self.decode_step(zxbcdt, conv_state, ssm_state, backend)[:, None]
 
         H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         if torch.is_grad_enabled():  # training (scripts/train_tiny.py): derived tensors stay attached
             A, conv_weight = -torch.exp(self.A_log.float()), self.conv1d.weight[:, 0, :]
+            in_proj_parts = self._split_in_proj() if keep is not None else None
         else:
-            A, conv_weight = self.A, self.conv_weight
-        W, bias = self.in_proj.weight, self.in_proj.bias
-        if keep is not None and KEEP_Z_ONLY:
+            A, conv_weight, in_proj_parts = self.A, self.conv_weight, self.in_proj_parts
+        if keep is not None:
             # z feeds only the gated norm, which runs on the kept positions: project those alone
-            # (z is the first d_inner rows of in_proj; the last layer of a prefill saves ~44 % of
-            # its in_proj).
-            d = cfg.d_inner
-            z = backend.linear(_keep(u, keep), W[:d], None if bias is None else bias[:d])
-            xBCdt = backend.linear(u, W[d:], None if bias is None else bias[d:])
+            # (the last layer of a prefill saves ~44 % of its in_proj).
+            z_proj, xbcdt_proj = in_proj_parts
+            z = backend.linear(_keep(u, keep), z_proj)
+            xBCdt = backend.linear(u, xbcdt_proj)
             xBC, dt = torch.split(xBCdt, [cfg.conv_dim, H], dim=-1)
         else:
-            zxbcdt = backend.linear(u, W, bias)
+            zxbcdt = backend.linear(u, self.in_proj)
             z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, H], dim=-1)
         xBC = backend.causal_conv1d(xBC, conv_weight, self.conv1d.bias, conv_state, seq_len=seq_len)
         x, B, C = torch.split(xBC, [cfg.d_inner, G * N, G * N], dim=-1)
@@ -95,18 +104,9 @@ class Mamba2Mixer(nn.Module):
         y = y.reshape(b, L, cfg.d_inner)
         if keep is not None:  # the positions whose output is used (the norm and out_proj are per position)
             y = _keep(y, keep)
-            if not KEEP_Z_ONLY:
-                z = _keep(z, keep)
         y = backend.gated_rmsnorm(y, z, self.norm.weight, cfg.d_inner // G, cfg.layer_norm_epsilon,
                                   cfg.norm_before_gate)
-        return backend.linear(y, self.out_proj.weight, self.out_proj.bias)
-
-
-# With `keep` (the last layer of a prefill), in_proj's z part is computed for the kept
-# positions only. Off: for the whole piece, as before. H200, session 10, round 51 (Codestral,
-# alternated): 65,536 tokens 1.7596 against 1.7654 s (five of five runs faster); 512, 2048 and
-# 8192 tokens the same within noise (46.5 / 54.2 / 211.3 against 46.7 / 54.1 / 213.4 ms).
-KEEP_Z_ONLY = True
+        return backend.linear(y, self.out_proj)
 
 
 def _keep(t: torch.Tensor, keep) -> torch.Tensor:
@@ -136,7 +136,7 @@ class Mamba2LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = Mamba2Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.backend_name = None
         self.backend = None  # set_backend, once the weights are on their device
 
@@ -199,7 +199,7 @@ class Mamba2LM(nn.Module):
         if keep is not None:
             residual = _keep(residual, keep)
         normed, _ = be.add_rmsnorm(h, residual, self.backbone.norm_f.weight, cfg.layer_norm_epsilon, cfg.residual_in_fp32)
-        logits = be.linear(normed, self.lm_head.weight)
+        logits = be.linear(normed, self.lm_head)
         logits = logits[..., : cfg.vocab_size]
         return logits if logits.dtype == torch.float64 else logits.float()  # float64 models: the references
 
@@ -214,11 +214,10 @@ class Mamba2LM(nn.Module):
         residual = None
         for i, layer in enumerate(self.backbone.layers):
             mixer = layer.mixer
-            zxbcdt, residual = be.norm_linear(h, residual, layer.norm.weight, eps, fp32,
-                                              mixer.in_proj.weight, mixer.in_proj.bias)
+            zxbcdt, residual = be.norm_linear(h, residual, layer.norm.weight, eps, fp32, mixer.in_proj)
             # The embedding, launched plainly, has waited for every kernel before this token,
             # and only this layer's step writes its state: settled.
             h = mixer.decode_step(zxbcdt, state.conv[i], state.ssm[i], be, state_settled=True)
-        logits, _ = be.norm_linear(h, residual, self.backbone.norm_f.weight, eps, fp32, self.lm_head.weight)
+        logits, _ = be.norm_linear(h, residual, self.backbone.norm_f.weight, eps, fp32, self.lm_head)
         logits = logits[:, None, : cfg.vocab_size]
         return logits if logits.dtype == torch.float64 else logits.float()

@@ -1,9 +1,9 @@
 """Backends: the operations the model calls, with one signature per operation.
 
-A backend is a module that provides these functions (see `torch_ref` for the reference
-implementation and the exact semantics of each):
+A backend is a module that provides these functions (see `pytorch`, the PyTorch backend,
+for the exact semantics of each; `triton` is the GPU backend):
 
-    linear(x, weight, bias=None) -> x @ weight^T + bias
+    linear(x, proj) -> x @ proj.weight^T + proj.bias
         The projections; a fast backend streams weights for the few-row products of decode.
     ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None,
                 seq_len=None, final_state=None)
@@ -19,9 +19,9 @@ implementation and the exact semantics of each):
         One token of the same; shifts conv_state in place.
     gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False) -> like y
     add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True) -> (normed, residual)
-    norm_linear(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None)
-        -> (linear(add_rmsnorm(...)[0], weight, bias), residual): the pre-norm and the
-        projection after it (decode's in_proj and lm_head), which a backend may fuse.
+    norm_linear(x, residual, norm_weight, eps, residual_in_fp32, proj)
+        -> (linear(add_rmsnorm(...)[0], proj), residual): the pre-norm and the projection
+        after it (decode's in_proj and lm_head), which a backend may fuse.
     mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,
                       norm_weight, ssm_state, ngroups, eps, norm_before_gate,
                       *, state_settled=False) -> [b, d_inner]
@@ -39,14 +39,19 @@ Layouts: x [b, L, H, P]; dt [b, L, H] (raw, before softplus and dt_bias); A [H] 
 already -exp(A_log); B, C [b, L, G, N] with head h reading group h // (H / G);
 D [H] or [H, P]; conv weight [C, K]; conv_state [b, C, K-1] oldest input first.
 
-A backend may implement an operation by composing others (torch_ref composes
+Weights: `proj` is the projection itself (`mamba2_cli.linear.Linear`), never its raw
+tensors, so the model does not know how a weight is stored. A plain Linear holds `weight`
+[out, in] in the model dtype and `bias` [out] or None; both backends read those. A weight
+stored another way (quantized, sharded) is a sibling class, in its own module, that the
+backends recognise by type and dispatch on; model.py stays as it is.
+
+A backend may implement an operation by composing others (pytorch composes
 mixer_decode_step from the step operations); a fast backend fuses it into few launches.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from types import ModuleType
 
@@ -71,20 +76,15 @@ def get_backend(name: str, device_type: str = "cpu") -> ModuleType:
     """'torch' | 'triton' | 'auto' -> the backend module. auto = triton on CUDA, else torch."""
     if name == "auto":
         ok, _ = triton_available(device_type)
-        name = "triton" if ok and device_type == "cuda" and _has_triton_backend() else "torch"
+        name = "triton" if ok and device_type == "cuda" else "torch"
     if name == "torch":
-        from . import torch_ref
+        from . import pytorch
 
-        return torch_ref
+        return pytorch
     if name == "triton":
         ok, why = triton_available(device_type)
         if not ok:
             raise Mamba2Error(why)
-        if not _has_triton_backend():
-            raise Mamba2Error("this build has no triton backend yet")
-        return importlib.import_module(".triton_backend", __name__)
+        return importlib.import_module(".triton", __name__)
     raise Mamba2Error(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
 
-
-def _has_triton_backend() -> bool:
-    return importlib.util.find_spec(f"{__name__}.triton_backend") is not None

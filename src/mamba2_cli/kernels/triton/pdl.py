@@ -7,7 +7,7 @@ that no kernel just before wrote it, `state_settled`), and calls `gdc_wait()` be
 anything an earlier kernel wrote or writes anything at all. The wait returns once the kernel
 before has completed and its memory is visible; since every PDL kernel completes only after
 its own wait, completion stays ordered along the whole chain. Which kernels launch this way:
-norm.NORM_CONFIG["add_pdl"], gemv.GemvConfig.pdl, step.STEP_CONFIG["pdl"].
+add_rmsnorm of decode's few rows, the matvecs and the decode step (configs.py's "pdl").
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The reference backend: every operation of `kernels.Backend` in plain PyTorch.
+"""The PyTorch backend: every operation of `kernels` in plain PyTorch.
 
-Runs on any device and dtype. Numerics: dt, A, decays and the SSM state are fp32 (or
+The backend on CPUs, and the reference the Triton kernels are tested against. Runs on any
+device and dtype. Numerics: dt, A, decays and the SSM state are fp32 (or
 float64 when the inputs are float64, which the tests use); outputs come back in the input
 dtype. The chunked scan never builds an (L, L) matrix nor a (Q, Q, H, N) product: per chunk
 it holds O(Q^2 * H + Q * H * (P + N)) numbers.
@@ -24,9 +25,9 @@ def scan_chunk_size(chunk_size: int, device_type: str) -> int:
     return min(chunk_size, 64) if device_type == "cpu" else chunk_size
 
 
-def linear(x, weight, bias=None):
-    """x [..., K] @ weight[N, K]^T (+ bias): the projections (in_proj, out_proj, lm_head)."""
-    return F.linear(x, weight, bias)
+def linear(x, proj):
+    """x [..., K] @ proj.weight[N, K]^T (+ proj.bias): the projections (in_proj, out_proj, lm_head)."""
+    return F.linear(x, proj.weight, proj.bias)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -238,10 +239,10 @@ def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
     return _as(out, x.dtype), residual
 
 
-def norm_linear(x, residual, norm_weight, eps, residual_in_fp32, weight, bias=None):
-    """(linear(add_rmsnorm(x, residual, norm_weight, eps)[0], weight, bias), new residual)."""
+def norm_linear(x, residual, norm_weight, eps, residual_in_fp32, proj):
+    """(linear(add_rmsnorm(x, residual, norm_weight, eps)[0], proj), new residual)."""
     normed, residual = add_rmsnorm(x, residual, norm_weight, eps, residual_in_fp32)
-    return linear(normed, weight, bias), residual
+    return linear(normed, proj), residual
 
 
 def mixer_decode_step(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_limit,

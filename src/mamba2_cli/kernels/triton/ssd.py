@@ -18,14 +18,13 @@ accepted and ignored.
 
 C B^T depends on the group, not the head: with few programs (batch 1, latency-bound) a first
 small kernel computes it once per (sequence, chunk, group) in fp32 so the scan does not repeat
-it for every head of a group. With many programs (SCAN_CONFIG_MANY) each program computes it
-itself: the scan is then throughput-bound, and one more product per chunk costs less than the
-pre-pass, its copies through shared memory and their layout conversion (batch 8, L4096 on the
-H200: 1.28 ms against 1.48; at batch 1 the other way round, 1.44 against 0.92 at L16384).
+it for every head of a group. With many programs each program computes it itself: the scan
+is then throughput-bound, and one more product per chunk costs less than the pre-pass, its
+copies through shared memory and their layout conversion.
 
 A small grid (batch 1: too few programs to fill the GPU) splits the sequence into segments
-instead (choose_config). The segment's entering state is the only
-thing it needs from the ones before it, and that state is a sum over them:
+instead (choose_config). The segment's entering state is the only thing it needs from the
+ones before it, and that state is a sum over them:
 
     S_in[k] = exp(A_tot[k-1]) S_in[k-1] + S_own[k-1]
 
@@ -33,21 +32,15 @@ where S_own[k] is segment k's final state from zero and A_tot[k] its total log-d
 first pass (STATES_ONLY: no C, no y) computes S_own and A_tot for every segment but the last,
 all at once; the second pass runs every segment at once, each composing its S_in first.
 
-Switches of the scan kernel (constexprs; the configurations below pick them):
-PREFETCH   1: the next chunk's x and dt are loaded into registers during this chunk (the
-           measured win); 2: B, C and C B^T too; 3: x, dt and C B^T; 4: x, dt, B and C.
-           0: plain loads (miscompiled with P block 32 by Triton 3.6 on the H200: wrong
-           states, NOTES.md round 4). What is not prefetched into registers Triton's
-           pipeliner copies through shared memory (num_stages > 1); it issues the next
-           chunk's copies at the end of the loop body and waits for them at the start of the
-           next, so with 2 stages their trip to memory is not hidden. Yet every way round it
-           was slower on the H200 (session 6, round 21, b1 L16384: default 0.921 ms; 3 stages
-           1.60; PREFETCH 3 1.16, with 3 stages 1.13; PREFETCH 4 1.70; chunk 32 with 3-4
-           stages 1.12-1.16): spills and fewer programs per SM cost more than the wait.
-STATE_T    hold S^T [N, P], so neither product that uses the state needs a transpose.
-D_IN_SCORES  D x as D on the diagonal of the in-chunk product (D per head only): saves a
-           layout conversion; D then enters through the 16-bit operand (2^-9 relative).
-FOLD_DECAY exp(a_q) folded into C so both y products share one accumulator (measured slower).
+Layout choices of the scan kernel (constexprs):
+- the next chunk's x and dt are loaded into registers during this chunk, so their latency
+  hides behind a whole chunk step; B and C, which feed a dot directly, Triton's pipeliner
+  copies through shared memory by itself (num_stages). Prefetching B, C or C B^T into
+  registers as well spills and costs more than the wait.
+- STATE_T: the state held as S^T [N, P], so neither product that uses it needs a transpose
+  (the states-only pass of a batch-1 split holds S [P, N]).
+- D_IN_SCORES: D x as D on the diagonal of the in-chunk product (D per head only): saves a
+  layout conversion; D then enters through the 16-bit operand (2^-9 relative).
 
 Numerics: dt, A, decays and the carried state are fp32. Matrix products take 16-bit
 operands (the input dtype) with fp32 accumulation, as upstream does; with fp32 inputs they
@@ -60,66 +53,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import Mamba2Error
+from ...errors import Mamba2Error
+from .configs import config_for
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Fixed launch configurations, measured on an H200 (benchmarks/NOTES.md, round 3); the scan
-# writes the final state, and none of these kernels is autotuned.
-# SCAN_CONFIG: few programs (batch 1: 256 of them, P split in two), latency-bound.
-# SCAN_CONFIG_MANY: from MANY_PROGRAMS (sequence, head, 64-row) programs on (batch 2, 3 and 8
-#   at Codestral shapes measured; at 255 registers two programs share an SM, by the sm_90
-#   machine code compiled here with Triton 3.9's ptxas). C B^T computed in the scan
-#   (session 7, round 24: b8 L4096 1.273-1.281 ms against 1.478-1.487). Round 26: batch 2 at
-#   L4096 0.326 ms against 0.474 with SCAN_CONFIG, batch 3 0.643 against 0.702. Round 31: S^T
-#   and D in the scores (b8 L4096 1.238-1.247 ms against 1.281; b1 L16384 0.769 against
-#   0.773-0.778); chunk 64, P block 32, 8 warps or 2 stages were 9-120 % slower.
-# Fewer programs (batch 1): SCAN_CONFIG_MANY again, the sequence cut into segments (see below)
-#   so that the second pass has about SPLIT_TARGET programs (the count measured best, round
-#   25: at Codestral's L16384 2 segments 1.02 ms, 3 1.03, 4 0.79, 8 0.89-0.96), when that gives
-#   at least SPLIT_MIN_SEGMENTS segments of SPLIT_MIN_CHUNKS chunks; its states pass with
-#   SPLIT_STATES. Else (short prompts) SCAN_CONFIG, with its own rule for splitting below.
-#   Round 26, b1 (ms): Codestral L2048 0.122 against 0.128, L4096 0.219 against 0.244,
-#   L16384 0.788 against 0.924; mamba2-130m's layer L2048 0.088 against 0.111-0.134, L16384
-#   0.204 against 0.293; mamba2-2.7b's L16384 0.600 against 0.889. Codestral L1024 (2
-#   segments) 0.079-0.082 against 0.071, and 3 segments (L4096 0.278, L16384 1.033) lost too.
-# SCAN_CONFIG_FP32: fp32 inputs (tiles twice the bytes; the configuration tested on the GPU).
-SCAN_CONFIG = {"CHUNK": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 2, "CB_PRECOMPUTED": True,
-               "PREFETCH": 1, "FOLD_DECAY": False, "STATE_T": True, "D_IN_SCORES": True, "maxnreg": None}
-SCAN_CONFIG_MANY = {"CHUNK": 32, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": 1,
-                    "STATE_T": True, "D_IN_SCORES": True, "CB_PRECOMPUTED": False}
-MANY_PROGRAMS = 256
-SPLIT_TARGET = 512
-SPLIT_MIN_SEGMENTS = 4
-# The states pass's overrides of SPLIT_STATES_CONFIG. Round 28 (b1 L16384, ms): S [P, N] 0.779
-# against S^T 0.788; chunks of 64 or 128 in this pass 0.845-0.894 (mamba2-2.7b's layer: 0.568
-# against 0.600, not taken).
-SPLIT_STATES = {"num_stages": 4, "STATE_T": False}
-SCAN_CONFIG_FP32 = {"CHUNK": 64, "BLOCK_P": 64, "num_warps": 8, "num_stages": 1, "PREFETCH": 1,
-                    "STATE_T": True, "D_IN_SCORES": True, "CB_PRECOMPUTED": True}
-CB_CONFIG = {"num_warps": 4, "num_stages": 2}
-# Splitting the sequence (batch 1 and other small grids): SEGMENTS fixes the count (which
-# choose_config sets for SCAN_CONFIG_MANY at batch 1); else, when the grid has fewer than
-# SPLIT_PROGRAMS programs (0: never), the sequence is cut into segments of at least
-# SPLIT_MIN_CHUNKS chunks. A first pass runs every segment but the last
-# from a zero state (SPLIT_STATES_CONFIG: states only, no y); the second runs all segments at
-# once, each from the state composed from the ones before it.
-# Measured (H200, session 3, with SCAN_CONFIG): a Codestral layer at batch 1 (256 programs,
-# two per SM, each at the register limit) gains nothing (L4096: 0.246 ms whole, 0.311 in 3 segments); a
-# mamba2-130m layer (24 heads: 48 programs) gains 2-2.6x (L4096 0.225 -> 0.130 ms in 4
-# segments, L16384 0.796 -> 0.352 in 4, 0.306 in 8). The rule splits grids of fewer than 256
-# programs into segments of at least 16 chunks (1024 tokens).
-SCAN_CONFIG.update({"SEGMENTS": None, "SPLIT_PROGRAMS": 256, "SPLIT_MIN_CHUNKS": 16})
-SPLIT_STATES_CONFIG = {"BLOCK_P": 64, "num_warps": 4, "num_stages": 2, "STATE_T": True}
-
 # The chunk count is never specialized. Triton compiles an integer argument equal to 1 as a
-# constant, so a prompt of one chunk (L <= CHUNK) got a kernel of its own with the chunk
-# loop unrolled away; on the H200 (Triton 3.6) that variant of the P-block-32 scan returned a
-# wrong final state (relative error ~1) and at times faulted with an illegal memory access
-# (benchmarks/NOTES.md, round 4). Now every prompt runs the looped kernel. L stays
-# specialized: its divisibility by 16 saves instructions in the masks (the kernel for
-# L % 16 == 0 is the one measured), and L = 1 compiles a looped kernel as well.
-# seg_chunks likewise (equal to nchunks unless the sequence is split).
+# constant, which gives a prompt of one chunk (L <= CHUNK) a kernel of its own with the chunk
+# loop unrolled away; on the H200 (Triton 3.6) that variant of the P-block-32 scan returns a
+# wrong final state (relative error ~1) and at times faults with an illegal memory access,
+# so every prompt runs the looped kernel. L stays specialized: its divisibility by 16 saves
+# instructions in the masks, and L = 1 compiles a looped kernel as well. seg_chunks likewise
+# (equal to nchunks unless the sequence is split).
 _LENGTH_ARGS = ["nchunks", "seg_chunks"]
 
 
@@ -184,7 +129,7 @@ def _chunk_cb_kernel(
 
 @triton.jit
 def _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PRECOMPUTED: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, FOLD_DECAY: tl.constexpr, STATE_T: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, STATE_T: tl.constexpr,
                   D_IN_SCORES: tl.constexpr):
     """y of one chunk [CHUNK, BLOCK_P] in fp32: the entering state's part plus the in-chunk part."""
     # Inside the chunk. Decay exponents are differences of one chunk's cumsum, so
@@ -202,15 +147,9 @@ def _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PREC
         s_op = state.to(xm.dtype)
     else:
         s_op = tl.trans(state.to(xm.dtype))
-    if FOLD_DECAY:
-        # exp(a_q) scales C's rows, so both products share one accumulator.
-        Ce = (Cm.to(tl.float32) * tl.exp(a)[:, None]).to(xm.dtype)
-        y = tl.dot(Ce, s_op, input_precision=DOT_PRECISION)
-        y = tl.dot(scores.to(xm.dtype), xm, acc=y, input_precision=DOT_PRECISION)
-    else:
-        y = tl.dot(Cm, s_op, input_precision=DOT_PRECISION)
-        y = y * tl.exp(a)[:, None]
-        y += tl.dot(scores.to(xm.dtype), xm, input_precision=DOT_PRECISION)
+    y = tl.dot(Cm, s_op, input_precision=DOT_PRECISION)
+    y = y * tl.exp(a)[:, None]
+    y += tl.dot(scores.to(xm.dtype), xm, input_precision=DOT_PRECISION)
     if not D_IN_SCORES:
         y += Dv[None, :] * xm.to(tl.float32)
     return y
@@ -230,7 +169,7 @@ def _ssd_scan_kernel(
     stride_s_b, stride_s_h, stride_s_p,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     CB_PRECOMPUTED: tl.constexpr, HAS_INIT: tl.constexpr, DT_CLAMP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, FOLD_DECAY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     STATE_T: tl.constexpr, D_IN_SCORES: tl.constexpr, HAS_LEN: tl.constexpr,
     STATES_ONLY: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -294,56 +233,27 @@ def _ssd_scan_kernel(
     cb_base = cb_ptr + ((bi * nchunks + seg * seg_chunks) * G + g) * (CHUNK * CHUNK)
     a_total = tl.zeros((), dtype=tl.float32)
 
-    PF_BC: tl.constexpr = PREFETCH == 2 or PREFETCH == 4
-    PF_CB: tl.constexpr = CB_PRECOMPUTED and (PREFETCH == 2 or PREFETCH == 3)
-    if PREFETCH:
-        # Registers hold the next chunk's dt and x while this one computes, so their
-        # latency hides behind a whole chunk step. (Triton pipelines loads that feed a dot
-        # directly, B and C, through shared memory by itself when num_stages > 1; with
-        # PREFETCH > 1, B, C and C B^T are prefetched into registers too.)
-        tmask_n = offs_q < n
-        dt_n = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask_n, other=0.0)
-        x_n = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
-                      mask=tmask_n[:, None] & pmask[None, :], other=0.0)
-        if PF_BC:
-            C_n = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
-                          mask=tmask_n[:, None] & nmask[None, :], other=0.0)
-            B_n = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
-                          mask=tmask_n[:, None] & nmask[None, :], other=0.0)
-        if PF_CB:
-            cb_n = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
+    # Registers hold the next chunk's dt and x while this one computes, so their latency
+    # hides behind a whole chunk step.
+    tmask_n = offs_q < n
+    dt_n = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask_n, other=0.0)
+    x_n = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
+                  mask=tmask_n[:, None] & pmask[None, :], other=0.0)
 
     for c in range(0, n_loop):
         tmask = (c * CHUNK + offs_q) < n
-        if PREFETCH:
-            dt_raw = dt_n
-            xm = x_n
-            tmask_n = ((c + 1) * CHUNK + offs_q) < n
-            dt_n = tl.load(dt_base + (CHUNK + offs_q) * stride_dt_l, mask=tmask_n, other=0.0)
-            x_n = tl.load(x_base + (CHUNK + offs_q)[:, None] * stride_x_l + offs_p[None, :],
-                          mask=tmask_n[:, None] & pmask[None, :], other=0.0)
-        else:
-            dt_raw = tl.load(dt_base + offs_q * stride_dt_l, mask=tmask, other=0.0)
-            xm = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :],
-                         mask=tmask[:, None] & pmask[None, :], other=0.0)
-        if PF_BC:
-            Cm = C_n
-            Bm = B_n
-            C_n = tl.load(C_base + (CHUNK + offs_q)[:, None] * stride_C_l + offs_n[None, :],
-                          mask=tmask_n[:, None] & nmask[None, :], other=0.0)
-            B_n = tl.load(B_base + (CHUNK + offs_q)[:, None] * stride_B_l + offs_n[None, :],
-                          mask=tmask_n[:, None] & nmask[None, :], other=0.0)
-        else:
-            if not STATES_ONLY:
-                Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
-                             mask=tmask[:, None] & nmask[None, :], other=0.0)
-            Bm = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
+        dt_raw = dt_n
+        xm = x_n
+        tmask_n = ((c + 1) * CHUNK + offs_q) < n
+        dt_n = tl.load(dt_base + (CHUNK + offs_q) * stride_dt_l, mask=tmask_n, other=0.0)
+        x_n = tl.load(x_base + (CHUNK + offs_q)[:, None] * stride_x_l + offs_p[None, :],
+                      mask=tmask_n[:, None] & pmask[None, :], other=0.0)
+        if not STATES_ONLY:
+            Cm = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :],
                          mask=tmask[:, None] & nmask[None, :], other=0.0)
-        if PF_CB:
-            cb = cb_n
-            cb_n = tl.load(cb_base + G * CHUNK * CHUNK + offs_q[:, None] * CHUNK + offs_q[None, :],
-                           mask=(tl.zeros((CHUNK, CHUNK), dtype=tl.int32) + c + 1) < n_loop, other=0.0)
-        elif CB_PRECOMPUTED and not STATES_ONLY:
+        Bm = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :],
+                     mask=tmask[:, None] & nmask[None, :], other=0.0)
+        if CB_PRECOMPUTED and not STATES_ONLY:
             cb = tl.load(cb_base + offs_q[:, None] * CHUNK + offs_q[None, :])
 
         # Positions past L get dt = 0: no decay and no input, the state passes through.
@@ -357,7 +267,7 @@ def _ssd_scan_kernel(
             if not CB_PRECOMPUTED:
                 cb = dt  # a placeholder: _chunk_output computes C B^T itself
             y = _chunk_output(Cm, Bm, cb, xm, state, a, dt, D_h, Dv, causal, offs_q, CB_PRECOMPUTED,
-                              DOT_PRECISION, FOLD_DECAY, STATE_T, D_IN_SCORES)
+                              DOT_PRECISION, STATE_T, D_IN_SCORES)
             if HAS_LEN:
                 ymask = (c * CHUNK + offs_q) < L - t_seg  # padding gets its (zero) y: no stale memory
             else:
@@ -403,8 +313,7 @@ def _segments(cfg: dict, programs: int, nchunks: int) -> int:
 
 
 def _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
-                 grid, L, H, P, N, G, nchunks, lo, hi, seg_chunks, nseg, BLOCK_P, flags, num_warps, num_stages,
-                 launch_extra):
+                 grid, L, H, P, N, G, nchunks, lo, hi, seg_chunks, nseg, BLOCK_P, flags, num_warps, num_stages):
     _ssd_scan_kernel[grid](
         x, dt, A, B, C, D2, dt_bias, cb, init, y, final, seq_len if seq_len is not None else A,
         seg_state, seg_decay,
@@ -416,25 +325,29 @@ def _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_
         stride_D[0], stride_D[1],
         y.stride(0), y.stride(1), y.stride(2),
         final.stride(0), final.stride(1), final.stride(2),
-        BLOCK_P=BLOCK_P, **flags, num_warps=num_warps, num_stages=num_stages, **launch_extra,
+        BLOCK_P=BLOCK_P, **flags, num_warps=num_warps, num_stages=num_stages,
     )
 
 
-def choose_config(b: int, H: int, P: int, L: int, dtype: torch.dtype) -> dict:
-    """The scan's configuration for b sequences of L tokens of an H-head, P-wide layer (the
-    rules above SCAN_CONFIG)."""
-    cfg = dict(SCAN_CONFIG)
+def choose_config(b: int, H: int, P: int, L: int, dtype: torch.dtype, device=None) -> dict:
+    """The scan's configuration (configs.SSD) for b sequences of L tokens of an H-head,
+    P-wide layer: "few" programs, "many" from rules.many_programs programs of 64 rows, "fp32"
+    for fp32 inputs; batch 1 takes "many" cut into SEGMENTS segments when the prompt is long
+    enough (its first pass with "many_states")."""
+    rules = config_for(device, "ssd", "rules")
+    many = config_for(device, "ssd", "many")
+    cfg = dict(config_for(device, "ssd", "few"))
     programs = b * H * triton.cdiv(P, 64)
-    if programs >= MANY_PROGRAMS:
-        cfg.update(SCAN_CONFIG_MANY)
+    if programs >= rules["many_programs"]:
+        cfg.update(many)
     if dtype == torch.float32:
-        cfg.update(SCAN_CONFIG_FP32)
-    if programs >= MANY_PROGRAMS or dtype == torch.float32:
+        cfg.update(config_for(device, "ssd", "fp32"))
+    if programs >= rules["many_programs"] or dtype == torch.float32:
         return cfg
-    nseg = min(SPLIT_TARGET // programs, triton.cdiv(L, SCAN_CONFIG_MANY["CHUNK"]) // cfg["SPLIT_MIN_CHUNKS"])
-    if nseg >= SPLIT_MIN_SEGMENTS:
-        cfg.update(SCAN_CONFIG_MANY)
-        cfg.update(SEGMENTS=nseg, states=dict(SPLIT_STATES))
+    nseg = min(rules["split_target"] // programs, triton.cdiv(L, many["CHUNK"]) // cfg["SPLIT_MIN_CHUNKS"])
+    if nseg >= rules["split_min_segments"]:
+        cfg.update(many)
+        cfg.update(SEGMENTS=nseg, states=dict(config_for(device, "ssd", "many_states")))
     return cfg
 
 
@@ -455,7 +368,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None, seq_len=None,
                 final_state=None, *, config=None):
-    """Chunked SSD scan; same contract as `torch_ref.ssd_prefill`.
+    """Chunked SSD scan; same contract as `pytorch.ssd_prefill`.
 
     x [b, L, H, P] (fp16, bf16 or fp32); dt [b, L, H]; A [H] fp32; B, C [b, L, G, N] in
     x.dtype; D [H] or [H, P]; dt_bias [H]; initial_state [b, H, P, N] fp32 or None.
@@ -466,7 +379,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
     it may be initial_state itself (each program reads its slice of the state before it
     writes the same slice, so the update is in place and needs no copy).
     `chunk_size` is accepted for the interface; the kernel's own chunk gives the same sums.
-    `config` overrides the chosen configuration's keys (benchmarks use it).
+    `config` overrides keys of the chosen configuration (tests and benchmarks use it).
     """
     _check(x.dim() == 4, lambda: f"x must be [b, L, H, P], got shape {tuple(x.shape)}")
     b, L, H, P = x.shape
@@ -501,7 +414,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         if not final_state.is_contiguous():
             final_state = None  # computed into a new tensor, then copied
 
-    cfg = choose_config(b, H, P, L, x.dtype)
+    cfg = choose_config(b, H, P, L, x.dtype, x.device)
     cfg.update(config or {})
 
     y = torch.empty((b, L, H, P), dtype=x.dtype, device=x.device)
@@ -537,7 +450,7 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
             C.stride(0), C.stride(1), C.stride(2),
             B.stride(0), B.stride(1), B.stride(2),
             CHUNK=CHUNK, BLOCK_N=min(BLOCK_N, 128), DOT_PRECISION=precision, HAS_LEN=seq_len is not None,
-            **CB_CONFIG,
+            **config_for(x.device, "ssd", "cb"),
         )
     else:
         cb = y  # unused
@@ -550,36 +463,27 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=
         # The last segment writes the final state while the others still read the initial one.
         final = torch.empty_like(final)
     init = initial_state if initial_state is not None else final
-    # maxnreg caps registers per thread so that two programs share an SM (CUDA only).
-    launch_extra = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") and x.is_cuda else {}
     common = dict(CHUNK=CHUNK, BLOCK_N=BLOCK_N, CB_PRECOMPUTED=bool(cfg["CB_PRECOMPUTED"]),
                   HAS_INIT=initial_state is not None, DT_CLAMP=dt_clamp, DOT_PRECISION=precision,
-                  PREFETCH=int(cfg["PREFETCH"]), FOLD_DECAY=bool(cfg["FOLD_DECAY"]),
                   HAS_LEN=seq_len is not None)
     seg_state = seg_decay = A  # unused unless split
     if nseg > 1:
         # Pass 1: every segment but the last, from a zero state: its final state and decay.
         seg_state = torch.empty((b * (nseg - 1), H, P, N), dtype=torch.float32, device=x.device)
         seg_decay = torch.empty((b * (nseg - 1), H), dtype=torch.float32, device=x.device)
-        pcfg = {**cfg, **SPLIT_STATES_CONFIG, **cfg.get("states", {})}
+        pcfg = {**cfg, **config_for(x.device, "ssd", "states"), **cfg.get("states", {})}
         BP1 = min(int(pcfg["BLOCK_P"]), triton.next_power_of_2(P))
-        # The states pass may walk in longer chunks ("states": {"CHUNK": ...}) when a segment
-        # holds a whole number of them: it computes no y, so its chunk only regroups the sums.
-        CHUNK1 = int(pcfg["CHUNK"])
-        if (seg_chunks * CHUNK) % CHUNK1:
-            CHUNK1 = CHUNK
         _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
-                     (b * (nseg - 1) * H * triton.cdiv(P, BP1),), L, H, P, N, G, triton.cdiv(L, CHUNK1), lo, hi,
-                     seg_chunks * CHUNK // CHUNK1, nseg - 1, BP1,
-                     {**common, "CHUNK": CHUNK1, "STATE_T": bool(pcfg["STATE_T"]), "D_IN_SCORES": False,
+                     (b * (nseg - 1) * H * triton.cdiv(P, BP1),), L, H, P, N, G, nchunks, lo, hi,
+                     seg_chunks, nseg - 1, BP1,
+                     {**common, "STATE_T": bool(pcfg["STATE_T"]), "D_IN_SCORES": False,
                       "STATES_ONLY": True, "SPLIT": True},
-                     int(pcfg["num_warps"]), int(pcfg["num_stages"]), launch_extra)
+                     int(pcfg["num_warps"]), int(pcfg["num_stages"]))
     # Pass 2 (the only one unless split): every segment, from the state composed for it.
     _launch_scan(x, dt, A, B, C, D2, stride_D, dt_bias, cb, init, y, final, seq_len, seg_state, seg_decay,
                  (b * nseg * H * npb,), L, H, P, N, G, nchunks, lo, hi, seg_chunks, nseg, BLOCK_P,
-                 {**common, "STATE_T": bool(cfg["STATE_T"]), "D_IN_SCORES": bool(cfg["D_IN_SCORES"]) and D.dim() == 1,
-                  "STATES_ONLY": False, "SPLIT": nseg > 1},
-                 int(cfg["num_warps"]), int(cfg["num_stages"]), launch_extra)
+                 {**common, "STATE_T": True, "D_IN_SCORES": D.dim() == 1, "STATES_ONLY": False, "SPLIT": nseg > 1},
+                 int(cfg["num_warps"]), int(cfg["num_stages"]))
     if out is not None and out is not final:
         out.copy_(final)
         final = out

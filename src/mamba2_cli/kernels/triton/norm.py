@@ -10,34 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import Mamba2Error
+from ...errors import Mamba2Error
+from .configs import config_for, warps_for
 from .pdl import gdc_launch_dependents, gdc_wait, usable
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
-
-
-# Launch knobs (benchmarks time the alternatives): warps None picks by row width; rows is
-# the number of rows (of the gated norm: row groups) one program normalizes, 1, 2, 4, ...
-NORM_CONFIG = {"add_warps": None, "add_rows": 1, "gated_warps": None, "gated_rows": 1}
-# add_w_first: add_rmsnorm loads the norm weight before it stores the residual (a load after
-# a store, or after a reduction's barrier, is issued only once the work before it is done).
-# Same results; H200, session 6, round 19: in the model no change beyond noise (b1 224.0 against
-# 224.1 tok/s); taken with the other load moves of that round. gated_w_first: the gated norm
-# loads its weight with y and z, not after the reduction; round 20: 55.6 against 55.8 µs at 4096
-# rows, prefill of 65536 tokens 1.756 against 1.746 s (noise), so off.
-NORM_CONFIG["add_w_first"] = True
-NORM_CONFIG["gated_w_first"] = False
-# add_pdl: add_rmsnorm of at most PDL_MAX_ROWS rows (decode) launches with programmatic
-# dependent launch: it lets the next kernel launch at once and loads its weight before it
-# waits for the kernel that wrote x, so the matvec after it can load its weights meanwhile.
-# H200, session 10, round 46 (with the matvecs under PDL too, medians of 3 alternated):
-# Codestral decode b1 241.5 against 237.0 tok/s, b8 167.8 against 164.8; bit-identical.
-NORM_CONFIG["add_pdl"] = True
-PDL_MAX_ROWS = 8
 
 
 @triton.jit
@@ -45,17 +22,18 @@ def _add_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, D, eps,
     stride_x, stride_res, stride_out, stride_res_out,
     HAS_RES: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-    W_FIRST: tl.constexpr, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
-    # ROWS rows per program, one [ROWS, BLOCK_D] tile.
+    """ROWS rows per program, one [ROWS, BLOCK_D] tile. PDL (decode): the next kernel may
+    launch at once, and the norm weight is loaded before the wait for the kernel that wrote x,
+    so the matvec after this one loads its weights meanwhile."""
     if PDL:
         gdc_launch_dependents()
     row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     offs = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs < D) & (row < M)
-    if W_FIRST or PDL:
-        # Loaded before the residual's store: a load after a store waits for it (they might alias).
-        w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
+    # Loaded before the residual's store: a load after a store waits for it (they might alias).
+    w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
     if PDL:
         gdc_wait()  # x (and the residual) come from the kernels before
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -69,8 +47,6 @@ def _add_rmsnorm_kernel(
         tl.store(res_out_ptr + row * stride_res_out + offs, r, mask=mask)
         r = r.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(r * r, axis=1) / D + eps)[:, None]
-    if not (W_FIRST or PDL):
-        w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (r * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -78,24 +54,20 @@ def _add_rmsnorm_kernel(
 def _gated_rmsnorm_kernel(
     y_ptr, z_ptr, w_ptr, out_ptr, M, group_size, eps,
     stride_y, stride_z, stride_out,
-    NORM_BEFORE_GATE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, W_FIRST: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
     # ROWS rows of one group per program, one [ROWS, BLOCK] tile.
     row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     col = (tl.program_id(1) * group_size + tl.arange(0, BLOCK))[None, :]
     mask = (tl.arange(0, BLOCK) < group_size)[None, :] & (row < M)
     wmask = col < (tl.program_id(1) + 1) * group_size
-    if W_FIRST:
-        # With y and z, not after the reduction (loads are not moved across its barrier).
-        w = tl.load(w_ptr + col, mask=wmask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * stride_y + col, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + row * stride_z + col, mask=mask, other=0.0).to(tl.float32)
     gate = z * tl.sigmoid(z)
     if not NORM_BEFORE_GATE:
         y = y * gate
     rstd = tl.math.rsqrt(tl.sum(y * y, axis=1) / group_size + eps)[:, None]
-    if not W_FIRST:
-        w = tl.load(w_ptr + col, mask=wmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + col, mask=wmask, other=0.0).to(tl.float32)
     out = y * rstd * w
     if NORM_BEFORE_GATE:
         out = out * gate
@@ -117,7 +89,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
     """residual += x (new tensor; fp32 when asked); returns (RMSNorm(residual) * w, residual).
 
-    Same contract as `torch_ref.add_rmsnorm`: the normed output is in x.dtype; without a
+    Same contract as `pytorch.add_rmsnorm`: the normed output is in x.dtype; without a
     residual the residual is x (as fp32 when residual_in_fp32).
     """
     op = "add_rmsnorm"
@@ -137,21 +109,21 @@ def add_rmsnorm(x, residual, weight, eps, residual_in_fp32=True):
     res2 = _rows(residual) if residual is not None else x2
     M = x2.shape[0]
     if M:
+        cfg = config_for(x.device, "norm", "add")
         BLOCK = triton.next_power_of_2(D)
-        rows = min(int(NORM_CONFIG["add_rows"]), triton.next_power_of_2(M))
-        pdl = usable(NORM_CONFIG["add_pdl"] and M <= PDL_MAX_ROWS, x.device)
+        rows = min(cfg["ROWS"], triton.next_power_of_2(M))
+        pdl = usable(M <= cfg["pdl_max_rows"], x.device)
         _add_rmsnorm_kernel[(triton.cdiv(M, rows),)](
             x2, res2, weight, out, res_out, M, D, float(eps),
             x2.stride(0), res2.stride(0), D, D,
             HAS_RES=residual is not None, WRITE_RES=write_res, BLOCK_D=BLOCK, ROWS=rows,
-            W_FIRST=bool(NORM_CONFIG["add_w_first"]), PDL=pdl,
-            num_warps=NORM_CONFIG["add_warps"] or _warps(BLOCK * rows), **({"launch_pdl": True} if pdl else {}),
+            PDL=pdl, num_warps=warps_for(cfg["warps_by_width"], BLOCK * rows), **({"launch_pdl": True} if pdl else {}),
         )
     return out, res_out
 
 
 def gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False):
-    """Per-group RMSNorm gated by silu(z); same contract as `torch_ref.gated_rmsnorm`."""
+    """Per-group RMSNorm gated by silu(z); same contract as `pytorch.gated_rmsnorm`."""
     op = "gated_rmsnorm"
     _check(y.dtype in _FLOAT_DTYPES, op, lambda: f"unsupported dtype {y.dtype}")
     _check(z.shape == y.shape, op, lambda: f"z shape {tuple(z.shape)} != y {tuple(y.shape)}")
@@ -162,11 +134,12 @@ def gated_rmsnorm(y, z, weight, group_size, eps, norm_before_gate=False):
     out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     M = y2.shape[0]
     if M:
+        cfg = config_for(y.device, "norm", "gated")
         BLOCK = triton.next_power_of_2(group_size)
-        rows = min(int(NORM_CONFIG["gated_rows"]), triton.next_power_of_2(M))
+        rows = min(cfg["ROWS"], triton.next_power_of_2(M))
         _gated_rmsnorm_kernel[(triton.cdiv(M, rows), d // group_size)](
             y2, z2, weight, out, M, group_size, float(eps), y2.stride(0), z2.stride(0), d,
-            NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK=BLOCK, ROWS=rows, W_FIRST=bool(NORM_CONFIG["gated_w_first"]),
-            num_warps=NORM_CONFIG["gated_warps"] or _warps(BLOCK * rows),
+            NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK=BLOCK, ROWS=rows,
+            num_warps=warps_for(cfg["warps_by_width"], BLOCK * rows),
         )
     return out

@@ -11,24 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import Mamba2Error
-
-# The tile kernel (other widths, or ROWS_LOOP off): BLOCK_L x BLOCK_C per program.
-# STATE_BRANCH: only the first block of positions gathers from the conv state (a branch on
-# the program id) instead of every program issuing those gathers masked off (L16384 0.60 ->
-# 0.37 ms on the H200, session 2).
-CONV_CONFIG = {"BLOCK_L": 32, "BLOCK_C": 128, "num_warps": 4, "STATE_BRANCH": True}
-# ROWS_LOOP (width 4 only): `_causal_conv_rows_kernel`, ROWS positions of ROWS_BLOCK_C channels
-# per program with ROWS_WARPS warps, each input loaded once. H200, 4096 Codestral tokens
-# (benchmarks/NOTES.md, session 3, round 10): 82.6 µs against the tile kernel's 103-172 µs;
-# prefill of 65536 tokens 1.762 against 1.768 s.
-CONV_CONFIG.update({"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 256, "ROWS_WARPS": 2})
-# ROWS_AHEAD: rows loaded ahead of the one computed (see the kernel); 0 is the round-10 kernel.
-# H200, session 6, round 19, 4096 Codestral tokens: 0: 75.6 µs, 4: 55.0, 8: 53.8-62.3 (same
-# bits); in the model with the step's and the norm's load moves, prefill of 65536 tokens
-# 1.7378 against 1.7425 s (medians of 3, alternated).
-CONV_CONFIG["ROWS_AHEAD"] = 8
-CONV_STEP_CONFIG = {"BLOCK_C": 256, "num_warps": 4}
+from ...errors import Mamba2Error
+from .configs import config_for
 
 
 @triton.jit
@@ -132,7 +116,7 @@ def _causal_conv_kernel(
     xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, len_ptr, L, Cdim,
     stride_x_b, stride_x_l, stride_w_c, stride_cs_b, stride_cs_c, stride_out_b, stride_out_l,
     K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, STATE_BRANCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
 ):
     bi = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
@@ -150,20 +134,15 @@ def _causal_conv_kernel(
         from_x = tl.load(x_base + src[:, None].to(tl.int64) * stride_x_l + ch[None, :],
                          mask=((src >= 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc += from_x * w[None, :]
-        if not STATE_BRANCH:
+    # Only the first block of positions reaches back into the conv state; the others skip
+    # these gathers (masked off, they would still cost an instruction per element).
+    if pid_l == 0:
+        for k in tl.static_range(K - 1):
+            src = t - (K - 1) + k
+            w = tl.load(w_ptr + ch * stride_w_c + k, mask=cmask, other=0.0).to(tl.float32)
             from_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (src + K - 1)[:, None],
                              mask=((src < 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             acc += from_s * w[None, :]
-    if STATE_BRANCH:
-        # Only the first block of positions reaches back into the conv state; the others skip
-        # these gathers (masked off, they still cost an instruction per element).
-        if pid_l == 0:
-            for k in tl.static_range(K - 1):
-                src = t - (K - 1) + k
-                w = tl.load(w_ptr + ch * stride_w_c + k, mask=cmask, other=0.0).to(tl.float32)
-                from_s = tl.load(cs_base + ch[None, :] * stride_cs_c + (src + K - 1)[:, None],
-                                 mask=((src < 0) & tmask)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                acc += from_s * w[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out = acc * tl.sigmoid(acc)
@@ -222,16 +201,17 @@ def _causal_conv_rows_kernel(
     xbc_ptr, w_ptr, b_ptr, cs_ptr, out_ptr, len_ptr, L, Cdim,
     stride_x_b, stride_x_l, stride_w_c, stride_cs_b, stride_cs_c, stride_out_b, stride_out_l,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, AHEAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
 ):
-    """Width-4 conv, ROWS_LOOP: a program walks ROWS positions of BLOCK_C channels one row at
-    a time (unrolled), keeping the last three inputs in registers, so every input is loaded
-    once (the tile kernel loads each one K times, shifted).
+    """Width-4 conv: a program walks ROWS positions of BLOCK_C channels one row at a time
+    (unrolled), keeping the last three inputs in registers, so every input is loaded once
+    (the tile kernel loads each one K times, shifted).
 
-    AHEAD (0-8): rows loaded ahead of the one being computed. The compiler keeps a load after
-    every store before it (they might alias), so with AHEAD 0 each row waits a full trip to
-    memory behind the previous row's store; with AHEAD n the first n rows are loaded before
-    any store and each row then loads the one n rows on."""
+    Eight rows are loaded ahead of the one computed: the compiler keeps a load after every
+    store before it (they might alias), so a row loaded just before its use would wait a
+    full trip to memory behind the previous row's store; the first eight rows are loaded
+    before any store, and each row then loads the one eight rows on (4096 Codestral tokens:
+    54 µs against 76 with no row ahead)."""
     bi = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     t0 = pid_l * ROWS
@@ -244,61 +224,29 @@ def _causal_conv_rows_kernel(
     q1 = _conv_input(x_base, cs_base, t0 - 3, L, ch, cmask, stride_x_l, stride_cs_c, 4)
     q2 = _conv_input(x_base, cs_base, t0 - 2, L, ch, cmask, stride_x_l, stride_cs_c, 4)
     q3 = _conv_input(x_base, cs_base, t0 - 1, L, ch, cmask, stride_x_l, stride_cs_c, 4)
-    # The rows ahead: a0 is the next row to compute, a{AHEAD-1} the last one loaded. Eight
-    # named registers and constexpr branches, since a kernel cannot index a list of tensors.
-    if AHEAD > 0:
-        a0 = _row_in(x_base, t0 + 0, L, ch, cmask, stride_x_l)
-    if AHEAD > 1:
-        a1 = _row_in(x_base, t0 + 1, L, ch, cmask, stride_x_l)
-    if AHEAD > 2:
-        a2 = _row_in(x_base, t0 + 2, L, ch, cmask, stride_x_l)
-    if AHEAD > 3:
-        a3 = _row_in(x_base, t0 + 3, L, ch, cmask, stride_x_l)
-    if AHEAD > 4:
-        a4 = _row_in(x_base, t0 + 4, L, ch, cmask, stride_x_l)
-    if AHEAD > 5:
-        a5 = _row_in(x_base, t0 + 5, L, ch, cmask, stride_x_l)
-    if AHEAD > 6:
-        a6 = _row_in(x_base, t0 + 6, L, ch, cmask, stride_x_l)
-    if AHEAD > 7:
-        a7 = _row_in(x_base, t0 + 7, L, ch, cmask, stride_x_l)
+    # The rows ahead: a0 is the next row to compute, a7 the last one loaded (eight named
+    # registers, since a kernel cannot index a list of tensors).
+    a0 = _row_in(x_base, t0 + 0, L, ch, cmask, stride_x_l)
+    a1 = _row_in(x_base, t0 + 1, L, ch, cmask, stride_x_l)
+    a2 = _row_in(x_base, t0 + 2, L, ch, cmask, stride_x_l)
+    a3 = _row_in(x_base, t0 + 3, L, ch, cmask, stride_x_l)
+    a4 = _row_in(x_base, t0 + 4, L, ch, cmask, stride_x_l)
+    a5 = _row_in(x_base, t0 + 5, L, ch, cmask, stride_x_l)
+    a6 = _row_in(x_base, t0 + 6, L, ch, cmask, stride_x_l)
+    a7 = _row_in(x_base, t0 + 7, L, ch, cmask, stride_x_l)
     for i in tl.static_range(ROWS):
         t = ch * 0 + (t0 + i)
         tmask = cmask & (t < L)
-        if AHEAD == 0:
-            cur = _row_in(x_base, t0 + i, L, ch, cmask, stride_x_l)
-        else:
-            cur = a0
-            nxt = _row_in(x_base, t0 + i + AHEAD, L, ch, cmask, stride_x_l) if i + AHEAD < ROWS else a0
-            if AHEAD == 1:
-                a0 = nxt
-            if AHEAD > 1:
-                a0 = a1
-                if AHEAD == 2:
-                    a1 = nxt
-            if AHEAD > 2:
-                a1 = a2
-                if AHEAD == 3:
-                    a2 = nxt
-            if AHEAD > 3:
-                a2 = a3
-                if AHEAD == 4:
-                    a3 = nxt
-            if AHEAD > 4:
-                a3 = a4
-                if AHEAD == 5:
-                    a4 = nxt
-            if AHEAD > 5:
-                a4 = a5
-                if AHEAD == 6:
-                    a5 = nxt
-            if AHEAD > 6:
-                a5 = a6
-                if AHEAD == 7:
-                    a6 = nxt
-            if AHEAD > 7:
-                a6 = a7
-                a7 = nxt
+        cur = a0
+        nxt = _row_in(x_base, t0 + i + 8, L, ch, cmask, stride_x_l) if i + 8 < ROWS else a0
+        a0 = a1
+        a1 = a2
+        a2 = a3
+        a3 = a4
+        a4 = a5
+        a5 = a6
+        a6 = a7
+        a7 = nxt
         acc = q1 * w0
         acc += q2 * w1
         acc += q3 * w2
@@ -343,18 +291,19 @@ def conv1d_step(xBC, weight, bias, conv_state):
     xBC = xBC if xBC.stride(-1) == 1 else xBC.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.empty((b, Cdim), dtype=xBC.dtype, device=xBC.device)
-    BLOCK_C = CONV_STEP_CONFIG["BLOCK_C"]
+    cfg = config_for(xBC.device, "conv", "step")
+    BLOCK_C = cfg["BLOCK_C"]
     _conv_step_kernel[(b, triton.cdiv(Cdim, BLOCK_C))](
         xBC, weight, bias if bias is not None else weight, conv_state, out, Cdim,
         xBC.stride(0), weight.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
         K=K, BLOCK_C=BLOCK_C, BLOCK_K=triton.next_power_of_2(K), HAS_BIAS=bias is not None,
-        num_warps=CONV_STEP_CONFIG["num_warps"],
+        num_warps=cfg["num_warps"],
     )
     return out
 
 
 def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
-    """Depthwise causal conv + SiLU over a prompt; same contract as `torch_ref.causal_conv1d`.
+    """Depthwise causal conv + SiLU over a prompt; same contract as `pytorch.causal_conv1d`.
 
     xBC [b, L, C] (any row stride); conv_state [b, C, K-1] is read for the first K-1
     outputs and then overwritten with the K-1 inputs before position seq_len (L when None),
@@ -372,19 +321,20 @@ def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
     out = torch.empty((b, L, Cdim), dtype=xBC.dtype, device=xBC.device)
     if L == 0 or b == 0:
         return out
-    if K == 4 and CONV_CONFIG.get("ROWS_LOOP"):
-        rows, BC = CONV_CONFIG["ROWS"], CONV_CONFIG["ROWS_BLOCK_C"]
-        ahead = min(int(CONV_CONFIG.get("ROWS_AHEAD", 0)), 8, rows)
+    if K == 4:
+        cfg = config_for(xBC.device, "conv", "rows")
+        rows, BC = cfg["ROWS"], cfg["BLOCK_C"]
         _causal_conv_rows_kernel[(b, triton.cdiv(L, rows), triton.cdiv(Cdim, BC))](
             xBC, weight, bias if bias is not None else weight, conv_state, out,
             seq_len if seq_len is not None else weight, L, Cdim,
             xBC.stride(0), xBC.stride(1), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
             out.stride(0), out.stride(1),
             ROWS=rows, BLOCK_C=BC, BLOCK_K=4, HAS_BIAS=bias is not None, HAS_LEN=seq_len is not None,
-            AHEAD=ahead, num_warps=CONV_CONFIG["ROWS_WARPS"],
+            num_warps=cfg["num_warps"],
         )
         return out
-    BL, BC = CONV_CONFIG["BLOCK_L"], CONV_CONFIG["BLOCK_C"]
+    cfg = config_for(xBC.device, "conv", "tile")
+    BL, BC = cfg["BLOCK_L"], cfg["BLOCK_C"]
     _check(K - 1 <= BL, op, lambda: f"conv width {K} is wider than a block of {BL} positions")
     _causal_conv_kernel[(b, triton.cdiv(L, BL), triton.cdiv(Cdim, BC))](
         xBC, weight, bias if bias is not None else weight, conv_state, out,
@@ -392,6 +342,6 @@ def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
         xBC.stride(0), xBC.stride(1), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
         out.stride(0), out.stride(1),
         K=K, BLOCK_L=BL, BLOCK_C=BC, BLOCK_K=max(2, triton.next_power_of_2(K - 1)), HAS_BIAS=bias is not None,
-        HAS_LEN=seq_len is not None, STATE_BRANCH=CONV_CONFIG["STATE_BRANCH"], num_warps=CONV_CONFIG["num_warps"],
+        HAS_LEN=seq_len is not None, num_warps=cfg["num_warps"],
     )
     return out
