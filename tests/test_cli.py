@@ -228,6 +228,22 @@ def test_dtype_names_are_case_blind_and_short_ones_work(model_dir):
     assert run_json(model_dir, "-n", "2", "--dtype", "FP32")["dtype"] == "float32"
 
 
+def test_the_choices_are_the_library_names():
+    from mamba2_cli.checkpoint import DTYPES
+    from mamba2_cli.cli.bench import KernelShapeName
+    from mamba2_cli.cli.options import Backend, DType, SaveAfter, WeightDType
+    from mamba2_cli.kernel_bench import SHAPES
+    from mamba2_cli.kernels import BACKENDS
+    from mamba2_cli.statefile import SAVE_POINTS
+
+    def names(choice):
+        return [c.value for c in choice]
+
+    assert set(names(WeightDType)) == set(DTYPES) and names(DType) == ["auto", *names(WeightDType)]
+    assert names(Backend) == ["auto", *BACKENDS] and names(KernelShapeName) == ["auto", *SHAPES]
+    assert tuple(names(SaveAfter)) == SAVE_POINTS
+
+
 def test_help_lists_the_commands_and_shell_completion():
     out = ok(mamba2("--help")).stdout.decode()
     for command in ("run", "chat", "bench", "download", "models", "info", "version"):

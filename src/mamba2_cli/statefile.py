@@ -157,7 +157,7 @@ def _crc_blocks(data: memoryview, block: int = BLOCK_BYTES) -> list[int]:
 
 def save_state(path: str | os.PathLike, model: Mamba2LM, state: Mamba2State, tokens: int,
                last_token: int | None, extra: dict | None = None, model_name: str | None = None) -> Path:
-    """Write row 0 of `state` (a batch of one) to `path`, atomically.
+    """Write sequence 0 of `state` (a batch of one) to `path`, atomically.
 
     `tokens` counts the tokens of text the state stands for; `last_token`, the last of them,
     must not have been fed to the state yet (pass None only for an empty state).

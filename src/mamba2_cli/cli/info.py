@@ -17,7 +17,8 @@ def info(
     batch_size: Annotated[int, typer.Option(
         "--batch-size", min=1, help="Sequences in flight, for the memory figure.")] = 1,
     dtype: Annotated[Optional[WeightDType], typer.Option(
-        "--dtype", case_sensitive=False, help="The dtype of the memory figure (default: as stored).")] = None,
+        "--dtype", case_sensitive=False, metavar="<bfloat16|float16|float32>",
+        help="The dtype of the memory figure (default: as stored).")] = None,
     offline: Offline = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
