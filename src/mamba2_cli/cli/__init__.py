@@ -12,15 +12,11 @@ import typer
 
 from .. import __version__
 from ..errors import Mamba2Error
-from .bench import bench
-from .chat import chat
+from . import bench, chat, download, info, models, run
 from .common import EXIT_INTERRUPTED, EXIT_SIGPIPE, EXIT_USER_ERROR, print_error, silence_stdout
-from .download import download
-from .info import info
-from .models import models
-from .run import run
 
 app = typer.Typer(
+    add_completion=True,  # --install-completion and --show-completion for bash, zsh, fish, PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Generate text with Mamba-2 language models.",
@@ -32,7 +28,7 @@ def version():
     typer.echo(__version__)
 
 
-for command in (run, chat, bench, download, models, info, version):
+for command in (run.run, chat.chat, bench.bench, download.download, models.models, info.info, version):
     app.command()(command)
 
 
