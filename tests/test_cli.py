@@ -162,8 +162,6 @@ def test_default_model_runs_without_a_checkpoint():
     (["run", "--device", "tpu", "x"], None, b"unknown device"),
     (["run", "--device", "0", "x"], None, b"no CUDA GPU"),
     (["run", "--device", "mps", "x"], None, b"mps"),
-    (["run", "--dtype", "int3", "x"], None, b"unknown dtype"),
-    (["run", "--backend", "cuda-magic", "x"], None, b"unknown backend"),
     (["run", "--top-p", "0", "x"], None, b"top-p"),
     (["run", "-t", "-1", "x"], None, b"temperature"),
     (["run", "--min-p", "2", "x"], None, b"min-p"),
@@ -208,10 +206,52 @@ def test_broken_checkpoints_are_one_line_messages(model_dir, tmp_path, damage):
     assert {"corrupt": b"model.safetensors", "misshaped": b"norm_f.weight", "unsupported": b"Mamba-1"}[damage] in p.stderr
 
 
-def test_bad_flags_exit_2():
-    p = mamba2("run", "--no-such-flag", "x")
-    no_traceback(p)
-    assert p.returncode == 2
+@pytest.mark.parametrize("args, words", [
+    (["run", "--no-such-flag", "x"], b"--no-such-flag"),
+    (["run", "--dtype", "int3", "x"], b"'int3' is not one of"),
+    (["run", "--backend", "cuda-magic", "x"], b"'cuda-magic' is not one of"),
+    (["run", "--save-state-after", "later", "x"], b"'later' is not one of"),
+    (["chat", "--dtype", "float8"], b"'float8' is not one of"),
+    (["bench", "--format", "html"], b"'html' is not one of"),
+    (["bench", "--backend", "cuda"], b"'cuda' is not one of"),
+    (["info", "tiny-code", "--dtype", "auto"], b"'auto' is not one of"),
+    (["download", "acme/tiny", "--format", "gguf"], b"'gguf' is not one of"),
+])
+def test_bad_flags_exit_2(args, words):
+    p = mamba2(*args)
+    err = no_traceback(p)
+    assert p.returncode == 2, err
+    assert words in p.stderr and p.stdout == b""
+
+
+def test_dtype_names_are_case_blind_and_short_ones_work(model_dir):
+    assert run_json(model_dir, "-n", "2", "--dtype", "FP32")["dtype"] == "float32"
+
+
+def test_the_choices_are_the_library_names():
+    from mamba2_cli.checkpoint import DTYPES
+    from mamba2_cli.cli.bench import KernelShapeName
+    from mamba2_cli.cli.options import Backend, DType, SaveAfter, WeightDType
+    from mamba2_cli.kernel_bench import SHAPES
+    from mamba2_cli.kernels import BACKENDS
+    from mamba2_cli.statefile import SAVE_POINTS
+
+    def names(choice):
+        return [c.value for c in choice]
+
+    assert set(names(WeightDType)) == set(DTYPES) and names(DType) == ["auto", *names(WeightDType)]
+    assert names(Backend) == ["auto", *BACKENDS] and names(KernelShapeName) == ["auto", *SHAPES]
+    assert tuple(names(SaveAfter)) == SAVE_POINTS
+
+
+def test_help_lists_the_commands_and_shell_completion():
+    out = ok(mamba2("--help")).stdout.decode()
+    for command in ("run", "chat", "bench", "download", "models", "info", "version"):
+        assert f" {command} " in out
+    assert "--install-completion" in out and "--show-completion" in out
+    run_help = ok(mamba2("run", "--help")).stdout.decode()
+    assert "auto|bfloat16|float16|float32" in run_help and "prompt|generation" in run_help
+    assert "id[@revision]" in run_help
 
 
 def test_terminal_stdin_without_prompt_gives_a_hint_not_a_hang(model_dir):

@@ -13,7 +13,7 @@ import torch
 from checkpoints import tiny_shape
 from mamba2_cli import Mamba2Error, generate, load_model
 from mamba2_cli.generate import prefill
-from mamba2_cli.statefile import load_state, model_fingerprint, save_state
+from mamba2_cli.statefile import StateRun, load_state, model_fingerprint, save_state
 
 # Texts whose tokens split cleanly at the join: tokens(A) + tokens(B) == tokens(A + B).
 A = "def fibonacci(n):"
@@ -202,6 +202,29 @@ save_state({str(path)!r}, model, state, 99, 5)
         proc.wait(timeout=30)
     assert path.read_bytes() == before
     assert load_state(path, model).tokens == len(tok.encode(A))
+
+
+def test_state_run_counts_the_tokens_of_what_it_saves(tiny, tmp_path):
+    model, tok, _ = tiny
+    a, b = tok.encode(A), tok.encode(B, add_bos=False)
+    # Saved after the prompt: the state stands for the prompt, its last token unconsumed.
+    first = StateRun(model, save_to=tmp_path / "p.state")
+    r = generate(model, tok, A, max_tokens=5, ignore_eos=True, state=first.state, on_prompt=first.on_prompt)
+    assert first.save(r, model_name="tiny") == len(a) == first.saved_tokens
+    saved = load_state(tmp_path / "p.state", model)
+    assert saved.tokens == len(a) and saved.last_token == a[-1]
+    # Continued, then saved after the generation: loaded tokens + the new prompt + the generated ones.
+    second = StateRun(model, load_from=tmp_path / "p.state", save_to=tmp_path / "g.state", save_after="generation")
+    assert second.loaded.tokens == len(a) and second.last_token == a[-1] and second.load_s > 0
+    r2 = generate(model, tok, B, max_tokens=4, ignore_eos=True, state=second.state, last_token=second.last_token,
+                  on_prompt=second.on_prompt, keep_state=second.keeps_state)
+    assert second.save(r2) == len(a) + len(b) + 4
+    assert load_state(tmp_path / "g.state", model).last_token == r2.token_ids[-1]
+    # No tokens to generate: saved at the prompt whatever was asked.
+    assert StateRun(model, save_to=tmp_path / "z.state", save_after="generation", max_tokens=0).on_prompt is not None
+    assert StateRun(model).save(r) is None and not StateRun(model).keeps_state
+    with pytest.raises(Mamba2Error, match="after the prompt or the generation"):
+        StateRun(model, save_to=tmp_path / "x.state", save_after="later")
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ FORMAT_VERSION = 1
 BLOCK_BYTES = 16 << 20
 # Elements sampled from every weight tensor for the fingerprint: 4 KiB of fp32, 2 KiB of bf16.
 FINGERPRINT_SAMPLES = 1024
-
+# When a run saves its state: after the prompt, or after the generated text.
+SAVE_POINTS = ("prompt", "generation")
 
 
 @dataclass
@@ -155,7 +157,7 @@ def _crc_blocks(data: memoryview, block: int = BLOCK_BYTES) -> list[int]:
 
 def save_state(path: str | os.PathLike, model: Mamba2LM, state: Mamba2State, tokens: int,
                last_token: int | None, extra: dict | None = None, model_name: str | None = None) -> Path:
-    """Write row 0 of `state` (a batch of one) to `path`, atomically.
+    """Write sequence 0 of `state` (a batch of one) to `path`, atomically.
 
     `tokens` counts the tokens of text the state stands for; `last_token`, the last of them,
     must not have been fed to the state yet (pass None only for an empty state).
@@ -376,3 +378,62 @@ def load_state(path: str | os.PathLike, model: Mamba2LM, into: Mamba2State | Non
             begin, stop = (int(o) for o in header[name]["data_offsets"])
             target.copy_(staged[begin:stop].view(target.dtype).view(target.shape))
     return SavedState(state, tokens, last_token, extra, meta)
+
+
+# ---------------------------------------------------------------------------------------
+# One generation run that continues a state file, saves one, or both
+
+
+class StateRun:
+    """The state-file bookkeeping of one generation run of a single sequence.
+
+    Continuing (`load_from`): `state` and `last_token` are the file's, for the generation
+    loop. Saving (`save_to`) after the prompt: `on_prompt` is the loop's hook that keeps a
+    copy of the state before the prompt's last token (a file needs one token unconsumed);
+    after the generation: the state the loop leaves, with the last generated token
+    unconsumed. A run of no tokens has none to leave unconsumed, so it saves at the prompt.
+    save() then counts the tokens the saved state stands for.
+    """
+
+    def __init__(self, model: Mamba2LM, load_from: str | os.PathLike | None = None,
+                 save_to: str | os.PathLike | None = None, save_after: str = "prompt", max_tokens: int = 1):
+        if save_after not in SAVE_POINTS:
+            raise Mamba2Error(f"a state is saved after the prompt or the generation, not {save_after!r}")
+        self.model = model
+        self.load_from = None if load_from is None else Path(load_from)
+        self.save_to = None if save_to is None else Path(save_to)
+        self.loaded: SavedState | None = None
+        self.load_s = 0.0
+        if self.load_from is not None:
+            t0 = time.perf_counter()
+            self.loaded = load_state(self.load_from, model)
+            self.load_s = time.perf_counter() - t0
+        self.state = self.loaded.state if self.loaded is not None else model.new_state(1)
+        self.last_token = self.loaded.last_token if self.loaded is not None else None
+        at_prompt = self.save_to is not None and (save_after == "prompt" or max_tokens == 0)
+        self.on_prompt = self._keep_prompt_state if at_prompt else None
+        self._at_prompt: tuple[Mamba2State, int] | None = None
+        self.saved_tokens: int | None = None
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the state the loop leaves is read afterwards (it is when saving)."""
+        return self.save_to is not None
+
+    def _keep_prompt_state(self, state: Mamba2State, prompt_ids) -> None:
+        self._at_prompt = (state.clone(), prompt_ids[-1])
+
+    def save(self, result, model_name: str | None = None) -> int | None:
+        """Write the state file for the run's GenerationResult; the tokens it stands for (None: nothing to save)."""
+        if self.save_to is None:
+            return None
+        before = self.loaded.tokens - 1 if self.loaded is not None else 0  # the loaded last token is in prompt_tokens
+        if self._at_prompt is not None:
+            state, last = self._at_prompt
+            tokens = before + result.prompt_tokens
+        else:
+            state, last = self.state, result.token_ids[-1]
+            tokens = before + result.prompt_tokens + len(result.token_ids)
+        save_state(self.save_to, self.model, state, tokens, last, model_name=model_name)
+        self.saved_tokens = tokens
+        return tokens

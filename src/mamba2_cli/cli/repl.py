@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .chat import ChatSession
-from .errors import Mamba2Error
+from ..chat import ChatSession
+from ..errors import Mamba2Error
 
 HELP = """\
 /reset          start a new conversation (the system prompt stays)

@@ -1,0 +1,57 @@
+"""`mamba2 chat`: a conversation in the terminal, each turn reading only its new tokens."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import closed_stdout, dtype_name, stderr_console
+from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
+                      RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling)
+
+
+def chat(
+    model: Model = None,
+    preset: Preset = None,
+    offline: Offline = False,
+    device: Device = "auto",
+    dtype: DTypeOption = "auto",
+    backend: BackendOption = "auto",
+    threads: Threads = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=1, help="Most tokens per reply.")] = 512,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (turn n uses seed + n).")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+    load_state: Annotated[Optional[Path], typer.Option(
+        "--load-state", help="Continue a conversation saved with /save.")] = None,
+    no_cuda_graph: NoCudaGraph = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No model summary on stderr.")] = False,
+):
+    """Chat in the terminal; each turn reads only its new tokens, from the carried state."""
+    from ..chat import ChatSession
+    from .repl import ChatREPL
+
+    params = sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet)
+    m = loaded.model
+    session = ChatSession(m, loaded.tokenizer, system=system, model_name=loaded.name, max_tokens=max_tokens,
+                          **asdict(params), seed=seed, cuda_graph=not no_cuda_graph)
+    if load_state is not None:
+        session.load(load_state)
+    if system and not session.template.shows_system_prompt():
+        stderr_console().print("note: this model's chat template leaves system prompts out")
+    if not quiet:
+        template = "plain fallback template" if session.template.is_fallback else "the model's chat template"
+        stderr_console().print(f"[dim]{loaded.name} · load {loaded.load_s:.2f} s · {m.backend_name} on {m.device}, "
+                               f"{dtype_name(m.dtype)} · {template}[/]")
+    try:
+        ChatREPL(session).run()
+    except BrokenPipeError:
+        closed_stdout()

@@ -1,0 +1,55 @@
+"""`mamba2 info`: what a model is and what it needs in memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from .common import count, progress, revision_of, size
+from .options import MODEL_HELP, Offline, WeightDType, value
+
+
+def info(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Sequences in flight, for the memory figure.")] = 1,
+    dtype: Annotated[Optional[WeightDType], typer.Option(
+        "--dtype", case_sensitive=False, metavar="<bfloat16|float16|float32>",
+        help="The dtype of the memory figure (default: as stored).")] = None,
+    offline: Offline = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Format, shape, parameters, size, dtype, and the memory for weights and state of a model."""
+    from ..hub import resolve_model
+    from ..info import describe
+
+    model_dir = resolve_model(model, offline=offline, progress=progress(as_json))
+    d = describe(model_dir, batch_size, value(dtype))
+    d["model"] = model
+    d["revision"] = revision_of(model_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=1) + "\n")
+        return
+    c, st, mem = d["config"], d["state_per_sequence"], d["memory"]
+    rev = f" @ {d['revision'][:12]}" if d["revision"] else ""
+    rows = [
+        ("model", f"{model}{rev}  ({d['path']})"),
+        ("format", d["format"]),
+        ("config", f"d_model {c['d_model']} · {c['n_layer']} layers · {c['expand'] * c['d_model'] // c['headdim']} heads × "
+                   f"headdim {c['headdim']} · {c['ngroups']} group(s) · d_state {c['d_state']} · d_conv {c['d_conv']} · "
+                   f"chunk {c['chunk_size']} · vocab {c['vocab_size']}" + (" · tied embeddings" if c["tie_embeddings"] else "")),
+        ("parameters", f"{d['parameters']:,} ({count(d['parameters'])})"),
+        ("on disk", f"{size(d['bytes_on_disk'])} ({len(d['weight_files'])} weight file(s), "
+                    f"{size(d['weights_bytes_on_disk'])})"),
+        ("dtype", f"{d['stored_dtype'] or '?'} (as stored)"),
+        ("state", f"{size(st['total'])} per sequence: conv {size(st['conv'])} ({mem['dtype']}) + "
+                  f"SSM {size(st['ssm'])} (float32), whatever the context length"),
+        ("memory", f"{size(mem['total'])} at batch {mem['batch_size']}: weights {size(mem['weights'])} "
+                   f"({mem['dtype']}) + state {size(mem['state'])}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{width}}  {v}")
