@@ -139,7 +139,7 @@ def cut(signature: str, completion: str, finished: bool, strict: bool = False) -
 
 @torch.inference_mode()
 def signature_eval(model, tokenizer, sigs: list[dict], seed: int = 0, batch: int = 50) -> dict:
-    from mamba2_cli.generate import Request, stream_batch
+    from mamba2_cli.generation import Request, stream_batch
 
     rows = []
     for b0 in range(0, len(sigs), batch):

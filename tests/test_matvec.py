@@ -168,7 +168,7 @@ def test_batched_default_takes_tensor_descriptors_where_rows_are_aligned(mv):
 
 def _forced_decode(model, backend, batch, steps, seed=1):
     """fp32 logits [steps, batch, V] of decode steps fed fixed random tokens (prefill on torch)."""
-    from mamba2_cli.generate import decode_one_token
+    from mamba2_cli.generation import decode_one_token
 
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, model.cfg.vocab_size, (batch, 4), generator=g)

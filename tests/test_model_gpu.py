@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mamba2_cli import load_preset, stream_generate
-from mamba2_cli.generate import prefill, prefill_graphs
+from mamba2_cli.generation import prefill, runner_for
 from reference import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -64,7 +64,7 @@ def test_prefill_graph_replays_the_padded_eager_prefill(backend):
     for _ in range(3):  # eager padded, then captured and replayed, then replayed
         state.reset()
         runs.append((prefill(model, ids, state, cuda_graph=True), state.ssm.clone(), state.conv.clone()))
-    assert prefill_graphs(model).captures == 1
+    assert runner_for(model).prefill_graphs.captures == 1
     for logits, ssm, conv in runs:
         assert torch.equal(logits, runs[0][0]) and torch.equal(ssm, runs[0][1]) and torch.equal(conv, runs[0][2])
     # Padding changes only the row count of the projections, so the eager prompt is close.
@@ -76,7 +76,7 @@ def test_greedy_tokens_with_prefill_graphs_equal_eager_on_a_tiny_fp32_model():
     prompt = list(range(3, 40))  # 37 tokens: padded to 64
     eager = greedy_tokens(model, tok, prompt, 16, cuda_graph=False)
     assert [greedy_tokens(model, tok, prompt, 16) for _ in range(3)] == [eager] * 3
-    assert prefill_graphs(model).captures == 1
+    assert runner_for(model).prefill_graphs.captures == 1
 
 
 @pytest.mark.parametrize("batch", [1, 8])

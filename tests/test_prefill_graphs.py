@@ -21,8 +21,8 @@ from mamba2_cli.bench import _NullTokenizer
 from mamba2_cli.checkpoint import random_model
 from mamba2_cli.config import Mamba2Config
 from mamba2_cli.generation import PrefillGraphs, prefill, runner_for
-from mamba2_cli.kernels import conv as triton_conv
-from mamba2_cli.kernels import torch_ref
+from mamba2_cli.kernels.triton import configs as triton_configs
+from mamba2_cli.kernels import pytorch as torch_ref
 from reference import rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -32,7 +32,7 @@ def backend(name):
     if name == "torch":
         return torch_ref
     need_interpreter(name)
-    from mamba2_cli.kernels import triton_backend
+    from mamba2_cli.kernels import triton as triton_backend
 
     return triton_backend
 
@@ -121,8 +121,7 @@ def test_ssd_prefill_never_reads_padding_and_updates_the_state_in_place(name, na
 def test_causal_conv1d_state_is_taken_at_each_rows_length(name, nan_poisoned_empty, monkeypatch):
     if name == "triton-rows":  # the row-walking conv kernel: 8 positions x 16 channels per program
         need_interpreter("triton")
-        for k, v in {"ROWS_LOOP": True, "ROWS": 8, "ROWS_BLOCK_C": 16, "ROWS_WARPS": 1}.items():
-            monkeypatch.setitem(triton_conv.CONV_CONFIG, k, v)
+        monkeypatch.setitem(triton_configs.CONV, "rows", {"ROWS": 8, "BLOCK_C": 16, "num_warps": 1})
         name = "triton"
     be = backend(name)
     b, T, Cdim, K = 6, 45, 40, 4
@@ -144,21 +143,21 @@ def test_causal_conv1d_state_is_taken_at_each_rows_length(name, nan_poisoned_emp
         assert rel_err(out[i : i + 1, :n], out1) < 1e-6
 
 
-@pytest.mark.parametrize("form", [{"ROWS_LOOP": False, "STATE_BRANCH": True}, {"ROWS_LOOP": False, "STATE_BRANCH": False},
-                                  {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1, "ROWS_AHEAD": 0},
-                                  {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 16, "ROWS_WARPS": 1, "ROWS_AHEAD": 3},
-                                  {"ROWS_LOOP": True, "ROWS": 16, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1, "ROWS_AHEAD": 8},
-                                  {"ROWS_LOOP": True, "ROWS": 4, "ROWS_BLOCK_C": 32, "ROWS_WARPS": 1, "ROWS_AHEAD": 8}],
-                         ids=["state-branch", "masked-gathers", "rows-loop", "rows-ahead-3", "rows-ahead-8", "rows-all-ahead"])
-def test_triton_conv_forms_agree(form, monkeypatch):
+@pytest.mark.parametrize("width,rows", [(3, None), (4, {"ROWS": 16, "BLOCK_C": 32, "num_warps": 1}),
+                                        (4, {"ROWS": 16, "BLOCK_C": 16, "num_warps": 1}),
+                                        (4, {"ROWS": 4, "BLOCK_C": 32, "num_warps": 1})],
+                         ids=["tile-width-3", "rows-16x32", "rows-16x16", "rows-4x32"])
+def test_triton_conv_forms_agree(width, rows, monkeypatch):
+    """The tile kernel (widths other than 4) and the row-walking kernel at several layouts
+    give the torch backend's output and conv state."""
     need_interpreter("triton")
-    from mamba2_cli.kernels import triton_backend
+    from mamba2_cli.kernels import triton as triton_backend
 
-    for k, v in form.items():
-        monkeypatch.setitem(triton_conv.CONV_CONFIG, k, v)
+    if rows is not None:
+        monkeypatch.setitem(triton_configs.CONV, "rows", rows)
     g = torch.Generator().manual_seed(3)
-    xBC, w, bias = torch.randn(2, 70, 40, generator=g), torch.randn(40, 4, generator=g), torch.randn(40, generator=g)
-    cs = torch.randn(2, 40, 3, generator=g)
+    xBC, w, bias = torch.randn(2, 70, 40, generator=g), torch.randn(40, width, generator=g), torch.randn(40, generator=g)
+    cs = torch.randn(2, 40, width - 1, generator=g)
     cs_ref = cs.clone()
     out = triton_backend.causal_conv1d(xBC, w, bias, cs)
     out_ref = torch_ref.causal_conv1d(xBC, w, bias, cs_ref)

@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     from mamba2_cli.checkpoint import random_model
     from mamba2_cli.config import Mamba2Config
-    from mamba2_cli.generate import prefill
+    from mamba2_cli.generation import prefill
     cfg = Mamba2Config(d_model=256, n_layer=2, vocab_size=1000, d_state=64)
     model = random_model(cfg, torch.device("cpu"), torch.float32)
     model.set_backend("torch")

@@ -12,7 +12,7 @@ import torch
 
 from checkpoints import tiny_shape
 from mamba2_cli import Mamba2Error, generate, load_model
-from mamba2_cli.generate import prefill
+from mamba2_cli.generation import prefill
 from mamba2_cli.statefile import StateRun, load_state, model_fingerprint, save_state
 
 # Texts whose tokens split cleanly at the join: tokens(A) + tokens(B) == tokens(A + B).

@@ -297,7 +297,7 @@ LARGE_BATCH_GRAPH_LAYERS = 8
 
 def graph_of(fn, layers: list[dict], ngroups: int, **kw) -> "torch.cuda.CUDAGraph":
     """A CUDA graph of one decode step through every layer in `layers`, warmed up first (compiling
-    kernels, allocating scratch and library workspaces) on a side stream, as generate.py does.
+    kernels, allocating scratch and library workspaces) on a side stream, as generation/decode_graph.py does.
     The timing graphs pass state_settled, as decode does: in a replay each layer's state was
     last written by the replay before, which has completed."""
     device = layers[0]["ssm_state"].device

@@ -56,7 +56,7 @@ RepetitionPenalty = Annotated[float, typer.Option(
 
 def sampling(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float):
     """The sampling flags as checked SamplingParams (a bad value is a one-line error)."""
-    from ..sampling import SamplingParams
+    from ..generation.sampling import SamplingParams
 
     return SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty).check()
 

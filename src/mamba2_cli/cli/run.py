@@ -87,7 +87,7 @@ def run(
 
     loaded = load(**loading)
     m, tok = loaded.model, loaded.tokenizer
-    from ..generate import stream_generate
+    from ..generation import stream_generate
     from ..statefile import StateRun
 
     states = StateRun(m, load_from=load_state, save_to=save_state, save_after=value(save_state_after),
@@ -168,7 +168,7 @@ def _result_json(loaded, result, prompt: str, seed, **more) -> dict:
 
 def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool, settings: dict):
     """The Requests of --batch lines (stdin or -f) or of --input JSONL."""
-    from ..generate import Request
+    from ..generation import Request
 
     if batch and input_file is not None:
         fail("give --batch (one prompt per line) or --input FILE.jsonl, not both")
@@ -196,7 +196,7 @@ def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool, s
 
 def _run_batch(loading: dict, file, input_file, batch: bool, settings: dict, cuda_graph: bool, echo: bool,
                as_json: bool, quiet: bool, chat: bool, system: Optional[str]):
-    from ..generate import stream_batch
+    from ..generation import stream_batch
 
     requests = _read_batch(file, input_file, batch, settings)
     texts = [r.prompt for r in requests]

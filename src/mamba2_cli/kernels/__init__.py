@@ -33,7 +33,7 @@ for the exact semantics of each; `triton` is the GPU backend):
 seq_len (prefill operations): None, or an integer tensor [b] on the device: row i holds
 seq_len[i] real positions, then padding that is never read (the SSM state passes through
 it, the conv state is taken before it; y there is zero). Read on the device, so a CUDA
-graph captured for L positions serves every shorter prompt (generate.PrefillGraphs).
+graph captured for L positions serves every shorter prompt (generation.PrefillGraphs).
 
 Layouts: x [b, L, H, P]; dt [b, L, H] (raw, before softplus and dt_bias); A [H] fp32,
 already -exp(A_log); B, C [b, L, G, N] with head h reading group h // (H / G);
