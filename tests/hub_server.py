@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".model.v3", ".pt")
 
@@ -175,6 +176,9 @@ def _make_handler(server: HubServer):
             if path == "/api/agent-harnesses":  # huggingface_hub's user-agent telemetry asks once a day
                 return self._send(200, {"Content-Type": "application/json"},
                                   b'{"standardEnvVars": [], "harnesses": {}}')
+            hostile = self._hostile_name(path)
+            if hostile is not None:
+                return self._resolve(*hostile, body)
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?", path)
             if m:
                 return self._model_info(unquote(m.group(1)), unquote(m.group(2) or "main"))
@@ -185,6 +189,17 @@ def _make_handler(server: HubServer):
             if m:
                 return self._cdn(unquote(m.group(2)), unquote(m.group(3)), m.group(1), body)
             self._error(404, None, "Not Found")
+
+        def _hostile_name(self, path: str) -> tuple[str, str, str] | None:
+            """(repo, revision, file) of a file named with '..', asked for at the path a client's URL
+            normalization makes of it: such names are served, as a hostile endpoint would."""
+            for repo_id, repo in server.repos.items():
+                for name in repo.files:
+                    if ".." in name.replace("\\", "/").split("/"):
+                        for rev in {repo.commit, *repo.branches}:
+                            if posixpath.normpath(f"/{repo_id}/resolve/{quote(rev, safe='')}/{name}") == path:
+                                return repo_id, rev, name
+            return None
 
         def _send(self, status: int, headers: dict, data: bytes = b"", body: bool = True):
             self.req.status = status
@@ -255,7 +270,7 @@ def _make_handler(server: HubServer):
             if repo.is_lfs(file):
                 sha = repo.sha256[file]
                 return self._send(302, {
-                    "Location": f"{server.cdn}/cdn/{sha}/{repo_id}/{file}",
+                    "Location": f"{server.cdn}/cdn/{sha}/{repo_id}/{quote(file, safe='')}",
                     "X-Linked-Etag": f'"{repo.etag.get(file, sha)}"', "X-Linked-Size": str(len(data)),
                     "ETag": f'"{git_blob_id(b"pointer " + sha.encode())}"', "X-Repo-Commit": commit,
                 }, body=body)

@@ -322,6 +322,95 @@ def test_a_corrupt_blob_is_removed_without_touching_a_file_it_links_to(tmp_path)
     assert not link.is_symlink() and not blob.is_symlink() and shared.read_bytes() == b"shared"
 
 
+def test_a_download_is_where_huggingface_hubs_cache_scan_and_lookup_find_it(hub, env, repos):
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+
+    ok(mamba2("download", "codestral", env=env))
+    scan = scan_cache_dir(env["HF_HUB_CACHE"])
+    assert scan.warnings == []
+    (repo,) = scan.repos
+    (rev,) = repo.revisions
+    assert repo.repo_id == CODESTRAL and rev.commit_hash == repos[CODESTRAL].commit and rev.refs == {"main"}
+    assert {f.file_name for f in rev.files} == HF_FILES
+    assert rev.size_on_disk == sum(len(repos[CODESTRAL].files[f]) for f in HF_FILES)
+    found = try_to_load_from_cache(CODESTRAL, "config.json", cache_dir=env["HF_HUB_CACHE"])
+    assert found == str(snapshot(env, CODESTRAL, repos) / "config.json")
+
+
+# ---------------------------------------------------------------------------------------
+# A hostile endpoint
+
+
+def _hostile_repos(repos) -> dict[str, Repo]:
+    """Repos whose names and ids lead out of the cache: tmp/hf/hub/models--acme--x/{snapshots/<commit>,
+    blobs}/... climbs to tmp/ in 5 / 4 steps, tmp/here/... in 1."""
+    tiny = repos["acme/tiny"].files
+    up5, up4 = "../../../../../elsewhere", "../../../../elsewhere"
+    cod = dict(repos[CODESTRAL].files)
+    index = json.loads(cod["model.safetensors.index.json"])
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = f"{up5}/model-00002-of-00002.safetensors"
+    cod["model.safetensors.index.json"] = json.dumps(index).encode()
+    cod[f"{up5}/model-00002-of-00002.safetensors"] = cod["model-00002-of-00002.safetensors"]
+    return {
+        "acme/name": Repo({**tiny, f"{up5}/x.json": b"{}", "../elsewhere/x.json": b"{}"}),
+        "acme/shard": Repo(cod),
+        "acme/commit": Repo(tiny, commit=f"{up4}/c"),
+        "acme/etag": Repo(tiny, etag={"config.json": f"{up4}/e"}),
+        "acme/lfs-etag": Repo(tiny, etag={"model.safetensors": f"{up4}/e"}),
+        "acme/head-commit": Repo(tiny, head_commit=f"{up4}/h"),
+        "acme/revision": Repo(tiny, branches={f"{up4}/r": ""}),
+        "acme/backslash": Repo({**tiny, "..\\x.json": b"{}"}),
+    }
+
+
+@pytest.mark.parametrize("args", [
+    ["acme/name", "--include", "*"],
+    ["acme/name", "--include", "*", "--local-dir", "{here}"],
+    ["acme/shard"],
+    ["acme/shard", "--local-dir", "{here}"],
+    ["acme/commit"],
+    ["acme/etag"],
+    ["acme/etag", "--local-dir", "{here}"],
+    ["acme/lfs-etag"],
+    ["acme/head-commit"],
+    ["acme/revision", "--revision", "../../../../elsewhere/r"],
+    ["acme/backslash", "--include", "*"],
+])
+def test_names_from_a_hostile_endpoint_never_lead_outside(repos, env, tmp_path, args):
+    server = HubServer(_hostile_repos(repos)).start()
+    try:
+        here = tmp_path / "here"
+        p = mamba2("download", *[a.format(here=here) for a in args], env={**env, "HF_ENDPOINT": server.url})
+    finally:
+        server.stop()
+    fails(p)
+    written = [f for f in tmp_path.rglob("*") if not f.is_dir()]
+    assert all(f.is_relative_to(tmp_path / "hf") or f.is_relative_to(here) for f in written), written
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_server_that_sends_more_than_listed_is_stopped(hub, env, repos):
+    hub.extra["model.safetensors"] = 100_000
+    fails(mamba2("download", "acme/tiny", env=env), "acme/tiny/model.safetensors", "refusing the Hub's answer")
+    snap = snapshot(env, "acme/tiny", repos)
+    assert not (snap / "model.safetensors").exists() and _leftovers(snap) == []
+
+
+def test_a_server_that_ignores_range_and_keeps_dropping_is_given_up(env, tmp_path):
+    """Every retry brings bytes (so huggingface_hub's own retry count never runs out) but none
+    beyond where the first attempt got: 5 such restarts end the download."""
+    big = os.urandom(12_000_000)
+    server = HubServer({"acme/big": Repo({"big.safetensors": big})}).start()
+    server.drop_every["big.safetensors"] = 10_600_000  # past huggingface_hub's first 10 MB chunk
+    try:
+        p = mamba2("download", "acme/big", "--include", "*", env={**env, "HF_ENDPOINT": server.url})
+    finally:
+        server.stop()
+    fails(p, "big.safetensors", "started over 6 times")
+    assert 6 <= len(server.gets("big.safetensors")) <= 8
+
+
 def test_not_enough_disk_space_gives_both_numbers_before_fetching_weights(hub, env, repos):
     from rich.filesize import decimal as human_bytes
 
