@@ -467,22 +467,22 @@ def test_xet_progress_adapter_follows_huggingface_hubs_reporter():
 
     from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
 
-    from mamba2_cli.download import FileTask, _bar_for
+    from mamba2_cli.download import Progress, _bar_for
 
-    class Task(FileTask):
+    class Counter(Progress):
         done = 0
 
-        def advance(self, n):
+        def advance(self, task, n):
             self.done += n
 
-    task = Task()
-    bars = _bar_for(task, 1000, threading.Event())
+    progress = Counter()
+    bars = _bar_for(progress, "x", 1000, threading.Event())
     with XetDownloadProgressReporter(reconstruction_desc="x", total=1000, log_level=30, tqdm_class=bars) as r:
         for written, received in ((300, 500), (1000, 900)):
             r.update_progress(SimpleNamespace(total_bytes_completed=written, total_transfer_bytes_completed=received,
                                               total_bytes_completion_rate=1.0, total_bytes=1000,
                                               total_transfer_bytes_completion_rate=1.0))
-    assert task.done == 1000
+    assert progress.done == 1000
 
 
 # ---------------------------------------------------------------------------------------

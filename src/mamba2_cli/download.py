@@ -272,21 +272,14 @@ class _Job:
 # Progress
 
 
-class FileTask:
-    """One file's bar: silent here; displays override."""
-
-    def start(self, done: int) -> None: ...
-    def advance(self, n: int) -> None: ...
-    def finish(self) -> None: ...
-
-
 class Progress:
-    """Silent progress; `progress_display()` picks a visible one."""
+    """Silent progress; `progress_display()` picks a visible one. `start` returns a file's task,
+    which `advance` and `finish` take."""
 
     def plan(self, files: int, total: int) -> None: ...
-    def file(self, name: str, total: int | None, fetch: bool = True) -> FileTask:
-        return FileTask()
-
+    def start(self, name: str, total: int | None, fetch: bool = True): ...
+    def advance(self, task, n: int) -> None: ...
+    def finish(self, task) -> None: ...
     def note(self, text: str) -> None: ...
     def close(self) -> None: ...
 
@@ -307,52 +300,48 @@ class _RichProgress(Progress):
                                    TransferSpeedColumn)
 
         self.bars = Bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                         TimeRemainingColumn(), console=console, transient=False)
+                         TimeRemainingColumn(), console=console)
         self.total = None
-        self.started = False
         self._lock = threading.Lock()
 
-    def _start(self):
-        with self._lock:  # files start on several threads; the total must be the first task
-            if not self.started:
+    def _started(self):
+        with self._lock:  # files start on several threads; the total must be the first task, to stay on top
+            if self.total is None:
                 self.bars.start()
-                # First, so it stays on top; shown once the plan is known.
-                self.total = self.bars.add_task("total", total=None, visible=False)
-                self.started = True
+                self.total = self.bars.add_task("total", total=None, visible=False)  # shown once planned
 
     def plan(self, files, total):
-        self._start()
-        self.bars.update(self.total, description=f"[bold]total ({files} files)", total=total, completed=0,
-                         visible=True)
+        self._started()
+        self.bars.update(self.total, description=f"[bold]total ({files} files)", total=total, visible=True)
 
-    def file(self, name, total, fetch=True):
-        self._start()
-        return _RichTask(self, name, total, fetch)
+    def start(self, name, total, fetch=True):
+        self._started()
+        return self.bars.add_task(name if fetch else f"verify {name}", total=total), fetch
+
+    def advance(self, task, n):
+        self.bars.advance(task[0], n)
+        if task[1]:
+            self.bars.advance(self.total, n)
+
+    def finish(self, task):
+        self.bars.stop_task(task[0])
 
     def note(self, text):
         self.bars.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def close(self):
-        if self.started:
+        if self.total is not None:
             self.bars.stop()
 
 
-class _RichTask(FileTask):
-    def __init__(self, p: _RichProgress, name: str, total: int | None, fetch: bool):
-        self.p, self.fetch = p, fetch
-        self.id = p.bars.add_task(name if fetch else f"verify {name}", total=total, start=False)
-
-    def start(self, done):
-        self.p.bars.start_task(self.id)
-        self.p.bars.update(self.id, completed=done)
-
-    def advance(self, n):
-        self.p.bars.advance(self.id, n)
-        if self.fetch:
-            self.p.bars.advance(self.p.total, n)
-
-    def finish(self):
-        self.p.bars.stop_task(self.id)
+@dataclass
+class _Line:
+    name: str
+    total: int | None
+    fetch: bool
+    done: int = 0
+    t0: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
 
 
 class _PlainProgress(Progress):
@@ -362,78 +351,54 @@ class _PlainProgress(Progress):
         self.stream, self.interval = stream, interval
         self._lock = threading.Lock()
 
-    def say(self, text: str):
+    def note(self, text: str):
         with self._lock:
             self.stream.write(text + "\n")
             self.stream.flush()
 
     def plan(self, files, total):
-        self.say(f"fetching {files} files, {_size(total)}")
+        self.note(f"fetching {files} files, {_size(total)}")
 
-    def file(self, name, total, fetch=True):
-        return _PlainTask(self, name, total, fetch)
+    def start(self, name, total, fetch=True):
+        self.note(f"  {'fetching' if fetch else 'verifying'} {name} ({_size(total)})")
+        return _Line(name, total, fetch)
 
-    def note(self, text):
-        self.say(text)
-
-
-class _PlainTask(FileTask):
-    def __init__(self, p: _PlainProgress, name: str, total: int | None, fetch: bool):
-        self.p, self.name, self.total, self.fetch = p, name, total, fetch
-        self.done = 0
-        self.started = False
-
-    def start(self, done):
-        self.done, self.started = done, True
-        self.t0 = self.last = time.monotonic()
-        self.p.say(f"  {'fetching' if self.fetch else 'verifying'} {self.name} ({_size(self.total)})")
-
-    def advance(self, n):
-        self.done += n
+    def advance(self, t, n):
+        t.done += n
         now = time.monotonic()
-        if now - self.last >= self.p.interval:
-            self.last = now
-            pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-            self.p.say(f"  {self.name}: {_size(self.done)} of {_size(self.total)}{pct}, "
-                       f"{_size(self.done / max(now - self.t0, 1e-9))}/s")
+        if now - t.last >= self.interval:
+            t.last = now
+            pct = f" ({100 * t.done / t.total:.0f}%)" if t.total else ""
+            self.note(f"  {t.name}: {_size(t.done)} of {_size(t.total)}{pct}, {_size(t.done / (now - t.t0))}/s")
 
-    def finish(self):
-        if self.started:
-            dt = time.monotonic() - self.t0
-            self.p.say(f"  {'fetched' if self.fetch else 'verified'} {self.name}: {_size(self.done)} in {dt:.1f} s "
-                       f"({_size(self.done / max(dt, 1e-9))}/s)")
+    def finish(self, t):
+        dt = time.monotonic() - t.t0
+        verb = "stopped" if t.total and t.done < t.total else "fetched" if t.fetch else "verified"
+        self.note(f"  {verb} {t.name}: {_size(t.done)} in {dt:.1f} s ({_size(t.done / max(dt, 1e-9))}/s)")
 
 
 class _Bar:
     """The tqdm stand-in huggingface_hub drives during one file's transfer (plain HTTP or hf_xet),
-    feeding a FileTask. Subclassed per file (`_bar_for`) with the task, the size the listing
-    gives and the stop event.
+    feeding a Progress task. Subclassed per file (`_bar_for`).
 
     It also holds the transfer to the listing: huggingface_hub checks a file's size only once
     the transfer ends and retries a server that ignores Range and drops the connection for
     ever (every byte resets its retry count); raising here ends the transfer, and
     huggingface_hub deletes its temporary file."""
 
-    task: FileTask
-    limit: int | None
+    progress: Progress
+    name: str
+    limit: int | None  # the size the listing gives
     stop: threading.Event
     instances: list  # the bars made for this file (one, unless huggingface_hub starts over)
 
     def __init__(self, *args, total=None, initial=0, **kwargs):
-        self.n = self.high = initial or 0
-        self.total = total
-        self.restarts = 0
-        self.received = 0
         self.instances.append(self)
+        self.n = self.high = initial or 0
+        self.total, self.restarts, self.received = total, 0, 0
         if self.limit is not None and total is not None and total != self.limit:
             raise _Refused(f"the server announces {total} bytes, the listing {self.limit}")
-        self.task.start(self.n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        self.task = self.progress.start(self.name, self.limit)
 
     def update(self, n=1):
         n = int(n or 0)
@@ -449,17 +414,25 @@ class _Bar:
             if self.limit is not None and self.n > self.limit:
                 raise _Refused(f"the server sent more than the {self.limit} bytes listed")
         self.received += max(n, 0)
-        self.task.advance(n)
+        self.progress.advance(self.task, n)
+
+    def close(self):
+        self.progress.finish(self.task)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def update_transfer(self, n=1): ...  # hf_xet's network bytes; the bar follows bytes written
     def set_postfix_str(self, *a, **k): ...
     def set_transfer_postfix_str(self, *a, **k): ...
     def refresh(self, *a, **k): ...
-    def close(self): ...
 
 
-def _bar_for(task: FileTask, limit: int | None, stop: threading.Event) -> type[_Bar]:
-    return type("Bar", (_Bar,), {"task": task, "limit": limit, "stop": stop, "instances": []})
+def _bar_for(progress: Progress, name: str, limit: int | None, stop: threading.Event) -> type[_Bar]:
+    return type("Bar", (_Bar,), {"progress": progress, "name": name, "limit": limit, "stop": stop, "instances": []})
 
 
 # ---------------------------------------------------------------------------------------
@@ -519,20 +492,15 @@ class _Stopped(Exception):
     """Another file failed or the user interrupted: stop."""
 
 
-def _hash_file(path: Path, h, task: FileTask | None = None, stop: threading.Event | None = None) -> str:
+def _hash_file(path: Path, h, stop: threading.Event, advance=None) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 raise _Stopped()
             h.update(chunk)
-            if task is not None:
-                task.advance(len(chunk))
+            if advance is not None:
+                advance(len(chunk))
     return h.hexdigest()
-
-
-def _git_blob_id(path: Path, stop: threading.Event | None = None) -> str:
-    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    return _hash_file(path, h, stop=stop)
 
 
 # ---------------------------------------------------------------------------------------
@@ -604,12 +572,10 @@ class _Downloader:
     def fetch(self, job: _Job, f: RemoteFile) -> None:
         self._check_path(job, f)
         fetching = f.path in job.todo
-        task = self.progress.file(f.path, f.size) if fetching else FileTask()
-        bar = _bar_for(task, f.size, self.stop)
+        bar = _bar_for(self.progress if fetching else Progress(), f.path, f.size, self.stop)
         try:
             with hub_errors(job.repo_id, job.commit, self.endpoint), _guarded(job.commit):
                 path = Path(self._hf_hub_download(job, f, tqdm_class=bar))
-            task.finish()
         except _Refused as e:
             raise Mamba2Error(f"{job.repo_id}/{f.path}: refusing the Hub's answer: {e}; nothing was kept") from None
         except OSError as e:
@@ -631,15 +597,15 @@ class _Downloader:
     def verify(self, job: _Job, f: RemoteFile, path: Path) -> None:
         """Hash a fetched file against the listing; delete it when the bytes are not the Hub's."""
         if f.sha256 is not None:
-            task = self.progress.file(f.path, f.size, fetch=False)
-            task.start(0)
+            task = self.progress.start(f.path, f.size, fetch=False)
             try:
-                got = _hash_file(path, hashlib.sha256(), task, self.stop)
+                got = _hash_file(path, hashlib.sha256(), self.stop, lambda n: self.progress.advance(task, n))
             finally:
-                task.finish()
+                self.progress.finish(task)
             want, what = f.sha256, "SHA-256"
         elif f.blob_id is not None:
-            got, want, what = _git_blob_id(path, self.stop), f.blob_id, "git blob id"
+            h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+            got, want, what = _hash_file(path, h, self.stop), f.blob_id, "git blob id"
         else:
             return
         if got != want:
