@@ -169,19 +169,8 @@ def _check_response(response) -> None:
     if got is not None and got != commit:
         raise _Refused(f"its answer names commit {got!r}, not {commit}")
     etag = h.get("X-Linked-Etag") or h.get("ETag")  # the one huggingface_hub uses
-    # huggingface_hub follows a redirect on the same host and reads the ETag of the answer after it.
-    if etag is not None and not (response.has_redirect_location and not _leaves_host(response)):
-        value = etag.removeprefix("W/").strip('"')
-        if not _ETAG.fullmatch(value):
-            raise _Refused(f"its answer has the ETag {etag!r}, which is neither a git blob id nor a SHA-256")
-
-
-def _leaves_host(response) -> bool:
-    from urllib.parse import urljoin, urlsplit
-
-    a, b = urlsplit(str(response.request.url)), urlsplit(urljoin(str(response.request.url),
-                                                                 response.headers["Location"]))
-    return (a.scheme, a.hostname, a.port) != (b.scheme, b.hostname, b.port)
+    if etag is not None and not _ETAG.fullmatch(etag.removeprefix("W/").strip('"')):
+        raise _Refused(f"its answer has the ETag {etag!r}, which is neither a git blob id nor a SHA-256")
 
 
 @contextmanager
@@ -440,8 +429,8 @@ def _bar_for(progress: Progress, name: str, limit: int | None, stop: threading.E
 
 
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None, endpoint: str):
-    """huggingface_hub's and the network's exceptions -> one-line Mamba2Errors."""
+def hub_errors(repo_id: str, revision: str | None, endpoint: str, file: str | None = None):
+    """huggingface_hub's, the network's and the file system's exceptions -> one-line Mamba2Errors."""
     import httpx2
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
@@ -452,6 +441,8 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str):
     hint = "check the network (models already in the cache run without it)"
     try:
         yield
+    except _Refused as e:
+        raise Mamba2Error(f"{repo_id}/{file}: refusing the Hub's answer: {e}; nothing was kept") from None
     except GatedRepoError:
         raise Mamba2Error(
             f"{repo_id} is gated: accept its conditions at {endpoint}/{repo_id} with your account, then {login}"
@@ -479,6 +470,14 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str):
             httpx2.ProxyError) as e:
         reason = str(e).strip() or type(e).__name__
         raise Mamba2Error(f"{unreachable} ({reason}); {hint}") from None
+    except OSError as e:  # last: huggingface_hub's HTTP errors are OSErrors too; its temporary file is gone
+        if e.errno in _DISK_FULL:
+            raise Mamba2Error(f"disk full while writing {file} ({e.strerror}): free some space and run the same "
+                              "command again") from None
+        if e.errno is None and "Consistency check failed" in str(e):
+            raise Mamba2Error(f"{repo_id}/{file}: the server sent a different number of bytes than it announced; "
+                              "run the command again") from None
+        raise
 
 
 def _url_of(e) -> str:
@@ -553,39 +552,22 @@ class _Downloader:
     def plan(self, job: _Job, f: RemoteFile) -> None:
         """Whether `f` is still to be fetched (a file of another revision with the same content is not)."""
         self._check_path(job, f)
-        with hub_errors(job.repo_id, job.commit, self.endpoint), _guarded(job.commit):
-            try:
-                dry = self._hf_hub_download(job, f, dry_run=True)
-            except _Refused as e:
-                raise Mamba2Error(f"{job.repo_id}/{f.path}: refusing the Hub's answer: {e}") from None
+        with hub_errors(job.repo_id, job.commit, self.endpoint, f.path), _guarded(job.commit):
+            dry = self._hf_hub_download(job, f, dry_run=True)
         if dry.will_download:
             with self._lock:
                 job.todo.add(f.path)
 
     def _check_path(self, job: _Job, f: RemoteFile) -> None:
-        if not is_repo_path(f.path):
-            raise _refuse_name(job.repo_id, "the file name", f.path)
-        if not _inside(job.dir / f.path, job.dir):
+        if not is_repo_path(f.path) or not _inside(job.dir / f.path, job.dir):
             raise _refuse_name(job.repo_id, "the file name", f.path)
 
-    # -- one file ------------------------------------------------------------------------
     def fetch(self, job: _Job, f: RemoteFile) -> None:
         self._check_path(job, f)
         fetching = f.path in job.todo
         bar = _bar_for(self.progress if fetching else Progress(), f.path, f.size, self.stop)
-        try:
-            with hub_errors(job.repo_id, job.commit, self.endpoint), _guarded(job.commit):
-                path = Path(self._hf_hub_download(job, f, tqdm_class=bar))
-        except _Refused as e:
-            raise Mamba2Error(f"{job.repo_id}/{f.path}: refusing the Hub's answer: {e}; nothing was kept") from None
-        except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise Mamba2Error(f"disk full while writing {f.path} ({e.strerror}): free some space and run the "
-                                  "same command again") from None
-            if e.errno is None and "Consistency check failed" in str(e):
-                raise Mamba2Error(f"{job.repo_id}/{f.path}: the server sent a different number of bytes than it "
-                                  "announced; nothing was kept, run the command again") from None
-            raise
+        with hub_errors(job.repo_id, job.commit, self.endpoint, f.path), _guarded(job.commit):
+            path = Path(self._hf_hub_download(job, f, tqdm_class=bar))
         if fetching:
             with self._lock:
                 self.fetched_bytes += sum(b.received for b in bar.instances)
@@ -618,7 +600,6 @@ class _Downloader:
             with self._lock:
                 self.verified += 1
 
-    # -- many files ----------------------------------------------------------------------
     def run_all(self, fn, items: list) -> None:
         """fn(*item) for each item on a few threads; the first error stops the rest."""
         if not items:
