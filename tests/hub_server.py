@@ -16,21 +16,28 @@ What huggingface_hub 2.4 and mamba2 send, and what this server answers:
 
 Faults for tests: `drop_after[path] = n` closes the connection after n bytes of the next
 GET of that file (once); `corrupt.add(path)` serves that file with one byte changed while
-advertising the true SHA-256; `hold[path] = n` sends n bytes of the next GET of that file, then
-waits until `release` is set (or the client goes away) before sending the rest. Every request
-is appended to `log`.
+advertising its true SHA-256 and git blob id; `hold[path] = n` sends n bytes of the next GET of
+that file, then waits until `release` is set (or the client goes away) before sending the
+rest; `drop_every[path] = n` drops every GET of that file after n bytes and ignores its Range
+requests; `extra[path] = n` appends n bytes to the GET answers of that file (the HEAD stays
+true). Every request is appended to `log`.
+
+A hostile endpoint, for tests that nothing leaves the cache: a Repo's file names, shard names
+and `commit` are served as given (`../x` included), and `etag[path]` / `head_commit` replace
+the ETag / X-Repo-Commit of the file's HEAD and GET answers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".model.v3", ".pt")
 
@@ -45,6 +52,8 @@ class Repo:
     commit: str = ""
     branches: dict[str, str] = field(default_factory=dict)  # extra names -> commit ("" = this one); "main" is added
     gated: bool = False
+    etag: dict[str, str] = field(default_factory=dict)  # path -> the ETag served instead of the true one
+    head_commit: str | None = None  # the X-Repo-Commit served instead of the commit
 
     def __post_init__(self):
         if not self.commit:
@@ -86,6 +95,8 @@ class HubServer:
         self.token = token
         self.log: list[Request] = []
         self.drop_after: dict[str, int] = {}
+        self.drop_every: dict[str, int] = {}
+        self.extra: dict[str, int] = {}
         self.corrupt: set[str] = set()
         self.hold: dict[str, int] = {}  # path -> bytes to send before waiting for `release`
         self.release = threading.Event()
@@ -165,6 +176,9 @@ def _make_handler(server: HubServer):
             if path == "/api/agent-harnesses":  # huggingface_hub's user-agent telemetry asks once a day
                 return self._send(200, {"Content-Type": "application/json"},
                                   b'{"standardEnvVars": [], "harnesses": {}}')
+            hostile = self._hostile_name(path)
+            if hostile is not None:
+                return self._resolve(*hostile, body)
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?", path)
             if m:
                 return self._model_info(unquote(m.group(1)), unquote(m.group(2) or "main"))
@@ -175,6 +189,17 @@ def _make_handler(server: HubServer):
             if m:
                 return self._cdn(unquote(m.group(2)), unquote(m.group(3)), m.group(1), body)
             self._error(404, None, "Not Found")
+
+        def _hostile_name(self, path: str) -> tuple[str, str, str] | None:
+            """(repo, revision, file) of a file named with '..', asked for at the path a client's URL
+            normalization makes of it: such names are served, as a hostile endpoint would."""
+            for repo_id, repo in server.repos.items():
+                for name in repo.files:
+                    if ".." in name.replace("\\", "/").split("/"):
+                        for rev in {repo.commit, *repo.branches}:
+                            if posixpath.normpath(f"/{repo_id}/resolve/{quote(rev, safe='')}/{name}") == path:
+                                return repo_id, rev, name
+            return None
 
         def _send(self, status: int, headers: dict, data: bytes = b"", body: bool = True):
             self.req.status = status
@@ -241,28 +266,31 @@ def _make_handler(server: HubServer):
             if file not in repo.files:
                 return self._error(404, "EntryNotFound", f"{file} does not exist", {"X-Repo-Commit": commit})
             data = repo.files[file]
+            commit = repo.head_commit or commit
             if repo.is_lfs(file):
                 sha = repo.sha256[file]
                 return self._send(302, {
-                    "Location": f"{server.cdn}/cdn/{sha}/{repo_id}/{file}",
-                    "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)),
+                    "Location": f"{server.cdn}/cdn/{sha}/{repo_id}/{quote(file, safe='')}",
+                    "X-Linked-Etag": f'"{repo.etag.get(file, sha)}"', "X-Linked-Size": str(len(data)),
                     "ETag": f'"{git_blob_id(b"pointer " + sha.encode())}"', "X-Repo-Commit": commit,
                 }, body=body)
-            self._content(data, {"ETag": f'"{git_blob_id(data)}"', "X-Repo-Commit": commit}, file, body)
+            etag = repo.etag.get(file, git_blob_id(data))
+            self._content(data, {"ETag": f'"{etag}"', "X-Repo-Commit": commit}, file, body)
 
         def _cdn(self, repo_id: str, file: str, sha: str, body: bool):
             repo = server.repos.get(repo_id)
             if repo is None or repo.sha256.get(file) != sha:
                 return self._error(404, None, "Not Found")
-            data = repo.files[file]
-            if file in server.corrupt:
-                data = data[:-1] + bytes([data[-1] ^ 0xFF])
-            self._content(data, {"ETag": f'"{sha}"'}, file, body)
+            self._content(repo.files[file], {"ETag": f'"{sha}"'}, file, body)
 
         def _content(self, data: bytes, headers: dict, file: str, body: bool):
+            if file in server.corrupt:
+                data = data[:-1] + bytes([data[-1] ^ 0xFF])
+            if body and file in server.extra:
+                data += b"\0" * server.extra[file]
             start, status = 0, 200
             rng = self.headers.get("Range")
-            if rng:
+            if rng and file not in server.drop_every:
                 m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
                 if not m or int(m.group(1)) >= len(data):
                     return self._error(416, None, "Range Not Satisfiable", {"Content-Range": f"bytes */{len(data)}"})
@@ -272,7 +300,7 @@ def _make_handler(server: HubServer):
                 data, status = data[start:end], 206
             headers["Accept-Ranges"] = "bytes"
             with server._lock:
-                drop = server.drop_after.pop(file, None) if body else None
+                drop = (server.drop_after.pop(file, None) or server.drop_every.get(file)) if body else None
                 hold = server.hold.pop(file, None) if body else None
             if hold is not None:
                 self._send(status, {**headers, "Content-Length": str(len(data))}, b"", body)

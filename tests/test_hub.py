@@ -225,84 +225,194 @@ def test_local_dir_gets_a_self_contained_copy(hub, env, tmp_path, repos):
     assert not [r for r in hub.log[n:] if r.file]
 
 
-def test_a_dropped_connection_resumes_with_a_range_request(hub, env, repos):
+def test_a_dropped_connection_is_retried_in_the_same_run(hub, env, repos):
     shard = "model-00002-of-00002.safetensors"
     hub.drop_after[shard] = 20_000
     ok(mamba2("download", "codestral", env=env))
     gets = hub.gets(shard)
-    assert [g.range for g in gets] == [None, "bytes=20000-"] and [g.status for g in gets] == [200, 206]
+    assert len(gets) == 2 and gets[-1].status in (200, 206)
     data = (snapshot(env, CODESTRAL, repos) / shard).read_bytes()
     assert data == repos[CODESTRAL].files[shard]
 
 
-def test_an_interrupted_download_resumes_where_it_stopped(hub, env, repos):
+def _leftovers(snap: Path) -> list[str]:
+    """Temporary and lock files in a repo's cache folder (locks excepted)."""
+    return sorted(p.name for p in snap.parents[1].rglob("*") if p.name.endswith((".incomplete", ".tmp")))
+
+
+def test_an_interrupted_download_leaves_nothing_half_written_and_starts_over(hub, env, repos):
     import signal
     import time
 
     shard = "model-00001-of-00002.safetensors"
     data = repos[CODESTRAL].files[shard]
+    snap = snapshot(env, CODESTRAL, repos)
+    blobs = snap.parents[1] / "blobs"
     hub.hold[shard] = 40_000  # the rest waits for hub.release: the interrupt lands mid-file
     proc = subprocess.Popen([sys.executable, "-m", "mamba2_cli", "download", "codestral"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     try:
-        part = snapshot(env, CODESTRAL, repos).parents[1] / "blobs" / f"{repos[CODESTRAL].sha256[shard]}.incomplete"
         deadline = time.monotonic() + 120
-        while not (part.is_file() and part.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
+        while not any(r.sent for r in hub.gets(shard)) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert part.is_file() and proc.poll() is None, "the download never started the shard"
+        assert proc.poll() is None and any(r.sent for r in hub.gets(shard)), "the download never started the shard"
+        time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=60)
     finally:
         hub.release.set()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
-    have = part.stat().st_size
-    assert 0 < have < len(data)
+    sha = repos[CODESTRAL].sha256[shard]
+    assert not (snap / shard).exists() and not (blobs / sha).exists() and _leftovers(snap) == []
 
     ok(mamba2("download", "codestral", env=env))
-    assert hub.gets(shard)[-1].range == f"bytes={have}-"
-    assert (snapshot(env, CODESTRAL, repos) / shard).read_bytes() == data
+    assert hub.gets(shard)[-1].range is None  # huggingface_hub starts an interrupted file over
+    assert (snap / shard).read_bytes() == data
 
 
-def test_disk_full_midway_keeps_the_partial_file_and_the_next_run_resumes_it(hub, env, repos):
+def test_disk_full_midway_keeps_nothing_and_the_next_run_completes(hub, env, repos):
     size = len(repos["acme/tiny"].files["model.safetensors"])
     p = mamba2("download", "acme/tiny", env=env, limit_file_size=size // 2)
-    fails(p, "disk full while writing model.safetensors", "run the same command again to resume")
-    blobs = snapshot(env, "acme/tiny", repos).parents[1] / "blobs"
-    part = blobs / f"{repos['acme/tiny'].sha256['model.safetensors']}.incomplete"
-    have = part.stat().st_size
-    assert 0 < have < size and not (snapshot(env, "acme/tiny", repos) / "model.safetensors").exists()
+    fails(p, "disk full while writing model.safetensors", "run the same command again")
+    snap = snapshot(env, "acme/tiny", repos)
+    assert not (snap / "model.safetensors").exists() and _leftovers(snap) == []
 
     ok(mamba2("download", "acme/tiny", env=env))
-    assert hub.gets("model.safetensors")[-1].range == f"bytes={have}-"
-    assert (snapshot(env, "acme/tiny", repos) / "model.safetensors").read_bytes() == repos["acme/tiny"].files[
-        "model.safetensors"]
-    assert not part.exists()
+    assert (snap / "model.safetensors").read_bytes() == repos["acme/tiny"].files["model.safetensors"]
 
 
-def test_bytes_that_do_not_match_the_sha256_are_refused(hub, env, repos):
-    hub.corrupt.add("model.safetensors")
-    fails(mamba2("download", "acme/tiny", env=env), "acme/tiny/model.safetensors", "do not match the Hub's SHA-256")
+@pytest.mark.parametrize("file, what", [("model.safetensors", "SHA-256"), ("tokenizer.json", "git blob id")])
+def test_bytes_that_do_not_match_the_listing_are_refused(hub, env, repos, file, what):
+    """LFS files are checked against their SHA-256, all others against their git blob id."""
+    hub.corrupt.add(file)
+    fails(mamba2("download", "acme/tiny", env=env), f"acme/tiny/{file}", f"do not match the Hub's {what}")
     snap = snapshot(env, "acme/tiny", repos)
-    sha = repos["acme/tiny"].sha256["model.safetensors"]
-    assert not (snap / "model.safetensors").exists() and not (snap.parents[1] / "blobs" / f"{sha}.incomplete").exists()
+    blobs = snap.parents[1] / "blobs"
+    assert not (snap / file).exists() and _leftovers(snap) == []
+    assert {p.name for p in blobs.iterdir()} & {repos["acme/tiny"].sha256.get(file), _blob_id(repos, file)} == set()
 
     hub.corrupt.clear()
     ok(mamba2("download", "acme/tiny", env=env))
-    record = json.loads((snap.parents[1] / ".mamba2" / "verified.json").read_text())
-    assert record[f"blobs/{sha}"]["sha256"] == sha  # remembered: not hashed again
+    assert (snap / file).read_bytes() == repos["acme/tiny"].files[file]
 
-    # A file changed on disk after it was verified is hashed again and caught.
-    blob = snap.parents[1] / "blobs" / sha
-    data = bytearray(blob.read_bytes())
-    data[100] ^= 1
-    blob.write_bytes(bytes(data))
-    fails(mamba2("download", "acme/tiny", env=env), "model.safetensors", "do not match the Hub's SHA-256")
+
+def _blob_id(repos, file):
+    from hub_server import git_blob_id
+
+    return git_blob_id(repos["acme/tiny"].files[file])
+
+
+def test_a_corrupt_blob_is_removed_without_touching_a_file_it_links_to(tmp_path):
+    """huggingface_hub's shared store makes blobs links: removing a bad file unlinks the link only."""
+    from mamba2_cli.download import _Job
+
+    shared = tmp_path / "store" / "x"
+    shared.parent.mkdir()
+    shared.write_bytes(b"shared")
+    job = _Job("acme/tiny", "a" * 40, tmp_path / "hub", None)
+    blob = job.root / "blobs" / ("b" * 64)
+    blob.parent.mkdir(parents=True)
+    blob.symlink_to(shared)
+    job.dir.mkdir(parents=True)
+    link = job.dir / "model.safetensors"
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    job.remove(link)
+    assert not link.is_symlink() and not blob.is_symlink() and shared.read_bytes() == b"shared"
+
+
+def test_a_download_is_where_huggingface_hubs_cache_scan_and_lookup_find_it(hub, env, repos):
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+
+    ok(mamba2("download", "codestral", env=env))
+    scan = scan_cache_dir(env["HF_HUB_CACHE"])
+    assert scan.warnings == []
+    (repo,) = scan.repos
+    (rev,) = repo.revisions
+    assert repo.repo_id == CODESTRAL and rev.commit_hash == repos[CODESTRAL].commit and rev.refs == {"main"}
+    assert {f.file_name for f in rev.files} == HF_FILES
+    assert rev.size_on_disk == sum(len(repos[CODESTRAL].files[f]) for f in HF_FILES)
+    found = try_to_load_from_cache(CODESTRAL, "config.json", cache_dir=env["HF_HUB_CACHE"])
+    assert found == str(snapshot(env, CODESTRAL, repos) / "config.json")
+
+
+# ---------------------------------------------------------------------------------------
+# A hostile endpoint
+
+
+def _hostile_repos(repos) -> dict[str, Repo]:
+    """Repos whose names and ids lead out of the cache: tmp/hf/hub/models--acme--x/{snapshots/<commit>,
+    blobs}/... climbs to tmp/ in 5 / 4 steps, tmp/here/... in 1."""
+    tiny = repos["acme/tiny"].files
+    up5, up4 = "../../../../../elsewhere", "../../../../elsewhere"
+    cod = dict(repos[CODESTRAL].files)
+    index = json.loads(cod["model.safetensors.index.json"])
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = f"{up5}/model-00002-of-00002.safetensors"
+    cod["model.safetensors.index.json"] = json.dumps(index).encode()
+    cod[f"{up5}/model-00002-of-00002.safetensors"] = cod["model-00002-of-00002.safetensors"]
+    return {
+        "acme/name": Repo({**tiny, f"{up5}/x.json": b"{}", "../elsewhere/x.json": b"{}"}),
+        "acme/shard": Repo(cod),
+        "acme/commit": Repo(tiny, commit=f"{up4}/c"),
+        "acme/etag": Repo(tiny, etag={"config.json": f"{up4}/e"}),
+        "acme/lfs-etag": Repo(tiny, etag={"model.safetensors": f"{up4}/e"}),
+        "acme/head-commit": Repo(tiny, head_commit=f"{up4}/h"),
+        "acme/revision": Repo(tiny, branches={f"{up4}/r": ""}),
+        "acme/backslash": Repo({**tiny, "..\\x.json": b"{}"}),
+    }
+
+
+@pytest.mark.parametrize("args", [
+    ["acme/name", "--include", "*"],
+    ["acme/name", "--include", "*", "--local-dir", "{here}"],
+    ["acme/shard"],
+    ["acme/shard", "--local-dir", "{here}"],
+    ["acme/commit"],
+    ["acme/etag"],
+    ["acme/etag", "--local-dir", "{here}"],
+    ["acme/lfs-etag"],
+    ["acme/head-commit"],
+    ["acme/revision", "--revision", "../../../../elsewhere/r"],
+    ["acme/backslash", "--include", "*"],
+])
+def test_names_from_a_hostile_endpoint_never_lead_outside(repos, env, tmp_path, args):
+    server = HubServer(_hostile_repos(repos)).start()
+    try:
+        here = tmp_path / "here"
+        p = mamba2("download", *[a.format(here=here) for a in args], env={**env, "HF_ENDPOINT": server.url})
+    finally:
+        server.stop()
+    fails(p)
+    written = [f for f in tmp_path.rglob("*") if not f.is_dir()]
+    assert all(f.is_relative_to(tmp_path / "hf") or f.is_relative_to(here) for f in written), written
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_server_that_sends_more_than_listed_is_stopped(hub, env, repos):
+    hub.extra["model.safetensors"] = 100_000
+    fails(mamba2("download", "acme/tiny", env=env), "acme/tiny/model.safetensors", "refusing the Hub's answer")
+    snap = snapshot(env, "acme/tiny", repos)
+    assert not (snap / "model.safetensors").exists() and _leftovers(snap) == []
+
+
+def test_a_server_that_ignores_range_and_keeps_dropping_is_given_up(env, tmp_path):
+    """Every retry brings bytes (so huggingface_hub's own retry count never runs out) but none
+    beyond where the first attempt got: 5 such restarts end the download."""
+    big = os.urandom(12_000_000)
+    server = HubServer({"acme/big": Repo({"big.safetensors": big})}).start()
+    server.drop_every["big.safetensors"] = 10_600_000  # past huggingface_hub's first 10 MB chunk
+    try:
+        p = mamba2("download", "acme/big", "--include", "*", env={**env, "HF_ENDPOINT": server.url})
+    finally:
+        server.stop()
+    fails(p, "big.safetensors", "started over 6 times")
+    assert 6 <= len(server.gets("big.safetensors")) <= 8
 
 
 def test_not_enough_disk_space_gives_both_numbers_before_fetching_weights(hub, env, repos):
-    from mamba2_cli.download import human_bytes
+    from rich.filesize import decimal as human_bytes
 
     files = repos[CODESTRAL].files
     needed = sum(len(files[f]) for f in HF_FILES) - len(files["config.json"]) - len(
@@ -352,26 +462,27 @@ def test_no_network_and_offline_mode(hub, env, repos):
 def test_xet_progress_adapter_follows_huggingface_hubs_reporter():
     """hf_xet transfers cannot be served here; at least the bar huggingface_hub drives for them
     must take its calls (the reporter is huggingface_hub's own, unpatched)."""
+    import threading
     from types import SimpleNamespace
 
     from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
 
-    from mamba2_cli.download import FileTask, _XetBars
+    from mamba2_cli.download import Progress, _bar_for
 
-    class Task(FileTask):
+    class Counter(Progress):
         done = 0
 
-        def advance(self, n):
+        def advance(self, task, n):
             self.done += n
 
-    task = Task()
-    bars = type("Bars", (_XetBars,), {"task": task})
+    progress = Counter()
+    bars = _bar_for(progress, "x", 1000, threading.Event())
     with XetDownloadProgressReporter(reconstruction_desc="x", total=1000, log_level=30, tqdm_class=bars) as r:
         for written, received in ((300, 500), (1000, 900)):
             r.update_progress(SimpleNamespace(total_bytes_completed=written, total_transfer_bytes_completed=received,
                                               total_bytes_completion_rate=1.0, total_bytes=1000,
                                               total_transfer_bytes_completion_rate=1.0))
-    assert task.done == 1000
+    assert progress.done == 1000
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,25 +1,24 @@
-"""Fetching a model from the Hugging Face Hub: only the files mamba2 reads, resumable, verified.
+"""Fetching a model from the Hugging Face Hub: only the files mamba2 reads, each one verified.
 
-Files land in the standard Hugging Face cache (blobs/<etag>, snapshots/<commit>/<path>,
-refs/<branch>), so huggingface_hub, transformers and `hf` see them, or in a plain directory
-(`local_dir`). What is fetched:
+huggingface_hub owns the transfers and the cache layout: every file goes through
+`hf_hub_download`, into the standard cache (or a plain `local_dir`), where huggingface_hub,
+transformers and `hf` find it. What this module adds:
 
-- the repo info (one call, with per-file sizes and the SHA-256 of each LFS file);
-- the config first (config.json / params.json, and the shard index), to refuse a repo that
-  is not a Mamba-2 model before fetching gigabytes of it;
-- one checkpoint format: a repo that ships both HF shards and Mistral's
-  consolidated.safetensors gets one of them, never both;
-- for mamba_ssm checkpoints, which carry no tokenizer, GPT-NeoX's tokenizer files
-  (mamba_ssm's own tools use EleutherAI/gpt-neox-20b's).
+- the choice of files: the config first (config.json / params.json, and the shard index), to
+  refuse a repo that is not a Mamba-2 model before fetching gigabytes of it; one checkpoint
+  format (a repo that ships both HF shards and Mistral's consolidated.safetensors gets one of
+  them); for mamba_ssm checkpoints, which carry no tokenizer, GPT-NeoX's tokenizer files;
+- a disk-space check for the whole download before any weights are fetched;
+- verification: every fetched file is hashed against the repo listing (the SHA-256 of an LFS
+  file, the git blob id of any other) and deleted when it does not match;
+- distrust of the endpoint: names and ids that come from the network (file names, shard
+  names, the commit id, the ETag) never reach a path outside the cache or `local_dir`, and a
+  transfer stops at the size the listing gives and after 5 restarts that bring nothing new;
+- progress (rich bars on a terminal, plain lines otherwise) and one-line errors.
 
-Transfers: files that the Hub stores with Xet go through huggingface_hub's `hf_hub_download`
-(hf_xet). Plain HTTP transfers are done here: huggingface_hub 2.4 writes each download to a
-process-unique temporary file and deletes it when the transfer fails, so an interrupted
-download would start over; here the partial file (`<blob>.incomplete`) is kept and resumed
-with a Range request, in this process after a dropped connection and in the next one after
-an interrupt or a full disk. Its SHA-256 is computed while it streams, compared with the
-Hub's before the file is moved into place, and remembered (`.mamba2/verified.json` beside
-the blobs) so a finished file is never hashed again.
+An interrupted transfer starts its file over on the next run: huggingface_hub writes each
+download to a process-unique temporary file and deletes it on failure, so nothing partial
+ever appears under a real name.
 """
 
 from __future__ import annotations
@@ -30,18 +29,18 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Iterable
-from urllib.parse import urlsplit
 
 from . import __version__
 from .errors import Mamba2Error
-from .hub import GPT_NEOX_TOKENIZER_REPO, cached_snapshot, hub_cache, offline_mode, repo_folder
+from .hub import GPT_NEOX_TOKENIZER_REPO, cached_snapshot, hub_cache, offline_mode
 
 # Test hook: pretend the target file system has this many bytes free.
 FAKE_FREE_BYTES_ENV = "MAMBA2_FAKE_FREE_BYTES"
@@ -49,17 +48,19 @@ FAKE_FREE_BYTES_ENV = "MAMBA2_FAKE_FREE_BYTES"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 FORMATS = ("hf", "mistral")
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
-_RETRIES = 5  # consecutive failed attempts (no byte received) before a transfer gives up
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob id or a SHA-256
+_RESTARTS = 5  # transfers started over in a row without a byte beyond the furthest point reached
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+def _size(n: int | float | None) -> str:
+    from rich.filesize import decimal
+
+    return "?" if n is None else decimal(int(n))
+
+
+human_bytes = _size  # the name cli.py imports
 
 
 # ---------------------------------------------------------------------------------------
@@ -70,12 +71,8 @@ def human_bytes(n: int | float | None) -> str:
 class RemoteFile:
     path: str
     size: int | None
-    sha256: str | None = None  # LFS files: the Hub's SHA-256 of the content (also their ETag)
-    blob_id: str | None = None  # git object id (the ETag of a regular file)
-
-    @property
-    def etag(self) -> str | None:
-        return self.sha256 or self.blob_id
+    sha256: str | None = None  # LFS files: the Hub's SHA-256 of the content
+    blob_id: str | None = None  # the git object id (of the LFS pointer, for LFS files)
 
 
 def select_files(names: Iterable[str], fmt: str | None = None, repo_id: str = "the repo") -> tuple[str, list[str], list[str]]:
@@ -127,179 +124,71 @@ def _filter(names: Iterable[str], include: list[str] | None, exclude: list[str] 
 
 
 # ---------------------------------------------------------------------------------------
+# Names from the network
+
+
+def is_repo_path(name) -> bool:
+    """A relative '/'-separated path that stays where it is joined: no '..', '.' or empty part,
+    no absolute or drive part, no backslash, no NUL."""
+    return (isinstance(name, str) and bool(name) and "\\" not in name and "\0" not in name
+            and not name.startswith("/") and not PureWindowsPath(name).drive
+            and all(part not in ("", ".", "..") for part in name.split("/")))
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path` lies under `root` once the links of its directories are resolved (the path
+    itself may be a cache link into blobs/)."""
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    return real.startswith(os.path.realpath(root).rstrip(os.sep) + os.sep)
+
+
+def _refuse_name(repo_id: str, what: str, name) -> Mamba2Error:
+    return Mamba2Error(f"{repo_id}: the Hub gave {what} {name!r}, which would lead outside the download's directory; "
+                       "refusing it (check HF_ENDPOINT and any mirror or proxy)")
+
+
+class _Refused(Exception):
+    """A response that breaks what the listing promised, raised from inside huggingface_hub's calls."""
+
+
+_guard = threading.local()  # .commit: the commit the current thread's file requests must answer with
+
+
+def _check_response(response) -> None:
+    """An httpx response hook: the header values huggingface_hub turns into paths are checked first.
+
+    huggingface_hub 2.4 joins the ETag of a file's HEAD answer unchecked into blobs/<etag>,
+    .locks/<repo>/<etag>.lock and local_dir's <hash>.<etag>.incomplete, and an X-Repo-Commit
+    into .no_exist/<commit>/; a hostile endpoint could name a path anywhere on disk with them.
+    Only requests made inside `_guarded` are checked, so no other user of the session is affected."""
+    commit = getattr(_guard, "commit", None)
+    if commit is None or response.request.method != "HEAD":
+        return
+    h = response.headers
+    got = h.get("X-Repo-Commit")
+    if got is not None and got != commit:
+        raise _Refused(f"its answer names commit {got!r}, not {commit}")
+    etag = h.get("X-Linked-Etag") or h.get("ETag")  # the one huggingface_hub uses
+    if etag is not None and not _ETAG.fullmatch(etag.removeprefix("W/").strip('"')):
+        raise _Refused(f"its answer has the ETag {etag!r}, which is neither a git blob id nor a SHA-256")
+
+
+@contextmanager
+def _guarded(commit: str):
+    from huggingface_hub.utils import get_session
+
+    hooks = get_session().event_hooks["response"]
+    if _check_response not in hooks:  # the session is shared and may have been replaced
+        hooks.append(_check_response)
+    _guard.commit = commit
+    try:
+        yield
+    finally:
+        _guard.commit = None
+
+
+# ---------------------------------------------------------------------------------------
 # Where files go
-
-
-class _Record:
-    """What was verified: {key: {etag, sha256, size, mtime_ns}}, in one JSON file per target.
-
-    A file counts as verified only while its size and mtime are those recorded, so a file
-    changed on disk is hashed again. Writes merge with what is on disk, so two targets
-    sharing the file (a model and its tokenizer in one --local-dir) keep each other's entries."""
-
-    _lock = threading.Lock()
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries = self._read()
-
-    def _read(self) -> dict:
-        try:
-            entries = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return entries if isinstance(entries, dict) else {}
-
-    def matches(self, key: str, path: Path, etag: str | None = None, sha256: str | None = None) -> bool:
-        e = self.entries.get(key)
-        try:
-            st = path.stat()
-        except OSError:
-            return False
-        return (isinstance(e, dict) and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns
-                and (etag is None or e.get("etag") == etag) and (sha256 is None or e.get("sha256") == sha256))
-
-    def put(self, key: str, path: Path, etag: str | None, sha256: str | None) -> None:
-        st = path.stat()
-        with self._lock:
-            self.entries = {**self._read(), key: {"etag": etag, "sha256": sha256, "size": st.st_size,
-                                                  "mtime_ns": st.st_mtime_ns}}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
-            os.replace(tmp, self.path)
-
-
-class _CacheTarget:
-    """The Hugging Face cache layout: blobs/<etag>, snapshots/<commit>/<path> -> ../../blobs/<etag>."""
-
-    def __init__(self, cache_dir: Path, repo_id: str, commit: str):
-        self.root = cache_dir / repo_folder(repo_id)
-        self.dir = self.root / "snapshots" / commit
-        self.commit = commit
-        self.locks = cache_dir / ".locks" / repo_folder(repo_id)
-        self.record = _Record(self.root / ".mamba2" / "verified.json")
-
-    def path(self, f: RemoteFile) -> Path:
-        return self.dir / f.path
-
-    def key(self, f: RemoteFile) -> str:
-        return os.path.relpath(os.path.realpath(self.path(f)), self.root)
-
-    def has(self, f: RemoteFile) -> bool:
-        return self.path(f).is_file()
-
-    def final(self, etag: str, f: RemoteFile) -> Path:
-        return self.root / "blobs" / etag
-
-    def partial(self, etag: str, f: RemoteFile) -> Path:
-        return self.root / "blobs" / f"{etag}.incomplete"
-
-    def lock(self, etag: str, f: RemoteFile) -> Path:
-        return self.locks / f"{etag}.lock"
-
-    def adopt(self, etag: str | None, f: RemoteFile) -> bool:
-        """Link a blob another revision already brought; True when there was one."""
-        if etag and self.final(etag, f).is_file():
-            self.place(etag, f, None)
-            return True
-        return False
-
-    def place(self, etag: str, f: RemoteFile, part: Path | None) -> None:
-        blob = self.final(etag, f)
-        if part is not None:
-            _publish(part, blob)
-        link = self.path(f)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        try:
-            os.symlink(os.path.relpath(blob, link.parent), link)
-        except OSError:  # no symlinks on this file system
-            shutil.copyfile(blob, link)
-
-    def remove(self, f: RemoteFile) -> None:
-        p = self.path(f)
-        blob = Path(os.path.realpath(p))
-        p.unlink(missing_ok=True)
-        if blob != p:
-            blob.unlink(missing_ok=True)
-
-    def set_ref(self, revision: str | None) -> None:
-        if not revision or revision == self.commit:
-            return
-        ref = self.root / "refs" / revision
-        if ref.is_file() and ref.read_text() == self.commit:
-            return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.commit)
-        os.replace(tmp, ref)
-
-
-class _LocalDirTarget:
-    """A plain directory: <dir>/<path>; partial files and records under <dir>/.cache/mamba2/."""
-
-    def __init__(self, local_dir: Path, commit: str):
-        self.dir = local_dir
-        self.root = local_dir
-        self.commit = commit
-        self.work = local_dir / ".cache" / "mamba2"
-        self.record = _Record(self.work / "files.json")
-
-    def path(self, f: RemoteFile) -> Path:
-        return self.dir / f.path
-
-    def key(self, f: RemoteFile) -> str:
-        return f.path
-
-    def has(self, f: RemoteFile) -> bool:
-        return self.record.matches(f.path, self.path(f), etag=f.etag)
-
-    def final(self, etag: str, f: RemoteFile) -> Path:
-        return self.path(f)
-
-    def partial(self, etag: str, f: RemoteFile) -> Path:
-        return self.work / "download" / f"{f.path}.{etag}.incomplete"
-
-    def lock(self, etag: str, f: RemoteFile) -> Path:
-        return self.work / "download" / f"{f.path}.lock"
-
-    def adopt(self, etag: str | None, f: RemoteFile) -> bool:
-        """Keep a file already here (put by another tool) when its SHA-256 is the Hub's."""
-        p = self.path(f)
-        if f.sha256 is None or not p.is_file() or p.stat().st_size != f.size:
-            return False
-        if _hash_file(p).hexdigest() != f.sha256:
-            return False
-        self.record.put(f.path, p, f.etag, f.sha256)
-        return True
-
-    def place(self, etag: str, f: RemoteFile, part: Path | None) -> None:
-        if part is not None:
-            _publish(part, self.path(f))
-
-    def remove(self, f: RemoteFile) -> None:
-        self.path(f).unlink(missing_ok=True)
-
-    def set_ref(self, revision: str | None) -> None:
-        pass
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def _publish(part: Path, dest: Path) -> None:
-    """Move a finished partial file into place with the permissions of a new file."""
-    os.chmod(part, 0o666 & ~_UMASK)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(part, dest)
 
 
 def free_bytes(path: Path) -> int:
@@ -313,26 +202,73 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
+@dataclass
+class _Job:
+    """One repo's files at one commit going into the cache or into local_dir."""
+
+    repo_id: str
+    commit: str
+    cache: Path
+    local_dir: Path | None
+    files: list[RemoteFile] = field(default_factory=list)
+    todo: set[str] = field(default_factory=set)  # files that are not there yet
+    done: set[str] = field(default_factory=set)  # files in place, fetched or not
+
+    @property
+    def root(self) -> Path:
+        """The repo's folder in the cache, or local_dir."""
+        if self.local_dir is not None:
+            return self.local_dir
+        from huggingface_hub.file_download import repo_folder_name
+
+        return self.cache / repo_folder_name(repo_id=self.repo_id, repo_type="model")
+
+    @property
+    def dir(self) -> Path:
+        """Where the files are read from: the snapshot of the commit, or local_dir."""
+        return self.local_dir if self.local_dir is not None else self.root / "snapshots" / self.commit
+
+    def where(self) -> dict:
+        return {"local_dir": self.local_dir} if self.local_dir is not None else {"cache_dir": self.cache}
+
+    def set_ref(self, revision: str | None) -> None:
+        """refs/<revision> -> the commit, as huggingface_hub writes it (cache only, once the snapshot exists)."""
+        if self.local_dir is not None or not revision or revision == self.commit or not self.dir.is_dir():
+            return
+        refs = self.root / "refs"
+        ref = refs / revision
+        if not is_repo_path(revision) or not _inside(ref, refs):
+            raise Mamba2Error(f"{revision!r} is not a revision name that can be stored in the cache")
+        if ref.is_file() and ref.read_text() == self.commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=ref.parent, prefix=f".{ref.name}.", suffix=".tmp")  # created exclusively
+        with os.fdopen(fd, "w") as out:
+            out.write(self.commit)
+        os.replace(tmp, ref)
+
+    def remove(self, path: Path) -> None:
+        """Delete a file that failed verification: its snapshot link and the repo's own blob behind
+        it. A blob that is itself a link (into huggingface_hub's shared store) loses only the link."""
+        if self.local_dir is None and path.is_symlink():
+            blob = Path(os.path.normpath(path.parent / os.readlink(path)))
+            if blob.parent == self.root / "blobs":
+                blob.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------
 # Progress
 
 
-class FileTask:
-    """One file's bar: silent here; displays override."""
-
-    def start(self, done: int) -> None: ...
-    def advance(self, n: int) -> None: ...
-    def restart(self) -> None: ...
-    def finish(self) -> None: ...
-
-
 class Progress:
-    """Silent progress; `progress_display()` picks a visible one."""
+    """Silent progress; `progress_display()` picks a visible one. `start` returns a file's task,
+    which `advance` and `finish` take."""
 
-    def plan(self, files: int, total: int, done: int) -> None: ...
-    def file(self, name: str, total: int | None, fetch: bool = True) -> FileTask:
-        return FileTask()
-
+    def plan(self, files: int, total: int) -> None: ...
+    def start(self, name: str, total: int | None, fetch: bool = True): ...
+    def advance(self, task, n: int) -> None: ...
+    def finish(self, task) -> None: ...
     def note(self, text: str) -> None: ...
     def close(self) -> None: ...
 
@@ -353,61 +289,48 @@ class _RichProgress(Progress):
                                    TransferSpeedColumn)
 
         self.bars = Bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                         TimeRemainingColumn(), console=console, transient=False)
+                         TimeRemainingColumn(), console=console)
         self.total = None
-        self.started = False
         self._lock = threading.Lock()
 
-    def _start(self):
-        with self._lock:  # files start on several threads; the total must be the first task
-            if not self.started:
+    def _started(self):
+        with self._lock:  # files start on several threads; the total must be the first task, to stay on top
+            if self.total is None:
                 self.bars.start()
-                # First, so it stays on top; shown once the plan is known.
-                self.total = self.bars.add_task("total", total=None, visible=False)
-                self.started = True
+                self.total = self.bars.add_task("total", total=None, visible=False)  # shown once planned
 
-    def plan(self, files, total, done):
-        self._start()
-        self.bars.update(self.total, description=f"[bold]total ({files} files)", total=total, completed=done,
-                         visible=True)
+    def plan(self, files, total):
+        self._started()
+        self.bars.update(self.total, description=f"[bold]total ({files} files)", total=total, visible=True)
 
-    def file(self, name, total, fetch=True):
-        self._start()
-        return _RichTask(self, name, total, fetch)
+    def start(self, name, total, fetch=True):
+        self._started()
+        return self.bars.add_task(name if fetch else f"verify {name}", total=total), fetch
+
+    def advance(self, task, n):
+        self.bars.advance(task[0], n)
+        if task[1]:
+            self.bars.advance(self.total, n)
+
+    def finish(self, task):
+        self.bars.stop_task(task[0])
 
     def note(self, text):
         self.bars.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def close(self):
-        if self.started:
+        if self.total is not None:
             self.bars.stop()
 
 
-class _RichTask(FileTask):
-    def __init__(self, p: _RichProgress, name: str, total: int | None, fetch: bool):
-        self.p, self.fetch = p, fetch
-        self.id = p.bars.add_task(name if fetch else f"verify {name}", total=total, start=False)
-        self.done = 0
-
-    def start(self, done):
-        self.p.bars.start_task(self.id)
-        self.p.bars.update(self.id, completed=done)
-        self.done = done
-
-    def advance(self, n):
-        self.done += n
-        self.p.bars.advance(self.id, n)
-        if self.fetch:
-            self.p.bars.advance(self.p.total, n)
-
-    def restart(self):
-        if self.fetch:
-            self.p.bars.advance(self.p.total, -self.done)
-        self.done = 0
-        self.p.bars.update(self.id, completed=0)
-
-    def finish(self):
-        self.p.bars.stop_task(self.id)
+@dataclass
+class _Line:
+    name: str
+    total: int | None
+    fetch: bool
+    done: int = 0
+    t0: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
 
 
 class _PlainProgress(Progress):
@@ -417,103 +340,109 @@ class _PlainProgress(Progress):
         self.stream, self.interval = stream, interval
         self._lock = threading.Lock()
 
-    def say(self, text: str):
+    def note(self, text: str):
         with self._lock:
             self.stream.write(text + "\n")
             self.stream.flush()
 
-    def plan(self, files, total, done):
-        more = f" ({human_bytes(done)} already here)" if done else ""
-        self.say(f"fetching {files} files, {human_bytes(total - done)}{more}")
+    def plan(self, files, total):
+        self.note(f"fetching {files} files, {_size(total)}")
 
-    def file(self, name, total, fetch=True):
-        return _PlainTask(self, name, total, fetch)
+    def start(self, name, total, fetch=True):
+        self.note(f"  {'fetching' if fetch else 'verifying'} {name} ({_size(total)})")
+        return _Line(name, total, fetch)
 
-    def note(self, text):
-        self.say(text)
-
-
-class _PlainTask(FileTask):
-    def __init__(self, p: _PlainProgress, name: str, total: int | None, fetch: bool):
-        self.p, self.name, self.total, self.fetch = p, name, total, fetch
-        self.done = self.first = 0
-        self.t0 = self.last = time.monotonic()
-
-    def start(self, done):
-        self.done = self.first = done
-        verb = "fetching" if self.fetch else "verifying"
-        at = f", resuming at {human_bytes(done)}" if done else ""
-        self.p.say(f"  {verb} {self.name} ({human_bytes(self.total)}{at})")
-
-    def advance(self, n):
-        self.done += n
+    def advance(self, t, n):
+        t.done += n
         now = time.monotonic()
-        if now - self.last >= self.p.interval:
-            self.last = now
-            rate = (self.done - self.first) / max(now - self.t0, 1e-9)
-            pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-            self.p.say(f"  {self.name}: {human_bytes(self.done)} of {human_bytes(self.total)}{pct}, "
-                       f"{human_bytes(rate)}/s")
+        if now - t.last >= self.interval:
+            t.last = now
+            pct = f" ({100 * t.done / t.total:.0f}%)" if t.total else ""
+            self.note(f"  {t.name}: {_size(t.done)} of {_size(t.total)}{pct}, {_size(t.done / (now - t.t0))}/s")
 
-    def restart(self):
-        self.done = self.first = 0
-
-    def finish(self):
-        dt = time.monotonic() - self.t0
-        got = self.done - self.first
-        verb = "fetched" if self.fetch else "verified"
-        self.p.say(f"  {verb} {self.name}: {human_bytes(got)} in {dt:.1f} s ({human_bytes(got / max(dt, 1e-9))}/s)")
+    def finish(self, t):
+        dt = time.monotonic() - t.t0
+        verb = "stopped" if t.total and t.done < t.total else "fetched" if t.fetch else "verified"
+        self.note(f"  {verb} {t.name}: {_size(t.done)} in {dt:.1f} s ({_size(t.done / max(dt, 1e-9))}/s)")
 
 
-class _XetBars:
-    """The tqdm-like object huggingface_hub drives during an hf_xet download, feeding one FileTask.
+class _Bar:
+    """The tqdm stand-in huggingface_hub drives during one file's transfer (plain HTTP or hf_xet),
+    feeding a Progress task. Subclassed per file (`_bar_for`).
 
-    Having `update_transfer` makes huggingface_hub route both of its counters here; only
-    `update` (bytes written to disk) moves the bar."""
+    It also holds the transfer to the listing: huggingface_hub checks a file's size only once
+    the transfer ends and retries a server that ignores Range and drops the connection for
+    ever (every byte resets its retry count); raising here ends the transfer, and
+    huggingface_hub deletes its temporary file."""
 
-    task: FileTask = FileTask()
+    progress: Progress
+    name: str
+    limit: int | None  # the size the listing gives
+    stop: threading.Event
+    instances: list  # the bars made for this file (one, unless huggingface_hub starts over)
 
-    def __init__(self, *args, **kwargs):
-        self.n = kwargs.get("initial", 0) or 0
-        self.total = kwargs.get("total")
-        self.format_dict: dict = {}
+    def __init__(self, *args, total=None, initial=0, **kwargs):
+        self.instances.append(self)
+        self.n = self.high = initial or 0
+        self.total, self.restarts, self.received = total, 0, 0
+        if self.limit is not None and total is not None and total != self.limit:
+            raise _Refused(f"the server announces {total} bytes, the listing {self.limit}")
+        self.task = self.progress.start(self.name, self.limit)
+
+    def update(self, n=1):
+        n = int(n or 0)
+        if self.stop.is_set():
+            raise _Stopped()
+        self.n += n
+        if n < 0:  # the server ignored a Range request: the file starts over
+            self.restarts += 1
+            if self.restarts > _RESTARTS:
+                raise _Refused(f"the transfer started over {self.restarts} times without getting further")
+        elif self.n > self.high:
+            self.high, self.restarts = self.n, 0
+            if self.limit is not None and self.n > self.limit:
+                raise _Refused(f"the server sent more than the {self.limit} bytes listed")
+        self.received += max(n, 0)
+        self.progress.advance(self.task, n)
+
+    def close(self):
+        self.progress.finish(self.task)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        return False
+        self.close()
 
-    def update(self, n=1):
-        self.n += n or 0
-        self.task.advance(int(n or 0))
-
-    def update_transfer(self, n=1): ...
+    def update_transfer(self, n=1): ...  # hf_xet's network bytes; the bar follows bytes written
     def set_postfix_str(self, *a, **k): ...
     def set_transfer_postfix_str(self, *a, **k): ...
     def refresh(self, *a, **k): ...
-    def close(self): ...
+
+
+def _bar_for(progress: Progress, name: str, limit: int | None, stop: threading.Event) -> type[_Bar]:
+    return type("Bar", (_Bar,), {"progress": progress, "name": name, "limit": limit, "stop": stop, "instances": []})
 
 
 # ---------------------------------------------------------------------------------------
 # Errors
 
 
-def _is_hub_host(url: str, endpoint: str) -> bool:
-    a, b = urlsplit(url), urlsplit(endpoint)
-    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
-
-
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None, endpoint: str):
-    """huggingface_hub's and the network's exceptions -> one-line Mamba2Errors."""
+def hub_errors(repo_id: str, revision: str | None, endpoint: str, file: str | None = None):
+    """huggingface_hub's, the network's and the file system's exceptions -> one-line Mamba2Errors."""
     import httpx2
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     login = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
+    unreachable = f"cannot reach the Hub at {endpoint}"
+    hint = "check the network (models already in the cache run without it)"
     try:
         yield
+    except _Refused as e:
+        raise Mamba2Error(f"{repo_id}/{file}: refusing the Hub's answer: {e}; nothing was kept") from None
     except GatedRepoError:
         raise Mamba2Error(
             f"{repo_id} is gated: accept its conditions at {endpoint}/{repo_id} with your account, then {login}"
@@ -533,16 +462,22 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str):
         if status == 403:
             raise Mamba2Error(f"the Hub refused access to {repo_id} (403 Forbidden): {login}") from None
         raise Mamba2Error(f"the Hub answered HTTP {status} for {_url_of(e)}; try again later") from None
-    except OSError as e:  # from huggingface_hub's own transfers (hf_xet); this module's are caught closer
-        if e.errno not in _DISK_FULL:
-            raise
-        raise Mamba2Error(f"disk full while downloading {repo_id} ({e.strerror}): free some space and run the "
-                          "same command again") from None
+    except LocalEntryNotFoundError as e:  # huggingface_hub's word for a failed request it fell back from
+        cause = e.__cause__
+        reason = f" ({str(cause).strip() or type(cause).__name__})" if cause is not None else ""
+        raise Mamba2Error(f"{unreachable}{reason}; {hint}") from None
     except (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
             httpx2.ProxyError) as e:
         reason = str(e).strip() or type(e).__name__
-        raise Mamba2Error(f"cannot reach the Hub at {endpoint} ({reason}); check the network (models already in "
-                          "the cache run without it)") from None
+        raise Mamba2Error(f"{unreachable} ({reason}); {hint}") from None
+    except OSError as e:  # last: huggingface_hub's HTTP errors are OSErrors too; its temporary file is gone
+        if e.errno in _DISK_FULL:
+            raise Mamba2Error(f"disk full while writing {file} ({e.strerror}): free some space and run the same "
+                              "command again") from None
+        if e.errno is None and "Consistency check failed" in str(e):
+            raise Mamba2Error(f"{repo_id}/{file}: the server sent a different number of bytes than it announced; "
+                              "run the command again") from None
+        raise
 
 
 def _url_of(e) -> str:
@@ -552,105 +487,23 @@ def _url_of(e) -> str:
         return "?"
 
 
-# ---------------------------------------------------------------------------------------
-# Transfers
-
-
-def _xet_available() -> bool:
-    """What huggingface_hub checks before an hf_xet transfer: the package, and no HF_HUB_DISABLE_XET."""
-    import importlib.util
-
-    from huggingface_hub import constants
-
-    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
-
-
 class _Stopped(Exception):
-    """Another file failed or the user interrupted: stop, keeping the partial file."""
+    """Another file failed or the user interrupted: stop."""
 
 
-def _hash_file(path: Path, task: FileTask | None = None, h=None, stop: threading.Event | None = None):
-    h = h or hashlib.sha256()
+def _hash_file(path: Path, h, stop: threading.Event, advance=None) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 raise _Stopped()
             h.update(chunk)
-            if task is not None:
-                task.advance(len(chunk))
-    return h
-
-
-def _transfer(url: str, headers: dict, part: Path, size: int | None, hashing: bool, task: FileTask,
-              stop: threading.Event) -> tuple[str | None, int]:
-    """GET `url` into `part`, resuming from what `part` holds; (SHA-256 hex or None, bytes fetched)."""
-    import httpx2
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session, hf_raise_for_status
-
-    part.parent.mkdir(parents=True, exist_ok=True)
-    done = part.stat().st_size if part.exists() else 0
-    if size is not None and done > size:
-        part.unlink()
-        done = 0
-    h = hashlib.sha256() if hashing else None
-    if h is not None and done:
-        _hash_file(part, None, h, stop)  # resuming: the bytes on disk count towards the hash
-    task.start(done)
-    fetched = fails = 0
-    timeout = httpx2.Timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT)
-    with open(part, "ab") as out:
-        while size is None or done < size:
-            request_headers = dict(headers)
-            if done:
-                request_headers["Range"] = f"bytes={done}-"
-            try:
-                with get_session().stream("GET", url, headers=request_headers, timeout=timeout,
-                                          follow_redirects=True) as r:
-                    hf_raise_for_status(r)
-                    if done and r.status_code != 206:  # the server ignored the Range: start over
-                        out.truncate(0)
-                        done = 0
-                        h = hashlib.sha256() if hashing else None
-                        task.restart()
-                    for chunk in r.iter_bytes():
-                        if stop.is_set():
-                            raise _Stopped()
-                        out.write(chunk)
-                        if h is not None:
-                            h.update(chunk)
-                        done += len(chunk)
-                        fetched += len(chunk)
-                        fails = 0
-                        task.advance(len(chunk))
-                if size is None:
-                    break
-                if done < size:
-                    raise httpx2.RemoteProtocolError(f"the server sent {done} of {size} bytes")
-            except httpx2.TransportError:
-                out.flush()
-                fails += 1
-                if fails > _RETRIES:
-                    raise
-                if stop.wait(min(0.5 * 2 ** (fails - 1), 8.0)):
-                    raise _Stopped() from None
-    if size is not None and done != size:
-        raise Mamba2Error(f"{url}: the server sent {done} bytes, {size} expected")
-    return (h.hexdigest() if h is not None else None), fetched
+            if advance is not None:
+                advance(len(chunk))
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
 # The download
-
-
-@dataclass
-class _Job:
-    """One repo's files going into one target."""
-
-    repo_id: str
-    commit: str
-    target: _CacheTarget | _LocalDirTarget
-    files: list[RemoteFile] = field(default_factory=list)
 
 
 @dataclass
@@ -675,14 +528,14 @@ class _Downloader:
         self.fetched_bytes = self.fetched_files = self.verified = 0
         self._lock = threading.Lock()
 
-    def api(self):
+    def listing(self, repo_id: str, revision: str | None) -> tuple[str, dict[str, RemoteFile]]:
         from huggingface_hub import HfApi
 
-        return HfApi(endpoint=self.endpoint, token=self.token, library_name="mamba2", library_version=__version__)
-
-    def listing(self, repo_id: str, revision: str | None) -> tuple[str, dict[str, RemoteFile]]:
+        api = HfApi(endpoint=self.endpoint, token=self.token, library_name="mamba2", library_version=__version__)
         with hub_errors(repo_id, revision, self.endpoint):
-            info = self.api().model_info(repo_id, revision=revision, files_metadata=True)
+            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        if not isinstance(info.sha, str) or not _COMMIT.fullmatch(info.sha):
+            raise _refuse_name(repo_id, "the commit id", info.sha)
         files = {}
         for s in info.siblings or []:
             lfs = s.lfs
@@ -690,127 +543,76 @@ class _Downloader:
                                             lfs.sha256 if lfs else None, s.blob_id)
         return info.sha, files
 
-    # -- one file ------------------------------------------------------------------------
-    def fetch(self, job: _Job, f: RemoteFile) -> None:
-        with hub_errors(job.repo_id, job.commit, self.endpoint):
-            self._fetch(job, f)
-
-    def _fetch(self, job: _Job, f: RemoteFile) -> None:
-        import httpx2
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-        from huggingface_hub.utils import WeakFileLock, build_hf_headers
-
-        t = job.target
-        if t.has(f) or t.adopt(f.etag, f):
-            return
-        url = hf_hub_url(job.repo_id, f.path, revision=job.commit, endpoint=self.endpoint)
-        meta = get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint, library_name="mamba2",
-                                    library_version=__version__)
-        etag = meta.etag or f.etag
-        size = meta.size if meta.size is not None else f.size
-        if meta.xet_file_data is not None and _xet_available():
-            return self._fetch_xet(job, f, size)
-        lock = t.lock(etag, f)
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(lock):
-            if t.adopt(etag, f):  # another process finished it while we waited
-                return
-            headers = build_hf_headers(token=self.token, library_name="mamba2", library_version=__version__)
-            if not _is_hub_host(meta.location, self.endpoint):
-                headers.pop("authorization", None)  # signed CDN URLs must not see the token
-            headers["Accept-Encoding"] = "identity"  # exact sizes and byte ranges
-            part = t.partial(etag, f)
-            task = self.progress.file(f.path, size)
-            try:
-                digest, fetched = _transfer(meta.location, headers, part, size, f.sha256 is not None, task, self.stop)
-            except httpx2.TransportError as e:
-                have = part.stat().st_size if part.exists() else 0
-                raise Mamba2Error(
-                    f"downloading {f.path} failed {_RETRIES + 1} times in a row ({e}); the {human_bytes(have)} "
-                    "received are kept: run the same command again to resume"
-                ) from None
-            except OSError as e:
-                if e.errno in _DISK_FULL:
-                    have = part.stat().st_size if part.exists() else 0
-                    raise Mamba2Error(
-                        f"disk full while writing {f.path} ({human_bytes(have)} of {human_bytes(size)} written, "
-                        f"kept in {part}): free some space and run the same command again to resume"
-                    ) from None
-                raise
-            finally:
-                task.finish()
-            with self._lock:
-                self.fetched_bytes += fetched
-                self.fetched_files += 1
-            if f.sha256 is not None and digest != f.sha256:
-                part.unlink(missing_ok=True)
-                raise Mamba2Error(
-                    f"{job.repo_id}/{f.path}: the downloaded bytes do not match the Hub's SHA-256 (got {digest[:16]}…, "
-                    f"expected {f.sha256[:16]}…); the file was deleted, run the command again to fetch it anew"
-                )
-            t.place(etag, f, part)
-            t.record.put(t.key(f), t.path(f), etag, digest)
-            if digest is not None:
-                with self._lock:
-                    self.verified += 1
-
-    def _fetch_xet(self, job: _Job, f: RemoteFile, size: int | None) -> None:
+    def _hf_hub_download(self, job: _Job, f: RemoteFile, **kwargs):
         from huggingface_hub import hf_hub_download
 
-        t = job.target
-        task = self.progress.file(f.path, size)
-        task.start(0)
-        bars = type("Bars", (_XetBars,), {"task": task})
-        kwargs = {"local_dir": t.dir} if isinstance(t, _LocalDirTarget) else {"cache_dir": t.root.parent}
-        try:
-            hf_hub_download(job.repo_id, f.path, revision=job.commit, endpoint=self.endpoint, token=self.token,
-                            tqdm_class=bars, library_name="mamba2", library_version=__version__, **kwargs)
-        finally:
-            task.finish()
-        with self._lock:
-            self.fetched_bytes += size or 0
-            self.fetched_files += 1
-        if f.sha256 is None:
-            t.record.put(t.key(f), t.path(f), f.etag, None)
-        # LFS files are hashed by verify() like any file not verified yet.
+        return hf_hub_download(job.repo_id, f.path, revision=job.commit, endpoint=self.endpoint, token=self.token,
+                               library_name="mamba2", library_version=__version__, **job.where(), **kwargs)
 
-    def verify(self, job: _Job, f: RemoteFile) -> None:
-        """SHA-256 of an LFS file not yet verified (fetched by hf_xet, or brought by another tool)."""
-        t = job.target
-        path = t.path(f)
-        if f.sha256 is None or t.record.matches(t.key(f), path, sha256=f.sha256):
+    def plan(self, job: _Job, f: RemoteFile) -> None:
+        """Whether `f` is still to be fetched (a file of another revision with the same content is not)."""
+        self._check_path(job, f)
+        with hub_errors(job.repo_id, job.commit, self.endpoint, f.path), _guarded(job.commit):
+            dry = self._hf_hub_download(job, f, dry_run=True)
+        if dry.will_download:
+            with self._lock:
+                job.todo.add(f.path)
+
+    def _check_path(self, job: _Job, f: RemoteFile) -> None:
+        if not is_repo_path(f.path) or not _inside(job.dir / f.path, job.dir):
+            raise _refuse_name(job.repo_id, "the file name", f.path)
+
+    def fetch(self, job: _Job, f: RemoteFile) -> None:
+        self._check_path(job, f)
+        fetching = f.path in job.todo
+        bar = _bar_for(self.progress if fetching else Progress(), f.path, f.size, self.stop)
+        with hub_errors(job.repo_id, job.commit, self.endpoint, f.path), _guarded(job.commit):
+            path = Path(self._hf_hub_download(job, f, tqdm_class=bar))
+        if fetching:
+            with self._lock:
+                self.fetched_bytes += sum(b.received for b in bar.instances)
+                self.fetched_files += 1
+            self.verify(job, f, path)
+        with self._lock:
+            job.done.add(f.path)
+
+    def verify(self, job: _Job, f: RemoteFile, path: Path) -> None:
+        """Hash a fetched file against the listing; delete it when the bytes are not the Hub's."""
+        if f.sha256 is not None:
+            task = self.progress.start(f.path, f.size, fetch=False)
+            try:
+                got = _hash_file(path, hashlib.sha256(), self.stop, lambda n: self.progress.advance(task, n))
+            finally:
+                self.progress.finish(task)
+            want, what = f.sha256, "SHA-256"
+        elif f.blob_id is not None:
+            h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+            got, want, what = _hash_file(path, h, self.stop), f.blob_id, "git blob id"
+        else:
             return
-        task = self.progress.file(f.path, path.stat().st_size, fetch=False)
-        task.start(0)
-        try:
-            digest = _hash_file(path, task, stop=self.stop).hexdigest()
-        finally:
-            task.finish()
-        if digest != f.sha256:
-            t.remove(f)
+        if got != want:
+            job.remove(path)
             raise Mamba2Error(
-                f"{job.repo_id}/{f.path}: the file's bytes do not match the Hub's SHA-256 (got {digest[:16]}…, "
-                f"expected {f.sha256[:16]}…); the file was deleted, run the command again to fetch it anew"
+                f"{job.repo_id}/{f.path}: the downloaded bytes do not match the Hub's {what} (got {got[:16]}…, "
+                f"expected {want[:16]}…); the file was deleted, run the command again to fetch it anew"
             )
-        t.record.put(t.key(f), path, f.etag, digest)
-        with self._lock:
-            self.verified += 1
+        if f.sha256 is not None:
+            with self._lock:
+                self.verified += 1
 
-    # -- many files ----------------------------------------------------------------------
     def run_all(self, fn, items: list) -> None:
-        """fn(*item) for each item on a few threads; the first error stops the rest (partial files stay)."""
+        """fn(*item) for each item on a few threads; the first error stops the rest."""
         if not items:
             return
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(items))))
         futures = [pool.submit(fn, *item) for item in items]
         try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            wait(futures, return_when=FIRST_EXCEPTION)
             errors = [f.exception() for f in futures if f.done() and f.exception() is not None]
             if errors:
                 self.stop.set()
                 wait(futures)
-                first = next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
-                raise first
+                raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
         except BaseException:
             self.stop.set()  # Ctrl-C: the workers stop at their next chunk
             raise
@@ -838,23 +640,20 @@ def download(repo_id: str, revision: str | None = None, *, fmt: str | None = Non
         cached = cached_snapshot(repo_id, revision, cache_dir) if local_dir is None else None
         where = f"; the cache holds {cached}" if cached else ""
         raise Mamba2Error(f"offline mode is on (HF_HUB_OFFLINE=1): cannot download {repo_id}{where}")
+    if revision is not None and not is_repo_path(revision):
+        raise Mamba2Error(f"{revision!r} is not a revision name (a branch, tag or commit hash)")
     dl = _Downloader(endpoint, token, progress, workers)
     cache = hub_cache(cache_dir)
     try:
         return _download(dl, repo_id, revision, fmt, include, exclude,
-                         Path(local_dir).expanduser() if local_dir is not None else None, cache)
+                         Path(local_dir).expanduser().absolute() if local_dir is not None else None, cache)
     finally:
         progress.close()
 
 
 def _download(dl: _Downloader, repo_id, revision, fmt, include, exclude, local_dir, cache) -> DownloadResult:
     commit, listing = dl.listing(repo_id, revision)
-
-    def target(rid: str, sha: str):
-        return _LocalDirTarget(local_dir, sha) if local_dir is not None else _CacheTarget(cache, rid, sha)
-
-    job = _Job(repo_id, commit, target(repo_id, commit))
-    job.target.set_ref(revision or "main")
+    job = _Job(repo_id, commit, cache, local_dir)
     jobs = [job]
     companion = None
     if include:
@@ -867,65 +666,61 @@ def _download(dl: _Downloader, repo_id, revision, fmt, include, exclude, local_d
         fmt, meta, rest = select_files(listing, fmt, repo_id)
         meta = _filter(meta, None, exclude)
         # The config first: a repo that is not a Mamba-2 model is refused before its weights.
+        dl.run_all(dl.plan, [(job, listing[n]) for n in meta])
         dl.run_all(dl.fetch, [(job, listing[n]) for n in meta])
-        cfg = _check_config(job, repo_id)
+        job.set_ref(revision or "main")
+        cfg = _check_config(job)
         fmt = cfg.format if cfg is not None else fmt  # hf-style files may hold a mamba_ssm checkpoint
-        index = job.target.dir / "model.safetensors.index.json"
+        index = job.dir / "model.safetensors.index.json"
         if index.is_file():
             rest = _shards_from_index(index, listing, repo_id) + [n for n in rest if not _SHARD.fullmatch(n)]
         names = meta + _filter(rest, None, exclude)
         if (cfg is not None and cfg.format == "mamba_ssm" and "tokenizer.json" not in listing
                 and _filter(["tokenizer.json"], None, exclude)):
             tok_commit, tok_listing = dl.listing(GPT_NEOX_TOKENIZER_REPO, None)
-            companion = _Job(GPT_NEOX_TOKENIZER_REPO, tok_commit, target(GPT_NEOX_TOKENIZER_REPO, tok_commit),
+            companion = _Job(GPT_NEOX_TOKENIZER_REPO, tok_commit, cache, local_dir,
                              [tok_listing[n] for n in TOKENIZER_FILES if n in tok_listing])
-            companion.target.set_ref("main")
             jobs.append(companion)
     if not names:
         raise Mamba2Error(f"{repo_id}: no file matches the --include/--exclude patterns")
     job.files = [listing[n] for n in names]
 
     # Free space for what is still missing, before any weights are fetched.
-    todo = [(j, f) for j in jobs for f in j.files if not j.target.has(f)]
-    partial = sum(_partial_size(j.target, f) for j, f in todo)
-    needed = sum(f.size or 0 for _, f in todo) - partial
+    rest = [(j, f) for j in jobs for f in j.files if f.path not in j.done]
+    dl.run_all(dl.plan, rest)
+    todo = [f for j, f in rest if f.path in j.todo]
+    needed = sum(f.size or 0 for f in todo)
     where = local_dir if local_dir is not None else cache
     free = free_bytes(where)
     if needed > free:
-        raise Mamba2Error(
-            f"not enough disk space in {where}: {repo_id} needs {human_bytes(needed)} more, {human_bytes(free)} free"
-        )
+        raise Mamba2Error(f"not enough disk space in {where}: {repo_id} needs {_size(needed)} more, {_size(free)} free")
     if todo:
-        dl.progress.plan(len(todo), needed + partial, partial)
-    dl.run_all(dl.fetch, todo)
-    dl.run_all(dl.verify, [(j, f) for j in jobs for f in j.files])
+        dl.progress.plan(len(todo), needed)
+    dl.run_all(dl.fetch, rest)
+    job.set_ref(revision or "main")
+    if companion is not None:
+        companion.set_ref("main")
     return DownloadResult(
-        path=job.target.dir, repo_id=repo_id, commit=commit, format=fmt, files=names,
+        path=job.dir, repo_id=repo_id, commit=commit, format=fmt, files=names,
         total_bytes=sum(f.size or 0 for j in jobs for f in j.files), fetched_bytes=dl.fetched_bytes,
         fetched_files=dl.fetched_files, verified_files=dl.verified,
-        tokenizer_dir=companion.target.dir if companion else None,
+        tokenizer_dir=companion.dir if companion else None,
         tokenizer_files=[f.path for f in companion.files] if companion else [],
     )
 
 
-def _partial_size(t, f: RemoteFile) -> int:
-    if not f.etag:
-        return 0
-    p = t.partial(f.etag, f)
-    return p.stat().st_size if p.is_file() else 0
-
-
-def _check_config(job: _Job, repo_id: str):
+def _check_config(job: _Job):
     from .config import read_config
 
-    d = job.target.dir
+    d = job.dir
     if not ((d / "config.json").is_file() or (d / "params.json").is_file()):
         return None  # excluded by the user
     try:
         return read_config(d)
     except Mamba2Error as e:
         reason = str(e).replace(f"{d}{os.sep}", "")
-        raise Mamba2Error(f"{repo_id} is not a model mamba2 can run: {reason} (--include fetches files anyway)") from None
+        raise Mamba2Error(f"{job.repo_id} is not a model mamba2 can run: {reason} (--include fetches files "
+                          "anyway)") from None
 
 
 def _shards_from_index(index: Path, listing: dict, repo_id: str) -> list[str]:
@@ -933,8 +728,10 @@ def _shards_from_index(index: Path, listing: dict, repo_id: str) -> list[str]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise Mamba2Error(f"{repo_id}: model.safetensors.index.json is not a valid shard index") from None
+    for s in shards:
+        if not is_repo_path(s):
+            raise _refuse_name(repo_id, "the shard name", s)
     missing = [s for s in shards if s not in listing]
     if missing:
         raise Mamba2Error(f"{repo_id}: the shard index lists {missing[0]}, which the repo does not have")
     return shards
-

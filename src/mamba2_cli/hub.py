@@ -4,13 +4,16 @@ A repo id whose files are complete in the local Hugging Face cache is used with 
 access at all; one that is not is downloaded first (download.py) unless offline mode is on
 (`--offline`, HF_HUB_OFFLINE=1). Aliases name real checkpoints; `--preset` names
 random-weight shapes (config.PRESETS), and the two never stand in for each other.
+
+The cache is huggingface_hub's: its offline switch, cache lookup and cache scan are used as
+they are, imported only where a repo id is looked up (`--preset` and the built-in model never
+import huggingface_hub).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +45,6 @@ def builtin_dir(name: str) -> Path | None:
 
 # mamba_ssm checkpoints carry no tokenizer; mamba_ssm's own scripts load this one.
 GPT_NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
-
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-
 
 def split_revision(spec: str) -> tuple[str, str | None]:
     """'org/name@rev' -> ('org/name', 'rev')."""
@@ -85,15 +85,24 @@ def parse_repo_spec(spec: str, what: str = "not an alias or a Hugging Face repo 
     full = expand_alias(spec)
     if not looks_like_repo_id(full):
         raise Mamba2Error(f"{spec}: {what}")
-    return split_revision(full)
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo, revision = split_revision(full)
+    try:
+        validate_repo_id(repo)  # what huggingface_hub refuses beyond the shape checked above ('--', '..')
+    except HFValidationError:
+        raise Mamba2Error(f"{spec}: {what}") from None
+    return repo, revision
 
 
 def offline_mode(offline: bool = False) -> bool:
-    """`--offline`, or HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set as huggingface_hub reads them."""
+    """`--offline`, or huggingface_hub's offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
     if offline:
         return True
-    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",
-                                                                                    "TRANSFORMERS_OFFLINE"))
+    from huggingface_hub import is_offline_mode
+
+    return is_offline_mode()
 
 
 def hub_cache(cache_dir: str | Path | None = None) -> Path:
@@ -105,27 +114,22 @@ def hub_cache(cache_dir: str | Path | None = None) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def repo_folder(repo_id: str) -> str:
-    return "models--" + repo_id.replace("/", "--")
+def cached_file(repo_id: str, filename: str, revision: str | None = None,
+                cache_dir: str | Path | None = None) -> Path | None:
+    """A file of a repo at a revision (a branch, tag or commit; default main) in the cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
 
-
-def _repo_of_folder(name: str) -> str | None:
-    parts = name.split("--")
-    return f"{parts[1]}/{'--'.join(parts[2:])}" if len(parts) >= 3 and parts[0] == "models" else None
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache(cache_dir), revision=revision)
+    return Path(found) if isinstance(found, str) else None
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path | None:
-    """The cache's snapshot directory for a repo at a revision (complete or not), or None."""
-    root = hub_cache(cache_dir) / repo_folder(repo_id)
-    revision = revision or "main"
-    if not _COMMIT.fullmatch(revision):
-        ref = root / "refs" / revision
-        try:
-            revision = ref.read_text().strip()
-        except OSError:
-            return None
-    snap = root / "snapshots" / revision
-    return snap if snap.is_dir() else None
+    """The cache's snapshot directory for a repo at a revision, when it holds a config (complete or not)."""
+    for name in ("config.json", "params.json"):
+        found = cached_file(repo_id, name, revision, cache_dir)
+        if found is not None:
+            return found.parent
+    return None
 
 
 def missing_files(model_dir: Path) -> list[str]:
@@ -200,9 +204,9 @@ def tokenizer_dir(model_dir: Path, cfg, *, offline: bool = False, progress=True,
     model_dir = Path(model_dir)
     if (model_dir / "tokenizer.json").is_file() or cfg.format != "mamba_ssm":
         return model_dir
-    snap = cached_snapshot(GPT_NEOX_TOKENIZER_REPO, None, cache_dir)
-    if snap is not None and (snap / "tokenizer.json").is_file():
-        return snap
+    found = cached_file(GPT_NEOX_TOKENIZER_REPO, "tokenizer.json", None, cache_dir)
+    if found is not None:
+        return found.parent
     if offline_mode(offline):
         raise Mamba2Error(
             f"{model_dir}: mamba_ssm checkpoints use GPT-NeoX's tokenizer, which is not in the Hugging Face cache "
@@ -242,28 +246,26 @@ class CachedModel:
 
 def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
     """The Mamba-2 checkpoints in the Hugging Face cache, one per cached snapshot."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
     from .config import read_config
 
-    root = hub_cache(cache_dir)
+    try:
+        scan = scan_cache_dir(hub_cache(cache_dir))
+    except CacheNotFound:
+        return []
     out = []
-    for repo_path in sorted(root.glob("models--*")) if root.is_dir() else []:
-        repo_id = _repo_of_folder(repo_path.name)
-        if repo_id is None:
+    for repo in sorted(scan.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
             continue
-        refs: dict[str, list[str]] = {}
-        for ref in sorted((repo_path / "refs").glob("**/*")):
-            if ref.is_file():
-                try:
-                    refs.setdefault(ref.read_text().strip(), []).append(ref.relative_to(repo_path / "refs").as_posix())
-                except OSError:
-                    pass
-        for snap in sorted((repo_path / "snapshots").glob("*")):
+        for rev in sorted(repo.revisions, key=lambda r: r.commit_hash):
             try:
-                cfg = read_config(snap)
+                cfg = read_config(rev.snapshot_path)
             except Mamba2Error:
                 continue  # not a Mamba-2 checkpoint (a tokenizer repo, another model)
-            out.append(CachedModel(repo_id, snap.name, refs.get(snap.name, []), snap, cfg.format,
-                                   directory_size(snap), missing_files(snap)))
+            out.append(CachedModel(repo.repo_id, rev.commit_hash, sorted(rev.refs), rev.snapshot_path, cfg.format,
+                                   rev.size_on_disk, missing_files(rev.snapshot_path)))
     return out
 
 
