@@ -430,7 +430,6 @@ def test_not_enough_disk_space_gives_both_numbers_before_fetching_weights(hub, e
     (["download", "acme/tiny", "--revision", "nope"], ["acme/tiny has no revision 'nope'"]),
     (["download", "acme/tiny@nope"], ["acme/tiny has no revision 'nope'"]),
     (["download", "acme/mistral-only"], ["tokenizer.model.v3", "no tokenizer.json"]),
-    (["download", CODESTRAL, "--format", "gguf"], ["unknown format 'gguf'"]),
     (["download", "acme/gpt2"], ["acme/gpt2 is not a model mamba2 can run", "gpt2"]),
     (["download", "tiny"], ["random-weight preset", "--preset tiny"]),
     (["download", "./x/y/z"], ["not an alias or a Hugging Face repo id"]),
@@ -438,6 +437,13 @@ def test_not_enough_disk_space_gives_both_numbers_before_fetching_weights(hub, e
 def test_download_errors_are_one_line(hub, env, args, words):
     fails(mamba2(*args, env=env), *words)
     assert not hub.gets() or hub.files_fetched() <= {"config.json"}  # never the weights
+
+
+def test_an_unknown_format_is_a_flag_error(hub, env):
+    p = mamba2("download", CODESTRAL, "--format", "gguf", env=env)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and "'gguf' is not one of" in err and "Traceback" not in err
+    assert not hub.gets()
 
 
 def test_gated_repo_downloads_with_a_token(hub, env, repos):

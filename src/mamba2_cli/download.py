@@ -60,8 +60,6 @@ def _size(n: int | float | None) -> str:
     return "?" if n is None else decimal(int(n))
 
 
-human_bytes = _size  # the name cli.py imports
-
 
 # ---------------------------------------------------------------------------------------
 # Which files
