@@ -163,10 +163,14 @@ _HEADER_REASONS = (
     ("header too small", "bad header length"),
     ("invalid header length", "bad header length"),
     ("header too large", "bad header length"),
-    ("unknown variant", "a tensor has an unsupported dtype"),
+    ("struct HashMetadata", "header is not an object"),
+    ("unknown variant", "a tensor has an unsupported or malformed entry"),
+    ("struct TensorInfo", "a tensor has an unsupported or malformed entry"),
     ("invalid JSON", "unreadable header"),
-    ("incomplete metadata", "the tensors do not cover the file (truncated?)"),
-    ("invalid shape, data type, or offset", "a tensor's offsets do not match its shape (truncated?)"),
+    ("incomplete metadata", "a tensor lies outside the file or has the wrong size (truncated?)"),
+    ("invalid shape, data type, or offset", "a tensor lies outside the file or has the wrong size (truncated?)"),
+    ("invalid offset", "a tensor lies outside the file or has the wrong size (truncated?)"),
+    ("overflow", "a tensor lies outside the file or has the wrong size (truncated?)"),
 )
 
 
