@@ -46,14 +46,56 @@ def test_misshaped_tensor_gives_both_shapes(make_checkpoint):
         load_model(str(d), device="cpu")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_corrupt_safetensors_is_a_clear_error(make_checkpoint, damage):
+def _header(header: dict, data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncate", "truncated"), ("garbage", "bad header length"), ("empty", "bad header length"),
+    # A length beyond the file (or beyond any sane header) is refused before anything is allocated.
+    ("claims a huge header", "bad header length"), ("claims more than the file", "bad header length"),
+    ("json", "unreadable header"), ("not an object", "header is not an object"),
+    ("unknown dtype", "unsupported or malformed entry"), ("malformed entry", "unsupported or malformed entry"),
+    ("offsets disagree with the shape", "truncated"),
+])
+def test_corrupt_safetensors_is_a_clear_error(make_checkpoint, damage, reason):
     d, _, _ = make_checkpoint("hf")
     path = d / "model.safetensors"
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}[damage])
-    with pytest.raises(Mamba2Error, match="model.safetensors"):
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    path.write_bytes({
+        "truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 100, "empty": b"",
+        "claims a huge header": (2**62).to_bytes(8, "little") + b"{}",
+        "claims more than the file": (90_000_000).to_bytes(8, "little") + b"{}" + b" " * 100,
+        "json": (5).to_bytes(8, "little") + b"{nope",
+        "not an object": (2).to_bytes(8, "little") + b"[]",
+        "unknown dtype": _header({"x": {**entry, "dtype": "Q9"}}, bytes(8)),
+        "malformed entry": _header({"x": 5}, bytes(8)),
+        "offsets disagree with the shape": _header({"x": {**entry, "shape": [3]}}, bytes(8)),
+    }[damage])
+    with pytest.raises(Mamba2Error, match=f"model.safetensors: not a valid safetensors file .*{reason}") as e:
         load_model(str(d), device="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_a_dtype_the_loader_does_not_convert_is_named(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")
+    rewrite_weights(d, lambda sd: sd.update({"backbone.norm_f.weight": sd["backbone.norm_f.weight"].to(torch.float8_e4m3fn)}))
+    with pytest.raises(Mamba2Error, match="tensor 'backbone.norm_f.weight' has an unsupported dtype F8_E4M3"):
+        load_model(str(d), device="cpu")
+
+
+def test_stored_dtypes_counts_bytes_from_the_header(tmp_path):
+    from mamba2_cli.info import stored_dtypes
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(3, 4, dtype=torch.float16), "b": torch.zeros(5), "c": torch.zeros(7, dtype=torch.bfloat16)},
+              str(path))
+    assert stored_dtypes([path]) == {"float16": 24, "float32": 20, "bfloat16": 14}
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(Mamba2Error, match=r"model.safetensors: not a valid safetensors file \(.*truncated"):
+        stored_dtypes([path])
 
 
 def test_pickled_code_is_refused(make_checkpoint):
@@ -76,6 +118,22 @@ def test_weights_land_in_the_requested_dtype_with_fp32_ssm_params(make_checkpoin
     assert mixer.in_proj.weight.dtype == torch.bfloat16
     assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_bias.dtype == torch.float32
     assert not any(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_are_the_stored_values_with_cpu_projections_input_major(tmp_path, dtype):
+    shape = tiny_shape()
+    sd = random_weights(shape)
+    write_hf(tmp_path, shape, sd, dtype=torch.float16)
+    model = ck.load_checkpoint(tmp_path, torch.device("cpu"), dtype)
+    for name, p in model.state_dict().items():
+        leaf = name.rsplit(".", 1)[-1]
+        want = sd[name].to(torch.float16).to(torch.float32 if leaf in ck.FP32_PARAMS else dtype)
+        assert p.dtype == want.dtype and torch.equal(p, want), name
+        if name.endswith(("proj.weight", "lm_head.weight", "embeddings.weight")):
+            assert p.stride() == (1, p.shape[0]), name
+        else:
+            assert p.is_contiguous(), name
 
 
 def test_tied_embeddings_share_storage(make_checkpoint):

@@ -3,7 +3,6 @@ the memory that weights and recurrent state need, read from the files without lo
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -11,35 +10,30 @@ from .config import read_config
 from .errors import Mamba2Error
 from .hub import directory_size
 
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def stored_dtypes(files: list[Path]) -> Counter:
-    """Bytes per dtype in weight files (safetensors headers; .bin files through torch, memory-mapped)."""
+    """Bytes per dtype in weight files: safetensors headers, or .bin files through torch, memory-mapped."""
+    import math
+
+    from .checkpoint import SAFETENSORS_DTYPES, iter_bin_tensors, open_safetensors
+
     counts: Counter = Counter()
     for path in files:
         if path.suffix == ".safetensors":
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                try:
-                    header = json.loads(f.read(n))
-                except ValueError:
-                    raise Mamba2Error(f"{path}: not a valid safetensors file (unreadable header)") from None
-            for name, t in header.items():
-                if name != "__metadata__" and isinstance(t, dict):
-                    begin, end = t.get("data_offsets", (0, 0))
-                    counts[_ST_NAMES.get(t.get("dtype"), str(t.get("dtype")).lower())] += end - begin
+            with open_safetensors(path) as f:
+                for name in f.keys():
+                    view = f.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+                    if dtype is None:  # a dtype the loader refuses: named, its size not counted
+                        counts[view.get_dtype().lower()] += 0
+                    else:
+                        counts[str(dtype).removeprefix("torch.")] += math.prod(view.get_shape()) * dtype.itemsize
         else:
-            import torch
-
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            for t in sd.values():
-                if isinstance(t, torch.Tensor):
-                    counts[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
+            for _, t in iter_bin_tensors(path):
+                counts[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
     return counts
 
 

@@ -1,5 +1,8 @@
-"""The safetensors container, read by hand: weight files (checkpoint.py) and state files
-(statefile.py) share it.
+"""The safetensors container of state files (statefile.py), read by hand.
+
+Weight files go through the safetensors package (checkpoint.py). A state file's checks need
+what safe_open does not give: the offset of the tensor bytes (read by offset, CRC-32 per
+block) and, for a truncated file, how many bytes its header promises.
 
 Layout: 8 bytes little-endian header length n, n bytes of JSON ({name: {dtype, shape,
 data_offsets}, "__metadata__": {...}}), then the tensor bytes, offsets counted from there.
