@@ -49,9 +49,9 @@ def test_counts_match_the_hand_computed_values():
     assert kb.matvec_bytes(HAND, 2) == (100 * 16 + 16 + 100) * 2 == 3432
 
 
-def test_codestral_counts_match_the_anchors():
+def test_codestral_counts_match_the_layer_shape():
     s = kb.SHAPES["codestral"]
-    assert (s.d_inner, s.conv_dim, s.in_proj) == (8192, 10240, 18560)  # DESIGN.md: in_proj width 18560
+    assert (s.d_inner, s.conv_dim, s.in_proj) == (8192, 10240, 18560)  # in_proj: z, x, B, C and dt of 128 heads
     assert kb.ssd_flops(s, 1, 16384) == 146_028_888_064  # "about 145 GFLOP" (kernel_bench's docstring)
     assert kb.state_bytes(s, 1) == 2 * 4_194_304  # 4.2 MB read + 4.2 MB written
     assert round(kb.state_bytes(s, 64) / 1e6) == 537  # 537 MB of state traffic at batch 64

@@ -17,7 +17,7 @@ def greedy_tokens(model, tok, prompt, n, **kw):
 
 def test_triton_is_as_accurate_as_the_reference_on_a_codestral_shaped_model():
     # bf16 rounding alone moves this random 64-layer model's logits by ~7 % (torch backend,
-    # bf16 vs fp32; benchmarks/NOTES.md), so the two bf16 backends cannot agree to 2e-2.
+    # bf16 vs fp32), so the two bf16 backends cannot agree to 2e-2.
     # What holds: in fp32 they agree to 1e-4, and in bf16 triton is no further from the fp32
     # logits than the torch reference is.
     ids = torch.randint(3, 32768, (1, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
