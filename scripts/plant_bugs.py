@@ -1,4 +1,4 @@
-"""Plant known bugs one at a time in a copy of the package and check that the tests catch each.
+"""Plant known bugs one at a time in a copy of the project and check that the tests catch each.
 
     python scripts/plant_bugs.py            # prints one line per bug: caught / MISSED
 """
@@ -13,20 +13,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (name, file, text to find, replacement)
 BUGS = [
-    ("repeat instead of repeat_interleave for groups", "kernels/torch_ref.py",
+    ("repeat instead of repeat_interleave for groups", "kernels/pytorch.py",
      "    b, L, H, P = x.shape\n    G, N = B.shape[-2:]\n    hpg = H // G\n",
      "    b, L, H, P = x.shape\n    G, N = B.shape[-2:]\n    B, C = B.repeat(1, 1, H // G, 1), C.repeat(1, 1, H // G, 1)\n    G, N = B.shape[-2:]\n    hpg = H // G\n"),
-    ("norm over all of d_inner", "kernels/torch_ref.py",
+    ("norm over all of d_inner", "kernels/pytorch.py",
      "    shape = y.shape\n", "    shape = y.shape\n    group_size = shape[-1]\n"),
     ("initial state dropped in prefill", "model.py",
      "initial_state=ssm_state", "initial_state=None"),
-    ("conv window off by one", "kernels/torch_ref.py",
+    ("conv window off by one", "kernels/pytorch.py",
      "conv_state.copy_(window[:, L:].transpose(1, 2))", "conv_state.copy_(window[:, L - 1 : -1].transpose(1, 2))"),
     ("padded vocab not sliced", "model.py",
-     "return logits[..., : cfg.vocab_size].float()", "return logits.float()"),
+     "logits = logits[..., : cfg.vocab_size]", "logits = logits[..., :]"),
     ("norm_before_gate flipped", "config.py",
      'norm_before_gate=bool(ssm.get("norm_before_gate", False))', 'norm_before_gate=not ssm.get("norm_before_gate", False)'),
-    ("dt not clamped to time_step_limit", "kernels/torch_ref.py",
+    ("dt not clamped to time_step_limit", "kernels/pytorch.py",
      "        dt = dt.clamp(min=lo, max=hi)\n", "        pass\n"),
 ]
 
@@ -37,8 +37,13 @@ def main() -> int:
     missed = 0
     for name, rel, old, new in BUGS:
         with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "src"
-            shutil.copytree(ROOT / "src", src)
+            # The whole project (its tracked files): the subprocess tests import the tree's own src/.
+            root = Path(tmp) / "project"
+            tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+            for rel_path in filter(None, tracked.decode().split("\0")):
+                (root / rel_path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel_path, root / rel_path)
+            src = root / "src"
             path = src / "mamba2_cli" / rel
             text = path.read_text()
             if old not in text:
@@ -47,7 +52,7 @@ def main() -> int:
                 continue
             path.write_text(text.replace(old, new, 1))
             r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS],
-                               cwd=ROOT, env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+                               cwd=root, env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
                                capture_output=True, text=True)
             caught = r.returncode != 0
             missed += not caught
