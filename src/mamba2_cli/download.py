@@ -54,10 +54,12 @@ _RESTARTS = 5  # transfers started over in a row without a byte beyond the furth
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _size(n: int | float | None) -> str:
+def format_size(n: int | float | None) -> str:
+    """Bytes in decimal units with two decimals (1.23 GB), "?" when unknown: the one size
+    format of downloads and the CLI."""
     from rich.filesize import decimal
 
-    return "?" if n is None else decimal(int(n))
+    return "?" if n is None else decimal(int(n), precision=2)
 
 
 
@@ -344,10 +346,10 @@ class _PlainProgress(Progress):
             self.stream.flush()
 
     def plan(self, files, total):
-        self.note(f"fetching {files} files, {_size(total)}")
+        self.note(f"fetching {files} files, {format_size(total)}")
 
     def start(self, name, total, fetch=True):
-        self.note(f"  {'fetching' if fetch else 'verifying'} {name} ({_size(total)})")
+        self.note(f"  {'fetching' if fetch else 'verifying'} {name} ({format_size(total)})")
         return _Line(name, total, fetch)
 
     def advance(self, t, n):
@@ -356,12 +358,12 @@ class _PlainProgress(Progress):
         if now - t.last >= self.interval:
             t.last = now
             pct = f" ({100 * t.done / t.total:.0f}%)" if t.total else ""
-            self.note(f"  {t.name}: {_size(t.done)} of {_size(t.total)}{pct}, {_size(t.done / (now - t.t0))}/s")
+            self.note(f"  {t.name}: {format_size(t.done)} of {format_size(t.total)}{pct}, {format_size(t.done / (now - t.t0))}/s")
 
     def finish(self, t):
         dt = time.monotonic() - t.t0
         verb = "stopped" if t.total and t.done < t.total else "fetched" if t.fetch else "verified"
-        self.note(f"  {verb} {t.name}: {_size(t.done)} in {dt:.1f} s ({_size(t.done / max(dt, 1e-9))}/s)")
+        self.note(f"  {verb} {t.name}: {format_size(t.done)} in {dt:.1f} s ({format_size(t.done / max(dt, 1e-9))}/s)")
 
 
 class _Bar:
@@ -691,7 +693,7 @@ def _download(dl: _Downloader, repo_id, revision, fmt, include, exclude, local_d
     where = local_dir if local_dir is not None else cache
     free = free_bytes(where)
     if needed > free:
-        raise Mamba2Error(f"not enough disk space in {where}: {repo_id} needs {_size(needed)} more, {_size(free)} free")
+        raise Mamba2Error(f"not enough disk space in {where}: {repo_id} needs {format_size(needed)} more, {format_size(free)} free")
     if todo:
         dl.progress.plan(len(todo), needed)
     dl.run_all(dl.fetch, rest)

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from .. import __version__
+from ..download import format_size as size  # noqa: F401  (the commands import it from here)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -108,13 +109,6 @@ def versions() -> dict:
     except Exception:
         v["triton"] = None
     return v
-
-
-def size(n: int | None) -> str:
-    """Bytes in decimal units (1.23 GB), "?" when unknown."""
-    from rich.filesize import decimal
-
-    return "?" if n is None else decimal(int(n), precision=2)
 
 
 def count(n: int) -> str:
