@@ -30,7 +30,7 @@ BUGS = [
      "        dt = dt.clamp(min=lo, max=hi)\n", "        pass\n"),
 ]
 
-TESTS = ["tests/test_torch_ref.py", "tests/test_model.py", "tests/test_config.py"]
+TESTS = ["tests/test_pytorch_backend.py", "tests/test_model.py", "tests/test_config.py"]
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ from mamba2_cli.checkpoint import random_model
 from mamba2_cli.config import Mamba2Config
 from mamba2_cli.generation import PrefillGraphs, prefill, runner_for
 from mamba2_cli.kernels.triton import configs as triton_configs
-from mamba2_cli.kernels import pytorch as torch_ref
+from mamba2_cli.kernels import pytorch
 from reference import rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -30,7 +30,7 @@ BACKENDS = ["torch", "triton"]
 
 def backend(name):
     if name == "torch":
-        return torch_ref
+        return pytorch
     need_interpreter(name)
     from mamba2_cli.kernels import triton as triton_backend
 
@@ -138,7 +138,7 @@ def test_causal_conv1d_state_is_taken_at_each_rows_length(name, nan_poisoned_emp
             assert torch.equal(cs[i], cs0[i])
             continue
         cs1 = cs0[i : i + 1].clone()
-        out1 = torch_ref.causal_conv1d(xBC[i : i + 1, :n], w, bias, cs1)
+        out1 = pytorch.causal_conv1d(xBC[i : i + 1, :n], w, bias, cs1)
         assert torch.equal(cs[i : i + 1], cs1)
         assert rel_err(out[i : i + 1, :n], out1) < 1e-6
 
@@ -160,7 +160,7 @@ def test_triton_conv_forms_agree(width, rows, monkeypatch):
     cs = torch.randn(2, 40, width - 1, generator=g)
     cs_ref = cs.clone()
     out = triton_backend.causal_conv1d(xBC, w, bias, cs)
-    out_ref = torch_ref.causal_conv1d(xBC, w, bias, cs_ref)
+    out_ref = pytorch.causal_conv1d(xBC, w, bias, cs_ref)
     assert rel_err(out, out_ref) < 1e-6
     assert torch.equal(cs, cs_ref)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba2_cli.kernels import pytorch as torch_ref
+from mamba2_cli.kernels import pytorch
 from reference import rel_err, sequential_ssd
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -123,7 +123,7 @@ def test_ssd_prefill_long_bf16_matches_torch_reference(tb):
     inp = codestral_ssd_inputs(2, 8191, torch.bfloat16, seed=7)
     y, state = run_ssd(tb.ssd_prefill, inp)
     as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
-    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, as_fp32)
+    y_ref, state_ref = run_ssd(pytorch.ssd_prefill, as_fp32)
     assert rel_err(y, y_ref) <= 1e-2
     assert rel_err(state, state_ref) <= 1e-2
 
@@ -135,7 +135,7 @@ SWEEP_L = list(range(1, 71)) + [127, 128, 129, 191, 192, 193, 255, 256, 257, 511
 
 
 def sweep_lengths(tb, lengths, b, dtype, init):
-    """ssd_prefill against torch_ref (fp32 math) at each length; returns the failures."""
+    """ssd_prefill against pytorch (fp32 math) at each length; returns the failures."""
     bad = []
     for L in lengths:
         inp = codestral_ssd_inputs(b, L, dtype, seed=1000 + L, init=init)
@@ -145,7 +145,7 @@ def sweep_lengths(tb, lengths, b, dtype, init):
         except Exception as e:  # a fault poisons the context: name the length, stop here
             raise AssertionError(f"L={L} (earlier failures {bad}): {str(e)[:80]}") from e
         as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
-        y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, as_fp32)
+        y_ref, state_ref = run_ssd(pytorch.ssd_prefill, as_fp32)
         ey, es = rel_err(y, y_ref), rel_err(state, state_ref)
         if not (ey <= 1e-2 and es <= 1e-2):  # NaN (an unwritten output) fails too
             bad.append((L, f"{ey:.1e}", f"{es:.1e}"))
@@ -156,7 +156,7 @@ def sweep_lengths(tb, lengths, b, dtype, init):
 @pytest.mark.parametrize("b", [1, 3])
 @pytest.mark.parametrize("config", ["default", "many"])
 def test_ssd_prefill_length_sweep_matches_torch_reference(tb, monkeypatch, config, b, init):
-    """bf16 at Codestral shapes for every L in SWEEP_L against torch_ref, rel err <= 1e-2.
+    """bf16 at Codestral shapes for every L in SWEEP_L against pytorch, rel err <= 1e-2.
 
     "default" forces configs.SSD["few"] (batch 1 and short prompts; batch 3 would take
     "many"); "many" forces configs.SSD["many"], the configuration of batches from 2
@@ -210,7 +210,7 @@ def test_mixer_decode_step_codestral_matches_float_reference(tb, b, block_p):
     for _ in range(4):
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, config={"BLOCK_P": block_p} if block_p else None)
-        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt.float())
+        out_ref = run_mixer(pytorch.mixer_decode_step, ref, zxbcdt.float())
         assert rel_err(out, out_ref) <= 1e-2
         assert rel_err(st["ssm_state"], ref["ssm_state"]) <= 1e-2
         assert rel_err(st["conv_state"], ref["conv_state"]) <= 1e-2
@@ -222,7 +222,7 @@ def test_mixer_decode_step_fp32_matches_torch_reference_exactly_enough(tb):
     for nbg in (False, True):
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, nbg)
-        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, nbg)
+        out_ref = run_mixer(pytorch.mixer_decode_step, ref, zxbcdt, nbg)
         assert rel_err(out, out_ref) <= 1e-5
         assert rel_err(st["ssm_state"], ref["ssm_state"]) <= 1e-5
         assert torch.equal(st["conv_state"], ref["conv_state"])
@@ -288,7 +288,7 @@ def test_ssd_prefill_splits_a_small_models_sequence_and_matches_torch_reference(
     assert ssd.choose_config(1, h, p, L, torch.bfloat16).get("SEGMENTS", 1) > 1
     y, state = run_ssd(tb.ssd_prefill, inp)
     as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
-    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, as_fp32)
+    y_ref, state_ref = run_ssd(pytorch.ssd_prefill, as_fp32)
     assert rel_err(y, y_ref) <= 1e-2
     assert rel_err(state, state_ref) <= 1e-2
 
@@ -316,19 +316,19 @@ def test_norms_and_conv_at_codestral_shapes(tb, width):
     cs = torch.randn(2, conv_dim, width - 1, generator=g, device="cuda").to(torch.bfloat16)
     cs_ref = cs.clone()
     out = tb.causal_conv1d(xBC, w, bias, cs)
-    out_ref = torch_ref.causal_conv1d(xBC.float(), w.float(), bias.float(), cs_ref)
+    out_ref = pytorch.causal_conv1d(xBC.float(), w.float(), bias.float(), cs_ref)
     assert rel_err(out, out_ref) <= 1e-2 and torch.equal(cs, cs_ref.to(cs.dtype))
 
     y = torch.randn(2, L, d_inner, generator=g, device="cuda").to(torch.bfloat16)
     nw = torch.randn(d_inner, generator=g, device="cuda").to(torch.bfloat16)
     for nbg in (False, True):
         o = tb.gated_rmsnorm(y, z, nw, d_inner // G, 1e-5, nbg)
-        o_ref = torch_ref.gated_rmsnorm(y.float(), z.float(), nw.float(), d_inner // G, 1e-5, nbg)
+        o_ref = pytorch.gated_rmsnorm(y.float(), z.float(), nw.float(), d_inner // G, 1e-5, nbg)
         assert rel_err(o, o_ref) <= 1e-2
 
     x = torch.randn(L, 4096, generator=g, device="cuda").to(torch.bfloat16)
     res = torch.randn(L, 4096, generator=g, device="cuda")
     w2 = torch.randn(4096, generator=g, device="cuda").to(torch.bfloat16)
     o, r = tb.add_rmsnorm(x, res, w2, 1e-5)
-    o_ref, r_ref = torch_ref.add_rmsnorm(x, res, w2, 1e-5)
+    o_ref, r_ref = pytorch.add_rmsnorm(x, res, w2, 1e-5)
     assert rel_err(o, o_ref) <= 1e-2 and rel_err(r, r_ref) <= 1e-6

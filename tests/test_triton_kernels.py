@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mamba2_cli.errors import Mamba2Error  # noqa: E402
-from mamba2_cli.kernels import pytorch as torch_ref  # noqa: E402
+from mamba2_cli.kernels import pytorch  # noqa: E402
 from reference import rel_err, sequential_ssd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +102,7 @@ def test_ssd_prefill_matches_float64_recurrence(tb, shape, dtype, tol):
 def test_ssd_prefill_matches_torch_reference_without_initial_state(tb):
     inp = ssd_inputs(2, 37, 4, 16, 2, 32, torch.float32, init=False, seed=1)
     y, state = run_ssd(tb.ssd_prefill, inp)
-    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, inp)
+    y_ref, state_ref = run_ssd(pytorch.ssd_prefill, inp)
     assert rel_err(y, y_ref) < 1e-5
     assert rel_err(state, state_ref) < 1e-5
 
@@ -265,7 +265,7 @@ def test_ssd_prefill_reads_strided_views(tb):
     x, B, C = torch.split(xBC, [H * P, G * N, G * N], dim=-1)
     y, state = tb.ssd_prefill(x.reshape(b, L, H, P), wide_dt[..., 7:], inp["A"], B.reshape(b, L, G, N),
                               C.reshape(b, L, G, N), inp["D"], inp["dt_bias"], (0.0, INF), 16, inp["initial_state"])
-    y_ref, state_ref = run_ssd(torch_ref.ssd_prefill, inp)
+    y_ref, state_ref = run_ssd(pytorch.ssd_prefill, inp)
     assert rel_err(y, y_ref) < 1e-5
     assert rel_err(state, state_ref) < 1e-5
 
@@ -296,7 +296,7 @@ def test_ssd_decode_step_matches_reference(tb, dtype, tol):
     ref_state = inp["ssm_state"].clone()
     args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")] + [(0.0, INF)]
     y = tb.ssd_decode_step(*args, inp["ssm_state"])
-    y_ref = torch_ref.ssd_decode_step(*args, ref_state)
+    y_ref = pytorch.ssd_decode_step(*args, ref_state)
     assert y.dtype == dtype
     assert rel_err(y, y_ref) < tol
     assert rel_err(inp["ssm_state"], ref_state) < 1e-6
@@ -316,7 +316,7 @@ def test_causal_conv1d_matches_reference(tb, L, dtype, tol):
     wide = torch.cat([xBC, torch.randn(2, L, 5, device=DEVICE).to(dtype)], -1)[..., :40]  # a strided view
     cs_ref = cs.clone()
     out = tb.causal_conv1d(wide, w, bias, cs)
-    out_ref = torch_ref.causal_conv1d(xBC.clone(), w, bias, cs_ref)
+    out_ref = pytorch.causal_conv1d(xBC.clone(), w, bias, cs_ref)
     assert rel_err(out, out_ref) < tol
     assert torch.equal(cs, cs_ref)
 
@@ -325,7 +325,7 @@ def test_conv1d_step_matches_reference(tb):
     xBC, w, bias, cs = conv_inputs(3, 1, 300, 4, torch.float32)
     cs_ref = cs.clone()
     out = tb.conv1d_step(xBC[:, 0], w, None, cs)
-    out_ref = torch_ref.conv1d_step(xBC[:, 0], w, None, cs_ref)
+    out_ref = pytorch.conv1d_step(xBC[:, 0], w, None, cs_ref)
     assert rel_err(out, out_ref) < 1e-6
     assert torch.equal(cs, cs_ref)
 
@@ -369,7 +369,7 @@ def test_mixer_decode_step_matches_reference_over_steps(tb, b, H, P, G, N, nbg, 
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, G, nbg, limit,
                         config={"BLOCK_P": block_p} if block_p else None)
-        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
+        out_ref = run_mixer(pytorch.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
         assert out.dtype == dtype and out.shape == (b, H * P)
         assert rel_err(out, out_ref) < tol
         assert rel_err(st["ssm_state"], ref["ssm_state"]) < tol  # fp16: the reference convolves in fp16
@@ -394,7 +394,7 @@ def test_split_mixer_decode_step_matches_reference_and_the_fused_step(tb, b, H, 
                         config={"split": True, "BLOCK_P": block_p, "num_warps": 1, "norm_warps": 2})
         out_fused = run_mixer(tb.mixer_decode_step, fused, zxbcdt, G, nbg, limit,
                               config={"BLOCK_P": block_p, "split": False})
-        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
+        out_ref = run_mixer(pytorch.mixer_decode_step, ref, zxbcdt, G, nbg, limit)
         assert out.dtype == dtype and out.shape == (b, H * P)
         assert rel_err(out, out_ref) < tol
         assert rel_err(st["ssm_state"], ref["ssm_state"]) < tol
@@ -432,7 +432,7 @@ def test_mixer_decode_step_state_settled_gives_the_same_steps(tb, split):
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False, state_settled=True,
                         config={"split": split, "pdl": True})
         out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 2, False, config={"split": split, "pdl": True})
-        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 2, False, state_settled=True)
+        out_ref = run_mixer(pytorch.mixer_decode_step, ref, zxbcdt, 2, False, state_settled=True)
         assert torch.equal(out, out_plain) and torch.equal(st["ssm_state"], plain["ssm_state"])
         assert torch.equal(st["conv_state"], plain["conv_state"])
         assert rel_err(out, out_ref) < 1e-5
@@ -451,7 +451,7 @@ def test_mixer_decode_step_with_b_and_c_convolved_first_gives_the_same_steps(tb,
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 3, False,
                         config={"bc_pre": True, "split": split, "BLOCK_P": 16})
         out_plain = run_mixer(tb.mixer_decode_step, plain, zxbcdt, 3, False, config={"BLOCK_P": 16, "bc_pre": False})
-        out_ref = run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 3, False)
+        out_ref = run_mixer(pytorch.mixer_decode_step, ref, zxbcdt, 3, False)
         assert torch.equal(out, out_plain)
         assert torch.equal(st["ssm_state"], plain["ssm_state"]) and torch.equal(st["conv_state"], plain["conv_state"])
         assert rel_err(out, out_ref) < (1e-5 if dtype == torch.float32 else 3e-3)
@@ -481,7 +481,7 @@ def test_decode_step_configuration_follows_the_batch_size(tb, monkeypatch):
         ref = {k: v.clone() for k, v in st.items()}
         zxbcdt = draw()
         out = run_mixer(tb.mixer_decode_step, st, zxbcdt, 2, False)
-        assert rel_err(out, run_mixer(torch_ref.mixer_decode_step, ref, zxbcdt, 2, False)) < 1e-5
+        assert rel_err(out, run_mixer(pytorch.mixer_decode_step, ref, zxbcdt, 2, False)) < 1e-5
     one = configs.DECODE_STEP["batch1"]
     assert seen[0][1:] == (min(one["BLOCK_P"], 32), one["num_warps"])
     assert seen[1][1:] == (16, 2)
@@ -509,7 +509,7 @@ def test_gated_rmsnorm_matches_reference(tb, nbg, dtype, tol):
     z = zw[..., 10:106]  # a strided view, as the split of in_proj's output is
     w = torch.randn(96, generator=g).to(DEVICE, dtype)
     out = tb.gated_rmsnorm(y, z, w, 24, 1e-5, nbg)
-    out_ref = torch_ref.gated_rmsnorm(y, z, w, 24, 1e-5, nbg)
+    out_ref = pytorch.gated_rmsnorm(y, z, w, 24, 1e-5, nbg)
     assert out.dtype == dtype
     assert rel_err(out, out_ref) < tol
 
@@ -527,7 +527,7 @@ def test_add_rmsnorm_matches_reference(tb, res_dtype, residual_in_fp32):
     if res_dtype is not None:
         residual = torch.randn(3, 2, 100, generator=g).to(DEVICE, x.dtype if res_dtype == "x" else res_dtype)
     out, res = tb.add_rmsnorm(x, residual, w, 1e-5, residual_in_fp32)
-    out_ref, res_ref = torch_ref.add_rmsnorm(x, residual, w, 1e-5, residual_in_fp32)
+    out_ref, res_ref = pytorch.add_rmsnorm(x, residual, w, 1e-5, residual_in_fp32)
     assert out.dtype == out_ref.dtype and res.dtype == res_ref.dtype
     assert rel_err(out, out_ref) < 2e-3
     assert rel_err(res, res_ref) < 1e-6

@@ -361,7 +361,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
     interpreter, whose times mean nothing and whose calls take a good part of a second).
     """
     from .kernels import get_backend
-    from .kernels import pytorch as torch_ref
+    from .kernels import pytorch
     from .linear import Linear
 
     be = get_backend(backend, device.type)
@@ -384,7 +384,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
             err = None
             if check:
                 y, st = run_ssd(be.ssd_prefill, inp, chunk)
-                y_ref, st_ref = run_ssd(torch_ref.ssd_prefill, {k: _fp32(v) for k, v in inp.items()}, s.chunk)
+                y_ref, st_ref = run_ssd(pytorch.ssd_prefill, {k: _fp32(v) for k, v in inp.items()}, s.chunk)
                 err = max(rel_err(y, y_ref), rel_err(st, st_ref))
                 del y, st, y_ref, st_ref
             ms = time_it(lambda: run_ssd(be.ssd_prefill, inp, chunk))
@@ -399,7 +399,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
         errs = []
         for _ in range(2):
             out = call_mixer(be.mixer_decode_step, st, G)
-            out_ref = call_mixer(torch_ref.mixer_decode_step, ref, G)
+            out_ref = call_mixer(pytorch.mixer_decode_step, ref, G)
             errs.append(max(rel_err(out, out_ref), rel_err(st["ssm_state"], ref["ssm_state"]),
                             rel_err(st["conv_state"], ref["conv_state"])))
         return max(errs)
@@ -466,7 +466,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
             if check:
                 cs_ref = _fp32(cs).clone()
                 out = be.causal_conv1d(xBC, w, bias, cs.clone())
-                err = rel_err(out, torch_ref.causal_conv1d(_fp32(xBC), _fp32(w), _fp32(bias), cs_ref))
+                err = rel_err(out, pytorch.causal_conv1d(_fp32(xBC), _fp32(w), _fp32(bias), cs_ref))
             ms = time_it(lambda: be.causal_conv1d(xBC, w, bias, cs))
             return _row(be.name, "causal_conv1d", f"b1 L{L}", ms, None, conv_bytes(s, 1, L, isz), ceilings,
                         batch=1, seqlen=L, err=err)
@@ -484,7 +484,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
             err = None
             if check:
                 err = rel_err(be.gated_rmsnorm(y, z, w, gs, EPS),
-                              torch_ref.gated_rmsnorm(_fp32(y), _fp32(z), _fp32(w), gs, EPS))
+                              pytorch.gated_rmsnorm(_fp32(y), _fp32(z), _fp32(w), gs, EPS))
             ms = time_it(lambda: be.gated_rmsnorm(y, z, w, gs, EPS))
             return _row(be.name, "gated_rmsnorm", f"L{L} d{s.d_inner}", ms, None, gated_norm_bytes(s, L, isz),
                         ceilings, batch=1, seqlen=L, err=err, note=f"{G} group{'s' if G > 1 else ''}")
@@ -501,7 +501,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
             err = None
             if check:
                 out, r = be.add_rmsnorm(x, res, w, EPS)
-                out_ref, r_ref = torch_ref.add_rmsnorm(_fp32(x), res, _fp32(w), EPS)
+                out_ref, r_ref = pytorch.add_rmsnorm(_fp32(x), res, _fp32(w), EPS)
                 err = max(rel_err(out, out_ref), rel_err(r, r_ref))
             ms = time_it(lambda: be.add_rmsnorm(x, res, w, EPS))
             return _row(be.name, "add_rmsnorm", f"L{L} d{s.d_model}", ms, None, add_norm_bytes(s, L, isz),
@@ -515,7 +515,7 @@ def run_kernels(backend: str, device: torch.device, shape: KernelShape, dtype: t
             proj = Linear.from_tensors(
                 (torch.randn(s.in_proj, s.d_model, generator=g, device=device) * s.d_model ** -0.5).to(dtype))
             ref = Linear.from_tensors(_fp32(proj.weight.detach()))
-            err = rel_err(be.linear(x, proj), torch_ref.linear(_fp32(x), ref)) if check else None
+            err = rel_err(be.linear(x, proj), pytorch.linear(_fp32(x), ref)) if check else None
             ms = time_it(lambda: be.linear(x, proj))
             return _row(be.name, "linear (matvec)", f"b1 {s.in_proj}x{s.d_model}", ms, 2 * s.in_proj * s.d_model,
                         matvec_bytes(s, isz), ceilings, batch=1, err=err, note="in_proj, 1 token")
