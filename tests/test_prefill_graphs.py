@@ -176,8 +176,8 @@ def test_padded_sequences_of_different_lengths_equal_each_prompt_alone(name):
     state = random_state(model, 2)
     want = []
     for i, n in enumerate(lens):
-        row = random_state(model, 2).row(i)  # the same start as row i of `state`
-        want.append((model(ids[i : i + 1, :n], row, logits_to_keep=1)[:, -1], row.conv.clone(), row.ssm.clone()))
+        one = random_state(model, 2).sequence(i)  # the same start as sequence i of `state`
+        want.append((model(ids[i : i + 1, :n], one, logits_to_keep=1)[:, -1], one.conv.clone(), one.ssm.clone()))
     with torch.inference_mode():
         logits = model(ids, state, logits_to_keep=1, seq_len=torch.tensor(lens))[:, -1]
     assert logits.shape == (2, 50)

@@ -128,7 +128,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_s: float |
 
     GPUs: triton.testing.do_bench, ~25 ms of warm-up and ~100 ms of measured calls, the L2
     cleared before each. CPUs: the wall clock, the last-level cache cleared before each call
-    (unless clear_cache is off), ~0.3 s of calls (min_reps to max_reps, 3 to 30 by default).
+    (unless clear_cache is off), ~0.3 s of calls (min_reps to max_reps, 3 to 30 by default);
+    min_reps, max_reps and clear_cache apply to CPUs only.
     """
     if device.type == "cuda":
         from triton.testing import do_bench

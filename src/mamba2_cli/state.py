@@ -48,7 +48,7 @@ class Mamba2State:
         self.ssm.copy_(other.ssm)
         return self
 
-    def row(self, i: int) -> "Mamba2State":
+    def sequence(self, i: int) -> "Mamba2State":
         """A view of sequence i of the batch, as a batch of one (writes go through)."""
         return Mamba2State(self.conv[:, i : i + 1], self.ssm[:, i : i + 1])
 

@@ -121,7 +121,7 @@ def _generate(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request], st
     logits = []
     for i, s in enumerate(seqs):
         t_start = time.perf_counter()
-        seq_state = state.row(i)
+        seq_state = state.sequence(i)
         ids = torch.tensor([s.prompt_ids], dtype=torch.long)  # prefill copies it to the device
         if on_prompt is not None:
             if ids.shape[1] > 1:
