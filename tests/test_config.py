@@ -90,3 +90,82 @@ def test_inconsistent_heads_are_refused():
                         "num_heads": 3, "head_dim": 16})
     with pytest.raises(Mamba2Error, match="groups"):
         Mamba2Config(d_model=64, n_layer=1, vocab_size=10, headdim=16, ngroups=3)
+
+
+def hf_config(**over) -> dict:
+    d = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100, "head_dim": 16,
+         "n_groups": 2, "state_size": 16, "chunk_size": 16}
+    d.update(over)
+    return d
+
+
+# Each field of each type: a value of the wrong type, and one out of range, named with the
+# file's own key and the file.
+@pytest.mark.parametrize("key, value, problem", [
+    ("expand", "2", "must be a positive integer, got '2'"),
+    ("head_dim", "16", "must be a positive integer, got '16'"),
+    ("state_size", "16", "must be a positive integer, got '16'"),
+    ("hidden_size", 64.0, "must be a positive integer, got 64.0"),
+    ("n_groups", 0, "must be a positive integer, got 0"),
+    ("n_groups", -2, "must be a positive integer, got -2"),
+    ("head_dim", 0, "must be a positive integer, got 0"),
+    ("expand", True, "must be a positive integer, got True"),
+    ("chunk_size", 16.5, "must be a positive integer, got 16.5"),
+    ("chunk_size", 16.0, "must be a positive integer, got 16.0"),
+    ("conv_kernel", None, "must be a positive integer, got None"),
+    ("num_hidden_layers", -1, "must be a positive integer, got -1"),
+    ("layer_norm_epsilon", "1e-5", "must be a positive number, got '1e-5'"),
+    ("layer_norm_epsilon", 0, "must be a positive number, got 0"),
+    ("layer_norm_epsilon", math.nan, "must be a positive number, got nan"),
+    ("use_bias", "false", "must be true or false, got 'false'"),
+    ("tie_word_embeddings", 0, "must be true or false, got 0"),
+    ("residual_in_fp32", None, "must be true or false, got None"),
+    ("time_step_limit", ["a", 1.0], "holds 'a', not a number"),
+    ("time_step_limit", [0.1], "must be a pair"),
+    ("time_step_limit", [0.5, 0.1], r"must be \[low, high\] with 0 <= low <= high"),
+    ("time_step_limit", [math.nan, 1.0], "holds nan, not a number"),
+])
+def test_every_field_is_checked_and_named_with_its_file(tmp_path, key, value, problem):
+    with pytest.raises(Mamba2Error, match=rf"config\.json: {key} {problem}") as e:
+        read_config(write(tmp_path, "config.json", hf_config(**{key: value})))
+    assert "\n" not in str(e.value)
+
+
+def test_fields_of_the_other_formats_are_named_as_their_files_name_them(tmp_path):
+    ssm = {"d_model": 64, "n_layer": 2, "vocab_size": 100, "ssm_cfg": {"layer": "Mamba2", "headdim": 16}}
+    with pytest.raises(Mamba2Error, match=r"config\.json: ssm_cfg\.ngroups must be a positive integer, got 0"):
+        read_config(write(tmp_path, "config.json", {**ssm, "ssm_cfg": {**ssm["ssm_cfg"], "ngroups": 0}}))
+    with pytest.raises(Mamba2Error, match=r"config\.json: ssm_cfg\.norm_before_gate must be true or false"):
+        read_config(write(tmp_path, "config.json", {**ssm, "ssm_cfg": {**ssm["ssm_cfg"], "norm_before_gate": "yes"}}))
+    with pytest.raises(Mamba2Error, match=r"config\.json: norm_epsilon must be a positive number, got 'small'"):
+        read_config(write(tmp_path, "config.json", {**ssm, "norm_epsilon": "small"}))
+    with pytest.raises(Mamba2Error, match=r"config\.json: ssm_cfg must be an object"):
+        read_config(write(tmp_path, "config.json", {**ssm, "ssm_cfg": ["Mamba2"]}))
+    with pytest.raises(Mamba2Error, match=r"config\.json: pad_vocab_size_multiple must be a positive integer, got 0"):
+        read_config(write(tmp_path, "config.json", {**ssm, "pad_vocab_size_multiple": 0}))
+    (tmp_path / "config.json").unlink()
+    params = {"dim": 64, "n_layers": 2, "vocab_size": 100, "headdim": 16}
+    with pytest.raises(Mamba2Error, match=r"params\.json: n_groups must be a positive integer, got '1'"):
+        read_config(write(tmp_path, "params.json", {**params, "n_groups": "1"}))
+    with pytest.raises(Mamba2Error, match=r"params\.json: norm_eps must be a positive number, got -1e-05"):
+        read_config(write(tmp_path, "params.json", {**params, "norm_eps": -1e-5}))
+
+
+def test_sizes_that_do_not_divide_name_the_key_and_the_file(tmp_path):
+    with pytest.raises(Mamba2Error, match=r"config\.json: n_groups 3 does not divide the 8 heads"):
+        read_config(write(tmp_path, "config.json", hf_config(n_groups=3)))
+    with pytest.raises(Mamba2Error, match=r"config\.json: head_dim 48 does not divide d_inner 128"):
+        read_config(write(tmp_path, "config.json", hf_config(head_dim=48, n_groups=1)))
+
+
+def test_direct_construction_checks_fields_before_dividing_by_them():
+    with pytest.raises(Mamba2Error, match="config: headdim must be a positive integer, got 0"):
+        Mamba2Config(d_model=64, n_layer=1, vocab_size=10, headdim=0)
+    with pytest.raises(Mamba2Error, match="config: ngroups must be a positive integer, got 0"):
+        Mamba2Config(d_model=64, n_layer=1, vocab_size=10, headdim=16, ngroups=0)
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path):
+    text = '{"model_type": "mamba2", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(Mamba2Error, match=r"config\.json .*nested too deeply"):
+        read_config(write(tmp_path, "config.json", text))

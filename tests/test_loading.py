@@ -234,3 +234,190 @@ def test_peak_host_memory_while_loading_stays_under_1_5x_the_weight_file(make_ch
                          capture_output=True, text=True, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, check=True)
     growth = int(out.stdout.strip())
     assert growth < 1.5 * size, f"peak grew {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+
+
+def test_a_transposed_tensor_of_the_right_size_gives_both_shapes(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")
+    name = "backbone.layers.0.mixer.in_proj.weight"
+    rewrite_weights(d, lambda sd: sd.update({name: sd[name].t().contiguous()}))
+    with pytest.raises(Mamba2Error, match=rf"tensor '{name}' has shape \[32, 200\], the config needs \[200, 32\]"):
+        ck.load_checkpoint(d, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("damage, entry, reason", [
+    ("negative dimension", {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]},
+     "malformed entry: invalid value: integer `-2`, expected a non-negative integer"),
+    ("negative offset", {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]},
+     "malformed entry: invalid value: integer `-8`, expected a non-negative integer"),
+    ("fractional dimension", {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]},
+     "malformed entry: invalid type: floating point `2.5`"),
+    ("entry is a list", [1, 2], "malformed entry: invalid type"),
+    ("no data_offsets", {"dtype": "F32", "shape": [2]}, "malformed entry: missing field `data_offsets`"),
+    ("one offset", {"dtype": "F32", "shape": [2], "data_offsets": [0]}, "malformed entry: invalid length 1"),
+    ("unknown dtype", {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}, "malformed entry: unknown dtype Q9"),
+])
+def test_a_malformed_safetensors_entry_says_what_is_wrong(make_checkpoint, damage, entry, reason):
+    d, _, _ = make_checkpoint("hf")
+    (d / "model.safetensors").write_bytes(_header({"x": entry}, bytes(8)))
+    with pytest.raises(Mamba2Error, match=f"model.safetensors: not a valid safetensors file .*{reason}") as e:
+        ck.load_checkpoint(d, torch.device("cpu"), torch.float32)
+    assert "\n" not in str(e.value) and " at line " not in str(e.value)
+
+
+def test_a_deeply_nested_safetensors_header_is_named(make_checkpoint):
+    d, _, _ = make_checkpoint("hf")
+    text = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (d / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text)
+    with pytest.raises(Mamba2Error, match=r"not a valid safetensors file \(header nested too deeply\)"):
+        ck.load_checkpoint(d, torch.device("cpu"), torch.float32)
+
+
+def shard_checkpoint(make_checkpoint, tmp_path) -> tuple[Path, dict]:
+    """A two-shard checkpoint beside a one-file copy of the same weights in ../sibling."""
+    d, shape, sd = make_checkpoint("hf", shards=2)
+    write_hf(tmp_path / "sibling", shape, sd)
+    return d, json.loads((d / "model.safetensors.index.json").read_text())
+
+
+def point_shards_at(d: Path, index: dict, name) -> None:
+    index["weight_map"] = {k: name for k in index["weight_map"]}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("shard", [
+    "../sibling/model.safetensors", "ABSOLUTE", "../../etc/passwd", "/etc/passwd", "a/../../sibling/model.safetensors",
+    "..\\sibling\\model.safetensors", "model-00001-of-00002.safetensors\0", "", ".", 5, None,
+])
+def test_shards_must_lie_inside_the_model_directory(make_checkpoint, tmp_path, monkeypatch, shard):
+    d, index = shard_checkpoint(make_checkpoint, tmp_path)
+    if shard == "ABSOLUTE":
+        shard = str(tmp_path / "sibling" / "model.safetensors")
+    point_shards_at(d, index, shard)
+    opened = []
+    monkeypatch.setattr(ck, "safe_open", lambda *a, **k: opened.append(a) or pytest.fail(f"opened {a}"))
+    with pytest.raises(Mamba2Error, match=r"model\.safetensors\.index\.json: shard .* is not a plain relative path") as e:
+        ck.load_checkpoint(d, torch.device("cpu"), torch.float32)
+    assert repr(shard) in str(e.value) and "\n" not in str(e.value) and not opened
+
+
+def test_one_bad_shard_among_good_ones_is_refused_before_any_is_opened(make_checkpoint, tmp_path, monkeypatch):
+    d, index = shard_checkpoint(make_checkpoint, tmp_path)
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../sibling/model.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    monkeypatch.setattr(ck, "safe_open", lambda *a, **k: pytest.fail(f"opened {a}"))
+    with pytest.raises(Mamba2Error, match=r"shard '\.\./sibling/model\.safetensors' is not a plain relative path"):
+        ck.find_weight_files(d)
+
+
+def test_shards_in_a_subdirectory_and_symlinked_shards_load(make_checkpoint, tmp_path):
+    """The hub cache's snapshots hold links into the repository's blobs: they are followed."""
+    d, index = shard_checkpoint(make_checkpoint, tmp_path)
+    want = ck.load_checkpoint(d, torch.device("cpu"), torch.float32).state_dict()
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (d / "parts").mkdir()
+    for name in set(index["weight_map"].values()):
+        (d / name).rename(blobs / name)
+        (d / "parts" / name).symlink_to(Path("..") / ".." / "blobs" / name)
+    index["weight_map"] = {k: f"parts/{v}" for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = ck.load_checkpoint(d, torch.device("cpu"), torch.float32).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("index", [{"weight_map": ["model-00001-of-00002.safetensors"]}, {"weight_map": "x"},
+                                   {"weight_map": {"a": ["model.safetensors"]}}])
+def test_a_malformed_index_is_a_clear_error(make_checkpoint, tmp_path, index):
+    d, _ = shard_checkpoint(make_checkpoint, tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(Mamba2Error, match=r"model\.safetensors\.index\.json: "):
+        ck.find_weight_files(d)
+
+
+def test_a_deeply_nested_index_is_a_clear_error(make_checkpoint, tmp_path):
+    d, _ = shard_checkpoint(make_checkpoint, tmp_path)
+    (d / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(Mamba2Error, match=r"model\.safetensors\.index\.json: not a valid safetensors index"):
+        ck.find_weight_files(d)
+
+
+def test_a_legacy_pytorch_file_loads_weights_only(make_checkpoint):
+    d, _, _ = make_checkpoint("mamba_ssm")
+    # Copies: the loaded fp32 tensors map the file that is rewritten next.
+    want = {k: v.clone() for k, v in ck.load_checkpoint(d, torch.device("cpu"), torch.float32).state_dict().items()}
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    (d / "pytorch_model.bin").unlink()
+    torch.save(sd, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    got = ck.load_checkpoint(d, torch.device("cpu"), torch.float32).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_legacy_pytorch_file_with_code_is_refused_in_one_line(make_checkpoint):
+    d, _, _ = make_checkpoint("mamba_ssm")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code from a checkpoint",))
+
+    for legacy in (False, True):
+        torch.save({"backbone.embedding.weight": Evil()}, d / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(Mamba2Error, match=r"pytorch_model\.bin: cannot load as a weights-only PyTorch file "
+                                              r"\(Unsupported global: GLOBAL print") as e:
+            ck.load_checkpoint(d, torch.device("cpu"), torch.float32)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "ends early"), (b"\x80\x02garbage" * 10, "Unsupported operand"),
+    (b"PK\x03\x04garbage" * 10, "failed finding central directory\\)$"),
+])
+def test_a_damaged_pytorch_file_is_one_line(make_checkpoint, content, reason):
+    d, _, _ = make_checkpoint("mamba_ssm")
+    (d / "pytorch_model.bin").write_bytes(content)
+    with pytest.raises(Mamba2Error, match=rf"pytorch_model\.bin: cannot load as a weights-only PyTorch file .*{reason}") as e:
+        ck.load_checkpoint(d, torch.device("cpu"), torch.float32)
+    assert "\n" not in str(e.value)
+
+
+def test_a_pytorch_tensor_of_a_dtype_the_loader_does_not_convert_is_named(make_checkpoint):
+    d, _, _ = make_checkpoint("mamba_ssm")
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    sd["backbone.layers.0.mixer.D"] = sd["backbone.layers.0.mixer.D"].to(torch.complex64)
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(Mamba2Error, match="tensor 'backbone.layers.0.mixer.D' has an unsupported dtype complex64"):
+        ck.load_checkpoint(d, torch.device("cpu"), torch.float32)
+
+
+def _nest(text: str) -> str:
+    return text[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("n_groups 0", "config.json: n_groups must be a positive integer, got 0"),
+    ("expand as a string", "config.json: expand must be a positive integer, got '2'"),
+    ("deeply nested config", "config.json is not a config: its JSON is nested too deeply"),
+    ("shard outside", "model.safetensors.index.json: shard '/etc/passwd' is not a plain relative path"),
+    ("negative dimension", "model.safetensors: not a valid safetensors file (unsupported or malformed entry: "
+                           "invalid value: integer `-2`, expected a non-negative integer)"),
+])
+def test_the_cli_reports_hostile_files_in_one_line(make_checkpoint, damage, words):
+    d, _, _ = make_checkpoint("hf", shards=2 if damage == "shard outside" else 1)
+    cfg = (d / "config.json").read_text()
+    if damage == "n_groups 0":
+        (d / "config.json").write_text(cfg.replace('"n_groups": 2', '"n_groups": 0'))
+    elif damage == "expand as a string":
+        (d / "config.json").write_text(cfg.replace('"expand": 2', '"expand": "2"'))
+    elif damage == "deeply nested config":
+        (d / "config.json").write_text(_nest(cfg))
+    elif damage == "shard outside":
+        point_shards_at(d, json.loads((d / "model.safetensors.index.json").read_text()), "/etc/passwd")
+    else:
+        (d / "model.safetensors").write_bytes(_header({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)))
+    p = subprocess.run([sys.executable, "-m", "mamba2_cli", "run", "-m", str(d), "-n", "1", "--device", "cpu", "x"],
+                       capture_output=True, text=True, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin", "COLUMNS": "60"},
+                       timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert words in p.stderr, p.stderr

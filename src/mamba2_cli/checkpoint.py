@@ -10,7 +10,10 @@ import contextlib
 import json
 import math
 import os
-from pathlib import Path
+import pickle
+import re
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -113,6 +116,18 @@ def resolve_dtype(spec: str | torch.dtype | None, cfg: Mamba2Config, device: tor
 # Weight files and names
 
 
+def _shard_path(d: Path, index: Path, name) -> Path:
+    """A shard named in the index, as a path inside the model directory.
+
+    The name must be a plain relative path: no absolute part, no `..`, no backslash or NUL;
+    it is checked as written, before anything is opened. Symlinks are followed: in the hub
+    cache every file of a snapshot is a link into the repository's blobs directory."""
+    rel = PurePosixPath(name) if isinstance(name, str) else PurePosixPath()
+    if not rel.parts or "\0" in name or "\\" in name or rel.is_absolute() or ".." in rel.parts:
+        raise Mamba2Error(f"{index}: shard {name!r} is not a plain relative path inside the model directory")
+    return d / name
+
+
 def find_weight_files(model_dir: Path) -> list[Path]:
     """The weight files of a checkpoint directory, in the order they are tried."""
     d = Path(model_dir)
@@ -122,8 +137,12 @@ def find_weight_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise Mamba2Error(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted({d / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        except RecursionError:
+            raise Mamba2Error(f"{index}: not a valid safetensors index (nested too deeply)") from None
+        if not isinstance(weight_map, dict):
+            raise Mamba2Error(f"{index}: weight_map must be an object of tensor name to shard file")
+        files = sorted({_shard_path(d, index, name) for name in weight_map.values()})
+        missing = [str(f.relative_to(d)) for f in files if not f.is_file()]
         if missing:
             raise Mamba2Error(f"{d}: shard(s) listed in the index are missing: {', '.join(missing)}")
         return files
@@ -165,15 +184,31 @@ _HEADER_REASONS = (
     ("header too small", "bad header length"),
     ("invalid header length", "bad header length"),
     ("header too large", "bad header length"),
-    ("struct HashMetadata", "header is not an object"),
-    ("unknown variant", "a tensor has an unsupported or malformed entry"),
-    ("struct TensorInfo", "a tensor has an unsupported or malformed entry"),
-    ("invalid JSON", "unreadable header"),
     ("incomplete metadata", "a tensor lies outside the file or has the wrong size (truncated?)"),
     ("invalid shape, data type, or offset", "a tensor lies outside the file or has the wrong size (truncated?)"),
     ("invalid offset", "a tensor lies outside the file or has the wrong size (truncated?)"),
     ("overflow", "a tensor lies outside the file or has the wrong size (truncated?)"),
 )
+# Errors in well-formed JSON of the wrong structure (its parser's words), as opposed to JSON
+# that does not parse.
+_ENTRY_ERRORS = ("invalid type", "invalid value", "invalid length", "missing field", "unknown field",
+                 "duplicate field")
+
+
+def _header_reason(text: str) -> str:
+    """safetensors' reason for refusing a header, in a few words."""
+    if "invalid JSON in header: " not in text:
+        return next((r for key, r in _HEADER_REASONS if key in text), text.split(": ", 1)[-1])
+    detail = re.sub(r" at line \d+ column \d+$", "", text.split("invalid JSON in header: ", 1)[1])
+    if "struct HashMetadata" in detail:
+        return "header is not an object"
+    if "recursion limit" in detail:
+        return "header nested too deeply"
+    if m := re.match(r"unknown variant `([^`]*)`", detail):
+        return f"unsupported or malformed entry: unknown dtype {m[1]}"
+    if detail.startswith(_ENTRY_ERRORS):
+        return f"unsupported or malformed entry: {detail.replace('usize', 'a non-negative integer')}"
+    return "unreadable header"
 
 
 @contextlib.contextmanager
@@ -182,9 +217,7 @@ def open_safetensors(path: Path):
     try:
         f = safe_open(path, framework="pt", device="cpu", backend=SAFETENSORS_BACKEND)
     except SafetensorError as e:
-        text = str(e)
-        reason = next((r for key, r in _HEADER_REASONS if key in text), text.split(": ", 1)[-1])
-        raise Mamba2Error(f"{path}: not a valid safetensors file ({reason})") from None
+        raise Mamba2Error(f"{path}: not a valid safetensors file ({_header_reason(str(e))})") from None
     except OSError as e:
         raise Mamba2Error(f"cannot read {path}: {e.strerror or e}") from None
     with f:
@@ -206,15 +239,27 @@ def iter_safetensors(path: Path):
 
 
 def iter_bin_tensors(path: Path):
-    """Yield (name, CPU tensor) from a weights-only PyTorch file, memory-mapped."""
+    """Yield (name, CPU tensor) from a weights-only PyTorch file.
+
+    Zip files (torch.save's format since 1.6) are memory-mapped; the legacy format cannot be,
+    and torch reads it whole, still weights-only."""
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # pickle errors, zip errors, refused globals
-        raise Mamba2Error(f"{path}: cannot load as a weights-only PyTorch file ({e})") from None
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:  # refused globals, or not a pickle at all
+        m = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(e), re.S)
+        why = " ".join(m[1].split()).split(". ")[0] if m and m[1].strip() else "not a PyTorch file"
+        raise Mamba2Error(f"{path}: cannot load as a weights-only PyTorch file ({why})") from None
+    except EOFError:
+        raise Mamba2Error(f"{path}: cannot load as a weights-only PyTorch file (it ends early: truncated?)") from None
+    except Exception as e:  # zip errors, bad magic numbers
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise Mamba2Error(f"{path}: cannot load as a weights-only PyTorch file ({why})") from None
     if not isinstance(sd, dict):
         raise Mamba2Error(f"{path}: holds no state dict")
     for n, t in sd.items():
         if isinstance(t, torch.Tensor):
+            if t.dtype not in SAFETENSORS_DTYPES.values():
+                raise Mamba2Error(f"{path}: tensor {n!r} has an unsupported dtype {str(t.dtype).removeprefix('torch.')}")
             yield n, t
 
 

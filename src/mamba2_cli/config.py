@@ -20,6 +20,22 @@ from .errors import Mamba2Error
 INF = float("inf")
 
 
+class ConfigFieldError(Mamba2Error):
+    """A config field of the wrong type or out of range; the readers name the file's own key."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"config: {field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class Mamba2Config:
     d_model: int
@@ -43,17 +59,27 @@ class Mamba2Config:
     format: str = "hf"  # which file format it was read from: hf | mamba_ssm | mistral
 
     def __post_init__(self):
-        self.dt_limit = (float(self.dt_limit[0]), float(self.dt_limit[1]))
+        # Every field's type and range first: the sizes below divide by some of them.
+        for name in POSITIVE_INTS:
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0:
+                raise ConfigFieldError(name, f"must be a positive integer, got {v!r}")
+        for name in BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigFieldError(name, f"must be true or false, got {getattr(self, name)!r}")
+        eps = self.layer_norm_epsilon
+        if not _is_number(eps) or not 0 < eps < INF:
+            raise ConfigFieldError("layer_norm_epsilon", f"must be a positive number, got {eps!r}")
+        self.layer_norm_epsilon = float(eps)
+        lo, hi = self.dt_limit = _limit(self.dt_limit)
+        if not 0 <= lo <= hi:
+            raise ConfigFieldError("dt_limit", f"must be [low, high] with 0 <= low <= high, got [{lo}, {hi}]")
         if self.d_inner % self.headdim:
-            raise Mamba2Error(
-                f"config: d_inner {self.d_inner} (expand {self.expand} x d_model {self.d_model}) "
-                f"is not a multiple of headdim {self.headdim}"
-            )
+            raise ConfigFieldError(
+                "headdim", f"{self.headdim} does not divide d_inner {self.d_inner} "
+                f"(expand {self.expand} x d_model {self.d_model})")
         if self.nheads % self.ngroups:
-            raise Mamba2Error(f"config: {self.nheads} heads do not split into {self.ngroups} groups")
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "d_conv", "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise Mamba2Error(f"config: {name} must be positive, got {getattr(self, name)}")
+            raise ConfigFieldError("ngroups", f"{self.ngroups} does not divide the {self.nheads} heads")
 
     # Derived sizes, named as in the mixer.
     @property
@@ -74,7 +100,7 @@ class Mamba2Config:
 
     @property
     def padded_vocab_size(self) -> int:
-        m = max(1, self.pad_vocab_size_multiple)
+        m = self.pad_vocab_size_multiple
         return math.ceil(self.vocab_size / m) * m
 
     def num_parameters(self) -> int:
@@ -99,6 +125,11 @@ class Mamba2Config:
         d = dataclasses.asdict(self)
         d["dt_limit"] = list(self.dt_limit)
         return d
+
+
+POSITIVE_INTS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state", "headdim", "expand",
+                 "d_conv", "chunk_size", "ngroups")
+BOOLS = ("norm_before_gate", "residual_in_fp32", "tie_embeddings", "bias", "conv_bias", "D_has_hdim")
 
 
 # Random-weight shapes for `bench --preset` and for the stand-in model of `run`.
@@ -136,6 +167,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Mamba2Error(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise Mamba2Error(f"{path} is not a config: its JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise Mamba2Error(f"{path} does not hold a JSON object")
     return data
@@ -145,27 +178,65 @@ def _float(v) -> float:
     # time_step_limit entries can be numbers, bare Infinity, or {"__float__": "Infinity"}.
     if isinstance(v, dict) and "__float__" in v:
         v = v["__float__"]
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise Mamba2Error(f"config: cannot read {v!r} as a number") from None
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+    if not _is_number(v) or v != v:  # NaN
+        raise ConfigFieldError("dt_limit", f"holds {v!r}, not a number")
+    return float(v)
 
 
 def _limit(v) -> tuple[float, float]:
     if v is None:
         return (0.0, INF)
     if not isinstance(v, (list, tuple)) or len(v) != 2:
-        raise Mamba2Error(f"config: time step limit must be a pair, got {v!r}")
+        raise ConfigFieldError("dt_limit", f"must be a pair [low, high], got {v!r}")
     return (_float(v[0]), _float(v[1]))
 
 
-def _int(d: dict, key: str, where: str) -> int:
-    if key not in d:
-        raise Mamba2Error(f"{where}: missing key {key!r}")
-    v = d[key]
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise Mamba2Error(f"{where}: {key} must be an integer, got {v!r}")
-    return v
+REQUIRED = object()
+
+
+def _from_keys(d: dict, where: str, keys: dict[str, tuple[str, object]], **fixed) -> Mamba2Config:
+    """A Mamba2Config from `keys` (field: (key in the file, default or REQUIRED)); a dotted key
+    reads a nested object. A bad value is reported under the file's own key, naming the file."""
+    fields = {}
+    for field, (key, default) in keys.items():
+        *parents, leaf = key.split(".")
+        obj = d
+        for parent in parents:  # the reader has checked that each is an object
+            obj = obj.get(parent) or {}
+        if leaf in obj:
+            fields[field] = obj[leaf]
+        elif default is REQUIRED:
+            raise Mamba2Error(f"{where}: missing key {key!r}")
+        else:
+            fields[field] = default
+    try:
+        return Mamba2Config(**fields, **fixed)
+    except ConfigFieldError as e:
+        raise Mamba2Error(f"{where}: {keys[e.field][0] if e.field in keys else e.field} {e.problem}") from None
+
+
+def _refuse_layernorm(d: dict, where: str) -> None:
+    rms = d.get("rms_norm", True)
+    if not isinstance(rms, bool):
+        raise Mamba2Error(f"{where}: rms_norm must be true or false, got {rms!r}")
+    if not rms:
+        raise Mamba2Error(f"{where}: LayerNorm (rms_norm false) models are not supported")
+
+
+HF_KEYS = {
+    "d_model": ("hidden_size", REQUIRED), "n_layer": ("num_hidden_layers", REQUIRED),
+    "vocab_size": ("vocab_size", REQUIRED), "d_state": ("state_size", 128), "headdim": ("head_dim", 64),
+    "expand": ("expand", 2), "d_conv": ("conv_kernel", 4), "chunk_size": ("chunk_size", 256),
+    "ngroups": ("n_groups", 1), "dt_limit": ("time_step_limit", None),
+    "layer_norm_epsilon": ("layer_norm_epsilon", 1e-5), "residual_in_fp32": ("residual_in_fp32", True),
+    "tie_embeddings": ("tie_word_embeddings", False), "bias": ("use_bias", False),
+    "conv_bias": ("use_conv_bias", True),
+}
 
 
 def config_from_hf(d: dict, where: str = "config.json") -> Mamba2Config:
@@ -174,36 +245,14 @@ def config_from_hf(d: dict, where: str = "config.json") -> Mamba2Config:
         if mt in ("mamba", "falcon_mamba"):
             raise Mamba2Error(f"{where}: model_type {mt!r} is Mamba-1; only Mamba-2 models are supported")
         raise Mamba2Error(f"{where}: model_type {mt!r} is not a Mamba-2 language model")
-    if d.get("rms_norm", True) is False:
-        raise Mamba2Error(f"{where}: LayerNorm (rms_norm false) models are not supported")
-    d_model = _int(d, "hidden_size", where)
-    expand = d.get("expand", 2)
-    headdim = d.get("head_dim", 64)
-    cfg = Mamba2Config(
-        d_model=d_model,
-        n_layer=_int(d, "num_hidden_layers", where),
-        vocab_size=_int(d, "vocab_size", where),
-        d_state=d.get("state_size", 128),
-        headdim=headdim,
-        expand=expand,
-        d_conv=d.get("conv_kernel", 4),
-        chunk_size=d.get("chunk_size", 256),
-        ngroups=d.get("n_groups", 1),
-        # HF's own code ignores `norm_before_gate`, and Codestral's config says true while its
-        # weights need false: every HF-format checkpoint is norm-after-gate.
-        norm_before_gate=False,
-        dt_limit=_limit(d.get("time_step_limit")),
-        layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
-        residual_in_fp32=bool(d.get("residual_in_fp32", True)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bias=bool(d.get("use_bias", False)),
-        conv_bias=bool(d.get("use_conv_bias", True)),
-        format="hf",
-    )
+    _refuse_layernorm(d, where)
+    # HF's own code ignores `norm_before_gate`, and Codestral's config says true while its
+    # weights need false: every HF-format checkpoint is norm-after-gate.
+    cfg = _from_keys(d, where, HF_KEYS, norm_before_gate=False, format="hf")
     nh = d.get("num_heads")
     if nh is not None and nh != cfg.nheads:
         raise Mamba2Error(
-            f"{where}: num_heads {nh} disagrees with expand*hidden_size/head_dim = {cfg.nheads}"
+            f"{where}: num_heads {nh!r} disagrees with expand*hidden_size/head_dim = {cfg.nheads}"
         )
     return cfg
 
@@ -215,58 +264,44 @@ def _refuse_hybrid(d: dict, where: str) -> None:
         raise Mamba2Error(f"{where}: checkpoints with MLP blocks (d_intermediate > 0) are not supported")
 
 
+MAMBA_SSM_KEYS = {
+    "d_model": ("d_model", REQUIRED), "n_layer": ("n_layer", REQUIRED), "vocab_size": ("vocab_size", REQUIRED),
+    "pad_vocab_size_multiple": ("pad_vocab_size_multiple", 8), "d_state": ("ssm_cfg.d_state", 128),
+    "headdim": ("ssm_cfg.headdim", 64), "expand": ("ssm_cfg.expand", 2), "d_conv": ("ssm_cfg.d_conv", 4),
+    "chunk_size": ("ssm_cfg.chunk_size", 256), "ngroups": ("ssm_cfg.ngroups", 1),
+    "norm_before_gate": ("ssm_cfg.norm_before_gate", False), "dt_limit": ("ssm_cfg.dt_limit", None),
+    "layer_norm_epsilon": ("norm_epsilon", 1e-5), "residual_in_fp32": ("residual_in_fp32", True),
+    "tie_embeddings": ("tie_embeddings", True), "bias": ("ssm_cfg.bias", False),
+    "conv_bias": ("ssm_cfg.conv_bias", True), "D_has_hdim": ("ssm_cfg.D_has_hdim", False),
+}
+
+
 def config_from_mamba_ssm(d: dict, where: str = "config.json") -> Mamba2Config:
     _refuse_hybrid(d, where)
     ssm = d.get("ssm_cfg") or {}
+    if not isinstance(ssm, dict):
+        raise Mamba2Error(f"{where}: ssm_cfg must be an object, got {ssm!r}")
     if ssm.get("layer", "Mamba1") != "Mamba2":
         raise Mamba2Error(f"{where}: ssm_cfg.layer is {ssm.get('layer', 'Mamba1 (default)')!r}; only Mamba-2 models are supported")
-    if d.get("rms_norm", True) is False:
-        raise Mamba2Error(f"{where}: LayerNorm (rms_norm false) models are not supported")
-    return Mamba2Config(
-        d_model=_int(d, "d_model", where),
-        n_layer=_int(d, "n_layer", where),
-        vocab_size=_int(d, "vocab_size", where),
-        pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
-        d_state=ssm.get("d_state", 128),
-        headdim=ssm.get("headdim", 64),
-        expand=ssm.get("expand", 2),
-        d_conv=ssm.get("d_conv", 4),
-        chunk_size=ssm.get("chunk_size", 256),
-        ngroups=ssm.get("ngroups", 1),
-        norm_before_gate=bool(ssm.get("norm_before_gate", False)),
-        dt_limit=_limit(ssm.get("dt_limit")),
-        layer_norm_epsilon=float(d.get("norm_epsilon", 1e-5)),
-        residual_in_fp32=bool(d.get("residual_in_fp32", True)),
-        tie_embeddings=bool(d.get("tie_embeddings", True)),
-        bias=bool(ssm.get("bias", False)),
-        conv_bias=bool(ssm.get("conv_bias", True)),
-        D_has_hdim=bool(ssm.get("D_has_hdim", False)),
-        format="mamba_ssm",
-    )
+    _refuse_layernorm(d, where)
+    return _from_keys(d, where, MAMBA_SSM_KEYS, format="mamba_ssm")
+
+
+MISTRAL_KEYS = {
+    "d_model": ("dim", REQUIRED), "n_layer": ("n_layers", REQUIRED), "vocab_size": ("vocab_size", REQUIRED),
+    "pad_vocab_size_multiple": ("pad_vocab_size_multiple", 1), "d_state": ("d_state", 128),
+    "headdim": ("headdim", 64), "expand": ("expand", 2), "d_conv": ("d_conv", 4),
+    "chunk_size": ("chunk_size", 256), "ngroups": ("n_groups", 1),
+    "norm_before_gate": ("norm_before_gate", False), "dt_limit": ("dt_limit", None),
+    "residual_in_fp32": ("residual_in_fp32", True), "tie_embeddings": ("tie_embeddings", False),
+}
 
 
 def config_from_mistral(d: dict, where: str = "params.json") -> Mamba2Config:
     _refuse_hybrid(d, where)
-    if d.get("rms_norm", True) is False:
-        raise Mamba2Error(f"{where}: LayerNorm (rms_norm false) models are not supported")
-    return Mamba2Config(
-        d_model=_int(d, "dim", where),
-        n_layer=_int(d, "n_layers", where),
-        vocab_size=_int(d, "vocab_size", where),
-        pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 1),
-        d_state=d.get("d_state", 128),
-        headdim=d.get("headdim", 64),
-        expand=d.get("expand", 2),
-        d_conv=d.get("d_conv", 4),
-        chunk_size=d.get("chunk_size", 256),
-        ngroups=d.get("n_groups", 1),
-        norm_before_gate=bool(d.get("norm_before_gate", False)),
-        dt_limit=_limit(d.get("dt_limit")),
-        layer_norm_epsilon=float(d.get("norm_eps", d.get("layer_norm_epsilon", 1e-5))),
-        residual_in_fp32=bool(d.get("residual_in_fp32", True)),
-        tie_embeddings=bool(d.get("tie_embeddings", False)),
-        format="mistral",
-    )
+    _refuse_layernorm(d, where)
+    eps_key = "norm_eps" if "norm_eps" in d else "layer_norm_epsilon"
+    return _from_keys(d, where, {**MISTRAL_KEYS, "layer_norm_epsilon": (eps_key, 1e-5)}, format="mistral")
 
 
 def read_config(model_dir: Path) -> Mamba2Config:
