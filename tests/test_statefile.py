@@ -282,3 +282,222 @@ def test_state_benchmark_runs_on_the_tiny_preset(tmp_path, capsys):
                     "--dir", str(tmp_path), "--json"])
     assert json.loads(capsys.readouterr().out)["tokens"] == 200
     assert r["resume_first_token_s"] > 0 and r["full_prefill_first_token_s"] > 0 and r["state_file_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile and concurrent use
+
+
+def rewrite_header(path, edit):
+    """Rewrite the header of a state file with edit(header) applied, the data unchanged."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8 : 8 + n])
+    edit(head)
+    raw = json.dumps(head).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def as_format_1(head):
+    """What the first state format wrote: the same keys but no header checksum."""
+    head["__metadata__"]["format_version"] = "1"
+    head["__metadata__"].pop("header_crc32", None)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("last_token", lambda v: str(int(v) + 1)),
+    ("tokens", lambda v: str(int(v) + 1)),
+    ("dtype", lambda v: "bfloat16"),
+    ("model_fingerprint", lambda v: "0" * len(v)),
+    ("block_bytes", lambda v: str(int(v) // 2)),
+])
+def test_an_edited_header_value_is_refused_by_the_checksum(tiny, tmp_path, key, value):
+    model, tok, _ = tiny
+    path = saved_after(model, tok, tok.encode(A), tmp_path / "s.state")
+
+    def edit(head):
+        head["__metadata__"][key] = value(head["__metadata__"][key])
+
+    rewrite_header(path, edit)
+    for verify in (True, False):
+        with pytest.raises(Mamba2Error, match=r"damaged state file \(checksum mismatch in its header\)") as e:
+            load_state(path, model, verify=verify)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4095, 2**30 + 1, 2**40])
+def test_a_block_size_outside_4_kib_to_1_gib_is_refused(tiny, tmp_path, monkeypatch, block_bytes):
+    from mamba2_cli import statefile
+
+    model, tok, _ = tiny
+    monkeypatch.setattr(statefile, "BLOCK_BYTES", block_bytes)  # a file consistent in every other way
+    path = saved_after(model, tok, tok.encode(A), tmp_path / "s.state")
+    with pytest.raises(Mamba2Error, match=f"damaged state file \\(block size {block_bytes:,} is outside") as e:
+        load_state(path, model)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("block_bytes", "0", "block size 0 is outside"),
+    ("block_bytes", "-4096", "block size -4,096 is outside"),
+    ("block_bytes", "1", "block size 1 is outside"),
+    ("tokens", "-1", "inconsistent token metadata"),
+    ("tokens", str(2**60), "inconsistent token metadata"),
+    ("last_token", "100000", "last token 100000 is outside the vocabulary"),
+    ("crc32", "00000000," * 5000, "checksum list does not match the data"),
+    ("crc32", "1ffffffff", "unreadable metadata"),
+    ("chat", "[", "unreadable chat metadata"),
+])
+def test_metadata_values_out_of_range_are_refused_before_any_data_is_read(tiny, tmp_path, monkeypatch,
+                                                                          key, value, words):
+    from mamba2_cli import statefile
+
+    model, tok, _ = tiny
+    path = saved_after(model, tok, tok.encode(A), tmp_path / "s.state")
+    rewrite_header(path, as_format_1)
+    assert load_state(path, model).tokens == len(tok.encode(A))  # files of the first format still load
+
+    def edit(head):
+        head["__metadata__"][key] = value
+
+    rewrite_header(path, edit)
+
+    def no_read(*args):
+        raise AssertionError("tensor data read")
+
+    monkeypatch.setattr(statefile, "_read_blocks", no_read)
+    for verify in (True, False):
+        with pytest.raises(Mamba2Error, match=f"damaged state file \\({words}") as e:
+            load_state(path, model, verify=verify)
+        assert "\n" not in str(e.value)
+
+
+def filled_state(model, value):
+    state = model.new_state(1)
+    state.conv.fill_(value)
+    state.ssm.fill_(value)
+    return state
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_file_renamed_over_the_path_during_a_load_does_not_reach_that_load(tiny, tmp_path, monkeypatch, verify):
+    from mamba2_cli import statefile
+
+    model, _, _ = tiny
+    path, other = tmp_path / "s.state", tmp_path / "other.state"
+    save_state(path, model, filled_state(model, 1), 2, 1)
+    save_state(other, model, filled_state(model, 2), 3, 2, model_name="x" * 100)  # its data starts elsewhere
+    real = statefile.check_compatible
+
+    def replace_then_check(*args):  # a save by another process lands between the header and the data
+        if other.exists():
+            os.replace(other, path)
+        return real(*args)
+
+    monkeypatch.setattr(statefile, "check_compatible", replace_then_check)
+    s = load_state(path, model, verify=verify)
+    assert (s.last_token, s.tokens) == (1, 2) and bool((s.state.conv == 1).all()) and bool((s.state.ssm == 1).all())
+    assert not other.exists() and load_state(path, model).last_token == 2
+
+
+def test_a_callers_metadata_check_refuses_a_file_before_the_target_state_is_touched(tiny, tmp_path):
+    model, _, _ = tiny
+    path = tmp_path / "s.state"
+    save_state(path, model, filled_state(model, 1), 2, 1, extra={"chat": {"messages": []}})
+    target, seen = model.new_state(1), []
+
+    def refuse(meta):
+        seen.append(json.loads(meta["chat"]))
+        raise Mamba2Error("not this one")
+
+    with pytest.raises(Mamba2Error, match="not this one"):
+        load_state(path, model, into=target, check_metadata=refuse)
+    assert seen == [{"messages": []}] and not target.conv.any() and not target.ssm.any()
+    s = load_state(path, model, into=target, check_metadata=seen.append)
+    assert s.state is target and bool((target.ssm == 1).all()) and seen[-1] is s.metadata
+
+
+WRITER = """
+import os, sys, time
+from mamba2_cli import load_model
+from mamba2_cli.statefile import save_state
+model, _ = load_model(sys.argv[1], device="cpu", dtype="float32")
+path, value, stop = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+state = model.new_state(1)
+state.conv.fill_(value)
+state.ssm.fill_(value)
+name = "w" * value * 40  # the two writers' headers differ in length, so their data starts apart
+give_up = time.monotonic() + 60
+while True:
+    save_state(path, model, state, value + 1, value, model_name=name)
+    print("saved", flush=True)
+    if os.path.exists(stop) or time.monotonic() > give_up:
+        break
+"""
+
+
+def test_a_reader_always_loads_one_whole_save_while_two_writers_replace_the_file(tiny, tmp_path):
+    """Saves are atomic renames and a load reads one open file: every load gives the state
+    and the last token of one save, never a false checksum error or a mixed pair."""
+    import time
+
+    model, tok, d = tiny
+    path, stop = tmp_path / "s.state", tmp_path / "stop"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(path), str(v), str(stop)],
+                                stdout=subprocess.PIPE, env=env) for v in (1, 2)]
+    seen, failures = [], []
+    try:
+        for w in writers:
+            assert w.stdout.readline() == b"saved\n"
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and len(seen) < 400:
+            verify = len(seen) % 2 == 0
+            try:
+                s = load_state(path, model, verify=verify)
+            except Mamba2Error as e:
+                failures.append(str(e))
+                continue
+            finally:
+                seen.append(None)
+            v = s.last_token
+            if not (v in (1, 2) and s.tokens == v + 1 and bool((s.state.conv == v).all())
+                    and bool((s.state.ssm == v).all())):
+                failures.append(f"mixed: last_token {v}, tokens {s.tokens}, verify={verify}")
+    finally:
+        stop.touch()
+        for w in writers:
+            w.stdout.read()
+            w.wait(timeout=60)
+    assert failures == [], f"{len(failures)} of {len(seen)} loads: {failures[:3]}"
+    assert [w.returncode for w in writers] == [0, 0]
+
+
+def test_a_symlink_planted_where_a_save_writes_is_never_followed(tiny, tmp_path, monkeypatch):
+    from mamba2_cli import statefile
+
+    model, tok, _ = tiny
+    victim, absent = tmp_path / "victim", tmp_path / "absent"
+    victim.write_bytes(b"precious")
+    states = tmp_path / "states"
+    states.mkdir()
+    path = states / "s.state"
+    # at the name a temporary file of this process would once have had, and at the destination
+    (states / f".s.state.{os.getpid()}.tmp").symlink_to(victim)
+    (states / "t.state").symlink_to(absent)
+    saved_after(model, tok, tok.encode(A), path)
+    saved_after(model, tok, tok.encode(A), states / "t.state")
+    assert victim.read_bytes() == b"precious" and not absent.exists()
+    assert load_state(path, model).tokens == load_state(states / "t.state", model).tokens == len(tok.encode(A))
+    assert not (states / "t.state").is_symlink()  # the link itself was replaced
+    # a temporary name guessed in advance: the save fails rather than write through the link
+    for target in (victim, absent):
+        guessed = states / f".guessed-{target.name}"
+        guessed.symlink_to(target)
+        monkeypatch.setattr(statefile, "_temporary_name", lambda p: guessed)
+        with pytest.raises(Mamba2Error, match="cannot write state file") as e:
+            saved_after(model, tok, tok.encode(A + B), path)
+        assert "\n" not in str(e.value) and guessed.is_symlink()
+    assert victim.read_bytes() == b"precious" and not absent.exists()
+    assert load_state(path, model).tokens == len(tok.encode(A))

@@ -21,6 +21,9 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+# The largest header read, the safetensors package's own limit: a hostile length field
+# cannot make a reader allocate the whole file.
+MAX_HEADER_BYTES = 100_000_000
 
 
 class HeaderError(ValueError):
@@ -36,11 +39,11 @@ def read_header(f, size: int) -> tuple[dict, int]:
     """(header object, offset of the tensor bytes) of an open file of `size` bytes."""
     head = f.read(8)
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if n <= 1 or 8 + n > size:
+    if n <= 1 or n > MAX_HEADER_BYTES or 8 + n > size:
         raise HeaderError("length")
     try:
         header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise HeaderError("json") from None
     if not isinstance(header, dict):
         raise HeaderError("object")

@@ -3,7 +3,7 @@
 A state file is a plain safetensors file (any safetensors reader opens it) holding the
 tensors `conv` and `ssm` in the layout of state.py, and in its metadata:
 
-    format            "mamba2-state"; format_version "1"
+    format            "mamba2-state"; format_version "2"
     model_fingerprint see model_fingerprint(): tells models apart, same config or not
     model             the model's name when saved (for messages only)
     config            the model config as JSON (to say how two models differ)
@@ -13,22 +13,34 @@ tensors `conv` and `ssm` in the layout of state.py, and in its metadata:
                       feeds it first, so a saved state needs no saved logits
     block_bytes, crc32
                       CRC-32 of each block of the tensor data, to catch damaged files
+    header_crc32      CRC-32 of the rest of the header (see _header_crc): tokens, last
+                      token, block size, fingerprint, dtype, tensor entries, conversation
     mamba2_version    the version of the tool that wrote it
     chat              (chat sessions only) the conversation as JSON
 
-Writes are atomic: the file is written beside its destination under a temporary name,
-flushed to disk and renamed over it, so a crash leaves the old file or the new one,
-never half of either.
+Format 1 is format 2 without header_crc32: its files still load, their header values
+bounded but not checksummed.
+
+Writes are atomic: the file is written beside its destination under a fresh random name,
+created exclusively (a file or link planted there is never written through), flushed to
+disk and renamed over the destination, so a crash leaves the old file or the new one,
+never half of either. A load reads header and data from one open file: a save renaming
+another file over the path meanwhile does not change what the load reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import secrets
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +52,14 @@ from .model import Mamba2LM
 from .state import Mamba2State
 
 FORMAT = "mamba2-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Checksums per block, verified in parallel threads (zlib releases the GIL): a 266 MiB
 # Codestral state checks in a few tens of ms instead of one long serial pass.
 BLOCK_BYTES = 16 << 20
+# The block sizes a load accepts: a smaller one means one thread task per few bytes.
+MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 4 << 10, 1 << 30
+# The most tokens a state may stand for: counts stay exact in any JSON reader (2**53).
+MAX_TOKENS = 1 << 53
 # Elements sampled from every weight tensor for the fingerprint: 4 KiB of fp32, 2 KiB of bf16.
 FINGERPRINT_SAMPLES = 1024
 # When a run saves its state: after the prompt, or after the generated text.
@@ -117,10 +133,11 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy())
 
 
-def _read_blocks(path: Path, offset: int, out: memoryview, block: int, verify: bool) -> list[int]:
-    """Read len(out) bytes from `offset` of `path` into `out`, one block per thread, each
-    checksummed as it lands (CRC-32 per block; [] without verify). Parallel reads spread the
-    page faults of the fresh buffer and the copies from the page cache over the cores."""
+def _read_blocks(fd: int, path: Path, offset: int, out: memoryview, block: int, verify: bool) -> list[int]:
+    """Read len(out) bytes from `offset` of the open file `fd` (named `path`) into `out`, one
+    block per thread, each checksummed as it lands (CRC-32 per block; [] without verify).
+    Parallel reads spread the page faults of the fresh buffer and the copies from the page
+    cache over the cores."""
     spans = [(i, min(i + block, len(out))) for i in range(0, len(out), block)]
 
     def one(span):
@@ -134,7 +151,6 @@ def _read_blocks(path: Path, offset: int, out: memoryview, block: int, verify: b
             done += n
         return zlib.crc32(view) if verify else 0
 
-    fd = os.open(path, os.O_RDONLY)
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(len(spans), os.cpu_count() or 1, 16))) as pool:
             crcs = list(pool.map(one, spans))
@@ -142,9 +158,16 @@ def _read_blocks(path: Path, offset: int, out: memoryview, block: int, verify: b
         raise Mamba2Error(f"{path}: truncated (the file ended inside the state); save the state again") from None
     except OSError as e:
         raise Mamba2Error(f"cannot read state file {path}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
     return crcs if verify else []
+
+
+def _header_crc(header: dict) -> int:
+    """CRC-32 of a state file's header in a canonical form (sorted keys, ASCII, no spaces),
+    its own checksum left out: the same for the header as written and as parsed back."""
+    meta = {k: v for k, v in header["__metadata__"].items() if k != "header_crc32"}
+    canonical = json.dumps({**header, "__metadata__": meta}, sort_keys=True, ensure_ascii=True,
+                           separators=(",", ":"))
+    return zlib.crc32(canonical.encode("ascii"))
 
 
 def _crc_blocks(data: memoryview, block: int = BLOCK_BYTES) -> list[int]:
@@ -192,6 +215,7 @@ def save_state(path: str | os.PathLike, model: Mamba2LM, state: Mamba2State, tok
     for key, value in (extra or {}).items():
         meta[key] = json.dumps(value, ensure_ascii=False)
     header = {"__metadata__": meta, **header}
+    meta["header_crc32"] = f"{_header_crc(header):08x}"
     head = json.dumps(header, ensure_ascii=False).encode("utf-8")
     head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
     _write_atomic(path, [len(head).to_bytes(8, "little"), head, view])
@@ -216,11 +240,22 @@ def check_writable(path: str | os.PathLike) -> None:
         raise Mamba2Error(f"cannot write state file {path}: directory {parent} is not writable")
 
 
+def _temporary_name(path: Path) -> Path:
+    """A name beside `path` that nobody can know in advance (64 random bits)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
 def _write_atomic(path: Path, pieces: list) -> None:
     check_writable(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary_name(path)
+    # O_EXCL: a new file or nothing, never an existing file or a link planted at the name.
+    # Not tempfile.mkstemp: its files are 0600 whatever the umask; a state file gets the
+    # mode any new file gets.
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise Mamba2Error(f"cannot write state file {path}: {e.strerror or e}") from None
+    try:
         with os.fdopen(fd, "wb") as f:
             for p in pieces:
                 f.write(p)
@@ -254,17 +289,42 @@ def _unlink_quietly(p: Path) -> None:
 # Reading
 
 
-def read_metadata(path: str | os.PathLike) -> tuple[dict, dict, int]:
-    """(metadata, tensor entries, offset of the data) of a state file; checks the structure."""
-    path = Path(path)
+@dataclass
+class _Header:
+    """A state file's header, checked: structure, header checksum, and the bounds of every
+    value a load acts on (the vocabulary bound of last_token needs the model: load_state)."""
+
+    meta: dict
+    entries: dict  # "conv" and "ssm": their safetensors entries
+    data_start: int  # offset of the tensor bytes in the file
+    nbytes: int  # tensor bytes
+    tokens: int
+    last_token: int | None
+    block: int
+    crcs: list[int]
+
+
+@contextmanager
+def _open(path: Path):
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header, data_start = safetensors_format.read_header(f, size)
+        f = open(path, "rb")
     except FileNotFoundError:
         raise Mamba2Error(f"state file {path} does not exist") from None
     except IsADirectoryError:
         raise Mamba2Error(f"state file {path} is a directory") from None
+    except OSError as e:
+        raise Mamba2Error(f"cannot read state file {path}: {e.strerror or e}") from None
+    with f:
+        yield f
+
+
+def _read_header(f, path: Path) -> _Header:
+    def damaged(why: str) -> Mamba2Error:
+        return Mamba2Error(f"{path}: damaged state file ({why})")
+
+    try:
+        size = os.fstat(f.fileno()).st_size
+        header, data_start = safetensors_format.read_header(f, size)
     except OSError as e:
         raise Mamba2Error(f"cannot read state file {path}: {e.strerror or e}") from None
     except safetensors_format.HeaderError as e:
@@ -273,30 +333,65 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict, dict, int]:
         if e.kind == "json":
             raise Mamba2Error(f"{path}: not a mamba2 state file (unreadable header; damaged?)") from None
         header, data_start = None, 0  # JSON but not an object: reported below as missing metadata
-    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise Mamba2Error(f"{path}: not a mamba2 state file (a safetensors file without mamba2 state metadata)")
     try:
         version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise Mamba2Error(f"{path}: damaged state file (bad format_version)") from None
+    except (TypeError, ValueError):
+        raise damaged("bad format_version") from None
+    if version < 1:
+        raise damaged("bad format_version")
     if version > FORMAT_VERSION:
         raise Mamba2Error(f"{path} was written by mamba2 {meta.get('mamba2_version', '?')} in state format "
                           f"{version}; this mamba2 ({_version()}) reads format {FORMAT_VERSION}: upgrade it")
-    end = 0
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise damaged("metadata values that are not strings")
+    if version >= 2:
+        try:
+            crc_ok = meta.get("header_crc32") == f"{_header_crc(header):08x}"
+        except RecursionError:
+            raise damaged("unreadable header") from None
+        if not crc_ok:
+            raise damaged("checksum mismatch in its header")
+    entries, end = {}, 0
     for name in ("conv", "ssm"):
-        e = header.get(name)
+        entries[name] = e = header.get(name)
         try:
             _, _, begin, stop, nbytes = safetensors_format.entry(e)
         except safetensors_format.HeaderError:
-            raise Mamba2Error(f"{path}: damaged state file (tensor {name!r} missing or malformed)") from None
+            raise damaged(f"tensor {name!r} missing or malformed") from None
         if stop - begin != nbytes or begin < 0:
-            raise Mamba2Error(f"{path}: damaged state file (tensor {name!r} has the wrong size)")
+            raise damaged(f"tensor {name!r} has the wrong size")
         end = max(end, stop)
     if data_start + end > size:
         raise Mamba2Error(f"{path}: truncated ({size:,} bytes; its header promises {data_start + end:,}): "
                           "it was not written completely; save the state again")
-    return meta, header, data_start
+    try:
+        tokens = int(meta["tokens"])
+        last_token = int(meta["last_token"]) if meta.get("last_token") else None
+        block = int(meta.get("block_bytes", BLOCK_BYTES))
+        hexes = [c for c in meta["crc32"].split(",") if c]
+        if not all(re.fullmatch(r"[0-9a-f]{8}", c) for c in hexes):
+            raise ValueError
+        crcs = [int(c, 16) for c in hexes]
+    except (KeyError, ValueError):
+        raise damaged("unreadable metadata") from None
+    if (last_token is None) != (tokens == 0) or not 0 <= tokens <= MAX_TOKENS:
+        raise damaged("inconsistent token metadata")
+    if not MIN_BLOCK_BYTES <= block <= MAX_BLOCK_BYTES:
+        raise damaged(f"block size {block:,} is outside {MIN_BLOCK_BYTES >> 10} KiB..{MAX_BLOCK_BYTES >> 30} GiB")
+    if len(crcs) != math.ceil(end / block):
+        raise damaged("checksum list does not match the data")
+    return _Header(meta, entries, data_start, end, tokens, last_token, block, crcs)
+
+
+def read_metadata(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """(metadata, tensor entries, offset of the data) of a state file; checks the header."""
+    path = Path(path)
+    with _open(path) as f:
+        h = _read_header(f, path)
+    return h.meta, h.entries, h.data_start
 
 
 def _describe_difference(saved_cfg: dict, cfg: dict) -> str:
@@ -324,60 +419,52 @@ def check_compatible(path: str | os.PathLike, meta: dict, model: Mamba2LM) -> No
 
 
 def load_state(path: str | os.PathLike, model: Mamba2LM, into: Mamba2State | None = None,
-               verify: bool = True) -> SavedState:
+               verify: bool = True, check_metadata: Callable[[dict], None] | None = None) -> SavedState:
     """Read a state file for `model`; the state goes into `into` (a batch of one) or a new one.
 
-    Every check that needs no tensor data (format, dtype, model fingerprint, sizes) runs
-    before the data is read; the CRC-32 checks run after (skip them with verify=False).
+    Every check that needs no tensor data (header checksum, format, value bounds, dtype,
+    model fingerprint, sizes, then the caller's `check_metadata` on the file's metadata,
+    which raises to refuse it) runs before the data is read; the CRC-32 checks of the data
+    run after (skip them with verify=False). Header and data come from one open file.
     """
     path = Path(path)
-    meta, header, data_start = read_metadata(path)
-    check_compatible(path, meta, model)
-    state = into if into is not None else model.new_state(1)
-    if state.batch_size != 1:
-        raise Mamba2Error(f"a state file holds one sequence; the target state has a batch of {state.batch_size}")
-    for name, target in (("conv", state.conv), ("ssm", state.ssm)):
-        e = header[name]
-        if list(e["shape"]) != list(target.shape) or safetensors_format.DTYPES[e["dtype"]] != target.dtype:
-            raise Mamba2Error(f"{path}: tensor {name!r} is {e['dtype']} {e['shape']}, this model's state is "
-                              f"{safetensors_format.NAMES.get(target.dtype)} {list(target.shape)}")
-    try:
-        tokens = int(meta["tokens"])
-        last_token = int(meta["last_token"]) if meta.get("last_token") else None
-        block = int(meta.get("block_bytes", BLOCK_BYTES))
-        crcs = [int(c, 16) for c in meta["crc32"].split(",") if c]
-    except (KeyError, ValueError):
-        raise Mamba2Error(f"{path}: damaged state file (unreadable metadata)") from None
-    if (last_token is None) != (tokens == 0) or tokens < 0 or block <= 0:
-        raise Mamba2Error(f"{path}: damaged state file (inconsistent token metadata)")
-    if last_token is not None and not 0 <= last_token < model.cfg.vocab_size:
-        raise Mamba2Error(f"{path}: damaged state file (last token {last_token} is outside the vocabulary)")
-    extra = {}
-    for key in ("chat",):
-        if key in meta:
-            try:
-                extra[key] = json.loads(meta[key])
-            except ValueError:
-                raise Mamba2Error(f"{path}: damaged state file (unreadable {key} metadata)") from None
-
-    nbytes = max(int(e["data_offsets"][1]) for n, e in header.items() if n in ("conv", "ssm"))
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    got = _read_blocks(path, data_start, memoryview(buf.numpy()), block, verify)
+    with _open(path) as f:
+        h = _read_header(f, path)
+        check_compatible(path, h.meta, model)
+        if h.last_token is not None and not 0 <= h.last_token < model.cfg.vocab_size:
+            raise Mamba2Error(f"{path}: damaged state file (last token {h.last_token} is outside the vocabulary)")
+        state = into if into is not None else model.new_state(1)
+        if state.batch_size != 1:
+            raise Mamba2Error(f"a state file holds one sequence; the target state has a batch of {state.batch_size}")
+        for name, target in (("conv", state.conv), ("ssm", state.ssm)):
+            e = h.entries[name]
+            if list(e["shape"]) != list(target.shape) or safetensors_format.DTYPES[e["dtype"]] != target.dtype:
+                raise Mamba2Error(f"{path}: tensor {name!r} is {e['dtype']} {e['shape']}, this model's state is "
+                                  f"{safetensors_format.NAMES.get(target.dtype)} {list(target.shape)}")
+        extra = {}
+        for key in ("chat",):
+            if key in h.meta:
+                try:
+                    extra[key] = json.loads(h.meta[key])
+                except (ValueError, RecursionError):
+                    raise Mamba2Error(f"{path}: damaged state file (unreadable {key} metadata)") from None
+        if check_metadata is not None:
+            check_metadata(h.meta)
+        buf = torch.empty(h.nbytes, dtype=torch.uint8)
+        got = _read_blocks(f.fileno(), path, h.data_start, memoryview(buf.numpy()), h.block, verify)
     if verify:
-        if len(crcs) != len(got):
-            raise Mamba2Error(f"{path}: damaged state file (checksum list does not match the data)")
-        bad = [i for i, (a, b) in enumerate(zip(got, crcs)) if a != b]
+        bad = [i for i, (a, b) in enumerate(zip(got, h.crcs)) if a != b]
         if bad:
-            lo = bad[0] * block
-            raise Mamba2Error(f"{path}: damaged (checksum mismatch in bytes {lo:,}-{min(lo + block, nbytes):,} "
+            lo = bad[0] * h.block
+            raise Mamba2Error(f"{path}: damaged (checksum mismatch in bytes {lo:,}-{min(lo + h.block, h.nbytes):,} "
                               "of the state); save the state again")
     with torch.inference_mode():  # the target may be an inference tensor (made inside the generation loop)
         # One host-to-device copy of the whole file, then two device-side copies into place.
         staged = buf.to(state.ssm.device, non_blocking=False) if state.ssm.device.type != "cpu" else buf
         for name, target in (("conv", state.conv), ("ssm", state.ssm)):
-            begin, stop = (int(o) for o in header[name]["data_offsets"])
+            begin, stop = (int(o) for o in h.entries[name]["data_offsets"])
             target.copy_(staged[begin:stop].view(target.dtype).view(target.shape))
-    return SavedState(state, tokens, last_token, extra, meta)
+    return SavedState(state, h.tokens, h.last_token, extra, h.meta)
 
 
 # ---------------------------------------------------------------------------------------
