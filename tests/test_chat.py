@@ -185,9 +185,9 @@ def test_a_template_past_the_time_bound_is_stopped(sp, name):
 def test_a_template_building_a_huge_value_is_stopped_at_once(sp, name):
     _, tok = sp
     t0 = time.perf_counter()
-    with pytest.raises(Mamba2Error, match=r"^the chat template (was stopped|failed on this conversation): [^\n]+$"):
+    with pytest.raises(Mamba2Error, match=r"^the chat template (was stopped|failed on this conversation): [^\n]+$") as e:
         ChatTemplate(tok, OVERSIZED[name]).render([{"role": "user", "content": "x"}])
-    assert time.perf_counter() - t0 < 1.5
+    assert "ran for more than" not in str(e.value) and time.perf_counter() - t0 < 1.5  # refused before it ran long
 
 
 def test_the_bounds_leave_a_normal_template_as_it_was(sp):

@@ -139,14 +139,18 @@ def _size(value, budget: int = _MAX_ITEMS) -> int:
     """Characters and items in `value`, counted through nested lists and dicts until past `budget`."""
     if isinstance(value, (str, bytes)):
         return len(value)
-    if not isinstance(value, (list, tuple, dict, set, frozenset)):
+    if not isinstance(value, _CONTAINERS):
         return 1
-    n = len(value)
+    n = len(value)  # each item counts once, a string or container item by its own size too
     for item in (value.items() if isinstance(value, dict) else value):
         if n > budget:
             break
-        n += _size(item, budget - n)
+        if isinstance(item, (str, bytes, *_CONTAINERS)):
+            n += _size(item, budget - n)
     return n
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
 def _check_size(n: int, what: str) -> None:
