@@ -145,6 +145,87 @@ def test_templates_run_in_a_sandbox(sp):
         ChatTemplate(tok, "{% for %}")
 
 
+# A template is untrusted code: it gets RENDER_SECONDS and RENDER_BYTES, and no step builds a
+# value past a million items; past a bound, the render is a one-line error.
+ATTACKS = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "nested loops over a string": "{% set s = 'a' * 1000000 %}{% for i in s %}{% for j in s %}{% endfor %}{% endfor %}",
+    "exponential macro": "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+}
+OVERSIZED = {
+    "range(10**9)": "{% for i in range(10**9) %}{% endfor %}",
+    "huge range": "{{ range(2**70)|length }}",
+    "repetition": "{{ 'a' * 3000000000 }}",
+    "repetition of a float": "{{ 'a' * 3e9 }}",
+    "repetition of a list": "{{ ['a'] * (3e9|int) }}",
+    "doubling by ~": "{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "doubling by +": "{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "nested list printed": "{% set ns = namespace(l=['a']) %}{% for i in range(30) %}{% set ns.l = [ns.l, ns.l] %}"
+                           "{% endfor %}{{ ns.l }}",
+    "width argument": "{{ 'a'|center(3000000000) }}{{ 'a'.ljust(3000000000) }}",
+    "format width": "{{ '%3000000000s' % 'a' }}",
+    "format method width": "{{ '{:>3000000000}'.format('a') }}",
+    "power": "{{ 10 ** (10 ** 9) }}",
+    "output": "{% for i in range(100000) %}{% for j in range(100) %}xx{% endfor %}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_a_template_past_the_time_bound_is_stopped(sp, name):
+    from mamba2_cli import chat
+
+    _, tok = sp
+    t0 = time.perf_counter()
+    with pytest.raises(Mamba2Error, match=r"^the chat template was stopped: it ran for more than 2 s$"):
+        ChatTemplate(tok, ATTACKS[name]).render([{"role": "user", "content": "x"}])
+    assert chat.RENDER_SECONDS <= time.perf_counter() - t0 < chat.RENDER_SECONDS + 0.5
+
+
+@pytest.mark.parametrize("name", OVERSIZED)
+def test_a_template_building_a_huge_value_is_stopped_at_once(sp, name):
+    _, tok = sp
+    t0 = time.perf_counter()
+    with pytest.raises(Mamba2Error, match=r"^the chat template (was stopped|failed on this conversation): [^\n]+$") as e:
+        ChatTemplate(tok, OVERSIZED[name]).render([{"role": "user", "content": "x"}])
+    assert "ran for more than" not in str(e.value) and time.perf_counter() - t0 < 1.5  # refused before it ran long
+
+
+def test_the_bounds_leave_a_normal_template_as_it_was(sp):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    model, tok = sp
+    source = ("{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m['role']|upper ~ ': ' ~ m.content }}"
+              "{% if not loop.last %}\n{% endif %}{% else %}none{% endfor %}{{ range(3)|list }}"
+              "{{ '%05d|%s' % (3, 'q') }}{{ '{}-{}'.format(1, 2) }}{{ [1, 2]|join(', ') }}{{ 'ab' * 3 }}"
+              "{% if add_generation_prompt %}{{ 'é' * 2 }}{% endif %}")
+    messages = [{"role": "user", "content": "hello " * 5000}, {"role": "assistant", "content": "x"}]
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+    assert ChatTemplate(tok, source).render(messages) == plain.render(messages=messages, add_generation_prompt=True)
+    codestral = ChatTemplate(tok)  # the model's own template
+    long = [{"role": "user", "content": "word " * 1000}, {"role": "assistant", "content": "reply"}] * 50
+    t0 = time.perf_counter()
+    assert codestral.render(long).count("[INST]") == 50
+    assert time.perf_counter() - t0 < 0.5
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_a_runaway_template_is_a_one_line_error_in_the_cli(make_checkpoint, command):
+    import json
+
+    d, _, _ = make_checkpoint("hf")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = OVERSIZED["range(10**9)"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if command == "run":
+        p = subprocess.run([sys.executable, "-m", "mamba2_cli", "run", "-m", str(d), "--device", "cpu", "-n", "2",
+                            "--chat", "hello"], capture_output=True, env=ENV, timeout=120)
+    else:
+        p = chat(d, "hello\n", "-n", "2")
+    err = p.stderr.decode()
+    assert err.startswith("error: the chat template was stopped: an argument of 1e+09") and err.count("\n") == 1, err
+    assert p.returncode != 0 or command == "chat"  # the chat reports the turn and goes on to the next
+
+
 # ---------------------------------------------------------------------------------------
 # The terminal chat, end to end
 

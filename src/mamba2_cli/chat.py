@@ -14,7 +14,12 @@ split), and then every turn would have to re-read the conversation.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
+import time
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -45,21 +50,20 @@ _MARK = "\ue000{}\ue001"
 
 class ChatTemplate:
     """A jinja2 chat template (from tokenizer_config.json, or the plain fallback), rendered
-    in jinja2's sandbox: templates come with downloaded models and are not trusted."""
+    in a bounded jinja2 sandbox: templates come with downloaded models and are not trusted."""
 
     def __init__(self, tokenizer: Tokenizer, source: str | None = None):
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.tokenizer = tokenizer
         source = source if source is not None else _pick_template(tokenizer.chat_template)
         self.is_fallback = source is None
         self.stop: tuple[str, ...] = FALLBACK_STOP if self.is_fallback else ()
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_from_template
         try:
-            self.template = env.from_string(source if source is not None else FALLBACK_TEMPLATE)
-        except TemplateError as e:
+            self.template = env.from_bounded_string(source if source is not None else FALLBACK_TEMPLATE)
+        except (TemplateError, RecursionError) as e:
             where = f" in {tokenizer.path.parent / 'tokenizer_config.json'}" if tokenizer.path else ""
             raise Mamba2Error(f"the chat template{where} does not compile: {e}") from None
 
@@ -71,13 +75,28 @@ class ChatTemplate:
                           "pad_token": text(tokenizer.pad_id) or ""}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The template's text for `messages`; refused past RENDER_SECONDS or RENDER_BYTES."""
         from jinja2 import TemplateError
 
+        token = _deadline.set(time.monotonic() + RENDER_SECONDS)
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.variables)
+            chunks, size = [], 0
+            for chunk in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **self.variables):
+                size += len(chunk.encode("utf-8", "surrogatepass"))
+                if size > RENDER_BYTES:
+                    raise _Stopped(f"its text passed {RENDER_BYTES:,} bytes")
+                _check_time()
+                chunks.append(chunk)
+            return "".join(chunks)
+        except _Stopped as e:
+            raise Mamba2Error(f"the chat template was stopped: {e}") from None
         except TemplateError as e:
             raise Mamba2Error(f"the chat template refused this conversation: {e}") from None
+        except Exception as e:  # the template is untrusted code: whatever it raises is its failure
+            raise Mamba2Error(f"the chat template failed on this conversation: {type(e).__name__}: {e}") from None
+        finally:
+            _deadline.reset(token)
 
     def shows_system_prompt(self) -> bool:
         """Whether the template renders a system message at all (some drop it silently)."""
@@ -90,6 +109,162 @@ class ChatTemplate:
     def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation (the template writes any BOS itself)."""
         return self.tokenizer.encode(self.render(messages, add_generation_prompt), add_bos=False)
+
+
+# The bounds on a template: jinja2's sandbox keeps it from reaching Python's internals, these
+# keep it from running away with the time or the memory. The time is checked between output
+# chunks, at every loop iteration, call, attribute, subscript and intercepted operator; sizes
+# are checked before an operation builds a value, so no single step allocates much more than
+# _MAX_ITEMS items: repetition (`'a' * 3000000000`), concatenation (`+`, `~`), powers,
+# ranges, numbers given to filters and methods (`center(3000000000)`) and format widths.
+RENDER_SECONDS = 2.0
+RENDER_BYTES = 1_000_000
+_MAX_ITEMS = 1_000_000  # characters of a string, items of a list, bits of an integer
+_MAX_RANGE = 100_000
+_WIDE_NUMBER = re.compile(r"\d{7}")  # a format width of a million or more
+
+_deadline: ContextVar[float] = ContextVar("chat_template_deadline", default=math.inf)
+
+
+class _Stopped(Exception):
+    """A template went past a bound (raised from inside the render, which passes it on)."""
+
+
+def _check_time() -> None:
+    if time.monotonic() > _deadline.get():
+        raise _Stopped(f"it ran for more than {RENDER_SECONDS:g} s")
+
+
+def _size(value, budget: int = _MAX_ITEMS) -> int:
+    """Characters and items in `value`, counted through nested lists and dicts until past `budget`."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if not isinstance(value, _CONTAINERS):
+        return 1
+    n = len(value)  # each item counts once, a string or container item by its own size too
+    for item in (value.items() if isinstance(value, dict) else value):
+        if n > budget:
+            break
+        if isinstance(item, (str, bytes, *_CONTAINERS)):
+            n += _size(item, budget - n)
+    return n
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > _MAX_ITEMS:
+        raise _Stopped(f"{what} would hold {n:,} items (at most {_MAX_ITEMS:,})")
+
+
+def _check_numbers(args, kwargs) -> None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not abs(v) <= _MAX_ITEMS:
+            raise _Stopped(f"an argument of {v:g} (at most {_MAX_ITEMS:,})")
+
+
+def _check_format(fmt) -> None:
+    if isinstance(fmt, str) and _WIDE_NUMBER.search(fmt):
+        raise _Stopped("a format string with a width of a million or more")
+
+
+def _bounded_range(*args):
+    r = range(*args)
+    try:
+        n = len(r)
+    except OverflowError:
+        n = math.inf
+    if n > _MAX_RANGE:
+        raise _Stopped(f"a range of {n:g} items (at most {_MAX_RANGE:,})")
+    return r
+
+
+@functools.cache
+def _bounded_sandbox():
+    from jinja2 import nodes, pass_context
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # Filters that take the context are never evaluated at compile time.
+    @pass_context
+    def timed_loop(context, iterable):
+        for item in iterable:
+            _check_time()
+            yield item
+
+    @pass_context
+    def bounded_concat(context, items):
+        _check_size(sum(_size(x) for x in items), "a concatenation")
+        return "".join(map(str, items))
+
+    def bounded_filter(f):
+        @functools.wraps(f)  # keeps jinja's pass_context/pass_environment mark
+        def run(*args, **kwargs):
+            _check_time()
+            _check_numbers(args[1:], kwargs)  # the arguments after the value filtered
+            _check_size(sum(_size(a) for a in (*args, *kwargs.values())), f"the input of the filter {f.__name__}")
+            if f.__name__ == "do_format":
+                _check_format(next((a for a in args if isinstance(a, str)), None))
+            return f(*args, **kwargs)
+        return run
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+", "**", "%"})
+
+        def __init__(self, **options):
+            super().__init__(finalize=self.bounded_output, **options)
+            self.globals["range"] = _bounded_range
+            self.filters = {name: bounded_filter(f) for name, f in self.filters.items()}
+            self.filters["bounded_loop"], self.filters["bounded_concat"] = timed_loop, bounded_concat
+
+        def from_bounded_string(self, source: str):
+            """Compile `source` with every loop checking the clock and every `~` its size."""
+            tree = self.parse(source)
+            for loop in list(tree.find_all(nodes.For)):
+                loop.iter = nodes.Filter(loop.iter, "bounded_loop", [], [], None, None, lineno=loop.lineno)
+            for concat in list(tree.find_all(nodes.Concat)):
+                items = nodes.List(concat.nodes, lineno=concat.lineno)
+                concat.nodes = [nodes.Filter(items, "bounded_concat", [], [], None, None, lineno=concat.lineno)]
+            return self.from_string(tree)
+
+        @staticmethod
+        def bounded_output(value):
+            _check_time()
+            _check_size(_size(value), "an output value")
+            return value
+
+        def call_binop(self, context, operator, left, right):
+            _check_time()
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int):
+                    _check_size(_size(seq) * n, "a repetition")
+                elif isinstance(left, int) and isinstance(right, int):
+                    _check_size(left.bit_length() + right.bit_length(), "a product")
+            elif operator == "+" and isinstance(left, (str, bytes, list, tuple)):
+                _check_size(_size(left) + _size(right), "a concatenation")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                _check_size(max(right, 0) * left.bit_length(), "a power")
+            elif operator == "%":
+                _check_format(left)
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            _check_time()
+            _check_numbers(args, kwargs)
+            if getattr(__obj, "__name__", None) in ("format", "format_map"):  # the sandbox wraps str.format
+                _check_format(getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None))
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            _check_time()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _check_time()
+            return super().getitem(obj, argument)
+
+    return BoundedSandbox
 
 
 def _pick_template(t) -> str | None:

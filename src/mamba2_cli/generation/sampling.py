@@ -52,6 +52,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
+    probs = filtered_probs(logits, params)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampling draws from: softmax(logits / temperature), then top-k, min-p
+    and top-p, each on the tempered probabilities. Not renormalized (the race needs no sum);
+    removed tokens have probability 0."""
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -64,5 +73,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
+    return probs
