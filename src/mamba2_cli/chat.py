@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 from .errors import Mamba2Error
 from .generation import GenerationEvent, stream_generate
 from .model import Mamba2LM
-from .statefile import load_state, read_metadata, save_state
+from .statefile import load_state, save_state
 from .tokenizer import Tokenizer
 
 # For models without a chat template (base models): plain text turns. Base models do not end
@@ -406,21 +406,25 @@ class ChatSession:
 
     def load(self, path: str | Path) -> None:
         """Continue a conversation saved by save(); the session is unchanged if it fails."""
-        meta, _, _ = read_metadata(path)
-        if "chat" not in meta:
-            raise Mamba2Error(f"{path} holds no conversation (it was not saved by mamba2 chat); "
-                              "`mamba2 run --load-state` continues it")
-        try:
-            chat = json.loads(meta["chat"])
-            messages, ids, system = chat["messages"], [int(i) for i in chat["ids"]], chat.get("system")
-            ok = isinstance(messages, list) and all(
-                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
-                for m in messages)
-            ok = ok and str(len(ids) + 1) == meta.get("tokens") and (system is None or isinstance(system, str))
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise Mamba2Error(f"{path}: damaged state file (its conversation does not add up)")
-        saved = load_state(path, self.model, into=self.state)
-        self.messages, self.ids, self.system = messages, ids, system
+        conversation = {}
+
+        def check(meta: dict) -> None:  # on the file load_state reads, before any state is read
+            if "chat" not in meta:
+                raise Mamba2Error(f"{path} holds no conversation (it was not saved by mamba2 chat); "
+                                  "`mamba2 run --load-state` continues it")
+            try:
+                chat = json.loads(meta["chat"])
+                messages, ids, system = chat["messages"], [int(i) for i in chat["ids"]], chat.get("system")
+                ok = isinstance(messages, list) and all(
+                    isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                    for m in messages)
+                ok = ok and str(len(ids) + 1) == meta.get("tokens") and (system is None or isinstance(system, str))
+            except (ValueError, KeyError, TypeError, RecursionError):
+                ok = False
+            if not ok:
+                raise Mamba2Error(f"{path}: damaged state file (its conversation does not add up)")
+            conversation.update(messages=messages, ids=ids, system=system)
+
+        saved = load_state(path, self.model, into=self.state, check_metadata=check)
+        self.messages, self.ids, self.system = conversation["messages"], conversation["ids"], conversation["system"]
         self.last_token, self.last_turn = saved.last_token, {}
