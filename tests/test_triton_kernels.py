@@ -661,7 +661,8 @@ def test_causal_conv1d_off_the_blocks_matches_reference(tb, guards, width, with_
     lens = torch.tensor([L, 2], device=DEVICE) if with_len else None
     out = tb.causal_conv1d(xBC, w, bias, cs, lens)
     out_ref = pytorch.causal_conv1d(xBC, w, bias, cs_ref, lens)
-    assert rel_err(out, out_ref) < 1e-6
+    assert rel_err(out[0], out_ref[0]) < 1e-6
+    assert rel_err(out[1, :2], out_ref[1, :2]) < 1e-6  # past a row's length the output is unspecified
     assert torch.equal(cs, cs_ref)
     guards.check()
 
