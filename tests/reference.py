@@ -1,4 +1,7 @@
-"""Independent references for the tests: the float64 sequential recurrence, step by step."""
+"""Independent references for the tests: the float64 sequential recurrence, step by step;
+and guard regions around kernel outputs, to catch writes outside them."""
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -86,3 +89,63 @@ def reference_logits(sd: dict, shape: dict, ids: list[int], norm_before_gate: bo
         residual = residual + v @ W[p + "mixer.out_proj.weight"].T
     h = rms(residual, W["backbone.norm_f.weight"])
     return (h @ W["lm_head.weight"].T)[:, : shape["vocab_size"]]
+
+
+class Guards:
+    """Tensors placed inside larger buffers whose bytes before and after hold a sentinel, so a
+    kernel that writes outside its output (a store with a wrong mask) shows even when every
+    value it returns is right; `check` asserts that the sentinel bytes are untouched.
+
+    `empty` stands in for torch.empty (install it with monkeypatch): every output the kernel
+    wrappers allocate then lies between guards, and its own elements are poisoned (NaN, or
+    -12345 for integers) so an element a kernel forgets to write fails the comparison too.
+    `wrap` places a copy of a tensor between guards: the in-place states passed to a kernel.
+    """
+
+    SENTINEL = 0xA5  # as fp32 -2.9e-16, as fp16 -0.022: no value a kernel computes here
+    MIN_PAD, MAX_PAD = 16 << 10, 1 << 20  # guard bytes each side: the tensor's size, clamped
+
+    def __init__(self, real_empty=torch.empty):
+        self.real_empty = real_empty
+        self.regions = []  # (description, uint8 buffer, first data byte, end of data)
+
+    def alloc(self, shape, dtype, device) -> torch.Tensor:
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        # 256-byte multiples keep the data as aligned as the allocator's own (Triton specializes
+        # on 16-byte alignment, tensor descriptors need it).
+        pad = -(-min(max(nbytes, self.MIN_PAD), self.MAX_PAD) // 256) * 256
+        buf = self.real_empty(pad + nbytes + pad, dtype=torch.uint8, device=device)
+        buf.fill_(self.SENTINEL)
+        t = buf[pad:pad + nbytes].view(dtype).view(shape)
+        self.regions.append((f"{dtype} {list(shape)}", buf, pad, pad + nbytes))
+        return t
+
+    def empty(self, *size, dtype=None, device=None, **kw):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        device = torch.device(device if device is not None else torch.get_default_device())
+        if kw.get("requires_grad") or kw.get("pin_memory") or set(kw) - {"requires_grad", "pin_memory"} \
+                or device.type == "meta":
+            t = self.real_empty(*size, dtype=dtype, device=device, **kw)  # not a kernel output
+        else:
+            t = self.alloc(shape, dtype or torch.get_default_dtype(), device)
+        t.fill_(math.nan if (t.is_floating_point() or t.is_complex()) else -12345)
+        return t
+
+    def wrap(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of t between guards."""
+        out = self.alloc(t.shape, t.dtype, t.device)
+        out.copy_(t)
+        return out
+
+    def check(self) -> None:
+        """Assert every guard byte is untouched; the regions checked are then let go."""
+        bad = []
+        for what, buf, start, end in self.regions:
+            for side, part in (("before", buf[:start]), ("after", buf[end:])):
+                hit = (part != self.SENTINEL).nonzero()
+                if hit.numel():
+                    off = hit[0].item() - start if side == "before" else hit[-1].item()
+                    bad.append(f"{what}: {hit.numel()} bytes written {side} it (farthest {off:+d} bytes)")
+        self.regions = []
+        assert not bad, "writes outside a kernel's tensors: " + "; ".join(bad)

@@ -1,4 +1,8 @@
-"""The decode matvec kernels against F.linear (Triton's interpreter on CPU, the GPU when present)."""
+"""The decode matvec kernels against F.linear (Triton's interpreter on CPU, the GPU when present).
+
+Every output the kernels allocate lies between guard regions and is poisoned with NaN
+(reference.Guards): a write outside it fails the test even when every value is right.
+"""
 
 import importlib.util
 import os
@@ -11,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mamba2_cli.linear import Linear  # noqa: E402
-from reference import rel_err  # noqa: E402
+from reference import Guards, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,6 +30,17 @@ def mv():
     from mamba2_cli.kernels.triton import matvec
 
     return matvec
+
+
+@pytest.fixture(autouse=True)
+def guards(monkeypatch):
+    """torch.empty hands out NaN-poisoned tensors between guard regions, checked after the test."""
+    g = Guards()
+    monkeypatch.setattr(torch, "empty", g.empty)
+    yield g
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    g.check()
 
 
 def _table():
@@ -154,6 +169,26 @@ def test_every_matvec_kernel_matches_linear(mv, name, dtype, K):
     assert rel_err(mv.matvec(x, w, b, config=cfg), F.linear(x.double(), w.double(), b.double())) < tol
     xs = torch.randn(M, K + 40, generator=g).to(DEVICE, dtype)[:, :K]  # rows K + 40 apart
     assert rel_err(mv.matvec(xs, w, config=cfg), F.linear(xs.double(), w.double())) < tol
+
+
+@pytest.mark.parametrize("entry", ["rows1", "rows1_k8192", "rows1_long", "rows2-8", "rows2-8_k8192"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("K", [300, 1100])
+def test_default_entries_off_the_blocks_match_linear(mv, guards, entry, dtype, K):
+    # Each configs.MATVEC entry with its own blocks at sizes that are no multiple of them: 101
+    # outputs (odd: a last program of 2 rows holds one; tiles of 64 end at 128), K 300 and 1100
+    # (tiles of 256 or 1024 end inside K). fp32 rows of 1200 and 4400 bytes take tensor
+    # descriptors, 16-bit rows of 600 and 2200 the 16-byte copies; bf16 on a GPU only.
+    cfg = _table()[entry]
+    M = 1 if cfg["kind"] != "tensor_cores" else 5
+    g = torch.Generator().manual_seed(K + M)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    w = torch.randn(101, K, generator=g).to(DEVICE, dtype)
+    b = torch.randn(101, generator=g).to(DEVICE, dtype)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(mv.matvec(x, w, b, config=cfg), F.linear(x.double(), w.double(), b.double())) < tol
+    assert rel_err(mv.matvec(x, w, config=cfg), F.linear(x.double(), w.double())) < tol
+    guards.check()
 
 
 def test_batched_default_takes_tensor_descriptors_where_rows_are_aligned(mv):

@@ -2,7 +2,10 @@
 
 H 128, P 64, G 8, N 128, conv width 4, against the float64 recurrence (vectorized over
 heads here, on the GPU, so moderate lengths stay fast): rel err <= 1e-2 for bf16 inputs,
-<= 1e-4 for fp32. Outputs are poisoned with NaN through torch.empty.
+<= 1e-4 for fp32. Then sizes off the blocks (N 48, P 48 and 24, odd heads and groups) at
+every configuration entry. Every output the kernels allocate lies between guard regions and
+is poisoned with NaN (reference.Guards), the in-place states of the tests at both kinds of
+sizes lie between guards too, and every guard is checked after each test.
 """
 
 import math
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba2_cli.kernels import pytorch
-from reference import rel_err, sequential_ssd
+from reference import Guards, rel_err, sequential_ssd
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -52,40 +55,47 @@ def test_vectorized_reference_matches_sequential_reference():
 
 
 @pytest.fixture
-def tb(monkeypatch):
+def guards(monkeypatch):
+    """torch.empty hands out NaN-poisoned tensors between guard regions (the decode step's
+    scratch buffers too: its cache starts empty); every guard is checked after the test."""
+    from mamba2_cli.kernels.triton import decode_step
+
+    g = Guards()
+    monkeypatch.setattr(torch, "empty", g.empty)
+    monkeypatch.setattr(decode_step, "_scratch", {})
+    yield g
+    torch.cuda.synchronize()
+    g.check()
+
+
+@pytest.fixture
+def tb(guards):
     from mamba2_cli.kernels import triton as triton_backend
 
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        t.fill_(math.nan if t.is_floating_point() else -12345)
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
     return triton_backend
 
 
-def codestral_ssd_inputs(b, L, dtype, seed, init=True):
-    """Codestral-like ranges: dt = softplus(raw + bias) mostly in [1e-3, 1e-1], A in [-16, -1]."""
+def codestral_ssd_inputs(b, L, dtype, seed, init=True, h=H, p=P, g_=G, n=N):
+    """Codestral-like ranges: dt = softplus(raw + bias) mostly in [1e-3, 1e-1], A in [-16, -1].
+    Codestral's layer unless h, p, g_, n say otherwise."""
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def rn(*shape):
         return torch.randn(*shape, generator=g, device="cuda")
 
-    dt_init = torch.exp(torch.rand(H, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt_init = torch.exp(torch.rand(h, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     return dict(
-        x=rn(b, L, H, P).to(dtype), dt=(rn(b, L, H) * 0.5).to(dtype),
-        A=-torch.exp(torch.rand(H, generator=g, device="cuda") * math.log(16.0)),
-        B=rn(b, L, G, N).to(dtype), C=rn(b, L, G, N).to(dtype), D=rn(H),
+        x=rn(b, L, h, p).to(dtype), dt=(rn(b, L, h) * 0.5).to(dtype),
+        A=-torch.exp(torch.rand(h, generator=g, device="cuda") * math.log(16.0)),
+        B=rn(b, L, g_, n).to(dtype), C=rn(b, L, g_, n).to(dtype), D=rn(h),
         dt_bias=dt_init + torch.log(-torch.expm1(-dt_init)),  # inverse softplus
-        initial_state=rn(b, H, P, N) * 0.1 if init else None,
+        initial_state=rn(b, h, p, n) * 0.1 if init else None,
     )
 
 
-def run_ssd(fn, inp, dt_limit=(0.0, INF)):
+def run_ssd(fn, inp, dt_limit=(0.0, INF), **kw):
     return fn(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["dt_bias"], dt_limit, 256,
-              inp["initial_state"])
+              inp["initial_state"], **kw)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-2), (torch.float32, 1e-4)],
@@ -134,8 +144,9 @@ def test_ssd_prefill_long_bf16_matches_torch_reference(tb):
 SWEEP_L = list(range(1, 71)) + [127, 128, 129, 191, 192, 193, 255, 256, 257, 511, 512, 513]
 
 
-def sweep_lengths(tb, lengths, b, dtype, init):
-    """ssd_prefill against pytorch (fp32 math) at each length; returns the failures."""
+def sweep_lengths(tb, guards, lengths, b, dtype, init):
+    """ssd_prefill against pytorch (fp32 math) at each length; returns the failures. The
+    guards are checked (and let go) at each length."""
     bad = []
     for L in lengths:
         inp = codestral_ssd_inputs(b, L, dtype, seed=1000 + L, init=init)
@@ -144,6 +155,10 @@ def sweep_lengths(tb, lengths, b, dtype, init):
             torch.cuda.synchronize()
         except Exception as e:  # a fault poisons the context: name the length, stop here
             raise AssertionError(f"L={L} (earlier failures {bad}): {str(e)[:80]}") from e
+        try:
+            guards.check()
+        except AssertionError as e:
+            raise AssertionError(f"L={L}: {e}") from None
         as_fp32 = {k: (v.float() if v is not None else None) for k, v in inp.items()}
         y_ref, state_ref = run_ssd(pytorch.ssd_prefill, as_fp32)
         ey, es = rel_err(y, y_ref), rel_err(state, state_ref)
@@ -155,7 +170,7 @@ def sweep_lengths(tb, lengths, b, dtype, init):
 @pytest.mark.parametrize("init", [False, True], ids=["zero-state", "init-state"])
 @pytest.mark.parametrize("b", [1, 3])
 @pytest.mark.parametrize("config", ["default", "many"])
-def test_ssd_prefill_length_sweep_matches_torch_reference(tb, monkeypatch, config, b, init):
+def test_ssd_prefill_length_sweep_matches_torch_reference(tb, guards, monkeypatch, config, b, init):
     """bf16 at Codestral shapes for every L in SWEEP_L against pytorch, rel err <= 1e-2.
 
     "default" forces configs.SSD["few"] (batch 1 and short prompts; batch 3 would take
@@ -169,43 +184,45 @@ def test_ssd_prefill_length_sweep_matches_torch_reference(tb, monkeypatch, confi
 
     monkeypatch.setitem(configs.SSD["rules"], "many_programs", 1 if config == "many" else 1 << 30)
     assert all(ssd.choose_config(b, H, P, L, torch.bfloat16).get("SEGMENTS") is None for L in SWEEP_L)
-    bad = sweep_lengths(tb, SWEEP_L, b, torch.bfloat16, init)
+    bad = sweep_lengths(tb, guards, SWEEP_L, b, torch.bfloat16, init)
     assert not bad, f"(L, y err, state err) over 1e-2: {bad}"
 
 
 @pytest.mark.parametrize("init", [False, True], ids=["zero-state", "init-state"])
-def test_ssd_prefill_short_lengths_fp16(tb, init):
-    bad = sweep_lengths(tb, [1, 2, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129], 1, torch.float16, init)
+def test_ssd_prefill_short_lengths_fp16(tb, guards, init):
+    bad = sweep_lengths(tb, guards, [1, 2, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129], 1, torch.float16, init)
     assert not bad, f"(L, y err, state err) over 1e-2: {bad}"
 
 
-def codestral_mixer(b, dtype, seed):
+def codestral_mixer(b, dtype, seed, h=H, p=P, g_=G, n=N):
+    """A mixer's weights and states (Codestral's layer unless h, p, g_, n say otherwise)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def rn(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, device="cuda") * scale
 
-    d_inner = H * P
-    conv_dim = d_inner + 2 * G * N
-    dt_init = torch.exp(torch.rand(H, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    d_inner = h * p
+    conv_dim = d_inner + 2 * g_ * n
+    dt_init = torch.exp(torch.rand(h, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     st = dict(
         conv_weight=rn(conv_dim, K, scale=0.5).to(dtype), conv_bias=rn(conv_dim, scale=0.1).to(dtype),
-        conv_state=rn(b, conv_dim, K - 1).to(dtype), A=-torch.exp(torch.rand(H, generator=g, device="cuda") * 2.77),
-        D=rn(H), dt_bias=dt_init + torch.log(-torch.expm1(-dt_init)),
-        norm_weight=(1.0 + rn(d_inner, scale=0.1)).to(dtype), ssm_state=rn(b, H, P, N, scale=0.1),
+        conv_state=rn(b, conv_dim, K - 1).to(dtype), A=-torch.exp(torch.rand(h, generator=g, device="cuda") * 2.77),
+        D=rn(h), dt_bias=dt_init + torch.log(-torch.expm1(-dt_init)),
+        norm_weight=(1.0 + rn(d_inner, scale=0.1)).to(dtype), ssm_state=rn(b, h, p, n, scale=0.1),
     )
-    return st, (lambda: rn(b, 2 * d_inner + 2 * G * N + H).to(dtype))
+    return st, (lambda: rn(b, 2 * d_inner + 2 * g_ * n + h).to(dtype))
 
 
-def run_mixer(fn, st, zxbcdt, nbg=False, **kw):
+def run_mixer(fn, st, zxbcdt, nbg=False, groups=G, **kw):
     return fn(zxbcdt, st["conv_weight"], st["conv_bias"], st["conv_state"], st["A"], st["D"], st["dt_bias"],
-              (0.0, INF), st["norm_weight"], st["ssm_state"], G, 1e-5, nbg, **kw)
+              (0.0, INF), st["norm_weight"], st["ssm_state"], groups, 1e-5, nbg, **kw)
 
 
 @pytest.mark.parametrize("b", [1, 5, 8, 64])  # every configs.DECODE_STEP entry but batch2-3
 @pytest.mark.parametrize("block_p", [None, 16])
-def test_mixer_decode_step_codestral_matches_float_reference(tb, b, block_p):
+def test_mixer_decode_step_codestral_matches_float_reference(tb, guards, b, block_p):
     st, draw = codestral_mixer(b, torch.bfloat16, seed=b)
+    st["ssm_state"], st["conv_state"] = guards.wrap(st["ssm_state"]), guards.wrap(st["conv_state"])
     ref = {k: (v.float() if v.dtype == torch.bfloat16 else v).clone() for k, v in st.items()}
     for _ in range(4):
         zxbcdt = draw()
@@ -332,3 +349,152 @@ def test_norms_and_conv_at_codestral_shapes(tb, width):
     o, r = tb.add_rmsnorm(x, res, w2, 1e-5)
     o_ref, r_ref = pytorch.add_rmsnorm(x, res, w2, 1e-5)
     assert rel_err(o, o_ref) <= 1e-2 and rel_err(r, r_ref) <= 1e-6
+
+
+# Sizes off the blocks: N 48 (in a block of 64), P 48 and 24 (blocks of 16, 32 and 64 end
+# inside them), odd numbers of heads and groups, ragged lengths, at each configuration entry.
+# Every element past N or P is masked; a mask against the block reads a neighbour's values and
+# writes past the tensors, which the guards catch.
+ODD = [(5, 48, 1, 48), (3, 24, 3, 48)]  # (heads, head dim, groups, state size)
+ODD_IDS = ["H5-P48-G1-N48", "H3-P24-G3-N48"]
+SSD_ENTRIES = ["few", "many", "fp32", "few-segments", "many-segments"]
+
+
+def ssd_entry(name):
+    """A configs.SSD entry as ssd_prefill's `config` (it replaces the chosen configuration)."""
+    from mamba2_cli.kernels.triton import configs
+
+    t = configs.SSD
+    return {
+        "few": dict(t["few"]),
+        "many": {**t["few"], **t["many"]},
+        "fp32": {**t["few"], **t["fp32"]},
+        # Cut into segments: the states-only pass with "states" (S^T) after "few", with
+        # "many_states" (S) after "many".
+        "few-segments": {**t["few"], "SEGMENTS": 2},
+        "many-segments": {**t["few"], **t["many"], "SEGMENTS": 3, "states": dict(t["many_states"])},
+    }[name]
+
+
+def ssd_reference(inp):
+    return sequential_ssd_heads(**{k: v for k, v in inp.items() if k != "initial_state"}, dt_limit=(0.0, INF),
+                                initial_state=inp["initial_state"])
+
+
+@pytest.mark.parametrize("init", [True, False], ids=["init", "zero-state"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("odd", ODD, ids=ODD_IDS)
+@pytest.mark.parametrize("entry", ["default"] + SSD_ENTRIES)
+def test_ssd_prefill_off_the_blocks_matches_float64_recurrence(tb, guards, entry, odd, dtype, tol, init):
+    h, p, g, n = odd
+    inp = codestral_ssd_inputs(2, 333, dtype, seed=h * p, init=init, h=h, p=p, g_=g, n=n)
+    if init:
+        inp["initial_state"] = guards.wrap(inp["initial_state"])
+    y, state = run_ssd(tb.ssd_prefill, inp, config=None if entry == "default" else ssd_entry(entry))
+    y_ref, state_ref = ssd_reference(inp)
+    torch.cuda.synchronize()
+    assert rel_err(y, y_ref) <= tol
+    assert rel_err(state, state_ref) <= tol
+    guards.check()
+
+
+@pytest.mark.parametrize("odd", ODD, ids=ODD_IDS)
+@pytest.mark.parametrize("entry", SSD_ENTRIES)
+def test_ssd_prefill_off_the_blocks_short_lengths_with_lengths_and_the_state_in_place(tb, guards, entry, odd):
+    # Lengths about one and two chunks (32 and 64 are the entries' chunks), a second row
+    # padded past its length, the final state written over the initial one.
+    h, p, g, n = odd
+    for L in (1, 2, 31, 32, 33, 63, 64, 65, 129):
+        inp = codestral_ssd_inputs(2, L, torch.bfloat16, seed=2000 + L, h=h, p=p, g_=g, n=n)
+        inp["initial_state"] = guards.wrap(inp["initial_state"])
+        state0 = inp["initial_state"].clone()
+        lens = torch.tensor([L, max(1, L // 2)], device="cuda")
+        y, state = run_ssd(tb.ssd_prefill, inp, seq_len=lens, final_state=inp["initial_state"],
+                           config=ssd_entry(entry))
+        torch.cuda.synchronize()
+        assert state.data_ptr() == inp["initial_state"].data_ptr()
+        for row, m in enumerate(lens.tolist()):
+            one = {k: (v[row : row + 1, :m] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+            one["initial_state"] = state0[row : row + 1]
+            y_ref, state_ref = ssd_reference(one)
+            assert rel_err(y[row : row + 1, :m], y_ref) <= 1e-2, (L, row)
+            assert rel_err(state[row : row + 1], state_ref) <= 1e-2, (L, row)
+            assert torch.all(y[row, m:] == 0), (L, row)
+        guards.check()
+
+
+@pytest.mark.parametrize("settled", [True, False], ids=["settled", "plain"])
+@pytest.mark.parametrize("odd", ODD, ids=ODD_IDS)
+@pytest.mark.parametrize("b", [1, 2, 4, 8])  # every configs.DECODE_STEP entry
+def test_mixer_decode_step_off_the_blocks_at_every_batch_entry(tb, guards, b, odd, settled):
+    # The inputs are made and the device synchronized before each call (under PDL a settled
+    # state is loaded before the wait for the kernel launched just before).
+    from mamba2_cli.kernels.triton import decode_step
+
+    assert decode_step.entry_for(b) == ["batch1", "batch2-3", "batch4-7", "batch8+"][[1, 2, 4, 8].index(b)]
+    h, p, g, n = odd
+    st, draw = codestral_mixer(b, torch.bfloat16, seed=100 + b, h=h, p=p, g_=g, n=n)
+    st["ssm_state"], st["conv_state"] = guards.wrap(st["ssm_state"]), guards.wrap(st["conv_state"])
+    ref = {k: (v.float() if v.dtype == torch.bfloat16 else v).clone() for k, v in st.items()}
+    for _ in range(3):
+        zxbcdt = draw()
+        torch.cuda.synchronize()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, groups=g, state_settled=settled)
+        out_ref = run_mixer(pytorch.mixer_decode_step, ref, zxbcdt.float(), groups=g)
+        torch.cuda.synchronize()
+        assert rel_err(out, out_ref) <= 1e-2
+        assert rel_err(st["ssm_state"], ref["ssm_state"]) <= 1e-2
+        assert rel_err(st["conv_state"], ref["conv_state"]) <= 1e-2
+    guards.check()
+
+
+@pytest.mark.parametrize("odd", ODD, ids=ODD_IDS)
+def test_ssd_decode_step_off_the_blocks_continues_a_prefill(tb, guards, odd):
+    h, p, g, n = odd
+    inp = codestral_ssd_inputs(3, 40, torch.float32, seed=7, h=h, p=p, g_=g, n=n)
+    y, state = run_ssd(tb.ssd_prefill, inp)
+    head = {k: (v[:, :36] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+    s = guards.wrap(run_ssd(tb.ssd_prefill, head)[1])
+    for t in range(36, 40):
+        yt = tb.ssd_decode_step(inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
+                                inp["D"], inp["dt_bias"], (0.0, INF), s)
+        assert rel_err(yt, y[:, t]) <= 1e-4
+    assert rel_err(s, state) <= 1e-4
+    guards.check()
+
+
+@pytest.mark.parametrize("width", [3, 4], ids=["conv-tiles", "conv-rows"])
+def test_conv_and_norms_off_the_blocks(tb, guards, width):
+    # 360 channels (P 24 x 3 heads, 3 groups of N 48): the conv's blocks of 256 or 128 end
+    # inside them; 333 positions end inside its blocks of 16 or 32; norm rows of 144 in a tile
+    # of 256 and groups of 24 in tiles of 32.
+    gen = torch.Generator(device="cuda").manual_seed(31)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda")
+
+    b, L, d_inner, conv_dim = 2, 333, 72, 360
+    xBC, w, bias = rn(b, L, conv_dim).bfloat16(), rn(conv_dim, width).bfloat16(), rn(conv_dim).bfloat16()
+    cs = guards.wrap(rn(b, conv_dim, width - 1).bfloat16())
+    cs_ref = cs.float()
+    lens = torch.tensor([L, 100], device="cuda")
+    out = tb.causal_conv1d(xBC, w, bias, cs, lens)
+    out_ref = pytorch.causal_conv1d(xBC.float(), w.float(), bias.float(), cs_ref, lens)
+    assert rel_err(out[0], out_ref[0]) <= 1e-2 and rel_err(out[1, :100], out_ref[1, :100]) <= 1e-2
+    assert torch.equal(cs, cs_ref.to(cs.dtype))
+    x1 = rn(b, conv_dim).bfloat16()
+    o = tb.conv1d_step(x1, w, bias, cs)
+    o_ref = pytorch.conv1d_step(x1.float(), w.float(), bias.float(), cs_ref)
+    assert rel_err(o, o_ref) <= 1e-2 and torch.equal(cs, cs_ref.to(cs.dtype))
+
+    y, z, nw = rn(b, L, d_inner).bfloat16(), rn(b, L, d_inner).bfloat16(), rn(d_inner).bfloat16()
+    for nbg in (False, True):
+        o = tb.gated_rmsnorm(y, z, nw, 24, 1e-5, nbg)
+        assert rel_err(o, pytorch.gated_rmsnorm(y.float(), z.float(), nw.float(), 24, 1e-5, nbg)) <= 1e-2
+    x, res, w2 = rn(L, 144).bfloat16(), rn(L, 144), rn(144).bfloat16()
+    for rows in (L, 3):  # a prompt's rows, decode's few (launched with PDL)
+        o, r = tb.add_rmsnorm(x[:rows], res[:rows], w2, 1e-5)
+        o_ref, r_ref = pytorch.add_rmsnorm(x[:rows], res[:rows], w2, 1e-5)
+        assert rel_err(o, o_ref) <= 1e-2 and rel_err(r, r_ref) <= 1e-6
+    torch.cuda.synchronize()
+    guards.check()

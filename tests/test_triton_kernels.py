@@ -2,12 +2,12 @@
 
 On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1,
 set here before Triton is imported). The interpreter computes tl.dot on bf16 wrongly, so
-bf16 runs only on a GPU (tests/test_triton_gpu.py). Every output the kernels allocate is
-poisoned with NaN, so an element a kernel forgets to write fails the comparison.
+bf16 runs only on a GPU (tests/test_triton_gpu.py). Every output the kernels allocate lies
+between guard regions and is poisoned with NaN (reference.Guards): an element a kernel
+forgets to write fails the comparison, and a write outside the output fails the test.
 """
 
 import importlib.util
-import math
 import os
 
 import pytest
@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from mamba2_cli.errors import Mamba2Error  # noqa: E402
 from mamba2_cli.kernels import pytorch  # noqa: E402
-from reference import rel_err, sequential_ssd  # noqa: E402
+from reference import Guards, rel_err, sequential_ssd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INF = float("inf")
@@ -38,16 +38,27 @@ def tb():
 
 
 @pytest.fixture(autouse=True)
-def nan_poisoned_empty(monkeypatch):
-    """torch.empty returns NaN-filled tensors (ints: a sentinel), so unwritten outputs show."""
-    real_empty = torch.empty
+def guards(monkeypatch):
+    """torch.empty hands out NaN-poisoned tensors between guard regions (the decode step's
+    scratch buffers too: its cache starts empty); every guard is checked after the test."""
+    g = Guards()
+    real_empty_like = torch.empty_like
 
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        t.fill_(math.nan if (t.is_floating_point() or t.is_complex()) else -12345)
-        return t
+    def empty_like(t, *, dtype=None, device=None, **kw):
+        if kw or not t.is_contiguous():
+            return real_empty_like(t, dtype=dtype, device=device, **kw)
+        return g.empty(t.shape, dtype=dtype or t.dtype, device=device or t.device)
 
-    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty", g.empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    if importlib.util.find_spec("triton") is not None:
+        from mamba2_cli.kernels.triton import decode_step
+
+        monkeypatch.setattr(decode_step, "_scratch", {})
+    yield g
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    g.check()
 
 
 def ssd_inputs(b, L, H, P, G, N, dtype, *, D_per_channel=False, init=True, seed=0):
@@ -539,3 +550,143 @@ def test_backend_exposes_the_reference_operations(tb):
     assert tb.name == "triton"
     for op in ops:
         assert callable(getattr(tb, op)), op
+
+
+# Sizes off the blocks: a state size N and head dims P that are neither powers of two nor
+# multiples of the blocks the configurations use (N 48 in a block of 64; P 48 in blocks of 16,
+# 32 or 64, P 24 in one of 16 or 32), odd numbers of heads and groups, lengths that end inside
+# a chunk. Every element past N or P is masked; a mask against the block instead of the size
+# reads a neighbour's values and writes past the tensors (the guards). The configurations are
+# the tables' own entries, forced through `config`.
+
+def ssd_entry(name):
+    from mamba2_cli.kernels.triton import configs
+
+    t = configs.SSD
+    return {
+        "few": dict(t["few"]),
+        "many": {**t["few"], **t["many"]},
+        "fp32": {**t["few"], **t["fp32"]},
+        # Cut into segments: the states-only pass with "states" (S^T) after "few", with
+        # "many_states" (S) after "many".
+        "few-segments": {**t["few"], "SEGMENTS": 2},
+        "many-segments": {**t["few"], **t["many"], "SEGMENTS": 3, "states": dict(t["many_states"])},
+    }[name]
+
+
+SSD_ENTRIES = ["few", "many", "fp32", "few-segments", "many-segments"]
+# (b, L, H, P, G, N)
+OFF_BLOCK_SSD_SHAPES = [(1, 70, 3, 48, 1, 48), (1, 45, 3, 24, 3, 48)]
+
+
+@pytest.mark.parametrize("init", [True, False], ids=["init", "zero-state"])
+@pytest.mark.parametrize("shape", OFF_BLOCK_SSD_SHAPES, ids=lambda s: "b{}-L{}-H{}-P{}-G{}-N{}".format(*s))
+@pytest.mark.parametrize("entry", SSD_ENTRIES)
+def test_ssd_prefill_off_the_blocks_matches_float64_recurrence(tb, guards, entry, shape, init):
+    inp = ssd_inputs(*shape, torch.float32, D_per_channel=shape[3] == 24, init=init, seed=20)
+    if init:
+        inp["initial_state"] = guards.wrap(inp["initial_state"])
+    y, state = run_ssd(tb.ssd_prefill, inp, config=ssd_entry(entry))
+    y_ref, state_ref = sequential(inp)
+    assert rel_err(y.cpu(), y_ref) < 1e-4
+    assert rel_err(state.cpu(), state_ref) < 1e-4
+    guards.check()
+
+
+@pytest.mark.parametrize("entry", SSD_ENTRIES)
+def test_ssd_prefill_off_the_blocks_with_lengths_and_the_state_in_place(tb, guards, entry):
+    b, L, H, P, G, N = 2, 70, 3, 48, 1, 48
+    inp = ssd_inputs(b, L, H, P, G, N, torch.float32, seed=21)
+    inp["initial_state"] = guards.wrap(inp["initial_state"])
+    state0 = inp["initial_state"].clone()
+    lens = torch.tensor([L, 29], device=DEVICE)
+    y, state = run_ssd(tb.ssd_prefill, inp, seq_len=lens, final_state=inp["initial_state"], config=ssd_entry(entry))
+    assert state.data_ptr() == inp["initial_state"].data_ptr()
+    for row, n in enumerate(lens.tolist()):
+        one = {k: (v[row : row + 1, :n] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+        one["initial_state"] = state0[row : row + 1]
+        y_ref, state_ref = sequential(one)
+        assert rel_err(y[row : row + 1, :n].cpu(), y_ref) < 1e-4
+        assert rel_err(state[row : row + 1].cpu(), state_ref) < 1e-4
+        assert torch.all(y[row, n:] == 0)
+    guards.check()
+
+
+@pytest.mark.parametrize("P,G,settled", [(48, 1, True), (24, 3, False)], ids=["P48-G1-settled", "P24-G3"])
+@pytest.mark.parametrize("b,entry", [(1, "batch1"), (2, "batch2-3"), (4, "batch4-7"), (8, "batch8+")],
+                         ids=["b1", "b2", "b4", "b8"])
+def test_mixer_decode_step_off_the_blocks_at_every_batch_entry(tb, guards, b, entry, P, G, settled):
+    # The defaults by batch size: P 48 takes three blocks of 16 at batch 1, one of 64 (48 rows
+    # live) at 2 and 4, and a full and a half block of 32 at 8; P 24 a full and a half block
+    # of 16, then one block of 32 or 64. The states updated in place lie between guards.
+    from mamba2_cli.kernels.triton import decode_step
+
+    assert decode_step.entry_for(b) == entry
+    H, N = 3, 48
+    st, draw = mixer_inputs(b, H, P, G, N, 4, torch.float32, seed=22)
+    st["ssm_state"], st["conv_state"] = guards.wrap(st["ssm_state"]), guards.wrap(st["conv_state"])
+    ref = {k: v.clone() for k, v in st.items()}
+    for _ in range(2):
+        zxbcdt = draw()
+        out = run_mixer(tb.mixer_decode_step, st, zxbcdt, G, False, state_settled=settled)
+        out_ref = run_mixer(pytorch.mixer_decode_step, ref, zxbcdt, G, False)
+        assert rel_err(out, out_ref) < 1e-5
+        assert rel_err(st["ssm_state"], ref["ssm_state"]) < 1e-5
+        assert torch.equal(st["conv_state"], ref["conv_state"])
+    guards.check()
+
+
+@pytest.mark.parametrize("P,G", [(48, 1), (24, 3)], ids=["P48-G1", "P24-G3"])
+def test_ssd_decode_step_off_the_blocks_matches_reference(tb, guards, P, G):
+    inp = step_inputs(2, 3, P, G, 48, torch.float32, seed=23)
+    inp["ssm_state"] = guards.wrap(inp["ssm_state"])
+    ref_state = inp["ssm_state"].clone()
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")] + [(0.0, INF)]
+    y = tb.ssd_decode_step(*args, inp["ssm_state"])
+    y_ref = pytorch.ssd_decode_step(*args, ref_state)
+    assert rel_err(y, y_ref) < 1e-6
+    assert rel_err(inp["ssm_state"], ref_state) < 1e-6
+    guards.check()
+
+
+@pytest.mark.parametrize("with_len", [False, True], ids=["whole", "seq-len"])
+@pytest.mark.parametrize("width", [3, 4], ids=["conv-tiles", "conv-rows"])
+def test_causal_conv1d_off_the_blocks_matches_reference(tb, guards, width, with_len):
+    # 360 channels (P 24, three groups of N 48): blocks of 256 (rows) or 128 (tiles) end
+    # inside the channels; 37 positions end inside blocks of 16 rows or 32 positions.
+    b, L, Cdim = 2, 37, 3 * 24 + 2 * 3 * 48
+    xBC, w, bias, cs = conv_inputs(b, L, Cdim, width, torch.float32, seed=24)
+    cs = guards.wrap(cs)
+    cs_ref = cs.clone()
+    lens = torch.tensor([L, 2], device=DEVICE) if with_len else None
+    out = tb.causal_conv1d(xBC, w, bias, cs, lens)
+    out_ref = pytorch.causal_conv1d(xBC, w, bias, cs_ref, lens)
+    assert rel_err(out[0], out_ref[0]) < 1e-6
+    assert rel_err(out[1, :2], out_ref[1, :2]) < 1e-6  # past a row's length the output is unspecified
+    assert torch.equal(cs, cs_ref)
+    guards.check()
+
+
+def test_conv1d_step_off_the_blocks_matches_reference(tb, guards):
+    xBC, w, bias, cs = conv_inputs(3, 1, 3 * 24 + 2 * 3 * 48, 4, torch.float32, seed=25)
+    cs = guards.wrap(cs)
+    cs_ref = cs.clone()
+    out = tb.conv1d_step(xBC[:, 0], w, bias, cs)
+    out_ref = pytorch.conv1d_step(xBC[:, 0], w, bias, cs_ref)
+    assert rel_err(out, out_ref) < 1e-6
+    assert torch.equal(cs, cs_ref)
+    guards.check()
+
+
+@pytest.mark.parametrize("nbg", [False, True], ids=["gate-then-norm", "norm-then-gate"])
+def test_norms_off_the_blocks_match_reference(tb, guards, nbg):
+    # Rows of 144 (3 x 48) in a tile of 256; groups of 48 in tiles of 64.
+    g = torch.Generator().manual_seed(26)
+    x, res, w = (torch.randn(*s, generator=g).to(DEVICE) for s in ((3, 144), (3, 144), (144,)))
+    out, r = tb.add_rmsnorm(x, res, w, 1e-5)
+    out_ref, r_ref = pytorch.add_rmsnorm(x, res, w, 1e-5)
+    assert rel_err(out, out_ref) < 1e-6 and rel_err(r, r_ref) < 1e-6
+    y, z = (torch.randn(3, 144, generator=g).to(DEVICE) for _ in range(2))
+    o = tb.gated_rmsnorm(y, z, w, 48, 1e-5, nbg)
+    assert rel_err(o, pytorch.gated_rmsnorm(y, z, w, 48, 1e-5, nbg)) < 1e-6
+    guards.check()
