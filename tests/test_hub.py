@@ -412,14 +412,14 @@ def test_a_server_that_ignores_range_and_keeps_dropping_is_given_up(env, tmp_pat
 
 
 def test_not_enough_disk_space_gives_both_numbers_before_fetching_weights(hub, env, repos):
-    from rich.filesize import decimal as human_bytes
+    from mamba2_cli.download import format_size
 
     files = repos[CODESTRAL].files
     needed = sum(len(files[f]) for f in HF_FILES) - len(files["config.json"]) - len(
         files["model.safetensors.index.json"])
     env["MAMBA2_FAKE_FREE_BYTES"] = "1000"
-    fails(mamba2("download", "codestral", env=env), "not enough disk space", f"needs {human_bytes(needed)} more",
-          f"{human_bytes(1000)} free")
+    fails(mamba2("download", "codestral", env=env), "not enough disk space", f"needs {format_size(needed)} more",
+          f"{format_size(1000)} free")
     assert hub.files_fetched() == {"config.json", "model.safetensors.index.json"}
 
 
