@@ -168,6 +168,15 @@ OVERSIZED = {
     "power": "{{ 10 ** (10 ** 9) }}",
     "output": "{% for i in range(100000) %}{% for j in range(100) %}xx{% endfor %}{% endfor %}",
 }
+# Inputs each under the size bound whose product is not (90 GB of text): refused from the
+# inputs' sizes, before anything is built.
+PRODUCTS = {
+    "join filter": "{% set s = 'a' * 300000 %}{{ (s|list)|join(s)|length }}",
+    "join method": "{% set s = 'a' * 300000 %}{{ s.join(s|list)|length }}",
+    "replace filter": "{% set s = 'a' * 300000 %}{{ s|replace('a', s)|length }}",
+    "replace method": "{% set s = 'a' * 300000 %}{{ s.replace('a', s)|length }}",
+    "indent filter": "{% set s = '\\n' * 300000 %}{{ s|indent(300000)|length }}",
+}
 
 
 @pytest.mark.parametrize("name", ATTACKS)
@@ -188,6 +197,13 @@ def test_a_template_building_a_huge_value_is_stopped_at_once(sp, name):
     with pytest.raises(Mamba2Error, match=r"^the chat template (was stopped|failed on this conversation): [^\n]+$") as e:
         ChatTemplate(tok, OVERSIZED[name]).render([{"role": "user", "content": "x"}])
     assert "ran for more than" not in str(e.value) and time.perf_counter() - t0 < 1.5  # refused before it ran long
+
+
+@pytest.mark.parametrize("name", PRODUCTS)
+def test_a_template_multiplying_two_bounded_inputs_is_refused_before_building(sp, name):
+    _, tok = sp
+    with pytest.raises(Mamba2Error, match=r"^the chat template was stopped: the (output|result) of [^\n]+ would hold "):
+        ChatTemplate(tok, PRODUCTS[name]).render([{"role": "user", "content": "x"}])
 
 
 def test_the_bounds_leave_a_normal_template_as_it_was(sp):

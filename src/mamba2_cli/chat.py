@@ -169,6 +169,25 @@ def _check_format(fmt) -> None:
         raise _Stopped("a format string with a width of a million or more")
 
 
+def _grown_size(name: str, value, args, kwargs) -> int | None:
+    """The size of what join, replace or indent would build from inputs already bounded one
+    by one (each can multiply one input by another: `(s|list)|join(s)`), or None."""
+    first = (*args, *kwargs.values())[0] if args or kwargs else None
+    if name in ("join", "do_join") and hasattr(value, "__len__"):
+        sep = kwargs.get("d", first if isinstance(first, str) else "")
+        return _size(value) + len(sep) * max(len(value) - 1, 0)
+    if name in ("replace", "do_replace") and isinstance(value, str) and len(args) + len(kwargs) >= 2:
+        old, new = (list(args) + list(kwargs.values()))[:2]
+        old, new = str(old), str(new)
+        hits = len(value) + 1 if old == "" else value.count(old)
+        return len(value) + hits * max(len(new) - len(old), 0)
+    if name == "do_indent" and isinstance(value, str):
+        width = kwargs.get("width", first if first is not None else 4)
+        pad = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        return len(value) + (value.count("\n") + 1) * max(pad, 0)
+    return None
+
+
 def _bounded_range(*args):
     r = range(*args)
     try:
@@ -205,6 +224,13 @@ def _bounded_sandbox():
             _check_size(sum(_size(a) for a in (*args, *kwargs.values())), f"the input of the filter {f.__name__}")
             if f.__name__ == "do_format":
                 _check_format(next((a for a in args if isinstance(a, str)), None))
+            # The value filtered follows the context or environment jinja passes first to a
+            # filter marked for it.
+            at = 1 if getattr(f, "jinja_pass_arg", None) is not None else 0
+            if len(args) > at:
+                grown = _grown_size(f.__name__, args[at], args[at + 1:], kwargs)
+                if grown is not None:
+                    _check_size(grown, f"the output of the filter {f.__name__}")
             return f(*args, **kwargs)
         return run
 
@@ -252,8 +278,17 @@ def _bounded_sandbox():
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
             _check_time()
             _check_numbers(args, kwargs)
-            if getattr(__obj, "__name__", None) in ("format", "format_map"):  # the sandbox wraps str.format
+            name = getattr(__obj, "__name__", None)
+            if name in ("format", "format_map"):  # the sandbox wraps str.format
                 _check_format(getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None))
+            elif name in ("join", "replace"):  # str.join(items), str.replace(old, new)
+                owner = getattr(__obj, "__self__", None)
+                if isinstance(owner, str):
+                    grown = (_size(args[0]) + len(owner) * max(len(args[0]) - 1, 0)
+                             if name == "join" and args and hasattr(args[0], "__len__")
+                             else _grown_size("replace", owner, args, kwargs) if name == "replace" else None)
+                    if grown is not None:
+                        _check_size(grown, f"the result of str.{name}")
             return super().call(__context, __obj, *args, **kwargs)
 
         def getattr(self, obj, attribute):
