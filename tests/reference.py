@@ -149,3 +149,22 @@ class Guards:
                     bad.append(f"{what}: {hit.numel()} bytes written {side} it (farthest {off:+d} bytes)")
         self.regions = []
         assert not bad, "writes outside a kernel's tensors: " + "; ".join(bad)
+
+
+SSD_ENTRIES = ["few", "many", "fp32", "few-segments", "many-segments"]
+
+
+def ssd_entry(name: str) -> dict:
+    """A configs.SSD entry as ssd_prefill's `config` (it replaces the chosen configuration)."""
+    from mamba2_cli.kernels.triton import configs
+
+    t = configs.SSD
+    return {
+        "few": dict(t["few"]),
+        "many": {**t["few"], **t["many"]},
+        "fp32": {**t["few"], **t["fp32"]},
+        # Cut into segments: the states-only pass with "states" (S^T) after "few", with
+        # "many_states" (S) after "many".
+        "few-segments": {**t["few"], "SEGMENTS": 2},
+        "many-segments": {**t["few"], **t["many"], "SEGMENTS": 3, "states": dict(t["many_states"])},
+    }[name]

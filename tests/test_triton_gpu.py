@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba2_cli.kernels import pytorch
-from reference import Guards, rel_err, sequential_ssd
+from reference import SSD_ENTRIES, Guards, rel_err, sequential_ssd, ssd_entry
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -357,25 +357,6 @@ def test_norms_and_conv_at_codestral_shapes(tb, width):
 # writes past the tensors, which the guards catch.
 ODD = [(5, 48, 1, 48), (3, 24, 3, 48)]  # (heads, head dim, groups, state size)
 ODD_IDS = ["H5-P48-G1-N48", "H3-P24-G3-N48"]
-SSD_ENTRIES = ["few", "many", "fp32", "few-segments", "many-segments"]
-
-
-def ssd_entry(name):
-    """A configs.SSD entry as ssd_prefill's `config` (it replaces the chosen configuration)."""
-    from mamba2_cli.kernels.triton import configs
-
-    t = configs.SSD
-    return {
-        "few": dict(t["few"]),
-        "many": {**t["few"], **t["many"]},
-        "fp32": {**t["few"], **t["fp32"]},
-        # Cut into segments: the states-only pass with "states" (S^T) after "few", with
-        # "many_states" (S) after "many".
-        "few-segments": {**t["few"], "SEGMENTS": 2},
-        "many-segments": {**t["few"], **t["many"], "SEGMENTS": 3, "states": dict(t["many_states"])},
-    }[name]
-
-
 def ssd_reference(inp):
     return sequential_ssd_heads(**{k: v for k, v in inp.items() if k != "initial_state"}, dt_limit=(0.0, INF),
                                 initial_state=inp["initial_state"])

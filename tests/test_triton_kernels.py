@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from mamba2_cli.errors import Mamba2Error  # noqa: E402
 from mamba2_cli.kernels import pytorch  # noqa: E402
-from reference import Guards, rel_err, sequential_ssd  # noqa: E402
+from reference import SSD_ENTRIES, Guards, rel_err, sequential_ssd, ssd_entry  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INF = float("inf")
@@ -82,6 +82,18 @@ def ssd_inputs(b, L, H, P, G, N, dtype, *, D_per_channel=False, init=True, seed=
 def run_ssd(fn, inp, dt_limit=(0.0, INF), chunk_size=16, **kw):
     return fn(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["dt_bias"], dt_limit,
               chunk_size, inp["initial_state"], **kw)
+
+
+def assert_each_sequence_alone(inp, state0, lens, y, state):
+    """Each sequence's first lens[i] outputs and final state are those of its prefix run alone
+    from its own initial state (state0), and its outputs past the length are zero."""
+    for row, n in enumerate(lens.tolist()):
+        one = {k: (v[row : row + 1, :n] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+        one["initial_state"] = state0[row : row + 1]
+        y_ref, state_ref = sequential(one)
+        assert rel_err(y[row : row + 1, :n].cpu(), y_ref) < 1e-4
+        assert rel_err(state[row : row + 1].cpu(), state_ref) < 1e-4
+        assert torch.all(y[row, n:] == 0)
 
 
 def sequential(inp, dt_limit=(0.0, INF)):
@@ -229,13 +241,7 @@ def test_ssd_prefill_split_sequence_with_lengths_and_the_state_in_place(tb):
     y, state = run_ssd(tb.ssd_prefill, inp, seq_len=lens, final_state=inp["initial_state"],
                        config={"CHUNK": 16, "SEGMENTS": 4})
     assert state.data_ptr() == inp["initial_state"].data_ptr()
-    for row, n in enumerate(lens.tolist()):
-        one = {k: (v[row : row + 1, :n] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
-        one["initial_state"] = state0[row : row + 1]
-        y_ref, state_ref = sequential(one)
-        assert rel_err(y[row : row + 1, :n].cpu(), y_ref) < 1e-4
-        assert rel_err(state[row : row + 1].cpu(), state_ref) < 1e-4
-        assert torch.all(y[row, n:] == 0)
+    assert_each_sequence_alone(inp, state0, lens, y, state)
 
 
 def test_ssd_prefill_splits_small_grids_by_rule():
@@ -559,22 +565,6 @@ def test_backend_exposes_the_reference_operations(tb):
 # reads a neighbour's values and writes past the tensors (the guards). The configurations are
 # the tables' own entries, forced through `config`.
 
-def ssd_entry(name):
-    from mamba2_cli.kernels.triton import configs
-
-    t = configs.SSD
-    return {
-        "few": dict(t["few"]),
-        "many": {**t["few"], **t["many"]},
-        "fp32": {**t["few"], **t["fp32"]},
-        # Cut into segments: the states-only pass with "states" (S^T) after "few", with
-        # "many_states" (S) after "many".
-        "few-segments": {**t["few"], "SEGMENTS": 2},
-        "many-segments": {**t["few"], **t["many"], "SEGMENTS": 3, "states": dict(t["many_states"])},
-    }[name]
-
-
-SSD_ENTRIES = ["few", "many", "fp32", "few-segments", "many-segments"]
 # (b, L, H, P, G, N)
 OFF_BLOCK_SSD_SHAPES = [(1, 70, 3, 48, 1, 48), (1, 45, 3, 24, 3, 48)]
 
@@ -602,13 +592,7 @@ def test_ssd_prefill_off_the_blocks_with_lengths_and_the_state_in_place(tb, guar
     lens = torch.tensor([L, 29], device=DEVICE)
     y, state = run_ssd(tb.ssd_prefill, inp, seq_len=lens, final_state=inp["initial_state"], config=ssd_entry(entry))
     assert state.data_ptr() == inp["initial_state"].data_ptr()
-    for row, n in enumerate(lens.tolist()):
-        one = {k: (v[row : row + 1, :n] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
-        one["initial_state"] = state0[row : row + 1]
-        y_ref, state_ref = sequential(one)
-        assert rel_err(y[row : row + 1, :n].cpu(), y_ref) < 1e-4
-        assert rel_err(state[row : row + 1].cpu(), state_ref) < 1e-4
-        assert torch.all(y[row, n:] == 0)
+    assert_each_sequence_alone(inp, state0, lens, y, state)
     guards.check()
 
 
