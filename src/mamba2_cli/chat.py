@@ -170,13 +170,14 @@ def _check_format(fmt) -> None:
 
 
 def _grown_size(name: str, value, args, kwargs) -> int | None:
-    """The size of what join, replace or indent would build from inputs already bounded one
+    """The size of what the filter `name` (do_join, do_replace, do_indent; str.join and
+    str.replace go through the first two) would build from inputs already bounded one
     by one (each can multiply one input by another: `(s|list)|join(s)`), or None."""
     first = (*args, *kwargs.values())[0] if args or kwargs else None
-    if name in ("join", "do_join") and hasattr(value, "__len__"):
+    if name == "do_join" and hasattr(value, "__len__"):
         sep = kwargs.get("d", first if isinstance(first, str) else "")
         return _size(value) + len(sep) * max(len(value) - 1, 0)
-    if name in ("replace", "do_replace") and isinstance(value, str) and len(args) + len(kwargs) >= 2:
+    if name == "do_replace" and isinstance(value, str) and len(args) + len(kwargs) >= 2:
         old, new = (list(args) + list(kwargs.values()))[:2]
         old, new = str(old), str(new)
         hits = len(value) + 1 if old == "" else value.count(old)
@@ -284,9 +285,8 @@ def _bounded_sandbox():
             elif name in ("join", "replace"):  # str.join(items), str.replace(old, new)
                 owner = getattr(__obj, "__self__", None)
                 if isinstance(owner, str):
-                    grown = (_size(args[0]) + len(owner) * max(len(args[0]) - 1, 0)
-                             if name == "join" and args and hasattr(args[0], "__len__")
-                             else _grown_size("replace", owner, args, kwargs) if name == "replace" else None)
+                    grown = (_grown_size("do_join", args[0], (owner,), {}) if name == "join" and args
+                             else _grown_size("do_replace", owner, args, kwargs) if name == "replace" else None)
                     if grown is not None:
                         _check_size(grown, f"the result of str.{name}")
             return super().call(__context, __obj, *args, **kwargs)
