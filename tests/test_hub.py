@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -304,22 +305,62 @@ def _blob_id(repos, file):
     return git_blob_id(repos["acme/tiny"].files[file])
 
 
-def test_a_corrupt_blob_is_removed_without_touching_a_file_it_links_to(tmp_path):
-    """huggingface_hub's shared store makes blobs links: removing a bad file unlinks the link only."""
-    from mamba2_cli.download import _Job
+@contextmanager
+def _names_appearing(*dirs: Path):
+    """The paths that appear in `dirs` (created, linked or renamed into them) while the block runs.
 
-    shared = tmp_path / "store" / "x"
-    shared.parent.mkdir()
-    shared.write_bytes(b"shared")
-    job = _Job("acme/tiny", "a" * 40, tmp_path / "hub", None)
-    blob = job.root / "blobs" / ("b" * 64)
-    blob.parent.mkdir(parents=True)
-    blob.symlink_to(shared)
-    job.dir.mkdir(parents=True)
-    link = job.dir / "model.safetensors"
-    link.symlink_to(os.path.relpath(blob, link.parent))
-    job.remove(link)
-    assert not link.is_symlink() and not blob.is_symlink() and shared.read_bytes() == b"shared"
+    Read from the kernel's inotify queue once the block is over, so a name that exists for a
+    microsecond is listed as surely as one that stays; the directories are created first."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    in_create, in_moved_to = 0x100, 0x80
+    watches = {}
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        wd = libc.inotify_add_watch(fd, os.fsencode(d), in_create | in_moved_to)
+        assert wd >= 0, os.strerror(ctypes.get_errno())
+        watches[wd] = d
+    seen: list[Path] = []
+    try:
+        yield seen
+    finally:
+        events = b""
+        while True:
+            try:
+                events += os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+        os.close(fd)
+        i = 0
+        while i < len(events):
+            wd, _mask, _cookie, n = struct.unpack_from("iIII", events, i)
+            seen.append(watches[wd] / events[i + 16 : i + 16 + n].rstrip(b"\0").decode())
+            i += 16 + n
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="watches the directories with inotify")
+@pytest.mark.parametrize("local_dir", [False, True])
+@pytest.mark.parametrize("file", ["model.safetensors", "tokenizer.json"])
+def test_a_corrupt_file_never_appears_under_its_real_name(hub, env, repos, tmp_path, file, local_dir):
+    """Not even for the moment it takes to hash it: the bytes are checked before they are moved
+    into place (the snapshot link and the blob, or the file of --local-dir)."""
+    hub.corrupt.add(file)
+    if local_dir:
+        here = tmp_path / "here"
+        watched, args = [here], ["--local-dir", str(here)]
+    else:
+        snap = snapshot(env, "acme/tiny", repos)
+        watched, args = [snap, snap.parents[1] / "blobs"], []
+    with _names_appearing(*watched) as seen:
+        fails(mamba2("download", "acme/tiny", *args, env=env), f"acme/tiny/{file}", "do not match the Hub's")
+    names = {p.name for p in seen}
+    assert "config.json" in names  # the watch sees the files that are fine
+    real = {file, repos["acme/tiny"].sha256.get(file) or _blob_id(repos, file)}
+    assert not names & real, seen
 
 
 def test_a_download_is_where_huggingface_hubs_cache_scan_and_lookup_find_it(hub, env, repos):
@@ -344,6 +385,8 @@ def test_a_download_is_where_huggingface_hubs_cache_scan_and_lookup_find_it(hub,
 def _hostile_repos(repos) -> dict[str, Repo]:
     """Repos whose names and ids lead out of the cache: tmp/hf/hub/models--acme--x/{snapshots/<commit>,
     blobs}/... climbs to tmp/ in 5 / 4 steps, tmp/here/... in 1."""
+    from hub_server import git_blob_id
+
     tiny = repos["acme/tiny"].files
     up5, up4 = "../../../../../elsewhere", "../../../../elsewhere"
     cod = dict(repos[CODESTRAL].files)
@@ -361,6 +404,8 @@ def _hostile_repos(repos) -> dict[str, Repo]:
         "acme/head-commit": Repo(tiny, head_commit=f"{up4}/h"),
         "acme/revision": Repo(tiny, branches={f"{up4}/r": ""}),
         "acme/backslash": Repo({**tiny, "..\\x.json": b"{}"}),
+        # A real blob id, but config.json's: the snapshot's tokenizer.json would link to its blob.
+        "acme/etag-swap": Repo(tiny, etag={"tokenizer.json": git_blob_id(tiny["config.json"])}),
     }
 
 
@@ -376,6 +421,7 @@ def _hostile_repos(repos) -> dict[str, Repo]:
     ["acme/head-commit"],
     ["acme/revision", "--revision", "../../../../elsewhere/r"],
     ["acme/backslash", "--include", "*"],
+    ["acme/etag-swap"],
 ])
 def test_names_from_a_hostile_endpoint_never_lead_outside(repos, env, tmp_path, args):
     server = HubServer(_hostile_repos(repos)).start()

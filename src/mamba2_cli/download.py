@@ -9,16 +9,18 @@ transformers and `hf` find it. What this module adds:
   format (a repo that ships both HF shards and Mistral's consolidated.safetensors gets one of
   them); for mamba_ssm checkpoints, which carry no tokenizer, GPT-NeoX's tokenizer files;
 - a disk-space check for the whole download before any weights are fetched;
-- verification: every fetched file is hashed against the repo listing (the SHA-256 of an LFS
-  file, the git blob id of any other) and deleted when it does not match;
+- verification before placement: every fetched file lands in a staging directory, is hashed
+  against the repo listing (the SHA-256 of an LFS file, the git blob id of any other), and
+  only bytes that match are moved under their real name (a blob, or a file of `local_dir`);
 - distrust of the endpoint: names and ids that come from the network (file names, shard
-  names, the commit id, the ETag) never reach a path outside the cache or `local_dir`, and a
-  transfer stops at the size the listing gives and after 5 restarts that bring nothing new;
+  names, the commit id, the ETag, the listing's hashes) never reach a path outside the cache
+  or `local_dir`, a file's ETag must be the hash the listing gives it (so a snapshot link
+  never points at another file's blob), and a transfer stops at the size the listing gives
+  and after 5 restarts that bring nothing new;
 - progress (rich bars on a terminal, plain lines otherwise) and one-line errors.
 
-An interrupted transfer starts its file over on the next run: huggingface_hub writes each
-download to a process-unique temporary file and deletes it on failure, so nothing partial
-ever appears under a real name.
+An interrupted transfer starts its file over on the next run: its staging directory is
+deleted on failure, so nothing partial or unverified ever appears under a real name.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 FORMATS = ("hf", "mistral")
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob id or a SHA-256
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _RESTARTS = 5  # transfers started over in a row without a byte beyond the furthest point reached
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -73,6 +75,11 @@ class RemoteFile:
     size: int | None
     sha256: str | None = None  # LFS files: the Hub's SHA-256 of the content
     blob_id: str | None = None  # the git object id (of the LFS pointer, for LFS files)
+
+    @property
+    def etag(self) -> str:
+        """What the Hub's ETag for the file is, and so the name of its blob in the cache."""
+        return self.sha256 or self.blob_id
 
 
 def select_files(names: Iterable[str], fmt: str | None = None, repo_id: str = "the repo") -> tuple[str, list[str], list[str]]:
@@ -151,7 +158,7 @@ class _Refused(Exception):
     """A response that breaks what the listing promised, raised from inside huggingface_hub's calls."""
 
 
-_guard = threading.local()  # .commit: the commit the current thread's file requests must answer with
+_guard = threading.local()  # .commit, .etag: what the current thread's file requests must answer with
 
 
 def _check_response(response) -> None:
@@ -160,6 +167,8 @@ def _check_response(response) -> None:
     huggingface_hub 2.4 joins the ETag of a file's HEAD answer unchecked into blobs/<etag>,
     .locks/<repo>/<etag>.lock and local_dir's <hash>.<etag>.incomplete, and an X-Repo-Commit
     into .no_exist/<commit>/; a hostile endpoint could name a path anywhere on disk with them.
+    So the ETag must be the hash the listing gives the file (40 or 64 hex digits, checked with
+    the listing): any other, even another file's, would link the snapshot file to that blob.
     Only requests made inside `_guarded` are checked, so no other user of the session is affected."""
     commit = getattr(_guard, "commit", None)
     if commit is None or response.request.method != "HEAD":
@@ -169,22 +178,22 @@ def _check_response(response) -> None:
     if got is not None and got != commit:
         raise _Refused(f"its answer names commit {got!r}, not {commit}")
     etag = h.get("X-Linked-Etag") or h.get("ETag")  # the one huggingface_hub uses
-    if etag is not None and not _ETAG.fullmatch(etag.removeprefix("W/").strip('"')):
-        raise _Refused(f"its answer has the ETag {etag!r}, which is neither a git blob id nor a SHA-256")
+    if etag is not None and etag.removeprefix("W/").strip('"') != _guard.etag:
+        raise _Refused(f"its answer has the ETag {etag!r}, not the listing's {_guard.etag}")
 
 
 @contextmanager
-def _guarded(commit: str):
+def _guarded(commit: str, f: RemoteFile):
     from huggingface_hub.utils import get_session
 
     hooks = get_session().event_hooks["response"]
     if _check_response not in hooks:  # the session is shared and may have been replaced
         hooks.append(_check_response)
-    _guard.commit = commit
+    _guard.commit, _guard.etag = commit, f.etag
     try:
         yield
     finally:
-        _guard.commit = None
+        _guard.commit = _guard.etag = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,14 +256,12 @@ class _Job:
             out.write(self.commit)
         os.replace(tmp, ref)
 
-    def remove(self, path: Path) -> None:
-        """Delete a file that failed verification: its snapshot link and the repo's own blob behind
-        it. A blob that is itself a link (into huggingface_hub's shared store) loses only the link."""
-        if self.local_dir is None and path.is_symlink():
-            blob = Path(os.path.normpath(path.parent / os.readlink(path)))
-            if blob.parent == self.root / "blobs":
-                blob.unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
+    def staging(self) -> Path:
+        """A new, private directory on the destination's file system (so a verified file moves
+        into place with a rename) that huggingface_hub's cache scan does not look into."""
+        parent = self.root if self.local_dir is None else self.local_dir / ".cache" / "huggingface"
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,6 +431,18 @@ def _bar_for(progress: Progress, name: str, limit: int | None, stop: threading.E
     return type("Bar", (_Bar,), {"progress": progress, "name": name, "limit": limit, "stop": stop, "instances": []})
 
 
+class _Unplanned(Exception):
+    """huggingface_hub was about to transfer a file that was to be taken from the cache."""
+
+
+class _NoTransfer:
+    """The bar for huggingface_hub calls that must find or link a file, never fetch one: a transfer
+    starts by making its bar, and this one stops it before a byte is written."""
+
+    def __init__(self, *args, **kwargs):
+        raise _Unplanned()
+
+
 # ---------------------------------------------------------------------------------------
 # Errors
 
@@ -539,22 +558,27 @@ class _Downloader:
         files = {}
         for s in info.siblings or []:
             lfs = s.lfs
-            files[s.rfilename] = RemoteFile(s.rfilename, lfs.size if lfs else s.size,
-                                            lfs.sha256 if lfs else None, s.blob_id)
+            f = RemoteFile(s.rfilename, lfs.size if lfs else s.size, lfs.sha256 if lfs else None, s.blob_id)
+            # The hash a file is checked against also names its blob and lock file.
+            want, pattern = (f.sha256, _SHA256) if lfs else (f.blob_id, _COMMIT)
+            if not isinstance(want, str) or not pattern.fullmatch(want):
+                raise Mamba2Error(f"{repo_id}: the Hub's listing gives {s.rfilename!r} no "
+                                  f"{'SHA-256' if lfs else 'git blob id'} to check it against; refusing the repo")
+            files[s.rfilename] = f
         return info.sha, files
 
-    def _hf_hub_download(self, job: _Job, f: RemoteFile, **kwargs):
+    def _hf_hub_download(self, job: _Job, f: RemoteFile, where: dict | None = None, **kwargs):
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(job.repo_id, f.path, revision=job.commit, endpoint=self.endpoint, token=self.token,
-                               library_name="mamba2", library_version=__version__, **job.where(), **kwargs)
+        with hub_errors(job.repo_id, job.commit, self.endpoint, f.path), _guarded(job.commit, f):
+            return hf_hub_download(job.repo_id, f.path, revision=job.commit, endpoint=self.endpoint,
+                                   token=self.token, library_name="mamba2", library_version=__version__,
+                                   **(where or job.where()), **kwargs)
 
     def plan(self, job: _Job, f: RemoteFile) -> None:
         """Whether `f` is still to be fetched (a file of another revision with the same content is not)."""
         self._check_path(job, f)
-        with hub_errors(job.repo_id, job.commit, self.endpoint, f.path), _guarded(job.commit):
-            dry = self._hf_hub_download(job, f, dry_run=True)
-        if dry.will_download:
+        if self._hf_hub_download(job, f, dry_run=True).will_download:
             with self._lock:
                 job.todo.add(f.path)
 
@@ -562,22 +586,94 @@ class _Downloader:
         if not is_repo_path(f.path) or not _inside(job.dir / f.path, job.dir):
             raise _refuse_name(job.repo_id, "the file name", f.path)
 
+    # Every byte from the network is verified before it gets a real name. hf_hub_download moves a
+    # finished transfer under its real name (the blob, or the file of local_dir) inside one call,
+    # with no hook in between: its progress bar closes before the file is even flushed. So a file
+    # to fetch goes through hf_hub_download into a staging directory (a cache or local_dir of its
+    # own, on the same file system), is hashed there, and only matching bytes are renamed into
+    # place. This keeps all of huggingface_hub's transfer: its HEAD and redirect handling (the
+    # token stays off CDN hosts), Xet when the server offers it (hf_xet writes into the staging
+    # directory too, so Xet files are hashed the same way), retries and resumption within a run,
+    # its error classes; only the final rename is ours. Fetching with its http_get/xet_get
+    # directly would instead copy that HEAD and redirect logic. What staging gives up: a file
+    # fetched over Xet is not published to huggingface_hub's shared blob store (files already
+    # there are still linked from it, as are blobs already in the cache); the cross-process lock
+    # is taken here, on huggingface_hub's own lock file.
     def fetch(self, job: _Job, f: RemoteFile) -> None:
         self._check_path(job, f)
-        fetching = f.path in job.todo
-        bar = _bar_for(self.progress if fetching else Progress(), f.path, f.size, self.stop)
-        with hub_errors(job.repo_id, job.commit, self.endpoint, f.path), _guarded(job.commit):
-            path = Path(self._hf_hub_download(job, f, tqdm_class=bar))
-        if fetching:
-            with self._lock:
-                self.fetched_bytes += sum(b.received for b in bar.instances)
-                self.fetched_files += 1
-            self.verify(job, f, path)
+        if f.path not in job.todo:
+            try:
+                self._hf_hub_download(job, f, tqdm_class=_NoTransfer)  # already there, or a link to a blob
+            except _Unplanned:  # gone since it was planned
+                with self._lock:
+                    job.todo.add(f.path)
+        if f.path in job.todo:
+            self._fetch_verified(job, f)
         with self._lock:
             job.done.add(f.path)
 
+    def _fetch_verified(self, job: _Job, f: RemoteFile) -> None:
+        from huggingface_hub.utils import WeakFileLock
+
+        if job.local_dir is None:
+            blob = job.root / "blobs" / f.etag
+            lock = job.cache / ".locks" / job.root.name / f"{f.etag}.lock"
+            lock.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            from huggingface_hub._local_folder import get_local_download_paths
+
+            blob, lock = None, get_local_download_paths(job.local_dir, f.path).lock_path
+        with WeakFileLock(lock):
+            if blob is None or not blob.exists():  # another process may have placed it meanwhile
+                staging = job.staging()
+                try:
+                    path = self._stage(job, f, staging)
+                    self.verify(job, f, path)
+                    self._place(job, f, path, staging)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        if blob is not None:  # the snapshot link to the blob, made by huggingface_hub (its lock, its rules)
+            try:
+                self._hf_hub_download(job, f, tqdm_class=_NoTransfer)
+            except _Unplanned:
+                raise Mamba2Error(f"{job.repo_id}/{f.path}: the Hub's answers changed during the download; "
+                                  "run the command again") from None
+
+    def _stage(self, job: _Job, f: RemoteFile, staging: Path) -> Path:
+        """Fetch `f` into the staging directory; the real file behind what huggingface_hub returns."""
+        bar = _bar_for(self.progress, f.path, f.size, self.stop)
+        where = {"cache_dir": staging} if job.local_dir is None else {"local_dir": staging}
+        try:
+            path = Path(os.path.realpath(self._hf_hub_download(job, f, where, tqdm_class=bar)))
+        finally:
+            with self._lock:
+                self.fetched_bytes += sum(b.received for b in bar.instances)
+        with self._lock:
+            self.fetched_files += 1
+        if not path.is_relative_to(os.path.realpath(staging)) or not path.is_file():
+            raise Mamba2Error(f"{job.repo_id}/{f.path}: huggingface_hub did not leave the file in the staging "
+                              "directory; nothing was kept")
+        return path
+
+    def _place(self, job: _Job, f: RemoteFile, path: Path, staging: Path) -> None:
+        """Rename a verified file to its real name: the repo's blob (named by its hash, as
+        huggingface_hub names it), or the file of local_dir with huggingface_hub's metadata file
+        beside it, which says the file is of this commit."""
+        if job.local_dir is None:
+            blob = job.root / "blobs" / f.etag
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, blob)
+            return
+        from huggingface_hub._local_folder import get_local_download_paths
+
+        dest = job.local_dir / f.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        meta = get_local_download_paths(staging, f.path).metadata_path
+        os.replace(meta, get_local_download_paths(job.local_dir, f.path).metadata_path)
+
     def verify(self, job: _Job, f: RemoteFile, path: Path) -> None:
-        """Hash a fetched file against the listing; delete it when the bytes are not the Hub's."""
+        """Hash a fetched file against the listing: the SHA-256 of an LFS file, the git blob id of any other."""
         if f.sha256 is not None:
             task = self.progress.start(f.path, f.size, fetch=False)
             try:
@@ -585,16 +681,13 @@ class _Downloader:
             finally:
                 self.progress.finish(task)
             want, what = f.sha256, "SHA-256"
-        elif f.blob_id is not None:
+        else:
             h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
             got, want, what = _hash_file(path, h, self.stop), f.blob_id, "git blob id"
-        else:
-            return
         if got != want:
-            job.remove(path)
             raise Mamba2Error(
                 f"{job.repo_id}/{f.path}: the downloaded bytes do not match the Hub's {what} (got {got[:16]}…, "
-                f"expected {want[:16]}…); the file was deleted, run the command again to fetch it anew"
+                f"expected {want[:16]}…); nothing was kept, run the command again to fetch it anew"
             )
         if f.sha256 is not None:
             with self._lock:
