@@ -126,7 +126,10 @@ class Mamba2Block(nn.Module):
 class Mamba2Backbone(nn.Module):
     def __init__(self, cfg: Mamba2Config):
         super().__init__()
-        self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        # Uninitialized: nn.Embedding's own normal_ init, on the meta device, imports
+        # torch._dynamo (1-4 s at the first load of a process) for values never used.
+        V, d = cfg.padded_vocab_size, cfg.d_model
+        self.embeddings = nn.Embedding(V, d, _weight=torch.empty(V, d))
         self.layers = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model)
 
