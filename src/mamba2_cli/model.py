@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import timings
 from .config import Mamba2Config
 from .kernels import get_backend
 from .linear import Linear
@@ -155,6 +156,8 @@ class Mamba2LM(nn.Module):
         """Select 'torch', 'triton' or 'auto' for this model's device; returns the name chosen."""
         self.backend = get_backend(name, self.device.type)
         self.backend_name = self.backend.name
+        if self.backend_name == "triton" and self.device.type == "cuda":
+            timings.watch_compiles()  # the statistics report the seconds spent compiling
         choose = getattr(self.backend, "scan_chunk_size", lambda q, device_type: q)
         for layer in self.backbone.layers:
             layer.mixer.scan_chunk = choose(self.cfg.chunk_size, self.device.type)
