@@ -63,13 +63,13 @@ def watch_compiles() -> None:
 
 
 def kernel_names() -> set[str]:
-    """The names of the triton backend's kernels (the JIT functions named *_kernel)."""
-    from triton.runtime.jit import JITFunction
-
+    """The names of the triton backend's kernels (the JIT functions named *_kernel; under
+    TRITON_INTERPRET=1 their interpreted stand-ins)."""
     from .kernels.triton import conv, decode_step, matvec, norm, ssd
 
-    return {fn.fn.__name__ for mod in (conv, decode_step, matvec, norm, ssd) for fn in vars(mod).values()
-            if isinstance(fn, JITFunction) and fn.fn.__name__.endswith("_kernel")}
+    return {obj.fn.__name__ for mod in (conv, decode_step, matvec, norm, ssd) for obj in vars(mod).values()
+            if type(obj).__module__.startswith("triton.") and getattr(getattr(obj, "fn", None), "__name__", "")
+            .endswith("_kernel")}
 
 
 def cache_has_our_kernels(cache_dir: str | None = None) -> bool:
