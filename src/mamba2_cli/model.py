@@ -143,6 +143,7 @@ class Mamba2LM(nn.Module):
         self.lm_head = Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.backend_name = None
         self.backend = None  # set_backend, once the weights are on their device
+        self.cpu_threads = None  # a cpu_threads.ThreadPolicy: threads chosen per forward (CPU, no --threads)
 
     @property
     def device(self) -> torch.device:
@@ -187,6 +188,8 @@ class Mamba2LM(nn.Module):
         read on the device, so one CUDA graph serves prompts of any length up to L.
         """
         cfg, be = self.cfg, self.backend
+        if self.cpu_threads is not None:
+            self.cpu_threads.apply(input_ids.shape[1])
         h = self.backbone.embeddings(input_ids)
         if input_ids.shape[1] == 1 and seq_len is None:
             return self._decode(h[:, 0], state)

@@ -91,6 +91,14 @@ def split_line(loaded: Loaded) -> str:
     return f"load {loaded.load_s:.2f} s: " + " · ".join(parts)
 
 
+def choose_threads(m, threads: Optional[int]) -> None:
+    """Without --threads, CPU models choose their threads per forward (cpu_threads.py)."""
+    if not threads:
+        from ..cpu_threads import auto_threads
+
+        m.cpu_threads = auto_threads(m)
+
+
 def announce_compiling(m, quiet: bool) -> None:
     """On a terminal, say that the first token waits for kernels to compile, when Triton's
     cache holds none of ours (the first run on a machine)."""
@@ -128,6 +136,7 @@ def load(model: Optional[str], preset: Optional[str], offline: bool, device: str
         m, tok = load_preset(preset, device, dtype, backend, batch_size=batch_size)
         load_s = time.perf_counter() - t0
         announce_compiling(m, quiet)
+        choose_threads(m, threads)
         return Loaded(m, tok, f"preset:{preset}", None, load_s)
     from ..hub import resolve_model
     from ..loader import load_model
@@ -137,4 +146,5 @@ def load(model: Optional[str], preset: Optional[str], offline: bool, device: str
     m, tok = load_model(str(model_dir), device, dtype, backend, batch_size, offline=offline, progress=progress(quiet))
     load_s = time.perf_counter() - t0
     announce_compiling(m, quiet)
+    choose_threads(m, threads)
     return Loaded(m, tok, model, revision_of(model_dir), load_s)
