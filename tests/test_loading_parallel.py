@@ -59,6 +59,19 @@ def test_threaded_load_equals_reading_one_tensor_at_a_time(make_checkpoint, fmt,
         assert model.lm_head.weight.data_ptr() == model.backbone.embeddings.weight.data_ptr()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stored, dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_threaded_load_to_the_gpu_equals_reading_one_tensor_at_a_time(make_checkpoint, stored, dtype):
+    d, _, _ = make_checkpoint("hf", shape=tiny_shape(n_layer=3), shards=3, dtype=stored)
+    model = ck.load_checkpoint(d, torch.device("cuda"), dtype)
+    want = sequential_state_dict(d, torch.device("cuda"), dtype)
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].device == t.device and got[name].dtype == t.dtype, name
+        assert torch.equal(got[name], t), name
+
+
 def test_bytes_in_flight_stay_under_the_cap(tmp_path, monkeypatch):
     shape = tiny_shape(n_layer=4, d_model=64)
     write_hf(tmp_path, shape, random_weights(shape), shards=3)

@@ -76,9 +76,12 @@ def cache_has_our_kernels(cache_dir: str | None = None) -> bool:
     """Whether Triton's on-disk cache holds any compiled kernel of ours: none means this
     process compiles them all (seconds before the first token)."""
     if cache_dir is None:
-        from triton import knobs
+        try:
+            from triton import knobs
 
-        cache_dir = knobs.cache.dir
+            cache_dir = knobs.cache.dir
+        except (ImportError, AttributeError):  # a Triton without knobs: say nothing
+            return True
     if not cache_dir or not os.path.isdir(cache_dir):
         return False
     return any(glob.glob(os.path.join(glob.escape(cache_dir), "*", f"{name}.json")) for name in kernel_names())
