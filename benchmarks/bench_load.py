@@ -126,8 +126,9 @@ def child(method: str, d: Path, device: str, cold: bool) -> dict:
     out = {}
     if method == "ours":
         m = ck.load_checkpoint(d, dev, "auto")
-        t = m.load_times
-        out.update(read_s=t.read_s, place_s=t.place_s, setup_s=t.setup_s)
+        t = getattr(m, "load_times", None)  # None: a tree from before the split (an A/B)
+        if t is not None:
+            out.update(read_s=t.read_s, place_s=t.place_s, setup_s=t.setup_s)
     elif method == "load_file":
         tensors = [load_file(str(p), device=str(dev)) for p in files]
         if dev.type == "cpu":  # on CPU its tensors map the file: read them once, as a load must
