@@ -3,7 +3,8 @@
     PYTHONPATH=src python3 benchmarks/bench_load.py DIR [--device cuda] [--write codestral-7b]
 
 With --write PRESET, DIR is first filled with a random-weight checkpoint of that preset's
-shape (HF layout, --shards files, --dtype as stored; --layers N for a smaller one); without
+shape (HF layout, --shards files, --dtype as stored; --layers N for a smaller one; the
+built-in model's tokenizer beside it, so `mamba2 run -m DIR` works too); without
 it, DIR is any checkpoint directory with safetensors files. Each measurement runs in a fresh
 process, warm (the files in the page cache, read once before) and cold (each file's cached
 pages dropped with posix_fadvise(DONTNEED) just before), and reports the seconds, the rate
@@ -18,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,6 +68,10 @@ def write_checkpoint(d: Path, preset: str, layers: int | None, n_shards: int, dt
             weight_map.update({name: fname for name in part})
             part, size = {}, 0
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    # The built-in model's tokenizer, so that `mamba2 run -m DIR` works on it too.
+    assets = Path(__file__).parents[1] / "src" / "mamba2_cli" / "assets" / "tiny-code"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(assets / name, d / name)
     os.sync()
 
 

@@ -145,7 +145,7 @@ def run(
             f"{m.backend_name} on {m.device}, {dtype_name(m.dtype)}{notes}[/]"
         )
         if verbose:
-            stderr_console().print(f"[dim]{split_line(loaded)}[/]")
+            stderr_console().print(f"[dim]{split_line(loaded)}[/]", soft_wrap=True)
 
 
 def _state_note(states) -> dict:
