@@ -27,7 +27,7 @@ def fake_clock(monkeypatch, others_busy_cores: float):
 
 @pytest.mark.parametrize("others, free", [(0.0, 4), (1.0, 3), (2.6, 1), (9.0, 1)])
 def test_forwards_take_the_cores_other_processes_leave_free(monkeypatch, others, free):
-    monkeypatch.setattr(cpu_threads, "_free_now", lambda cores: cores)
+    monkeypatch.setattr(cpu_threads, "free_cores_now", lambda cores: cores)
     now = fake_clock(monkeypatch, others)
     policy = cpu_threads.ThreadPolicy(weight_bytes=10 << 30, cores=4)
     now["t"] += 1.0
@@ -36,7 +36,7 @@ def test_forwards_take_the_cores_other_processes_leave_free(monkeypatch, others,
 
 
 def test_a_small_models_decode_step_runs_on_one_thread(monkeypatch):
-    monkeypatch.setattr(cpu_threads, "_free_now", lambda cores: cores)
+    monkeypatch.setattr(cpu_threads, "free_cores_now", lambda cores: cores)
     fake_clock(monkeypatch, 0.0)
     policy = cpu_threads.ThreadPolicy(weight_bytes=15 << 20, cores=2)
     assert policy.threads(1) == 1
@@ -55,12 +55,12 @@ def test_before_a_measurement_interval_the_running_count_decides(monkeypatch, tm
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(builtins, "open", fake_open)
-    assert cpu_threads._free_now(2) == 1
-    assert cpu_threads._free_now(8) == 6
+    assert cpu_threads.free_cores_now(2) == 1
+    assert cpu_threads.free_cores_now(8) == 6
 
 
 def test_the_model_applies_its_policy_per_forward(monkeypatch, restore_threads):
-    monkeypatch.setattr(cpu_threads, "_free_now", lambda cores: cores)
+    monkeypatch.setattr(cpu_threads, "free_cores_now", lambda cores: cores)
     fake_clock(monkeypatch, 0.0)
     m = random_model(preset_config("tiny"), torch.device("cpu"), torch.float32)
     m.set_backend("torch")

@@ -222,3 +222,24 @@ def test_phase_counts_capture_without_the_compiles_inside_it(monkeypatch):
     work = timings.first_token_work()
     assert work["compile_s"] >= 0.5
     assert 0.05 <= work["graph_capture_s"] < 0.5
+
+
+def test_a_cpu_load_places_on_the_cores_the_reader_leaves_and_restores_threads(make_checkpoint, monkeypatch):
+    d, _, _ = make_checkpoint("hf", shards=2)
+    before = torch.get_num_threads()
+    seen = []
+    real_place = ck.place
+
+    def recording(*a):
+        seen.append(torch.get_num_threads())
+        return real_place(*a)
+
+    monkeypatch.setattr(ck, "place", recording)
+    monkeypatch.setattr(ck, "free_cores_now", lambda cores: 3)
+    try:
+        torch.set_num_threads(4)
+        ck.load_checkpoint(d, torch.device("cpu"), torch.float32)
+        assert set(seen) == {3 - ck.CPU_READERS}
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)

@@ -39,7 +39,7 @@ def _own_cpu_s() -> float:
     return t.user + t.system
 
 
-def _free_now(cores: int) -> int:
+def free_cores_now(cores: int) -> int:
     """Cores free of other runnable tasks at this instant (/proc/loadavg's running count,
     this thread taken out), at least one."""
     try:
@@ -56,7 +56,7 @@ class ThreadPolicy:
     def __init__(self, weight_bytes: int, cores: int | None = None):
         self.cores = cores or len(os.sched_getaffinity(0))
         self.small = weight_bytes < SMALL_DECODE_BYTES
-        self.free = _free_now(self.cores)  # until a /proc/stat interval is long enough
+        self.free = free_cores_now(self.cores)  # until a /proc/stat interval is long enough
         self._last = (time.monotonic(), _cpu_busy_s(), _own_cpu_s())
 
     def free_cores(self) -> int:
