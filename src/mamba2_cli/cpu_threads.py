@@ -39,6 +39,13 @@ def _own_cpu_s() -> float:
     return t.user + t.system
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        return os.cpu_count() or 1
+
+
 def free_cores_now(cores: int) -> int:
     """Cores free of other runnable tasks at this instant (/proc/loadavg's running count,
     this thread taken out), at least one."""
@@ -54,7 +61,7 @@ class ThreadPolicy:
     """Threads for each forward of one model on CPU: see the module's note."""
 
     def __init__(self, weight_bytes: int, cores: int | None = None):
-        self.cores = cores or len(os.sched_getaffinity(0))
+        self.cores = cores or _usable_cores()
         self.small = weight_bytes < SMALL_DECODE_BYTES
         self.free = free_cores_now(self.cores)  # until a /proc/stat interval is long enough
         self._last = (time.monotonic(), _cpu_busy_s(), _own_cpu_s())
