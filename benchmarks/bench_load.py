@@ -151,7 +151,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dir", type=Path)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--write", metavar="PRESET", help="write a random-weight checkpoint of this preset's shape to DIR first")
+    ap.add_argument("--write", metavar="PRESET",
+                    help="write a random-weight checkpoint of this preset's shape to DIR first")
     ap.add_argument("--layers", type=int, help="with --write: this many layers instead of the preset's")
     ap.add_argument("--shards", type=int, default=4, help="with --write: number of files")
     ap.add_argument("--dtype", default="bfloat16", help="with --write: the stored dtype")
@@ -174,8 +175,8 @@ def main() -> None:
         for method in METHODS:
             runs = []
             for _ in range(a.repeat):
-                r = subprocess.run([sys.executable, __file__, str(a.dir), "--device", a.device, "--child", method, cache],
-                                   capture_output=True, text=True, env={**os.environ})
+                cmd = [sys.executable, __file__, str(a.dir), "--device", a.device, "--child", method, cache]
+                r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
                 if r.returncode:
                     sys.exit(f"{method} ({cache}) failed:\n{r.stderr}")
                 runs.append(json.loads(r.stdout.strip().splitlines()[-1]))

@@ -44,7 +44,8 @@ DTypeOption = Annotated[DType, typer.Option(
 BackendOption = Annotated[Backend, typer.Option("--backend", help="auto: triton on CUDA, torch elsewhere.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch.")]
 Verbose = Annotated[bool, typer.Option(
-    "-v", "--verbose", help="Also say where the time to the first token went (read, place, graph capture, compilation).")]
+    "-v", "--verbose",
+    help="Also say where the time to the first token went (read, place, graph capture, compilation).")]
 NoCudaGraph = Annotated[bool, typer.Option(
     "--no-cuda-graph", help="Prefill and decode eagerly on GPUs instead of replaying CUDA graphs.")]
 
