@@ -1,24 +1,31 @@
 """Finding weight files, mapping their names, loading them straight to device and dtype.
 
-The model is built on the meta device and filled with `load_state_dict(assign=True)`
-from weights read one tensor at a time: no second copy of the weights on the host.
+The model is built on the meta device and filled with `load_state_dict(assign=True)` from
+weights read by safetensors in parallel threads while the calling thread places them, with
+the bytes in flight capped: no second copy of the weights on the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import pickle
+import queue
 import re
+import threading
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import Mamba2Config, read_config
+from .cpu_threads import free_cores_now
 from .errors import Mamba2Error
 from .model import Mamba2LM
 
@@ -164,10 +171,12 @@ def internal_name(name: str) -> str:
     return name
 
 
-# How safe_open serves tensor bytes: "pread" reads each tensor into memory of its own;
-# "mmap" maps the file, whose pages then count against the process beside the converted
-# copies (a 130m-shaped fp16 checkpoint loaded as fp32 on CPU: peak 535 MB above the
-# process with pread, 830 MB with mmap, in about the same time).
+# How safe_open serves tensor bytes: "pread" reads each tensor into memory of its own (on
+# CUDA devices pinned memory, copied to the GPU at once, with the GIL released while it
+# reads); "mmap" maps the file, whose pages then count against the process beside the
+# converted copies (a 130m-shaped fp16 checkpoint loaded as fp32 on CPU: peak 535 MB above
+# the process with pread, 830 MB with mmap, in about the same time), and a whole
+# Codestral would stay mapped until its files are closed.
 SAFETENSORS_BACKEND = "pread"
 
 # Stored dtypes the loader converts from (safetensors' names); others are refused.
@@ -212,30 +221,16 @@ def _header_reason(text: str) -> str:
 
 
 @contextlib.contextmanager
-def open_safetensors(path: Path):
-    """safe_open on the CPU, its header errors as one-line Mamba2Errors naming the file."""
+def open_safetensors(path: Path, device: torch.device | str = "cpu"):
+    """safe_open serving tensors on `device`, its header errors as one-line Mamba2Errors naming the file."""
     try:
-        f = safe_open(path, framework="pt", device="cpu", backend=SAFETENSORS_BACKEND)
+        f = safe_open(path, framework="pt", device=str(device), backend=SAFETENSORS_BACKEND)
     except SafetensorError as e:
         raise Mamba2Error(f"{path}: not a valid safetensors file ({_header_reason(str(e))})") from None
     except OSError as e:
         raise Mamba2Error(f"cannot read {path}: {e.strerror or e}") from None
     with f:
         yield f
-
-
-def iter_safetensors(path: Path):
-    """Yield (name, CPU tensor) from a .safetensors file in file order, one tensor in memory at a time."""
-    with open_safetensors(path) as f:
-        for name in f.offset_keys():
-            stored = f.get_slice(name).get_dtype()
-            if stored not in SAFETENSORS_DTYPES:
-                raise Mamba2Error(f"{path}: tensor {name!r} has an unsupported dtype {stored}")
-            try:
-                t = f.get_tensor(name)
-            except (SafetensorError, OSError) as e:  # the file shrank or went away since it was opened
-                raise Mamba2Error(f"{path}: cannot read tensor {name!r} ({e})") from None
-            yield name, t
 
 
 def iter_bin_tensors(path: Path):
@@ -263,11 +258,6 @@ def iter_bin_tensors(path: Path):
             yield n, t
 
 
-def _iter_tensors(path: Path):
-    """Yield (name, tensor on CPU) from one weight file."""
-    yield from (iter_safetensors(path) if path.suffix == ".safetensors" else iter_bin_tensors(path))
-
-
 def place(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Move one tensor to its device and dtype, in the layout the matmuls there like best.
 
@@ -287,24 +277,189 @@ def place(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) 
     return t.to(device=device, dtype=dtype)
 
 
-def load_weights(model: Mamba2LM, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
-    """Fill a meta-device model from weight files; every tensor is checked against the config."""
+# Reading and placing run side by side: reader threads fetch tensors in file order while
+# the calling thread casts and lays out those already read. Bytes read but not yet placed
+# are capped, so the host memory a load adds stays bounded whatever the checkpoint's size
+# (a tensor larger than the cap goes alone). On CUDA devices safetensors reads each tensor
+# into pinned memory that torch's host allocator rounds up to a power of two and keeps for
+# reuse; the cap counts those rounded blocks, and they are released after the load.
+CUDA_INFLIGHT_BYTES = 1 << 30
+CUDA_READERS = 8
+# On CPU the read buffers are the host memory itself: at most the largest tensor in flight,
+# so a load peaks no higher than reading and placing one tensor at a time.
+CPU_READERS = 1
+
+
+@dataclass
+class LoadTimes:
+    """Where a load's seconds went. read_s: waiting for tensors from the files (on a GPU,
+    already copied to it); place_s: casting and laying them out (the two overlap: this is
+    the time the placing thread spent, read_s the rest of the weights' wall time);
+    setup_s: config, memory check, building the model, derived tensors, backend."""
+    read_s: float = 0.0
+    place_s: float = 0.0
+    setup_s: float = 0.0
+
+
+class InflightBudget:
+    """Bytes handed from the readers to the placer and not yet placed: at most `cap`, or one
+    tensor alone when it is larger. `peak` records the most ever held."""
+
+    def __init__(self, cap: int):
+        self.cap, self.used, self.peak, self.stopped = cap, 0, 0, False
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        """Wait for room for n bytes; False once the load was stopped."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.stopped or self.used == 0 or self.used + n <= self.cap)
+            if self.stopped:
+                return False
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._cond.notify_all()
+
+
+@dataclass
+class _Item:
+    """One tensor to load: where it is, what it becomes, and how it is read."""
+    path: Path
+    raw: str
+    name: str
+    nbytes: int
+    read: object  # () -> tensor (on the device for safetensors on CUDA, else on the CPU)
+
+
+def _pinned_block(n: int) -> int:
+    """The pinned block torch's host allocator hands out for n bytes (a power of two)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _plan(files: list[Path], device: torch.device, expected: dict, optional: set, stack) -> list[_Item]:
+    """Every tensor of every file, checked against the config before any is read."""
+    items = []
+    for path in files:
+        if path.suffix == ".safetensors":
+            f = stack.enter_context(open_safetensors(path, device if device.type == "cuda" else "cpu"))
+            entries = []
+            for raw in f.offset_keys():
+                sl = f.get_slice(raw)
+                stored = sl.get_dtype()
+                if stored not in SAFETENSORS_DTYPES:
+                    raise Mamba2Error(f"{path}: tensor {raw!r} has an unsupported dtype {stored}")
+                shape = tuple(sl.get_shape())
+                nbytes = math.prod(shape) * SAFETENSORS_DTYPES[stored].itemsize
+                entries.append((raw, shape, nbytes, functools.partial(_read_safetensors, f, path, raw)))
+        else:
+            entries = [(raw, tuple(t.shape), t.nbytes, functools.partial(lambda t: t, t))
+                       for raw, t in iter_bin_tensors(path)]
+        for raw, shape, nbytes, read in entries:
+            name = internal_name(raw)
+            if name not in expected:
+                raise Mamba2Error(f"{path.name}: unexpected tensor {raw!r} for this config")
+            if shape != expected[name]:
+                raise Mamba2Error(
+                    f"{path.name}: tensor {raw!r} has shape {list(shape)}, the config needs {list(expected[name])}"
+                )
+            if name in optional:  # tied: the embedding serves as lm_head, and this copy is never read
+                continue
+            items.append(_Item(path, raw, name, nbytes, read))
+    return items
+
+
+def _read_safetensors(f, path: Path, raw: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(raw)
+    except (SafetensorError, OSError) as e:  # the file shrank or went away since it was opened
+        raise Mamba2Error(f"{path}: cannot read tensor {raw!r} ({e})") from None
+
+
+def read_tensors(items: list[_Item], budget: InflightBudget, readers: int, cost=lambda item: item.nbytes):
+    """Yield (item, tensor) as reader threads produce them; the caller calls
+    budget.release(cost(item)) once it is done with each tensor."""
+    results: queue.Queue = queue.Queue()
+    order = iter(items)
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                item = next(order, None)
+            if item is None or not budget.acquire(cost(item)):
+                return
+            try:
+                results.put((item, item.read()))
+            except BaseException as e:  # handed to the caller, which stops the others
+                budget.release(cost(item))
+                results.put((None, e))
+                return
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(readers, len(items))))]
+    for t in threads:
+        t.start()
+    try:
+        for _ in items:
+            item, t = results.get()
+            if item is None:
+                raise t
+            yield item, t
+    finally:
+        budget.stop()
+        for t in threads:
+            t.join()
+
+
+def load_weights(model: Mamba2LM, files: list[Path], device: torch.device, dtype: torch.dtype) -> LoadTimes:
+    """Fill a meta-device model from weight files; every tensor is checked against the config
+    before the first is read. Returns where the time went."""
     cfg = model.cfg
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
     loaded: dict[str, torch.Tensor] = {}
-    for path in files:
-        for raw, t in _iter_tensors(path):
-            name = internal_name(raw)
-            if name not in expected:
-                raise Mamba2Error(f"{path.name}: unexpected tensor {raw!r} for this config")
-            if tuple(t.shape) != expected[name]:
-                raise Mamba2Error(
-                    f"{path.name}: tensor {raw!r} has shape {list(t.shape)}, the config needs {list(expected[name])}"
-                )
-            if name in optional:  # tied: the embedding serves as lm_head
-                continue
-            loaded[name] = place(name, t, device, dtype)
+    times = LoadTimes()
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        items = _plan(files, device, expected, optional, stack)
+        seen = {}
+        for item in items:
+            if item.name in seen:
+                raise Mamba2Error(f"{item.path.name}: tensor {item.raw!r} is also in {seen[item.name].name}")
+            seen[item.name] = item.path
+        threads = torch.get_num_threads()
+        if device.type == "cuda":
+            budget, readers, cost = InflightBudget(CUDA_INFLIGHT_BYTES), CUDA_READERS, lambda i: _pinned_block(i.nbytes)
+        else:
+            largest = max((i.nbytes for i in items), default=0)
+            budget, readers, cost = InflightBudget(largest), CPU_READERS, lambda i: i.nbytes
+            # The layout copies take the cores left to them: the reader keeps one busy, and
+            # a thread that shares its core with other work stalls every copy (a 130m-shaped
+            # load on 2 busy cores: 1.7-1.9 s with one thread, 2.4 s with two).
+            torch.set_num_threads(max(1, min(threads, free_cores_now(threads) - readers)))
+        try:
+            for item, t in read_tensors(items, budget, readers, cost):
+                p0 = time.perf_counter()
+                loaded[item.name] = place(item.name, t, device, dtype)
+                del t
+                budget.release(cost(item))
+                times.place_s += time.perf_counter() - p0
+        finally:
+            torch.set_num_threads(threads)
+        if device.type == "cuda":
+            p0 = time.perf_counter()
+            torch.cuda.synchronize(device)
+            times.place_s += time.perf_counter() - p0
+            getattr(torch._C, "_host_emptyCache", lambda: None)()  # the pinned read buffers go back to the system
+    times.read_s = time.perf_counter() - t0 - times.place_s
     missing = [n for n in expected if n not in loaded and n not in optional]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -312,6 +467,7 @@ def load_weights(model: Mamba2LM, files: list[Path], device: torch.device, dtype
     if cfg.tie_embeddings:
         loaded["lm_head.weight"] = loaded["backbone.embeddings.weight"]
     model.load_state_dict(loaded, strict=True, assign=True)
+    return times
 
 
 def build_meta_model(cfg: Mamba2Config) -> Mamba2LM:
@@ -360,12 +516,15 @@ def random_model(cfg: Mamba2Config, device: torch.device, dtype: torch.dtype, se
 def load_checkpoint(model_dir: Path, device: torch.device, dtype: str | torch.dtype = "auto",
                     backend: str = "auto", batch_size: int = 1) -> Mamba2LM:
     """Read config, check memory, build on meta, fill from the weight files, pick the backend."""
+    t0 = time.perf_counter()
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     files = find_weight_files(model_dir)
     dtype = resolve_dtype(dtype, cfg, device, batch_size)
     model = build_meta_model(cfg)
-    load_weights(model, files, device, dtype)
+    times = load_weights(model, files, device, dtype)
     model.prepare()
     model.set_backend(backend)
+    times.setup_s = time.perf_counter() - t0 - times.read_s - times.place_s
+    model.load_times = times
     return model

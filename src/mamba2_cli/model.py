@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import timings
 from .config import Mamba2Config
 from .kernels import get_backend
 from .linear import Linear
@@ -126,7 +127,10 @@ class Mamba2Block(nn.Module):
 class Mamba2Backbone(nn.Module):
     def __init__(self, cfg: Mamba2Config):
         super().__init__()
-        self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        # Uninitialized: nn.Embedding's own normal_ init, on the meta device, imports
+        # torch._dynamo (1-4 s at the first load of a process) for values never used.
+        V, d = cfg.padded_vocab_size, cfg.d_model
+        self.embeddings = nn.Embedding(V, d, _weight=torch.empty(V, d))
         self.layers = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model)
 
@@ -139,6 +143,7 @@ class Mamba2LM(nn.Module):
         self.lm_head = Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.backend_name = None
         self.backend = None  # set_backend, once the weights are on their device
+        self.cpu_threads = None  # a cpu_threads.ThreadPolicy: threads chosen per forward (CPU, no --threads)
 
     @property
     def device(self) -> torch.device:
@@ -152,6 +157,8 @@ class Mamba2LM(nn.Module):
         """Select 'torch', 'triton' or 'auto' for this model's device; returns the name chosen."""
         self.backend = get_backend(name, self.device.type)
         self.backend_name = self.backend.name
+        if self.backend_name == "triton" and self.device.type == "cuda":
+            timings.watch_compiles()  # the statistics report the seconds spent compiling
         choose = getattr(self.backend, "scan_chunk_size", lambda q, device_type: q)
         for layer in self.backbone.layers:
             layer.mixer.scan_chunk = choose(self.cfg.chunk_size, self.device.type)
@@ -181,6 +188,8 @@ class Mamba2LM(nn.Module):
         read on the device, so one CUDA graph serves prompts of any length up to L.
         """
         cfg, be = self.cfg, self.backend
+        if self.cpu_threads is not None:
+            self.cpu_threads.apply(input_ids.shape[1])
         h = self.backbone.embeddings(input_ids)
         if input_ids.shape[1] == 1 and seq_len is None:
             return self._decode(h[:, 0], state)

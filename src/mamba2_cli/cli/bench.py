@@ -48,6 +48,7 @@ def bench(
     from ..bench import bench_model, bytes_per_decode_step, environment, prefill_flops
     from ..checkpoint import resolve_device
     from ..kernel_bench import case_count, choose_shape, copy_bandwidth, matmul_ceiling, run_kernels
+    from .options import choose_threads
 
     backend, dtype, kernel_shape, fmt = value(backend), value(dtype), value(kernel_shape), value(fmt)
     if threads:
@@ -81,10 +82,12 @@ def bench(
                     from ..loader import load_model
 
                     m, tok = load_model(model, dev, dtype, b, batch_size)
+                    choose_threads(m, threads)
                 else:
                     from ..loader import load_preset
 
                     m, _ = load_preset(preset, dev, dtype, b, batch_size=batch_size)
+                    choose_threads(m, threads)
             else:
                 m.set_backend(b)
             for L in lengths:

@@ -43,6 +43,9 @@ DTypeOption = Annotated[DType, typer.Option(
     help="auto: bfloat16 on GPUs; on CPUs float32 when it fits, else bfloat16 (bf16, fp16, fp32 too).")]
 BackendOption = Annotated[Backend, typer.Option("--backend", help="auto: triton on CUDA, torch elsewhere.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch.")]
+Verbose = Annotated[bool, typer.Option(
+    "-v", "--verbose",
+    help="Also say where the time to the first token went (read, place, graph capture, compilation).")]
 NoCudaGraph = Annotated[bool, typer.Option(
     "--no-cuda-graph", help="Prefill and decode eagerly on GPUs instead of replaying CUDA graphs.")]
 
@@ -70,6 +73,46 @@ class Loaded:
     load_s: float  # the load itself, without a download
 
 
+def load_split(loaded: Loaded) -> dict:
+    """The load's seconds by part (read, place, setup: None for a preset), and the process's
+    one-time work so far (CUDA graph capture, Triton compilation)."""
+    from ..timings import first_token_work
+
+    times = getattr(loaded.model, "load_times", None)
+    split = {f"load_{k}_s": getattr(times, f"{k}_s", None) for k in ("read", "place", "setup")}
+    return {**split, **first_token_work()}
+
+
+def split_line(loaded: Loaded) -> str:
+    """load_split as one line for -v."""
+    s = load_split(loaded)
+    parts = [f"{label} {s[key]:.2f} s" for label, key in (
+        ("read", "load_read_s"), ("place", "load_place_s"), ("setup", "load_setup_s"),
+        ("graph capture", "graph_capture_s"), ("compile", "compile_s")) if s[key] is not None]
+    return f"load {loaded.load_s:.2f} s: " + " · ".join(parts)
+
+
+def choose_threads(m, threads: Optional[int]) -> None:
+    """Without --threads, CPU models choose their threads per forward (cpu_threads.py)."""
+    if not threads:
+        from ..cpu_threads import auto_threads
+
+        m.cpu_threads = auto_threads(m)
+
+
+def announce_compiling(m, quiet: bool) -> None:
+    """On a terminal, say that the first token waits for kernels to compile, when Triton's
+    cache holds none of ours (the first run on a machine)."""
+    import sys
+
+    if quiet or m.backend_name != "triton" or m.device.type != "cuda" or not sys.stderr.isatty():
+        return
+    from ..timings import cache_has_our_kernels
+
+    if not cache_has_our_kernels():
+        stderr_console().print("[dim]compiling kernels for this GPU, once[/]")
+
+
 def load(model: Optional[str], preset: Optional[str], offline: bool, device: str, dtype, backend,
          threads: Optional[int], *, quiet: bool, batch_size: int = 1) -> Loaded:
     """The model of -m (downloaded first if need be), of --preset, or the built-in default."""
@@ -92,11 +135,17 @@ def load(model: Optional[str], preset: Optional[str], offline: bool, device: str
         from ..loader import load_preset
 
         m, tok = load_preset(preset, device, dtype, backend, batch_size=batch_size)
-        return Loaded(m, tok, f"preset:{preset}", None, time.perf_counter() - t0)
+        load_s = time.perf_counter() - t0
+        announce_compiling(m, quiet)
+        choose_threads(m, threads)
+        return Loaded(m, tok, f"preset:{preset}", None, load_s)
     from ..hub import resolve_model
     from ..loader import load_model
 
     model_dir = resolve_model(model, offline=offline, progress=progress(quiet))
     t0 = time.perf_counter()  # the load, not the download
     m, tok = load_model(str(model_dir), device, dtype, backend, batch_size, offline=offline, progress=progress(quiet))
-    return Loaded(m, tok, model, revision_of(model_dir), time.perf_counter() - t0)
+    load_s = time.perf_counter() - t0
+    announce_compiling(m, quiet)
+    choose_threads(m, threads)
+    return Loaded(m, tok, model, revision_of(model_dir), load_s)

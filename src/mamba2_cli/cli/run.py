@@ -15,7 +15,8 @@ import typer
 from .common import (closed_stdout, dtype_name, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
                      stderr_console, versions)
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling, value)
+                      RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, Verbose, load, load_split,
+                      sampling, split_line, value)
 
 
 def run(
@@ -43,6 +44,7 @@ def run(
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object on stdout instead of text (JSONL with --batch).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No statistics on stderr.")] = False,
+    verbose: Verbose = False,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt for --chat.")] = None,
     save_state: Annotated[Optional[Path], typer.Option("--save-state", help="Save the model state to this file.")] = None,
@@ -142,6 +144,8 @@ def run(
             f"{result.finish_reason}) · peak memory {size(s['peak_memory_bytes'])} · "
             f"{m.backend_name} on {m.device}, {dtype_name(m.dtype)}{notes}[/]"
         )
+        if verbose:
+            stderr_console().print(f"[dim]{split_line(loaded)}[/]", soft_wrap=True)
 
 
 def _state_note(states) -> dict:
@@ -162,7 +166,7 @@ def _result_json(loaded, result, prompt: str, seed, **more) -> dict:
         "finish_reason": result.finish_reason, "model": loaded.name, "revision": loaded.revision,
         "seed": seed, "dtype": dtype_name(m.dtype), "backend": m.backend_name,
         "device": str(m.device), "versions": versions(),
-        "stats": {"load_s": loaded.load_s, **result.stats},
+        "stats": {"load_s": loaded.load_s, **load_split(loaded), **result.stats},
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import timings
 from ..errors import Mamba2Error
 from ..model import Mamba2LM
 from ..state import Mamba2State
@@ -50,7 +51,7 @@ class DecodeGraph:
     def _capture(self, model: Mamba2LM, slot: int):
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.inference_mode(), torch.cuda.graph(graph):
+            with timings.phase("graph_capture"), torch.inference_mode(), torch.cuda.graph(graph):
                 logits = decode_one_token(model, self.tokens, self.state)
                 if self.greedy:
                     nxt = logits.argmax(dim=-1)  # as sampling.sample takes it

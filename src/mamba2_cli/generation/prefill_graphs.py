@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import torch
 
+from .. import timings
 from ..errors import Mamba2Error
 from ..model import Mamba2LM
 from ..state import Mamba2State
@@ -97,7 +98,7 @@ class _PaddedPrefill:
                 graphs.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=graphs.pool, stream=side):
+                with timings.phase("graph_capture"), torch.cuda.graph(graph, pool=graphs.pool, stream=side):
                     self.logits = self._forward(state)
             except Exception as e:
                 raise Mamba2Error(f"CUDA graph capture of the prefill failed ({e}); "
