@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from .common import dtype_name, fail, size, stderr_console
+from .common import dtype_name, dumps, fail, size, stderr_console
 from .options import MODEL_HELP, Device, DTypeOption, NoCudaGraph, Offline, Threads, choices, value
 
 BenchBackend = choices("BenchBackend", "auto", "torch", "triton", "all")
@@ -124,7 +123,7 @@ def bench(
         ksection = {"shape": {**kshape.as_dict(), "dtype": kdtype_name, "state_dtype": "float32"},
                     "interpreted": interpreted, "rows": krows}
     if as_json:
-        sys.stdout.write(json.dumps({"environment": env, "results": rows, "kernels": ksection}, indent=1) + "\n")
+        sys.stdout.write(dumps({"environment": env, "results": rows, "kernels": ksection}, indent=1) + "\n")
         return
     cols = ("backend", "prompt", "graph", "first token ms", "prefill tok/s", "prefill of matmul", "decode tok/s",
             "ms/token", "of copy bw", "kernels/token", "peak memory")

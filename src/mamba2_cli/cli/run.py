@@ -12,7 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .common import (closed_stdout, dtype_name, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
+from .common import (closed_stdout, dtype_name, dumps, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
                      stderr_console, versions)
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
                       RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling, value)
@@ -120,7 +120,7 @@ def run(
             obj = _result_json(loaded, result, text_in or "", seed)
             if note:
                 obj["state"] = note
-            out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            out.write(dumps(obj) + "\n")
         elif result.text and not result.text.endswith("\n") and out.isatty():
             out.write("\n")
         out.flush()
@@ -226,7 +226,7 @@ def _run_batch(loading: dict, file, input_file, batch: bool, settings: dict, cud
                 r = results[shown]
                 if as_json:
                     obj = _result_json(loaded, r, texts[shown], requests[shown].seed, index=shown)
-                    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                    out.write(dumps(obj) + "\n")
                 else:
                     text = (texts[shown] if echo else "") + r.text
                     out.write(("\n" if shown else "") + text + ("" if text.endswith("\n") else "\n"))
