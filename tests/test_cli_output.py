@@ -27,3 +27,25 @@ def test_every_json_output_is_strict_json(model_dir):
     strict(ok(mamba2("run", "-m", str(model_dir), "-n", "4", "--json", "x = 1")).stdout.decode())
     for line in ok(mamba2("run", "-m", str(model_dir), "-n", "4", "--json", "--batch", input=b"x\ny\n")).stdout.splitlines():
         strict(line.decode())
+
+
+def interrupt_json_run(model_dir, wait_s: float):
+    proc = subprocess.Popen([sys.executable, "-m", "mamba2_cli", "run", "-m", str(model_dir), "-n", "1000000",
+                             "--ignore-eos", "-q", "--json", "x = 1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=ENV, preexec_fn=default_sigint)
+    time.sleep(wait_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
+    lines = out.decode().splitlines()
+    assert len(lines) == 1, out
+    return strict(lines[0])
+
+
+def test_run_json_interrupted_prints_what_was_generated_then_exits_130(model_dir):
+    for wait_s in (6, 15, 40):  # until the signal lands mid-generation on a slow machine
+        r = interrupt_json_run(model_dir, wait_s)
+        assert r["finish_reason"] == "interrupted" and r["generated_tokens"] == len(r["token_ids"])
+        if r["token_ids"]:
+            break
+    assert r["token_ids"] and r["text"] and r["stats"]["decode_tok_s"] > 0 and r["model"] == str(model_dir)

@@ -85,7 +85,18 @@ def run(
     if temperature > 0 and seed is None:
         settings["seed"] = seed = random.randrange(2**31)
 
-    loaded = load(**loading)
+    # Under --json, Ctrl-C still ends in one object: before the first token it interrupts at
+    # once; after it, generation stops at the next token, so the object holds every token
+    # generated (finish_reason "interrupted"), then the exit code is 130.
+    sigint = _JsonInterrupt() if as_json else None
+    try:
+        loaded = load(**loading)
+    except KeyboardInterrupt:
+        if sigint is None:
+            raise
+        sigint.restore()
+        sys.stdout.write(dumps(_interrupted_json(model or preset, text_in or "", seed)) + "\n")
+        interrupted(sys.stdout)
     m, tok = loaded.model, loaded.tokenizer
     from ..generation import stream_generate
     from ..statefile import StateRun
@@ -108,12 +119,20 @@ def run(
             out.flush()
         events = stream_generate(m, tok, prompt_arg, state=states.state, last_token=states.last_token,
                                  on_prompt=states.on_prompt, cuda_graph=not no_cuda_graph,
-                                 keep_state=states.keeps_state, **settings)
+                                 keep_state=states.keeps_state, cancel=sigint and sigint.requested, **settings)
         for event in events:
+            if sigint is not None:
+                sigint.started = True
             if event.text and not as_json:
                 out.write(event.text)
                 out.flush()
             result = event.result or result
+        if sigint is not None:
+            sigint.restore()
+        if as_json and sigint.requested():
+            result.finish_reason = "interrupted"
+            out.write(dumps(_result_json(loaded, result, text_in or "", seed)) + "\n")
+            interrupted(out)
         states.save(result, model_name=loaded.name)
         note = _state_note(states)
         if as_json:
@@ -127,6 +146,9 @@ def run(
     except BrokenPipeError:
         closed_stdout()
     except KeyboardInterrupt:
+        if as_json:  # before the first token
+            sigint.restore()
+            out.write(dumps(_interrupted_json(loaded.name, text_in or "", seed, loaded)) + "\n")
         interrupted(out)
     if not quiet:
         s = result.stats
@@ -142,6 +164,41 @@ def run(
             f"{result.finish_reason}) · peak memory {size(s['peak_memory_bytes'])} · "
             f"{m.backend_name} on {m.device}, {dtype_name(m.dtype)}{notes}[/]"
         )
+
+
+class _JsonInterrupt:
+    """SIGINT under --json: a KeyboardInterrupt until the first token, then a request to stop."""
+
+    def __init__(self):
+        import signal
+
+        self.started, self._stop = False, False
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        if not self.started:
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def requested(self) -> bool:
+        return self._stop
+
+    def restore(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _interrupted_json(name, prompt: str, seed, loaded=None) -> dict:
+    """The --json object of a run interrupted before its first token."""
+    from ..generation.types import GenerationResult
+
+    empty = GenerationResult("", [], None, "interrupted")
+    if loaded is not None:
+        return _result_json(loaded, empty, prompt, seed)
+    return {"prompt": prompt, "text": "", "token_ids": [], "prompt_tokens": None, "generated_tokens": 0,
+            "finish_reason": "interrupted", "model": name, "revision": None, "seed": seed, "dtype": None,
+            "backend": None, "device": None, "versions": versions(), "stats": {}}
 
 
 def _state_note(states) -> dict:
