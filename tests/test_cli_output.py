@@ -49,3 +49,12 @@ def test_run_json_interrupted_prints_what_was_generated_then_exits_130(model_dir
         if r["token_ids"]:
             break
     assert r["token_ids"] and r["text"] and r["stats"]["decode_tok_s"] > 0 and r["model"] == str(model_dir)
+
+
+def test_statistics_off_a_terminal_are_one_unwrapped_line(model_dir):
+    p = ok(mamba2("run", "-m", str(model_dir), "-n", "4", "x = 1", env={**ENV, "COLUMNS": "40"}))
+    lines = [line for line in p.stderr.decode().splitlines() if line.strip()]
+    assert len(lines) == 1 and "load" in lines[0] and "tok/s" in lines[0] and "peak memory" in lines[0], lines
+    p = ok(mamba2("run", "-m", str(model_dir), "-n", "4", "--batch", input=b"x\ny\n", env={**ENV, "COLUMNS": "40"}))
+    lines = [line for line in p.stderr.decode().splitlines() if line.strip()]
+    assert len(lines) == 1 and "batch of 2 prompts" in lines[0], lines

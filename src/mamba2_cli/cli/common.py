@@ -20,9 +20,12 @@ EXIT_SIGPIPE = 141
 
 
 def stderr_console():
+    """Rich on stderr; off a terminal each message is one unwrapped line, for logs and scripts."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False)
+    console.soft_wrap = not console.is_terminal
+    return console
 
 
 def print_error(msg: str) -> None:
