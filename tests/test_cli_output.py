@@ -58,3 +58,13 @@ def test_statistics_off_a_terminal_are_one_unwrapped_line(model_dir):
     p = ok(mamba2("run", "-m", str(model_dir), "-n", "4", "--batch", input=b"x\ny\n", env={**ENV, "COLUMNS": "40"}))
     lines = [line for line in p.stderr.decode().splitlines() if line.strip()]
     assert len(lines) == 1 and "batch of 2 prompts" in lines[0], lines
+
+
+def test_batch_text_splits_back_into_the_completions(model_dir):
+    # Whatever the completions hold (blank lines, a prompt with a NUL), the text form splits back exactly.
+    prompts = b"def f():\n\n\nclass A:\nx = '\0'\n"
+    rows = [json.loads(line) for line in ok(mamba2("run", "-m", str(model_dir), "-n", "24", "--json", "--batch",
+                                                   input=prompts)).stdout.splitlines()]
+    text = ok(mamba2("run", "-m", str(model_dir), "-n", "24", "-q", "--batch", "--echo", input=prompts)).stdout.decode()
+    parts = text.split("\0\n")
+    assert parts[-1] == "" and parts[:-1] == [(r["prompt"] + r["text"]).replace("\0", "\ufffd") for r in rows]

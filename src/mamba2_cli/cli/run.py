@@ -223,6 +223,11 @@ def _result_json(loaded, result, prompt: str, seed, **more) -> dict:
     }
 
 
+# As text, each completion of a batch ends with a NUL and a newline; a NUL of a prompt or
+# completion prints as U+FFFD, so the end mark never occurs inside one (`--json` is exact).
+BATCH_END = "\0\n"
+
+
 def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool, settings: dict):
     """The Requests of --batch lines (stdin or -f) or of --input JSONL."""
     from ..generation import Request
@@ -286,7 +291,7 @@ def _run_batch(loading: dict, file, input_file, batch: bool, settings: dict, cud
                     out.write(dumps(obj) + "\n")
                 else:
                     text = (texts[shown] if echo else "") + r.text
-                    out.write(("\n" if shown else "") + text + ("" if text.endswith("\n") else "\n"))
+                    out.write(text.replace(BATCH_END[0], "\ufffd") + BATCH_END)
                 out.flush()
                 shown += 1
     except BrokenPipeError:
