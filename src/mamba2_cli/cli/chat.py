@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import closed_stdout, dtype_name, stderr_console
+from .common import EXIT_USER_ERROR, closed_stdout, dtype_name, stderr_console
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
                       RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling)
 
@@ -51,7 +51,10 @@ def chat(
         template = "plain fallback template" if session.template.is_fallback else "the model's chat template"
         stderr_console().print(f"[dim]{loaded.name} · load {loaded.load_s:.2f} s · {m.backend_name} on {m.device}, "
                                f"{dtype_name(m.dtype)} · {template}[/]")
+    repl = ChatREPL(session)
     try:
-        ChatREPL(session).run()
+        repl.run()
     except BrokenPipeError:
         closed_stdout()
+    if repl.failed:  # a script goes on past an error, like a shell script, and reports it in its exit code
+        raise typer.Exit(EXIT_USER_ERROR)
