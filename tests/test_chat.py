@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 
 from checkpoints import tiny_shape
+import mamba2_cli
 from mamba2_cli import Mamba2Error, load_model
 from mamba2_cli.chat import ChatSession, ChatTemplate
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "COLUMNS": "200"}
+# The subprocesses run the package this process imported: the source tree under
+# PYTHONPATH=src, the installed wheel in CI.
+ENV = {**os.environ, "PYTHONPATH": str(Path(mamba2_cli.__file__).parents[1]), "COLUMNS": "200"}
 ENV.pop("CUDA_VISIBLE_DEVICES", None)
 
 
