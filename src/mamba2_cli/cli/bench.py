@@ -27,12 +27,13 @@ def bench(
     device: Device = "auto",
     dtype: DTypeOption = "auto",
     threads: Threads = None,
-    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1)] = 128,
-    gen_len: Annotated[int, typer.Option("--gen-len", min=1)] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens of the prefill measured.")] = 128,
+    gen_len: Annotated[int, typer.Option("--gen-len", min=1, help="Tokens decoded after it.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences generated together.")] = 1,
     depth: Annotated[Optional[int], typer.Option(
         "--depth", min=1, help="Also measure decode after a context of this many tokens.")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 3,
+    repeats: Annotated[int, typer.Option(
+        "--repeats", min=1, help="Timed runs after the warm-up; figures are their medians.")] = 3,
     no_cuda_graph: Annotated[bool, typer.Option("--no-cuda-graph", help="Prefill and decode eagerly on GPUs.")] = False,
     kernels: Annotated[bool, typer.Option(
         "--kernels/--no-kernels",

@@ -10,7 +10,7 @@ import typer
 
 from .common import EXIT_USER_ERROR, closed_stdout, dtype_name, stderr_console
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling)
+                      RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling, sampling_note)
 
 
 def chat(
@@ -22,11 +22,11 @@ def chat(
     backend: BackendOption = "auto",
     threads: Threads = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=1, help="Most tokens per reply.")] = 512,
-    temperature: Temperature = 0.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    min_p: MinP = 0.0,
-    repetition_penalty: RepetitionPenalty = 1.0,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (turn n uses seed + n).")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
     load_state: Annotated[Optional[Path], typer.Option(
@@ -38,9 +38,14 @@ def chat(
     from ..chat import ChatSession
     from .repl import ChatREPL
 
-    params = sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+    sampling(**flags)  # bad values fail before any loading
     loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet)
     m = loaded.model
+    params = sampling(**flags, defaults=loaded.generation_defaults, warn=True)
+    note = sampling_note(loaded.generation_defaults, **flags)
+    if note and not quiet:
+        stderr_console().print(f"[dim]{note}[/]")
     session = ChatSession(m, loaded.tokenizer, system=system, model_name=loaded.name, max_tokens=max_tokens,
                           **asdict(params), seed=seed, cuda_graph=not no_cuda_graph)
     if load_state is not None:

@@ -83,7 +83,8 @@ def read_prompt(words: Optional[List[str]], file: Optional[Path]) -> str:
         source = str(file)
     else:
         if sys.stdin is None or sys.stdin.isatty():
-            fail("no prompt: give it as an argument, pipe it on stdin, or use -f FILE")
+            fail("no prompt: give it as an argument or with -p, pipe it on stdin, or use -f FILE; "
+                 "to chat with the model, run mamba2 chat")
         data = sys.stdin.buffer.read()
         source = "stdin"
     try:

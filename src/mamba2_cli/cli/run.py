@@ -15,11 +15,14 @@ import typer
 from .common import (closed_stdout, dtype_name, dumps, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
                      stderr_console, versions)
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling, value)
+                      RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling, sampling_note,
+                      value)
 
 
 def run(
     prompt: Annotated[Optional[List[str]], typer.Argument(help="Prompt text; read from stdin when absent.")] = None,
+    prompt_option: Annotated[Optional[str], typer.Option(
+        "-p", "--prompt", help="The prompt, as an option (instead of the arguments).")] = None,
     model: Model = None,
     preset: Preset = None,
     offline: Offline = False,
@@ -30,11 +33,11 @@ def run(
     backend: BackendOption = "auto",
     threads: Threads = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")] = 256,
-    temperature: Temperature = 0.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    min_p: MinP = 0.0,
-    repetition_penalty: RepetitionPenalty = 1.0,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (reported in --json).")] = None,
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past the end-of-text token.")] = False,
@@ -56,10 +59,15 @@ def run(
         "--input", help="JSONL prompts ({\"prompt\": ..., per-prompt settings}) as one batch.")] = None,
 ):
     """Generate text from a prompt, streaming it to stdout."""
-    params = sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+    sampling(**flags)  # bad values fail before any loading
+    if prompt_option is not None:
+        if prompt:
+            fail("give the prompt as arguments or with -p/--prompt, not both")
+        prompt = [prompt_option]
     if system is not None and not chat:
         fail("--system goes with --chat (or use mamba2 chat)")
-    settings = dict(max_tokens=max_tokens, **asdict(params), seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
+    settings = dict(max_tokens=max_tokens, seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
     loading = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
                    threads=threads, quiet=quiet)
     if batch or input_file is not None:
@@ -67,8 +75,8 @@ def run(
             fail("with --batch or --input the prompts come from stdin, -f or --input, not from arguments")
         if save_state or load_state:
             fail("--save-state and --load-state work on one prompt, not with --batch or --input")
-        return _run_batch(loading, file, input_file, batch, settings, not no_cuda_graph, echo, as_json, quiet, chat,
-                          system)
+        return _run_batch(loading, file, input_file, batch, flags, settings, not no_cuda_graph, echo, as_json, quiet,
+                          chat, system)
 
     if load_state is not None:
         text_in = read_prompt_or_nothing(prompt, file)
@@ -82,9 +90,6 @@ def run(
         from ..statefile import check_writable
 
         check_writable(save_state)
-    if temperature > 0 and seed is None:
-        settings["seed"] = seed = random.randrange(2**31)
-
     # Under --json, Ctrl-C still ends in one object: before the first token it interrupts at
     # once; after it, generation stops at the next token, so the object holds every token
     # generated (finish_reason "interrupted"), then the exit code is 130.
@@ -98,6 +103,12 @@ def run(
         sys.stdout.write(dumps(_interrupted_json(model or preset, text_in or "", seed)) + "\n")
         interrupted(sys.stdout)
     m, tok = loaded.model, loaded.tokenizer
+    settings.update(asdict(sampling(**flags, defaults=loaded.generation_defaults, warn=True)))
+    if settings["temperature"] > 0 and seed is None:
+        settings["seed"] = seed = random.randrange(2**31)
+    note = sampling_note(loaded.generation_defaults, **flags)
+    if note and not quiet:
+        stderr_console().print(f"[dim]{note}[/]")
     from ..generation import stream_generate
     from ..statefile import StateRun
 
@@ -228,45 +239,54 @@ def _result_json(loaded, result, prompt: str, seed, **more) -> dict:
 BATCH_END = "\0\n"
 
 
-def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool, settings: dict):
-    """The Requests of --batch lines (stdin or -f) or of --input JSONL."""
-    from ..generation import Request
-
+def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool) -> list[tuple[dict, str]]:
+    """The prompts of --batch lines (stdin or -f) or of --input JSONL, as ({"prompt": ..., settings}, where)."""
     if batch and input_file is not None:
         fail("give --batch (one prompt per line) or --input FILE.jsonl, not both")
+    items = []
     if input_file is not None:
         if file is not None:
             fail("--input is the prompt file; -f goes with --batch")
         text = read_prompt(None, input_file)
-        requests = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{input_file} line {n}"
             try:
-                obj = json.loads(line)
+                items.append((json.loads(line), where))
             except ValueError as e:
                 fail(f"{where}: not valid JSON ({e.msg})")
-            requests.append(Request.from_json(obj, settings, where))
     else:
         text = read_prompt(None, file)
-        requests = [Request(line, **settings) for line in text.splitlines() if line.strip()]
-    if not requests:
+        items = [({"prompt": line}, "") for line in text.splitlines() if line.strip()]
+    if not items:
         fail("no prompts: --batch reads one prompt per line, --input one JSON object per line")
-    return requests
+    return items
 
 
-def _run_batch(loading: dict, file, input_file, batch: bool, settings: dict, cuda_graph: bool, echo: bool,
-               as_json: bool, quiet: bool, chat: bool, system: Optional[str]):
+def _requests(items: list[tuple[dict, str]], settings: dict) -> list:
+    from ..generation import Request
+
+    return [Request.from_json(obj, settings, where) for obj, where in items]
+
+
+def _run_batch(loading: dict, file, input_file, batch: bool, flags: dict, settings: dict, cuda_graph: bool,
+               echo: bool, as_json: bool, quiet: bool, chat: bool, system: Optional[str]):
     from ..generation import stream_batch
 
-    requests = _read_batch(file, input_file, batch, settings)
+    items = _read_batch(file, input_file, batch)
+    requests = _requests(items, {**settings, **asdict(sampling(**flags))})  # checked before any loading
+    loaded = load(**loading, batch_size=len(requests))
+    m = loaded.model
+    requests = _requests(items, {**settings, **asdict(sampling(**flags, defaults=loaded.generation_defaults,
+                                                                warn=True))})
     texts = [r.prompt for r in requests]
     for r in requests:
         if r.temperature > 0 and r.seed is None:
             r.seed = random.randrange(2**31)
-    loaded = load(**loading, batch_size=len(requests))
-    m = loaded.model
+    note = sampling_note(loaded.generation_defaults, **flags)
+    if note and not quiet:
+        stderr_console().print(f"[dim]{note}[/]")
     if chat:
         from ..chat import ChatTemplate, one_shot_messages
 
