@@ -68,3 +68,22 @@ def test_batch_text_splits_back_into_the_completions(model_dir):
     text = ok(mamba2("run", "-m", str(model_dir), "-n", "24", "-q", "--batch", "--echo", input=prompts)).stdout.decode()
     parts = text.split("\0\n")
     assert parts[-1] == "" and parts[:-1] == [(r["prompt"] + r["text"]).replace("\0", "\ufffd") for r in rows]
+
+
+def test_bench_to_a_file_is_a_plain_complete_table_and_names_the_model_measured():
+    args = ("bench", "--device", "cpu", "--prompt-len", "8", "--gen-len", "2", "--repeats", "1", "--kernel-shape", "tiny")
+    p = ok(mamba2(*args, "--preset", "tiny", env={**ENV, "COLUMNS": "60"}))
+    out = p.stdout.decode()
+    assert not any(ch in out for ch in "│┃━─…"), out  # no box drawing, nothing cut
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("backend"))
+    assert header.split("  ")[0] == "backend" and "kernels per token" in header and "peak memory" in header
+    row = lines[lines.index(header) + 1].split()
+    assert row[0] == "torch" and row[1] == "8" and row[-1] in ("MB", "GB", "kB")
+    notes = [line for line in lines if line.startswith("mixer_decode_step")]
+    assert notes and all("fp32 state alone" in line for line in notes)  # the note column, whole
+    assert b"no model given" not in p.stderr
+    default = ok(mamba2("bench", "--device", "cpu", "--prompt-len", "4", "--gen-len", "1", "--repeats", "1",
+                        "--no-kernels"))
+    assert b"no model given: measuring random weights of the mamba2-130m shape" in default.stderr
+    assert b"preset:mamba2-130m" in default.stdout
