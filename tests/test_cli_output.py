@@ -87,3 +87,23 @@ def test_bench_to_a_file_is_a_plain_complete_table_and_names_the_model_measured(
                         "--no-kernels"))
     assert b"no model given: measuring random weights of the mamba2-130m shape" in default.stderr
     assert b"preset:mamba2-130m" in default.stdout
+
+
+def test_a_long_prefill_on_a_terminal_shows_progress(model_dir, tmp_path):
+    import pty
+
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("x = 1\n" * 6000)  # over two prefill chunks of 8192 tokens
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "mamba2_cli", "run", "-m", str(model_dir), "-n", "1",
+                                   "-f", str(prompt)], {**ENV, "MAMBA2_PROGRESS_AFTER_S": "0"})
+    out = b""
+    try:
+        while chunk := os.read(fd, 4096):
+            out += chunk
+    except OSError:
+        pass
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert b"reading the prompt: 8,192 tokens" in out and b"tok/s" in out

@@ -128,10 +128,13 @@ def run(
         if echo and not as_json and text_in:
             out.write(text_in)
             out.flush()
+        shown_progress = _PrefillProgress(m) if not (quiet or as_json) and sys.stderr.isatty() else None
         events = stream_generate(m, tok, prompt_arg, state=states.state, last_token=states.last_token,
                                  on_prompt=states.on_prompt, cuda_graph=not no_cuda_graph,
                                  keep_state=states.keeps_state, cancel=sigint and sigint.requested, **settings)
         for event in events:
+            if shown_progress is not None:
+                shown_progress = shown_progress.close()
             if sigint is not None:
                 sigint.started = True
             if event.text and not as_json:
@@ -175,6 +178,35 @@ def run(
             f"{result.finish_reason}) · peak memory {size(s['peak_memory_bytes'])} · "
             f"{m.backend_name} on {m.device}, {dtype_name(m.dtype)}{notes}[/]"
         )
+
+
+class _PrefillProgress:
+    """On a terminal, a prefill that takes more than PROGRESS_AFTER_S shows the tokens read and
+    the rate on stderr, updated at each model call (a chunk of the prompt), until the first token."""
+
+    def __init__(self, model):
+        import os
+
+        self.after = float(os.environ.get("MAMBA2_PROGRESS_AFTER_S", PROGRESS_AFTER_S))  # tests set 0
+        self.t0, self.read, self.shown = time.perf_counter(), 0, False
+        self.hook = model.register_forward_pre_hook(self._on_call)
+
+    def _on_call(self, module, args):
+        elapsed = time.perf_counter() - self.t0
+        if self.read and elapsed >= self.after:
+            sys.stderr.write(f"\r\x1b[2Kreading the prompt: {self.read:,} tokens, {self.read / elapsed:,.0f} tok/s")
+            sys.stderr.flush()
+            self.shown = True
+        self.read += args[0].shape[1]
+
+    def close(self) -> None:
+        self.hook.remove()
+        if self.shown:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+
+
+PROGRESS_AFTER_S = 1.0
 
 
 class _JsonInterrupt:
