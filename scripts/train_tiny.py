@@ -166,6 +166,11 @@ def export(model, cfg: Mamba2Config, tok, out: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
         "pad_token": EOT, "add_bos_token": True, "model_max_length": 1000000,
     }, indent=2) + "\n")
+    # Sampling defaults for `mamba2 run` and `chat`: greedy decoding of this model repeats one
+    # function over and over; these give varied code.
+    (out / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1,
+    }, indent=2) + "\n")
 
 
 def main() -> None:

@@ -80,7 +80,7 @@ def test_cli_batch_from_lines_and_jsonl(model_dir, tiny, tmp_path):
         assert r["token_ids"] == generate(model, tok, line, max_tokens=12).token_ids
     text = mamba2("run", "-m", str(model_dir), "--device", "cpu", "-n", "12", "-q", "--batch",
                   input="\n".join(lines).encode())
-    assert text.stdout.decode() == "\n".join(r["text"] + ("" if r["text"].endswith("\n") else "\n") for r in rows)
+    assert text.stdout.decode() == "".join(r["text"] + "\0\n" for r in rows)
 
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("\n".join(json.dumps(o) for o in [

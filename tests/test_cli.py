@@ -10,7 +10,11 @@ import pytest
 
 from checkpoints import tiny_shape
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "COLUMNS": "200"}
+import mamba2_cli
+
+# The subprocesses run the package this process imported: the source tree under
+# PYTHONPATH=src, the installed wheel in CI.
+ENV = {**os.environ, "PYTHONPATH": str(Path(mamba2_cli.__file__).parents[1]), "COLUMNS": "200"}
 ENV.pop("CUDA_VISIBLE_DEVICES", None)
 
 

@@ -28,17 +28,38 @@ def environment(device: torch.device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        def git(*args):
-            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
-                                  timeout=5).stdout.strip()
-
-        env["commit"] = git("rev-parse", "--short", "HEAD") or None
-        if env["commit"] and git("status", "--porcelain", "--untracked-files=no"):
-            env["commit"] += "+dirty"  # the tree measured is not that commit
-    except (OSError, subprocess.SubprocessError):
-        env["commit"] = None
+    env["commit"] = build_commit()
     return env
+
+
+def build_commit() -> str:
+    """The git commit the package was built from: recorded at build time by setup.py.
+
+    Run from a source checkout (PYTHONPATH=src, an editable install) there is no build
+    record; git then answers for the checkout the package lives in, and only for it: a
+    package installed inside some other repository (a venv in a project) never asks git.
+    """
+    try:
+        from ._build_info import COMMIT
+
+        return COMMIT
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parents[2]
+    if not ((root / ".git").exists() and (root / "setup.py").is_file()
+            and "mamba2-cli" in (root / "pyproject.toml").read_text(errors="replace")):
+        return "unknown"
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+dirty"  # the tree measured is not that commit
+        return commit or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _now(device: torch.device) -> float:

@@ -59,8 +59,14 @@ class ChatTemplate:
         source = source if source is not None else _pick_template(tokenizer.chat_template)
         self.is_fallback = source is None
         self.stop: tuple[str, ...] = FALLBACK_STOP if self.is_fallback else ()
-        env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True)
+        # The environment chat templates are written for (transformers' apply_chat_template):
+        # trimmed blocks, break/continue, the {% generation %} block, an unescaped tojson, and the
+        # globals raise_exception and strftime_now.
+        env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True,
+                                 extensions=["jinja2.ext.loopcontrols", _generation_block()])
+        env.filters["tojson"] = env.wrap_filter(_tojson)
         env.globals["raise_exception"] = _raise_from_template
+        env.globals["strftime_now"] = _strftime_now
         try:
             self.template = env.from_bounded_string(source if source is not None else FALLBACK_TEMPLATE)
         except (TemplateError, RecursionError) as e:
@@ -71,18 +77,23 @@ class ChatTemplate:
             return tokenizer.tok.id_to_token(i) if i is not None else None
 
         bos = text(tokenizer.bos_id) if (tokenizer.add_bos or not self.is_fallback) else None
+        # Every special token the tokenizer's files name reaches the template; bos, eos and pad
+        # fall back to the tokenizer's ids (an empty string when it has none).
+        named = {} if self.is_fallback else _special_tokens(tokenizer.path.parent if tokenizer.path else None)
         self.variables = {"bos_token": bos or "", "eos_token": text(tokenizer.eos_id) or "",
-                          "pad_token": text(tokenizer.pad_id) or ""}
+                          "pad_token": text(tokenizer.pad_id) or "", **named}
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The template's text for `messages`; refused past RENDER_SECONDS or RENDER_BYTES."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               documents: list[dict] | None = None) -> str:
+        """The template's text for `messages` (and the tools and documents, for templates that show
+        them); refused past RENDER_SECONDS or RENDER_BYTES."""
         from jinja2 import TemplateError
 
         token = _deadline.set(time.monotonic() + RENDER_SECONDS)
         try:
             chunks, size = [], 0
-            for chunk in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **self.variables):
+            for chunk in self.template.generate(messages=messages, tools=tools, documents=documents,
+                                                add_generation_prompt=add_generation_prompt, **self.variables):
                 size += len(chunk.encode("utf-8", "surrogatepass"))
                 if size > RENDER_BYTES:
                     raise _Stopped(f"its text passed {RENDER_BYTES:,} bytes")
@@ -238,6 +249,8 @@ def _bounded_sandbox():
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "+", "**", "%"})
 
+        wrap_filter = staticmethod(bounded_filter)  # for filters added after __init__
+
         def __init__(self, **options):
             super().__init__(finalize=self.bounded_output, **options)
             self.globals["range"] = _bounded_range
@@ -308,6 +321,60 @@ def _pick_template(t) -> str | None:
         named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
         t = named.get("default") or next(iter(named.values()), None)
     return t if isinstance(t, str) and t.strip() else None
+
+
+# The special tokens a tokenizer's files can name (extra named ones come in `extra_special_tokens`).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _special_tokens(d: Path | None) -> dict[str, str]:
+    """The named special tokens of tokenizer_config.json over special_tokens_map.json, as strings."""
+    if d is None:
+        return {}
+    out = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
+        try:
+            cfg = json.loads((d / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(cfg, dict):
+            continue
+        extra = cfg.get("extra_special_tokens")
+        named = {**(extra if isinstance(extra, dict) else {}), **{k: cfg[k] for k in SPECIAL_TOKEN_NAMES if k in cfg}}
+        for key, value in named.items():
+            value = value.get("content") if isinstance(value, dict) else value  # an AddedToken's fields
+            if isinstance(key, str) and isinstance(value, str):
+                out[key] = value
+    return out
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    """JSON as chat templates expect it: characters as they are (no HTML escaping), with json.dumps' options."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    from datetime import datetime
+
+    _check_format(fmt)
+    return datetime.now().strftime(fmt)
+
+
+@functools.cache
+def _generation_block():
+    """The {% generation %} ... {% endgeneration %} block some templates mark replies with: its body as it is."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return GenerationBlock
 
 
 def _raise_from_template(message):

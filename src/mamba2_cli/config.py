@@ -318,3 +318,34 @@ def read_config(model_dir: Path) -> Mamba2Config:
     if params_path.is_file():
         return config_from_mistral(_read_json(params_path), str(params_path))
     raise Mamba2Error(f"{model_dir}: no config.json or params.json; is this a model directory?")
+
+
+# generation_config.json's sampling keys, under the names mamba2's sampling settings use.
+_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                  "repetition_penalty": "repetition_penalty"}
+
+
+def generation_defaults(model_dir: Path) -> dict:
+    """The sampling defaults a model's generation_config.json gives, read as transformers reads them.
+
+    With `do_sample` true, its temperature (1.0 when absent), top_p, top_k and min_p; without
+    it generation is greedy (temperature 0). repetition_penalty applies either way. Keys the
+    file leaves out are left out here too. A value of the wrong type is a one-line error.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    d = _read_json(path)
+    out = {}
+    for key, name in _SAMPLING_KEYS.items():
+        v = d.get(key)
+        if v is None:
+            continue
+        if not _is_number(v) or (key == "top_k" and not _is_int(v)):
+            raise Mamba2Error(f"{path}: {key} holds {v!r}, not a{'n integer' if key == 'top_k' else ' number'}")
+        out[name] = v
+    if d.get("do_sample") is True:
+        out.setdefault("temperature", 1.0)
+    else:  # greedy: only the penalty applies
+        out = {k: v for k, v in out.items() if k == "repetition_penalty"}
+    return out

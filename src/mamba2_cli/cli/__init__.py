@@ -7,29 +7,81 @@ options.py, and what every command prints or exits with is in common.py.
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
+import typer.core
 
 from .. import __version__
 from ..errors import Mamba2Error
 from . import bench, chat, download, info, models, run
 from .common import EXIT_INTERRUPTED, EXIT_SIGPIPE, EXIT_USER_ERROR, print_error, silence_stdout
 
+def _plain_flags(params):
+    """Flags take no value: no `<bool>` beside them in the help."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    command_class = _Command
+
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=True,  # --install-completion and --show-completion for bash, zsh, fish, PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Generate text with Mamba-2 language models.",
 )
 
 
+def version_text() -> str:
+    """mamba2's version and what it runs on: torch, Triton, CUDA, the GPU."""
+    import torch
+
+    try:
+        from importlib.metadata import version as installed
+
+        triton = installed("triton")
+    except Exception:
+        triton = "not installed"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"mamba2 {__version__}\ntorch {torch.__version__} · Triton {triton} · "
+            f"CUDA {torch.version.cuda or 'none (CPU build)'} · GPU {gpu}")
+
+
 def version():
-    """Print the version."""
-    typer.echo(__version__)
+    """Print the version, with torch, Triton, CUDA and the GPU."""
+    typer.echo(version_text())
+
+
+def _show_version(shown: bool):
+    if shown:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(show: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True, help="Print the version, with torch, Triton, CUDA and "
+        "the GPU.")] = False):
+    """Generate text with Mamba-2 language models."""
 
 
 for command in (run.run, chat.chat, bench.bench, download.download, models.models, info.info, version):
-    app.command()(command)
+    app.command(cls=_Command)(command)
 
 
 def main():

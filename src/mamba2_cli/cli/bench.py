@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from .common import dtype_name, fail, size, stderr_console
+from .common import dtype_name, dumps, fail, size, stderr_console
 from .options import MODEL_HELP, Device, DTypeOption, NoCudaGraph, Offline, Threads, choices, value
 
 BenchBackend = choices("BenchBackend", "auto", "torch", "triton", "all")
@@ -19,7 +18,8 @@ ReportFormat = choices("ReportFormat", "table", "md")
 
 def bench(
     preset: Annotated[Optional[str], typer.Option(
-        "--preset", help="Random-weight shape: mamba2-130m, mamba2-2.7b, codestral-7b, ...")] = None,
+        "--preset", help="Random-weight shape: mamba2-130m (the default without -m), mamba2-2.7b, codestral-7b, ...")]
+    = None,
     model: Annotated[Optional[str], typer.Option(
         "-m", "--model", help="Benchmark a real checkpoint instead: " + MODEL_HELP)] = None,
     offline: Offline = False,
@@ -28,12 +28,13 @@ def bench(
     device: Device = "auto",
     dtype: DTypeOption = "auto",
     threads: Threads = None,
-    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1)] = 128,
-    gen_len: Annotated[int, typer.Option("--gen-len", min=1)] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens of the prefill measured.")] = 128,
+    gen_len: Annotated[int, typer.Option("--gen-len", min=1, help="Tokens decoded after it.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences generated together.")] = 1,
     depth: Annotated[Optional[int], typer.Option(
         "--depth", min=1, help="Also measure decode after a context of this many tokens.")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 3,
+    repeats: Annotated[int, typer.Option(
+        "--repeats", min=1, help="Timed runs after the warm-up; figures are their medians.")] = 3,
     no_cuda_graph: Annotated[bool, typer.Option("--no-cuda-graph", help="Prefill and decode eagerly on GPUs.")] = False,
     kernels: Annotated[bool, typer.Option(
         "--kernels/--no-kernels",
@@ -61,7 +62,11 @@ def bench(
         from ..hub import resolve_model
 
         resolve_model(model, offline=offline)
-    preset = preset or (None if model else "mamba2-130m")
+    if not model and not preset:
+        preset = "mamba2-130m"
+        if not as_json:
+            stderr_console().print(f"[dim]no model given: measuring random weights of the {preset} shape (--preset "
+                                   f"{preset}); -m MODEL measures a checkpoint, --preset NAME another shape[/]")
     dev = resolve_device(device)
     backends = ["torch", "triton"] if backend == "all" else [backend]
     lengths = [prompt_len] + ([depth] if depth else [])
@@ -73,10 +78,11 @@ def bench(
     with Progress(transient=True, console=stderr_console(), disable=as_json) as progress:
         warmups = 2 if dev.type == "cuda" and not no_cuda_graph else 1  # as bench_model runs them
         total = len(backends) * (len(lengths) * (repeats + warmups) + (case_count(kshape) if kshape else 0)) + 2
-        task = progress.add_task("benchmarking", total=total)
+        task = progress.add_task("copy bandwidth", total=total)
         bw = copy_bandwidth(dev)
         progress.advance(task)
         for b in backends:
+            progress.update(task, description=f"loading · {b}")
             if m is None:
                 if model:
                     from ..loader import load_model
@@ -91,6 +97,8 @@ def bench(
             else:
                 m.set_backend(b)
             for L in lengths:
+                progress.update(task, description=f"{m.backend_name} · prefill {L} tokens, decode {gen_len} · "
+                                                  f"batch {batch_size}")
                 r = bench_model(m, L, gen_len, batch_size, repeats, cuda_graph=not no_cuda_graph, tokenizer=tok,
                                 on_step=lambda: progress.advance(task))
                 step_bytes = bytes_per_decode_step(m, batch_size)
@@ -127,10 +135,10 @@ def bench(
         ksection = {"shape": {**kshape.as_dict(), "dtype": kdtype_name, "state_dtype": "float32"},
                     "interpreted": interpreted, "rows": krows}
     if as_json:
-        sys.stdout.write(json.dumps({"environment": env, "results": rows, "kernels": ksection}, indent=1) + "\n")
+        sys.stdout.write(dumps({"environment": env, "results": rows, "kernels": ksection}, indent=1) + "\n")
         return
     cols = ("backend", "prompt", "graph", "first token ms", "prefill tok/s", "prefill of matmul", "decode tok/s",
-            "ms/token", "of copy bw", "kernels/token", "peak memory")
+            "ms/token", "of copy bw", "kernels per token", "peak memory")
     cells = [(r["backend"], str(r["prompt_len"]), "yes" if r["cuda_graph"] else "no", f"{r['ttft_s'] * 1e3:,.1f}",
               f"{r['prefill_tok_s']:,.0f}", _pct(r["prefill_share_of_matmul"]), f"{r['decode_tok_s']:,.1f}",
               f"{r['decode_ms_per_step']:.2f}", _pct(r["bandwidth_share"]),
@@ -163,21 +171,61 @@ def bench(
         sys.stdout.write("\n".join(lines + [ceilings_line, ""] + notes + ([""] if notes else []) + [footer, ""]))
         return
     from rich.console import Console
+    from rich import box
     from rich.table import Table
 
     out = Console()
+    if not out.is_terminal:  # a file or a pipe: every cell whole, whatever the width
+        lines = []
+        for t_title, t_cols, t_cells in tables:
+            lines += [t_title, *_aligned(t_cols, t_cells, _left(t_cols, cols)), ""]
+        sys.stdout.write("\n".join(lines + [ceilings_line, *notes, footer, ""]))
+        return
     for t_title, t_cols, t_cells in tables:
-        t = Table(title=t_title)
-        for i, col in enumerate(t_cols):
-            left = t_cols is not cols and (i < 3 or col == "note")
-            t.add_column(col, justify="left" if left else "right", no_wrap=col != "note")
+        # Headers on two lines, one space between columns, and the kernels' notes under their
+        # table: the tables fit a 100-column terminal.
+        t = Table(title=t_title, box=box.SIMPLE_HEAD, pad_edge=False, padding=0)
+        left = _left(t_cols, cols)
+        shown = [i for i, col in enumerate(t_cols) if col != "note"]
+        for i in shown:
+            t.add_column(_two_lines(t_cols[i]), justify="left" if i in left else "right", no_wrap=True)
         for c in t_cells:
-            t.add_row(*c)
+            t.add_row(*(c[i] for i in shown))
         out.print(t)
+        if "note" in t_cols:
+            at = t_cols.index("note")
+            for c in t_cells:
+                if c[at]:
+                    out.print(f"[dim]{c[0]} {c[1]} ({c[2]}): {c[at]}[/]")
     out.print(ceilings_line)
     for n in notes:
         out.print(f"[dim]{n}[/]")
     out.print(f"[dim]{footer}[/]")
+
+
+def _two_lines(header: str) -> str:
+    """A header of several words split at the space nearest its middle."""
+    spaces = [i for i, ch in enumerate(header) if ch == " "]
+    if len(header) <= 8 or not spaces:
+        return header
+    at = min(spaces, key=lambda i: abs(i - len(header) / 2))
+    return header[:at] + "\n" + header[at + 1:]
+
+
+def _left(t_cols, model_cols) -> set[int]:
+    """The columns of names (left-aligned): the kernel table's first three and its note; figures go right."""
+    return set() if t_cols is model_cols else {i for i, c in enumerate(t_cols) if i < 3 or c == "note"}
+
+
+def _aligned(cols, cells, left: set[int]) -> list[str]:
+    """A plain table: columns padded to their widest cell, two spaces apart."""
+    widths = [max(len(c[i]) for c in [cols, *cells]) for i in range(len(cols))]
+
+    def line(row):
+        parts = [v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))]
+        return "  ".join(parts).rstrip()
+
+    return [line(cols), *(line(c) for c in cells)]
 
 
 def _free_device_memory(device) -> None:

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import closed_stdout, dtype_name, stderr_console
+from .common import EXIT_USER_ERROR, closed_stdout, dtype_name, stderr_console
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling)
+                      RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling, sampling_note)
 
 
 def chat(
@@ -22,11 +22,11 @@ def chat(
     backend: BackendOption = "auto",
     threads: Threads = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=1, help="Most tokens per reply.")] = 512,
-    temperature: Temperature = 0.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    min_p: MinP = 0.0,
-    repetition_penalty: RepetitionPenalty = 1.0,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (turn n uses seed + n).")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
     load_state: Annotated[Optional[Path], typer.Option(
@@ -38,9 +38,14 @@ def chat(
     from ..chat import ChatSession
     from .repl import ChatREPL
 
-    params = sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+    sampling(**flags)  # bad values fail before any loading
     loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet)
     m = loaded.model
+    params = sampling(**flags, defaults=loaded.generation_defaults, warn=True)
+    note = sampling_note(loaded.generation_defaults, **flags)
+    if note and not quiet:
+        stderr_console().print(f"[dim]{note}[/]")
     session = ChatSession(m, loaded.tokenizer, system=system, model_name=loaded.name, max_tokens=max_tokens,
                           **asdict(params), seed=seed, cuda_graph=not no_cuda_graph)
     if load_state is not None:
@@ -51,7 +56,10 @@ def chat(
         template = "plain fallback template" if session.template.is_fallback else "the model's chat template"
         stderr_console().print(f"[dim]{loaded.name} · load {loaded.load_s:.2f} s · {m.backend_name} on {m.device}, "
                                f"{dtype_name(m.dtype)} · {template}[/]")
+    repl = ChatREPL(session)
     try:
-        ChatREPL(session).run()
+        repl.run()
     except BrokenPipeError:
         closed_stdout()
+    if repl.failed:  # a script goes on past an error, like a shell script, and reports it in its exit code
+        raise typer.Exit(EXIT_USER_ERROR)

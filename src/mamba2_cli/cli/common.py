@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,9 +20,12 @@ EXIT_SIGPIPE = 141
 
 
 def stderr_console():
+    """Rich on stderr; off a terminal each message is one unwrapped line, for logs and scripts."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False)
+    console.soft_wrap = not console.is_terminal
+    return console
 
 
 def print_error(msg: str) -> None:
@@ -78,7 +83,8 @@ def read_prompt(words: Optional[List[str]], file: Optional[Path]) -> str:
         source = str(file)
     else:
         if sys.stdin is None or sys.stdin.isatty():
-            fail("no prompt: give it as an argument, pipe it on stdin, or use -f FILE")
+            fail("no prompt: give it as an argument or with -p, pipe it on stdin, or use -f FILE; "
+                 "to chat with the model, run mamba2 chat")
         data = sys.stdin.buffer.read()
         source = "stdin"
     try:
@@ -94,6 +100,22 @@ def read_prompt_or_nothing(words: Optional[List[str]], file: Optional[Path]) -> 
     if words or file is not None or (sys.stdin is not None and not sys.stdin.isatty()):
         return read_prompt(words, file) or None
     return None
+
+
+def finite(value):
+    """`value` with every NaN or infinity (dt_limit's open upper bound, a rate over zero time) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(obj, indent: int | None = None) -> str:
+    """Strict JSON (RFC 8259) for every --json output: non-finite numbers are null, text is UTF-8."""
+    return json.dumps(finite(obj), indent=indent, ensure_ascii=False, allow_nan=False)
 
 
 def versions() -> dict:

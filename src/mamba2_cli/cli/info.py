@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from .common import count, progress, revision_of, size
+from .common import count, dumps, progress, revision_of, size
 from .options import MODEL_HELP, Offline, WeightDType, value
 
 
@@ -31,7 +30,7 @@ def info(
     d["model"] = model
     d["revision"] = revision_of(model_dir)
     if as_json:
-        sys.stdout.write(json.dumps(d, indent=1) + "\n")
+        sys.stdout.write(dumps(d, indent=1) + "\n")
         return
     c, st, mem = d["config"], d["state_per_sequence"], d["memory"]
     rev = f" @ {d['revision'][:12]}" if d["revision"] else ""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated
 
 import typer
 
-from .common import size
+from .common import dumps, size
 
 
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False):
@@ -24,7 +23,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inst
                            "format": m.format, "size": m.size, "complete": not m.missing, "missing": m.missing}
                           for m in cached],
                "aliases": [{"alias": a, "repo_id": r, "cached": r in aliased} for a, r in ALIASES.items()]}
-        sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+        sys.stdout.write(dumps(obj, indent=1) + "\n")
         return
     from rich.console import Console
     from rich.table import Table

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Annotated, Any, Optional
 
@@ -49,19 +49,52 @@ Verbose = Annotated[bool, typer.Option(
 NoCudaGraph = Annotated[bool, typer.Option(
     "--no-cuda-graph", help="Prefill and decode eagerly on GPUs instead of replaying CUDA graphs.")]
 
-Temperature = Annotated[float, typer.Option("-t", "--temperature", help="0 = greedy.")]
-TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
-TopP = Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens with this much probability.")]
-MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the top one.")]
-RepetitionPenalty = Annotated[float, typer.Option(
-    "--repetition-penalty", help="> 1 discourages tokens already seen.")]
+# Sampling flags default to None: "not given", so the model's generation_config.json (as
+# transformers reads it), then the library's defaults (greedy) fill in.
+DEFAULTS_HELP = " Default: the model's generation_config.json, else "
+Temperature = Annotated[Optional[float], typer.Option(
+    "-t", "--temperature", "--temp", show_default=False, help="0 = greedy." + DEFAULTS_HELP + "0.")]
+TopK = Annotated[Optional[int], typer.Option(
+    "--top-k", show_default=False, help="Keep the k most likely tokens (0 = off)." + DEFAULTS_HELP + "0.")]
+TopP = Annotated[Optional[float], typer.Option(
+    "--top-p", show_default=False,
+    help="Keep the smallest set of tokens with this much probability." + DEFAULTS_HELP + "1.")]
+MinP = Annotated[Optional[float], typer.Option(
+    "--min-p", show_default=False, help="Drop tokens less likely than min-p times the top one." + DEFAULTS_HELP + "0.")]
+RepetitionPenalty = Annotated[Optional[float], typer.Option(
+    "--repetition-penalty", show_default=False, help="> 1 discourages tokens already seen." + DEFAULTS_HELP + "1.")]
+
+# Above this temperature sampling is close to uniform: the text is noise.
+NOISE_TEMPERATURE = 2.0
 
 
-def sampling(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float):
-    """The sampling flags as checked SamplingParams (a bad value is a one-line error)."""
+def sampling(temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None,
+             repetition_penalty: float | None, defaults: dict | None = None, *, warn: bool = False):
+    """The sampling flags over the model's defaults over the library's, as checked SamplingParams
+    (a bad value is a one-line error). warn: say so when the temperature makes noise."""
     from ..generation.sampling import SamplingParams
 
-    return SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty).check()
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 repetition_penalty=repetition_penalty)
+    merged = {**(defaults or {}), **{k: v for k, v in given.items() if v is not None}}
+    params = SamplingParams(**merged).check()
+    if warn and params.temperature > NOISE_TEMPERATURE:
+        stderr_console().print(
+            f"[yellow]warning:[/] temperature {params.temperature:g} samples nearly uniformly: expect noise "
+            f"(-t is the temperature here; CPU threads are --threads)")
+    return params
+
+
+def sampling_note(defaults: dict, **given) -> str | None:
+    """A line naming the sampling settings taken from the model's generation_config.json (no flag for them)."""
+    names = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p",
+             "repetition_penalty": "repetition penalty"}
+    used = {k: v for k, v in defaults.items() if given.get(k) is None}
+    if not used:
+        return None
+    return ("sampling defaults from the model's generation_config.json: "
+            + ", ".join(f"{names[k]} {v:g}" for k, v in used.items())
+            + (" (-t 0 for greedy)" if used.get("temperature") else ""))
 
 
 @dataclass
@@ -71,6 +104,7 @@ class Loaded:
     name: str  # as the user gave it, or preset:NAME
     revision: Optional[str]  # the snapshot of a cached repo id
     load_s: float  # the load itself, without a download
+    generation_defaults: dict = field(default_factory=dict)  # sampling defaults of generation_config.json
 
 
 def load_split(loaded: Loaded) -> dict:
@@ -139,13 +173,15 @@ def load(model: Optional[str], preset: Optional[str], offline: bool, device: str
         announce_compiling(m, quiet)
         choose_threads(m, threads)
         return Loaded(m, tok, f"preset:{preset}", None, load_s)
+    from ..config import generation_defaults
     from ..hub import resolve_model
     from ..loader import load_model
 
     model_dir = resolve_model(model, offline=offline, progress=progress(quiet))
+    defaults = generation_defaults(model_dir)
     t0 = time.perf_counter()  # the load, not the download
     m, tok = load_model(str(model_dir), device, dtype, backend, batch_size, offline=offline, progress=progress(quiet))
     load_s = time.perf_counter() - t0
     announce_compiling(m, quiet)
     choose_threads(m, threads)
-    return Loaded(m, tok, model, revision_of(model_dir), load_s)
+    return Loaded(m, tok, model, revision_of(model_dir), load_s, defaults)

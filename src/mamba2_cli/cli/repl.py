@@ -112,6 +112,7 @@ class ChatREPL:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.interactive = sys.stdin.isatty() if interactive is None else interactive
+        self.failed = False  # a script had an error: the command exits 1 after the script
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -144,6 +145,7 @@ class ChatREPL:
                         self.reply(text)
                 except Mamba2Error as e:
                     self.error(str(e))
+                    self.failed = not self.interactive
         finally:
             read.close()
 

@@ -12,15 +12,17 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .common import (closed_stdout, dtype_name, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
+from .common import (closed_stdout, dtype_name, dumps, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
                      stderr_console, versions)
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
                       RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, Verbose, load, load_split,
-                      sampling, split_line, value)
+                      sampling, sampling_note, split_line, value)
 
 
 def run(
     prompt: Annotated[Optional[List[str]], typer.Argument(help="Prompt text; read from stdin when absent.")] = None,
+    prompt_option: Annotated[Optional[str], typer.Option(
+        "-p", "--prompt", help="The prompt, as an option (instead of the arguments).")] = None,
     model: Model = None,
     preset: Preset = None,
     offline: Offline = False,
@@ -31,11 +33,11 @@ def run(
     backend: BackendOption = "auto",
     threads: Threads = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")] = 256,
-    temperature: Temperature = 0.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    min_p: MinP = 0.0,
-    repetition_penalty: RepetitionPenalty = 1.0,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (reported in --json).")] = None,
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past the end-of-text token.")] = False,
@@ -58,10 +60,15 @@ def run(
         "--input", help="JSONL prompts ({\"prompt\": ..., per-prompt settings}) as one batch.")] = None,
 ):
     """Generate text from a prompt, streaming it to stdout."""
-    params = sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+    sampling(**flags)  # bad values fail before any loading
+    if prompt_option is not None:
+        if prompt:
+            fail("give the prompt as arguments or with -p/--prompt, not both")
+        prompt = [prompt_option]
     if system is not None and not chat:
         fail("--system goes with --chat (or use mamba2 chat)")
-    settings = dict(max_tokens=max_tokens, **asdict(params), seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
+    settings = dict(max_tokens=max_tokens, seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
     loading = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
                    threads=threads, quiet=quiet)
     if batch or input_file is not None:
@@ -69,8 +76,8 @@ def run(
             fail("with --batch or --input the prompts come from stdin, -f or --input, not from arguments")
         if save_state or load_state:
             fail("--save-state and --load-state work on one prompt, not with --batch or --input")
-        return _run_batch(loading, file, input_file, batch, settings, not no_cuda_graph, echo, as_json, quiet, chat,
-                          system)
+        return _run_batch(loading, file, input_file, batch, flags, settings, not no_cuda_graph, echo, as_json, quiet,
+                          chat, system)
 
     if load_state is not None:
         text_in = read_prompt_or_nothing(prompt, file)
@@ -84,11 +91,25 @@ def run(
         from ..statefile import check_writable
 
         check_writable(save_state)
-    if temperature > 0 and seed is None:
-        settings["seed"] = seed = random.randrange(2**31)
-
-    loaded = load(**loading)
+    # Under --json, Ctrl-C still ends in one object: before the first token it interrupts at
+    # once; after it, generation stops at the next token, so the object holds every token
+    # generated (finish_reason "interrupted"), then the exit code is 130.
+    sigint = _JsonInterrupt() if as_json else None
+    try:
+        loaded = load(**loading)
+    except KeyboardInterrupt:
+        if sigint is None:
+            raise
+        sigint.restore()
+        sys.stdout.write(dumps(_interrupted_json(model or preset, text_in or "", seed)) + "\n")
+        interrupted(sys.stdout)
     m, tok = loaded.model, loaded.tokenizer
+    settings.update(asdict(sampling(**flags, defaults=loaded.generation_defaults, warn=True)))
+    if settings["temperature"] > 0 and seed is None:
+        settings["seed"] = seed = random.randrange(2**31)
+    note = sampling_note(loaded.generation_defaults, **flags)
+    if note and not quiet:
+        stderr_console().print(f"[dim]{note}[/]")
     from ..generation import stream_generate
     from ..statefile import StateRun
 
@@ -108,27 +129,41 @@ def run(
         if echo and not as_json and text_in:
             out.write(text_in)
             out.flush()
+        shown_progress = _PrefillProgress(m) if not (quiet or as_json) and sys.stderr.isatty() else None
         events = stream_generate(m, tok, prompt_arg, state=states.state, last_token=states.last_token,
                                  on_prompt=states.on_prompt, cuda_graph=not no_cuda_graph,
-                                 keep_state=states.keeps_state, **settings)
+                                 keep_state=states.keeps_state, cancel=sigint and sigint.requested, **settings)
         for event in events:
+            if shown_progress is not None:
+                shown_progress = shown_progress.close()
+            if sigint is not None:
+                sigint.started = True
             if event.text and not as_json:
                 out.write(event.text)
                 out.flush()
             result = event.result or result
+        if sigint is not None:
+            sigint.restore()
+        if as_json and sigint.requested():
+            result.finish_reason = "interrupted"
+            out.write(dumps(_result_json(loaded, result, text_in or "", seed)) + "\n")
+            interrupted(out)
         states.save(result, model_name=loaded.name)
         note = _state_note(states)
         if as_json:
             obj = _result_json(loaded, result, text_in or "", seed)
             if note:
                 obj["state"] = note
-            out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            out.write(dumps(obj) + "\n")
         elif result.text and not result.text.endswith("\n") and out.isatty():
             out.write("\n")
         out.flush()
     except BrokenPipeError:
         closed_stdout()
     except KeyboardInterrupt:
+        if as_json:  # before the first token
+            sigint.restore()
+            out.write(dumps(_interrupted_json(loaded.name, text_in or "", seed, loaded)) + "\n")
         interrupted(out)
     if not quiet:
         s = result.stats
@@ -146,6 +181,70 @@ def run(
         )
         if verbose:
             stderr_console().print(f"[dim]{split_line(loaded)}[/]", soft_wrap=True)
+
+
+class _PrefillProgress:
+    """On a terminal, a prefill that takes more than PROGRESS_AFTER_S shows the tokens read and
+    the rate on stderr, updated at each model call (a chunk of the prompt), until the first token."""
+
+    def __init__(self, model):
+        import os
+
+        self.after = float(os.environ.get("MAMBA2_PROGRESS_AFTER_S", PROGRESS_AFTER_S))  # tests set 0
+        self.t0, self.read, self.shown = time.perf_counter(), 0, False
+        self.hook = model.register_forward_pre_hook(self._on_call)
+
+    def _on_call(self, module, args):
+        elapsed = time.perf_counter() - self.t0
+        if self.read and elapsed >= self.after:
+            sys.stderr.write(f"\r\x1b[2Kreading the prompt: {self.read:,} tokens, {self.read / elapsed:,.0f} tok/s")
+            sys.stderr.flush()
+            self.shown = True
+        self.read += args[0].shape[1]
+
+    def close(self) -> None:
+        self.hook.remove()
+        if self.shown:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+
+
+PROGRESS_AFTER_S = 1.0
+
+
+class _JsonInterrupt:
+    """SIGINT under --json: a KeyboardInterrupt until the first token, then a request to stop."""
+
+    def __init__(self):
+        import signal
+
+        self.started, self._stop = False, False
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        if not self.started:
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def requested(self) -> bool:
+        return self._stop
+
+    def restore(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _interrupted_json(name, prompt: str, seed, loaded=None) -> dict:
+    """The --json object of a run interrupted before its first token."""
+    from ..generation.types import GenerationResult
+
+    empty = GenerationResult("", [], None, "interrupted")
+    if loaded is not None:
+        return _result_json(loaded, empty, prompt, seed)
+    return {"prompt": prompt, "text": "", "token_ids": [], "prompt_tokens": None, "generated_tokens": 0,
+            "finish_reason": "interrupted", "model": name, "revision": None, "seed": seed, "dtype": None,
+            "backend": None, "device": None, "versions": versions(), "stats": {}}
 
 
 def _state_note(states) -> dict:
@@ -170,45 +269,59 @@ def _result_json(loaded, result, prompt: str, seed, **more) -> dict:
     }
 
 
-def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool, settings: dict):
-    """The Requests of --batch lines (stdin or -f) or of --input JSONL."""
-    from ..generation import Request
+# As text, each completion of a batch ends with a NUL and a newline; a NUL of a prompt or
+# completion prints as U+FFFD, so the end mark never occurs inside one (`--json` is exact).
+BATCH_END = "\0\n"
 
+
+def _read_batch(file: Optional[Path], input_file: Optional[Path], batch: bool) -> list[tuple[dict, str]]:
+    """The prompts of --batch lines (stdin or -f) or of --input JSONL, as ({"prompt": ..., settings}, where)."""
     if batch and input_file is not None:
         fail("give --batch (one prompt per line) or --input FILE.jsonl, not both")
+    items = []
     if input_file is not None:
         if file is not None:
             fail("--input is the prompt file; -f goes with --batch")
         text = read_prompt(None, input_file)
-        requests = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{input_file} line {n}"
             try:
-                obj = json.loads(line)
+                items.append((json.loads(line), where))
             except ValueError as e:
                 fail(f"{where}: not valid JSON ({e.msg})")
-            requests.append(Request.from_json(obj, settings, where))
     else:
         text = read_prompt(None, file)
-        requests = [Request(line, **settings) for line in text.splitlines() if line.strip()]
-    if not requests:
+        items = [({"prompt": line}, "") for line in text.splitlines() if line.strip()]
+    if not items:
         fail("no prompts: --batch reads one prompt per line, --input one JSON object per line")
-    return requests
+    return items
 
 
-def _run_batch(loading: dict, file, input_file, batch: bool, settings: dict, cuda_graph: bool, echo: bool,
-               as_json: bool, quiet: bool, chat: bool, system: Optional[str]):
+def _requests(items: list[tuple[dict, str]], settings: dict) -> list:
+    from ..generation import Request
+
+    return [Request.from_json(obj, settings, where) for obj, where in items]
+
+
+def _run_batch(loading: dict, file, input_file, batch: bool, flags: dict, settings: dict, cuda_graph: bool,
+               echo: bool, as_json: bool, quiet: bool, chat: bool, system: Optional[str]):
     from ..generation import stream_batch
 
-    requests = _read_batch(file, input_file, batch, settings)
+    items = _read_batch(file, input_file, batch)
+    requests = _requests(items, {**settings, **asdict(sampling(**flags))})  # checked before any loading
+    loaded = load(**loading, batch_size=len(requests))
+    m = loaded.model
+    requests = _requests(items, {**settings, **asdict(sampling(**flags, defaults=loaded.generation_defaults,
+                                                                warn=True))})
     texts = [r.prompt for r in requests]
     for r in requests:
         if r.temperature > 0 and r.seed is None:
             r.seed = random.randrange(2**31)
-    loaded = load(**loading, batch_size=len(requests))
-    m = loaded.model
+    note = sampling_note(loaded.generation_defaults, **flags)
+    if note and not quiet:
+        stderr_console().print(f"[dim]{note}[/]")
     if chat:
         from ..chat import ChatTemplate, one_shot_messages
 
@@ -230,10 +343,10 @@ def _run_batch(loading: dict, file, input_file, batch: bool, settings: dict, cud
                 r = results[shown]
                 if as_json:
                     obj = _result_json(loaded, r, texts[shown], requests[shown].seed, index=shown)
-                    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                    out.write(dumps(obj) + "\n")
                 else:
                     text = (texts[shown] if echo else "") + r.text
-                    out.write(("\n" if shown else "") + text + ("" if text.endswith("\n") else "\n"))
+                    out.write(text.replace(BATCH_END[0], "\ufffd") + BATCH_END)
                 out.flush()
                 shown += 1
     except BrokenPipeError:
