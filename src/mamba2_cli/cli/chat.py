@@ -11,6 +11,7 @@ import typer
 from .common import closed_stdout, dtype_name, stderr_console
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
                       RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling)
+from .remote import Server, chat_remote
 
 
 def chat(
@@ -33,12 +34,18 @@ def chat(
         "--load-state", help="Continue a conversation saved with /save.")] = None,
     no_cuda_graph: NoCudaGraph = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No model summary on stderr.")] = False,
+    server: Server = None,
 ):
     """Chat in the terminal; each turn reads only its new tokens, from the carried state."""
     from ..chat import ChatSession
     from .repl import ChatREPL
 
     params = sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    if server:
+        local = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
+                     threads=threads, no_cuda_graph=no_cuda_graph, load_state=load_state)
+        return chat_remote(server, dict(max_tokens=max_tokens, **asdict(params), seed=seed), system=system,
+                           quiet=quiet, local=local)
     loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet)
     m = loaded.model
     session = ChatSession(m, loaded.tokenizer, system=system, model_name=loaded.name, max_tokens=max_tokens,

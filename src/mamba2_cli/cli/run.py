@@ -16,6 +16,7 @@ from .common import (closed_stdout, dtype_name, fail, figure, interrupted, read_
                      stderr_console, versions)
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
                       RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling, value)
+from .remote import Server, run_remote
 
 
 def run(
@@ -54,6 +55,7 @@ def run(
         "--batch", help="One prompt per line (stdin or -f), generated together as a batch.")] = False,
     input_file: Annotated[Optional[Path], typer.Option(
         "--input", help="JSONL prompts ({\"prompt\": ..., per-prompt settings}) as one batch.")] = None,
+    server: Server = None,
 ):
     """Generate text from a prompt, streaming it to stdout."""
     params = sampling(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -62,6 +64,11 @@ def run(
     settings = dict(max_tokens=max_tokens, **asdict(params), seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
     loading = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
                    threads=threads, quiet=quiet)
+    if server:
+        local = dict(loading, no_cuda_graph=no_cuda_graph, save_state=save_state, load_state=load_state, batch=batch,
+                     input_file=input_file)
+        return run_remote(server, read_prompt(prompt, file), settings, chat=chat, system=system, echo=echo,
+                          as_json=as_json, quiet=quiet, local=local)
     if batch or input_file is not None:
         if prompt:
             fail("with --batch or --input the prompts come from stdin, -f or --input, not from arguments")
