@@ -16,7 +16,8 @@ import asyncio
 import hmac
 import time
 import uuid
-from typing import AsyncIterator
+import json
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +38,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 # max_tokens when a request gives none: OpenAI's for completions; chat replies run to their end.
 DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_CHAT_TOKENS = 4096
+_TEXT_MARKER = "@text@"
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -200,29 +202,37 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
             raise APIError(429, str(e), code="rate_limit_exceeded") from None
         return job
 
-    async def events(job: Job, http: HTTPRequest | None = None) -> AsyncIterator[GenerationEvent]:
-        """The job's events to its last; the job is cancelled if the consumer stops early."""
+    async def events(job: Job, http: HTTPRequest | None = None) -> AsyncIterator[list[GenerationEvent]]:
+        """The job's events to its last, in lists of those that have arrived (a stream
+        writes each list at once); the job is cancelled if the consumer stops early."""
         done = False
         try:
-            while True:
+            while not done:
                 if http is None:
-                    item = await job.queue.get()
+                    items = [await job.queue.get()]
                 else:  # no response is being written: look for a disconnect every second
                     try:
-                        item = await asyncio.wait_for(job.queue.get(), 1.0)
+                        items = [await asyncio.wait_for(job.queue.get(), 1.0)]
                     except asyncio.TimeoutError:
                         if await http.is_disconnected():
                             return
                         continue
-                if isinstance(item, Exception):
-                    raise APIError(500, f"generation failed: {type(item).__name__}: {item}")
-                yield item
-                if item.result is not None:
-                    done = True
-                    return
+                while not job.queue.empty():
+                    items.append(job.queue.get_nowait())
+                for item in items:
+                    if isinstance(item, Exception):
+                        raise APIError(500, f"generation failed: {type(item).__name__}: {item}")
+                done = items[-1].result is not None
+                yield items
         finally:
             if not done:
                 job.cancelled = True
+
+    async def last_event(job: Job, http: HTTPRequest) -> GenerationEvent | None:
+        last = None
+        async for items in events(job, http):
+            last = items[-1]
+        return last if last is not None and last.result is not None else None
 
     def usage(job: Job, event: GenerationEvent) -> Usage:
         r = event.result
@@ -232,6 +242,14 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
 
     def sse(obj) -> str:
         return f"data: {obj.model_dump_json()}\n\n"
+
+    def text_sse(make) -> Callable[[str], str]:
+        """text -> the SSE line of the chunk make(text). The chunk is dumped once, with a
+        marker for its text, and each token's line is that dump with the text put in: a
+        stream writes one line per token, and its cost is a share of every step's time."""
+        marker = json.dumps(_TEXT_MARKER)
+        head, tail = sse(make(_TEXT_MARKER)).split(marker)
+        return lambda text: head + json.dumps(text, ensure_ascii=False) + tail
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
@@ -251,25 +269,23 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
             return Completion(id=rid, created=now, model=model_name, choices=got, usage=use)
 
         if not body.stream:
-            last = None
-            async for event in events(job, http):
-                last = event
-            if last is None or last.result is None:
-                return None
-            return chunk(last.result.text, finish_reason(last), usage(job, last))
+            last = await last_event(job, http)
+            return None if last is None else chunk(last.result.text, finish_reason(last), usage(job, last))
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        line = text_sse(chunk)
 
         async def stream():
-            async for event in events(job):
-                if event.result is None:
-                    if event.text:
-                        yield sse(chunk(event.text))
-                    continue
-                yield sse(chunk(event.text, finish_reason(event)))
-                if include_usage:
-                    yield sse(chunk("", use=usage(job, event), choices=False))
-            yield "data: [DONE]\n\n"
+            async for items in events(job):
+                out = [line(e.text) for e in items if e.text and e.result is None]
+                last = items[-1]
+                if last.result is not None:
+                    out.append(sse(chunk(last.text, finish_reason(last))))
+                    if include_usage:
+                        out.append(sse(chunk("", use=usage(job, last), choices=False)))
+                    out.append("data: [DONE]\n\n")
+                if out:
+                    yield "".join(out)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -297,26 +313,28 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
             return ChatCompletionChunk(id=rid, created=now, model=model_name, choices=got, usage=use)
 
         if not body.stream:
-            last = None
-            async for event in events(job, http):
-                last = event
-            if last is None or last.result is None:
+            last = await last_event(job, http)
+            if last is None:
                 return None
             choice = ChatChoice(message=AssistantMessage(content=last.result.text), finish_reason=finish_reason(last))
             return ChatCompletion(id=rid, created=now, model=model_name, choices=[choice], usage=usage(job, last))
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
+        line = text_sse(lambda text: chunk(Delta(content=text)))
+
         async def stream():
             yield sse(chunk(Delta(role="assistant", content="")))
-            async for event in events(job):
-                if event.text:
-                    yield sse(chunk(Delta(content=event.text)))
-                if event.result is not None:
-                    yield sse(chunk(Delta(), finish_reason(event)))
+            async for items in events(job):
+                out = [line(e.text) for e in items if e.text]
+                last = items[-1]
+                if last.result is not None:
+                    out.append(sse(chunk(Delta(), finish_reason(last))))
                     if include_usage:
-                        yield sse(chunk(None, use=usage(job, event)))
-            yield "data: [DONE]\n\n"
+                        out.append(sse(chunk(None, use=usage(job, last))))
+                    out.append("data: [DONE]\n\n")
+                if out:
+                    yield "".join(out)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

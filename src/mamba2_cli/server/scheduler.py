@@ -154,6 +154,7 @@ class Scheduler:
         self.runner = runner_for(model)
         self.graphs = self.cuda_graph and self.runner.make_decode_graph is not None
         self.cache = PrefixCache(model.device, self.cache_bytes)
+        self.done = torch.cuda.Event() if model.device.type == "cuda" else None
         if self.graphs:  # every bucket's graph before the first request, not during one
             for size in sorted({self._bucket(n) for n in range(1, self.max_batch + 1)}):
                 self.runner.decode_graph(_leading(self.state, size))
@@ -172,7 +173,11 @@ class Scheduler:
             out: list[tuple[Job, object]] = []
             # collect
             if logits is not None:
-                tids = sample_each(logits, [job.seq for job in self.rows]).tolist()
+                chosen = sample_each(logits, [job.seq for job in self.rows])
+                if self.done is not None:  # wait with the GIL released: the event loop writes meanwhile
+                    self.done.record()
+                    self.done.synchronize()
+                tids = chosen.tolist()
                 logits = None
                 t_done = time.perf_counter()
                 finished = []
