@@ -312,3 +312,37 @@ def test_bad_input_answers_while_others_are_served(server):
         good.completions.create(model=MODEL, prompt="x", max_tokens=-1)
     assert health(server)["status"] == "ready"
     assert len(background.result(timeout=300)) > 0  # the stream served meanwhile ran to its end
+
+
+def cli(*args, input=None, env=None):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "MAMBA2_API_KEY": KEY, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mamba2_cli", *args], input=input, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_run_with_server_prints_the_same(server, local):
+    p = cli("run", "--server", server, "-n", "20", "-q", "def fib(n):")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == alone(local, "def fib(n):", max_tokens=20).text
+    p = cli("run", "-n", "20", "--json", "def fib(n):", env={"MAMBA2_SERVER": server})
+    assert p.returncode == 0, p.stderr
+    obj = json.loads(p.stdout)
+    assert obj["text"] == alone(local, "def fib(n):", max_tokens=20).text and obj["generated_tokens"] == 20
+    assert obj["cached_tokens"] == obj["prompt_tokens"]  # the first call left the prompt's state behind
+    p = cli("run", "--server", server, "-m", "tiny-code", "x")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "--model" in p.stderr
+    p = cli("run", "--server", server, "x", env={"MAMBA2_API_KEY": "wrong"})
+    assert p.returncode == 1 and "401" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_chat_with_server_prints_the_same(server, local):
+    from mamba2_cli.chat import ChatSession
+
+    m, tok = local
+    session = ChatSession(m, tok, max_tokens=10)
+    want = ["".join(e.text for e in session.send(t)).lstrip() for t in ("hello", "write a loop")]
+    p = cli("chat", "--server", server, "-n", "10", "-q", input="hello\nwrite a loop\n/stats\n")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.split("\n")
+    assert "\n".join(want) in p.stdout, (p.stdout, want)
+    assert "(from the carried state)" in lines[-3] or "carried state" in p.stdout

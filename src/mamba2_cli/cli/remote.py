@@ -37,14 +37,14 @@ def _request_settings(settings: dict) -> dict:
 
 def run_remote(url: str, text_in: str, settings: dict, *, chat: bool, system: Optional[str], echo: bool,
                as_json: bool, quiet: bool, local: dict) -> None:
-    from ..chat import one_shot_messages
     from ..server.client import ServerClient
 
     refuse_local_flags(local)
     client = ServerClient(url)
     body = _request_settings(settings)
     if chat:
-        path, body["messages"] = "/v1/chat/completions", one_shot_messages(text_in, system)
+        system_message = [{"role": "system", "content": system}] if system else []
+        path, body["messages"] = "/v1/chat/completions", system_message + [{"role": "user", "content": text_in}]
     else:
         path, body["prompt"] = "/v1/completions", text_in
     out = sys.stdout

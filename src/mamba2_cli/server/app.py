@@ -185,17 +185,16 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
 
     async def start(request: Request, keep_reply: bool) -> Job:
         try:
-            seq = await run_in_threadpool(scheduler.sequence, request)
+            request.prompt = await run_in_threadpool(scheduler.prompt_ids, request)
         except NotReady as e:
             raise APIError(503, str(e)) from None
         except Mamba2Error as e:
             raise APIError(400, str(e)) from None
-        n = len(seq.prompt_ids)
+        n = len(request.prompt)
         if n > max_prompt_tokens:
             raise APIError(400, f"This server's maximum prompt length is {max_prompt_tokens} tokens; the prompt has "
                            f"{n} tokens", "prompt" if not keep_reply else "messages", "context_length_exceeded")
         job = Job(request, keep_reply, asyncio.get_running_loop())
-        job.seq = seq
         try:
             scheduler.submit(job)
         except QueueFull as e:
@@ -220,6 +219,8 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
                 while not job.queue.empty():
                     items.append(job.queue.get_nowait())
                 for item in items:
+                    if isinstance(item, Mamba2Error):
+                        raise APIError(400, str(item))
                     if isinstance(item, Exception):
                         raise APIError(500, f"generation failed: {type(item).__name__}: {item}")
                 done = items[-1].result is not None
@@ -277,7 +278,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
 
         async def stream():
             async for items in events(job):
-                out = [line(e.text) for e in items if e.text and e.result is None]
+                out = [line(e.text) for e in items if e.result is None]  # a line per token, "" while text is held back
                 last = items[-1]
                 if last.result is not None:
                     out.append(sse(chunk(last.text, finish_reason(last))))
@@ -326,7 +327,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
         async def stream():
             yield sse(chunk(Delta(role="assistant", content="")))
             async for items in events(job):
-                out = [line(e.text) for e in items if e.text]
+                out = [line(e.text) for e in items if e.result is None or e.text]
                 last = items[-1]
                 if last.result is not None:
                     out.append(sse(chunk(Delta(), finish_reason(last))))

@@ -11,8 +11,27 @@ import urllib.error
 import urllib.request
 from typing import Callable, Iterator
 
+from dataclasses import dataclass, field
+
 from ..errors import Mamba2Error
-from ..generation.types import GenerationEvent, GenerationResult
+
+
+# GenerationEvent and GenerationResult's fields, without importing the generation package
+# (and torch with it): `run --server` starts in a fraction of a second.
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerationEvent:
+    text: str
+    token_id: int | None
+    result: GenerationResult | None = None
 
 
 class ServerClient:

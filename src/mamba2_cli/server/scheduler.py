@@ -52,11 +52,11 @@ class NotReady(Exception):
 class Job:
     """One request on its way through the scheduler."""
 
-    request: Request
+    request: Request  # its prompt as token ids
     keep_reply: bool  # a chat turn: its reply's end state goes to the prefix cache
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    seq: LiveSequence | None = None
+    seq: LiveSequence | None = None  # made on admission, in the scheduler's thread
     cached_tokens: int = 0
     cancelled: bool = False  # set by the event loop when the client goes away
     t_submit: float = field(default_factory=time.perf_counter)
@@ -97,12 +97,19 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def sequence(self, request: Request) -> LiveSequence:
-        """Check a request against the model (its tokens, its settings); Mamba2Error if bad."""
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The request's prompt as token ids, checked against the model; Mamba2Error if bad.
+
+        Called from the event loop's worker threads: it touches no device, since another
+        thread's device work during a CUDA graph capture would break the capture.
+        """
         if self.status != "ready":
             raise NotReady(self.error or "the model is loading")
-        with torch.inference_mode():
-            return LiveSequence(request, self.tokenizer, self.model)
+        ids = request.prompt_ids(self.tokenizer)
+        vocab = self.model.cfg.vocab_size
+        if max(ids) >= vocab or min(ids) < 0:
+            raise Mamba2Error(f"prompt token id out of range for a vocabulary of {vocab}")
+        return ids
 
     def submit(self, job: Job) -> None:
         with self._wake:
@@ -223,7 +230,11 @@ class Scheduler:
 
     def _admit(self, job: Job, out: list) -> None:
         """Prefill the job's prompt alone, from the longest cached prefix, and sample its first token."""
-        seq = job.seq
+        try:
+            seq = job.seq = LiveSequence(job.request, self.tokenizer, self.model)
+        except Mamba2Error as e:
+            out.append((job, e))
+            return
         ids = seq.prompt_ids
         t_start = time.perf_counter()
         scratch = self.scratch

@@ -1,0 +1,120 @@
+"""The server's pieces in-process: loading and queue-full answers through the app, the
+prefix cache's rules, the sampling defaults."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import torch
+from starlette.testclient import TestClient
+
+from mamba2_cli.errors import Mamba2Error
+from mamba2_cli.loader import load_preset
+from mamba2_cli.server.app import create_app
+from mamba2_cli.server.defaults import sampling_defaults
+from mamba2_cli.server.prefix_cache import PrefixCache
+from mamba2_cli.server.scheduler import Scheduler
+
+BODY = {"model": "m", "prompt": "hi", "max_tokens": 2}
+
+
+def _wait(scheduler, status):
+    deadline = time.monotonic() + 60
+    while scheduler.status != status:
+        assert time.monotonic() < deadline, scheduler.health()
+        time.sleep(0.01)
+
+
+def test_loading_answers_503_then_serves():
+    go = threading.Event()
+
+    def load():
+        go.wait(30)
+        return load_preset("tiny", "cpu", "float32")
+
+    scheduler = Scheduler(load, max_batch=2, max_queue=4, cache_bytes=0)
+    scheduler.start()
+    try:
+        with TestClient(create_app(scheduler, "m")) as http:
+            r = http.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "loading"
+            r = http.post("/v1/completions", json=BODY)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+            assert http.get("/v1/models").json()["data"][0]["id"] == "m"
+            go.set()
+            _wait(scheduler, "ready")
+            r = http.post("/v1/completions", json=BODY)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+            assert http.get("/health").json()["running"] == 0
+    finally:
+        scheduler.stop()
+
+
+def test_failed_load_is_reported():
+    def load():
+        raise Mamba2Error("no such model")
+
+    failures = []
+    scheduler = Scheduler(load, max_batch=2, max_queue=4, cache_bytes=0)
+    scheduler.on_failure = failures.append
+    scheduler.start()
+    _wait(scheduler, "failed")
+    assert failures == ["no such model"]
+    with TestClient(create_app(scheduler, "m")) as http:
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"] == "no such model"
+        assert http.post("/v1/completions", json=BODY).status_code == 503
+
+
+def test_full_queue_answers_429():
+    scheduler = Scheduler(lambda: load_preset("tiny", "cpu", "float32"), max_batch=2, max_queue=0, cache_bytes=0)
+    scheduler.start()
+    try:
+        _wait(scheduler, "ready")
+        with TestClient(create_app(scheduler, "m")) as http:
+            r = http.post("/v1/completions", json=BODY)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        scheduler.stop()
+
+
+def _state(value: float):
+    from mamba2_cli.state import Mamba2State
+
+    return Mamba2State(torch.full((2, 1, 3, 3), value), torch.full((2, 1, 4, 2, 2), value))
+
+
+def test_prefix_cache_longest_prefix_exact_match_and_budget():
+    one = _state(0).nbytes()
+    cache = PrefixCache(torch.device("cpu"), budget_bytes=2 * one + 100)
+    cache.put([1, 2], _state(1))
+    cache.put([1, 2, 3, 4], _state(2), logits=torch.zeros(1, 10))
+    n, entry = cache.lookup([1, 2, 3, 4, 5])
+    assert n == 4 and entry.ssm[0, 0, 0, 0, 0] == 2
+    n, entry = cache.lookup([1, 2, 3, 4])  # exactly a key: it has logits, so it serves
+    assert n == 4
+    n, entry = cache.lookup([1, 2, 3])
+    assert n == 2 and entry.ssm[0, 0, 0, 0, 0] == 1
+    assert cache.lookup([1, 2]) is None  # exactly a key without logits: the next token is unknown
+    assert cache.lookup([2, 1]) is None
+    cache.put([7], _state(3), logits=torch.zeros(1, 10))  # over the budget: the least recently used goes
+    assert cache.stats()["entries"] == 2 and cache.stats()["bytes"] <= cache.budget
+    assert cache.lookup([7, 7])[0] == 1 and cache.lookup([1, 2, 9])[0] == 2  # [1, 2] was used last
+    assert cache.lookup([1, 2, 3, 4, 5])[0] == 2
+
+
+def test_prefix_cache_off():
+    cache = PrefixCache(torch.device("cpu"), budget_bytes=0)
+    cache.put([1, 2], _state(1))
+    assert cache.lookup([1, 2, 3]) is None and cache.stats()["entries"] == 0
+
+
+def test_sampling_defaults(tmp_path):
+    assert sampling_defaults(None) == {"temperature": 1.0, "top_p": 1.0}
+    assert sampling_defaults(tmp_path) == {"temperature": 1.0, "top_p": 1.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_k": 40, "eos_token_id": 2}))
+    assert sampling_defaults(tmp_path) == {"temperature": 0.7, "top_p": 1.0, "top_k": 40}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
+    assert sampling_defaults(tmp_path)["temperature"] == 0.0
