@@ -118,3 +118,66 @@ def test_sampling_defaults(tmp_path):
     assert sampling_defaults(tmp_path) == {"temperature": 0.7, "top_p": 1.0, "top_k": 40}
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
     assert sampling_defaults(tmp_path)["temperature"] == 0.0
+
+
+def _run_jobs(scheduler, requests, keep_reply=False):
+    """The results of `requests` submitted at once to a running scheduler."""
+    import asyncio
+
+    from mamba2_cli.server.scheduler import Job
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for r in requests:
+            r.prompt = scheduler.prompt_ids(r)
+            jobs.append(Job(r, keep_reply, loop))
+            scheduler.submit(jobs[-1])
+        results = []
+        for job in jobs:
+            while (event := await job.queue.get()).result is None:
+                pass
+            results.append((event.result, job.cached_tokens))
+        return results
+
+    return asyncio.run(main())
+
+
+def test_scheduler_graph_buckets_give_each_request_its_tokens_alone(take_graphs):
+    """On the CUDA-graph path (eager stand-ins here) the step runs a power-of-two bucket of
+    rows; the rows past the running ones are spare, and a request's greedy tokens are its own."""
+    from mamba2_cli.generation import Request, generate
+    from mamba2_cli.generation.steppers import decode_one_token
+
+    model, tok = load_preset("tiny", "cpu", "float32")
+    sizes = []
+
+    def make_graph(m, state, greedy):
+        sizes.append(state.batch_size)
+        return lambda tokens: decode_one_token(m, tokens, state)
+
+    take_graphs(model, make_graph)
+    scheduler = Scheduler(lambda: (model, tok), max_batch=4, max_queue=16, cache_bytes=10**8)
+    scheduler.start()
+    try:
+        _wait(scheduler, "ready")
+        assert sorted(sizes) == [1, 2, 4]  # captured before serving
+        prompts = [[(7 * i + j) % 200 + 1 for j in range(3 + i)] for i in range(6)]
+        lengths = [9, 3, 14, 6, 1, 11]
+        got = _run_jobs(scheduler, [Request(p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)])
+        assert scheduler.peak_running == 4
+        for p, n, (result, cached) in zip(prompts, lengths, got):
+            assert result.token_ids == generate(model, tok, p, max_tokens=n, ignore_eos=True, cuda_graph=False).token_ids
+            assert cached == 0
+        # The same prompts again: every state comes from the cache, the tokens stay the same.
+        again = _run_jobs(scheduler, [Request(p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)])
+        assert [r.token_ids for r, _ in again] == [r.token_ids for r, _ in got]
+        assert [c for _, c in again] == [len(p) for p in prompts]
+        # A chat turn keeps its reply's state: prompt + reply + more continues from it.
+        (first, _), = _run_jobs(scheduler, [Request([5, 6, 7], max_tokens=6, ignore_eos=True)], keep_reply=True)
+        longer = [5, 6, 7] + first.token_ids + [9, 9]
+        (second, cached), = _run_jobs(scheduler, [Request(longer, max_tokens=5, ignore_eos=True)])
+        assert cached == 3 + 5  # all but the reply's last token, which the state never read
+        assert second.token_ids == generate(model, tok, longer, max_tokens=5, ignore_eos=True, cuda_graph=False).token_ids
+    finally:
+        scheduler.stop()
