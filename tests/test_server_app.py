@@ -177,7 +177,7 @@ def test_scheduler_graph_buckets_give_each_request_its_tokens_alone(take_graphs)
         (first, _), = _run_jobs(scheduler, [Request([5, 6, 7], max_tokens=6, ignore_eos=True)], keep_reply=True)
         longer = [5, 6, 7] + first.token_ids + [9, 9]
         (second, cached), = _run_jobs(scheduler, [Request(longer, max_tokens=5, ignore_eos=True)])
-        assert cached == 3 + 5  # all but the reply's last token, which the state never read
+        assert cached == 3 + 6  # the prompt and the whole reply
         assert second.token_ids == generate(model, tok, longer, max_tokens=5, ignore_eos=True, cuda_graph=False).token_ids
     finally:
         scheduler.stop()

@@ -3,16 +3,22 @@
 Sequences live in the rows of one batched state of `max_batch` rows, the running ones
 packed at the front. Each iteration:
 
-    collect   sample the next token of every running row from the step launched last
-              (the one wait on the device per step) and hand each to its sequence
-    retire    finished and cancelled rows leave at once: the last running row moves into
-              the gap, and a chat reply's state goes to the prefix cache first
+    launch    sample each running row's next token on the device from the step launched
+              last, and launch the next step from those tokens at once (a CUDA graph per
+              batch-size bucket: powers of two up to max_batch, the rows past the running
+              ones spare), so the device runs it while the host does the rest
+    collect   read the sampled tokens (the one wait per step) and hand each to its sequence
+    retire    finished and cancelled rows leave at once: the last running rows move into
+              the gaps, and a chat reply's state goes to the prefix cache first
     admit     each waiting request, while rows are free, is prefilled alone into a
               one-row scratch state (from the longest cached prefix of its tokens), cached,
-              copied into the next free row, and its first token sampled
-    launch    one decode step over the running rows: a CUDA graph per batch-size bucket
-              (powers of two up to max_batch; the rows past the running ones are spare)
-    deliver   the step's events go to the event loop in one call, while the device runs
+              copied into the next free row, and its first token sampled; the next launch
+              feeds it
+    deliver   the iteration's events go to the event loop in one call
+
+A step launched ahead also feeds the rows that end with the token it was launched from;
+they leave afterwards, so the state a chat reply leaves in the cache has read the whole
+reply, and the step's logits go with it.
 
 A request's tokens are the same as alone: each row is prefilled alone, and the batched
 step and per-row sampling (each sequence with its own generator) give each row what a
@@ -60,7 +66,6 @@ class Job:
     cached_tokens: int = 0
     cancelled: bool = False  # set by the event loop when the client goes away
     t_submit: float = field(default_factory=time.perf_counter)
-    next_token: int = 0
 
 
 class Scheduler:
@@ -170,7 +175,8 @@ class Scheduler:
         return min(self.max_batch, 1 << (n - 1).bit_length())
 
     def _serve(self) -> None:
-        logits = None  # of the step launched last, for rows[: len(logits)]
+        logits = None  # [n, V] of the step launched last, for the first n rows
+        fresh: list[int] = []  # first tokens of the rows admitted since, after those n
         while True:
             with self._wake:
                 while not self.rows and not self.waiting and not self._stop:
@@ -178,31 +184,39 @@ class Scheduler:
                 if self._stop:
                     return
             out: list[tuple[Job, object]] = []
+            # sample and launch: the next step is issued before the host reads the tokens,
+            # so the device runs it while the host hands out events and admits requests
+            chosen = None
+            if self.rows:
+                parts = []
+                if logits is not None:
+                    chosen = sample_each(logits, [job.seq for job in self.rows[: len(logits)]])
+                    parts.append(chosen)
+                    if self.done is not None:
+                        self.done.record()
+                if fresh:
+                    parts.append(torch.tensor(fresh, dtype=torch.long).to(self.model.device))
+                logits = self._launch(torch.cat(parts) if len(parts) > 1 else parts[0])
+                fresh = []
             # collect
-            if logits is not None:
-                chosen = sample_each(logits, [job.seq for job in self.rows])
+            if chosen is not None:
                 if self.done is not None:  # wait with the GIL released: the event loop writes meanwhile
-                    self.done.record()
                     self.done.synchronize()
-                tids = chosen.tolist()
-                logits = None
                 t_done = time.perf_counter()
                 finished = []
-                for j, (job, tid) in enumerate(zip(self.rows, tids)):
+                for j, (job, tid) in enumerate(zip(self.rows, chosen.tolist())):
                     event, over = job.seq.accept(tid, False)
                     if event is not None:
                         out.append((job, event))
                     if over:
                         finished.append(j)
-                    else:
-                        job.next_token = tid
-                        if job.seq.seen is not None:
-                            job.seq.seen[0, tid] = True
-                self._retire(finished, t_done, out)
+                    elif job.seq.seen is not None:
+                        job.seq.seen[0, tid] = True
+                logits = self._retire(finished, t_done, out, logits)
             # retire the rows whose clients left
             gone = [j for j, job in enumerate(self.rows) if job.cancelled]
             if gone:
-                self._retire(gone, time.perf_counter(), out, cancelled=True)
+                logits = self._retire(gone, time.perf_counter(), out, logits, cancelled=True)
             # admit
             while len(self.rows) < self.max_batch:
                 with self._wake:
@@ -210,31 +224,33 @@ class Scheduler:
                 if job is None:
                     break
                 if not job.cancelled:
-                    self._admit(job, out)
-            # launch
-            n = len(self.rows)
-            self.peak_running = max(self.peak_running, n)
-            if n:
-                tokens = torch.tensor([job.next_token for job in self.rows], dtype=torch.long)
-                if self.graphs:
-                    size = self._bucket(n)
-                    if size > n:
-                        tokens = torch.cat([tokens, tokens.new_zeros(size - n)])
-                    logits = self.runner.decode_graph(_leading(self.state, size))(tokens.to(self.model.device))[:n]
-                else:
-                    logits = decode_one_token(self.model, tokens.to(self.model.device), _leading(self.state, n))
-                self.steps += 1
+                    tid = self._admit(job, out)
+                    if tid is not None:
+                        fresh.append(tid)
+            self.peak_running = max(self.peak_running, len(self.rows))
             # deliver
             if out:
                 self._deliver(out)
 
-    def _admit(self, job: Job, out: list) -> None:
-        """Prefill the job's prompt alone, from the longest cached prefix, and sample its first token."""
+    def _launch(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step of every running row from `tokens` [n] on the device; logits [n, V]."""
+        n = tokens.shape[0]
+        self.steps += 1
+        if not self.graphs:
+            return decode_one_token(self.model, tokens, _leading(self.state, n))
+        size = self._bucket(n)
+        if size > n:
+            tokens = torch.cat([tokens, tokens.new_zeros(size - n)])
+        return self.runner.decode_graph(_leading(self.state, size))(tokens)[:n]
+
+    def _admit(self, job: Job, out: list) -> int | None:
+        """Prefill the job's prompt alone, from the longest cached prefix, into the next free
+        row; its first token (None: the job ended with it, and takes no row)."""
         try:
             seq = job.seq = LiveSequence(job.request, self.tokenizer, self.model)
         except Mamba2Error as e:
             out.append((job, e))
-            return
+            return None
         ids = seq.prompt_ids
         t_start = time.perf_counter()
         scratch = self.scratch
@@ -260,33 +276,42 @@ class Scheduler:
         job.t_start = t_start
         if seq.max_tokens == 0:
             out.append((job, seq.final_event(job.t_submit, t_done, self.model.device)))
-            return
+            return None
         event, over = seq.accept(tid, False)
         if event is not None:
             out.append((job, event))
         if over:
             out.append((job, seq.final_event(job.t_submit, t_done, self.model.device)))
-            return
+            return None
         if seq.seen is not None:
             seq.seen[0, tid] = True
         j = len(self.rows)
         self.state.conv[:, j].copy_(scratch.conv[:, 0])
         self.state.ssm[:, j].copy_(scratch.ssm[:, 0])
-        job.next_token = tid
         self.rows.append(job)
+        return tid
 
-    def _retire(self, positions: list[int], t_done: float, out: list, cancelled: bool = False) -> None:
-        """Take the rows at `positions` out of the batch; the last running rows fill the gaps."""
+    def _retire(self, positions: list[int], t_done: float, out: list, logits: torch.Tensor,
+                cancelled: bool = False) -> torch.Tensor:
+        """Take the rows at `positions` out of the batch (the last running rows fill the gaps);
+        `logits` of the step in flight, for the rows that stay.
+
+        The step in flight has fed each leaving row its last token too, so a chat reply's
+        state (queued after that step) has read prompt + reply, and its logits are that step's.
+        """
+        if not positions:
+            return logits
         for j in positions:
             job = self.rows[j]
-            seq = job.seq
             if cancelled:
                 continue
-            if job.keep_reply and len(seq.generated) > 1:  # the state has read prompt + reply but its last token
-                self.cache.put(seq.prompt_ids + seq.generated[:-1], self.state.sequence(j))
+            seq = job.seq
+            if job.keep_reply:
+                self.cache.put(seq.prompt_ids + seq.generated, self.state.sequence(j), logits[j : j + 1])
             out.append((job, seq.final_event(job.t_submit, t_done, self.model.device)))
         order = _drop_sequences(self.state, len(self.rows), positions)
         self.rows = [self.rows[o] for o in order]
+        return logits[torch.tensor(order, dtype=torch.long, device=logits.device)] if order else None
 
     def _deliver(self, out: list) -> None:
         by_loop: dict = {}
