@@ -167,7 +167,8 @@ def test_scheduler_graph_buckets_give_each_request_its_tokens_alone(take_graphs)
         got = _run_jobs(scheduler, [Request(p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)])
         assert scheduler.peak_running == 4
         for p, n, (result, cached) in zip(prompts, lengths, got):
-            assert result.token_ids == generate(model, tok, p, max_tokens=n, ignore_eos=True, cuda_graph=False).token_ids
+            alone = generate(model, tok, p, max_tokens=n, ignore_eos=True, cuda_graph=False)
+            assert result.token_ids == alone.token_ids
             assert cached == 0
         # The same prompts again: every state comes from the cache, the tokens stay the same.
         again = _run_jobs(scheduler, [Request(p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)])
@@ -178,6 +179,7 @@ def test_scheduler_graph_buckets_give_each_request_its_tokens_alone(take_graphs)
         longer = [5, 6, 7] + first.token_ids + [9, 9]
         (second, cached), = _run_jobs(scheduler, [Request(longer, max_tokens=5, ignore_eos=True)])
         assert cached == 3 + 6  # the prompt and the whole reply
-        assert second.token_ids == generate(model, tok, longer, max_tokens=5, ignore_eos=True, cuda_graph=False).token_ids
+        alone = generate(model, tok, longer, max_tokens=5, ignore_eos=True, cuda_graph=False)
+        assert second.token_ids == alone.token_ids
     finally:
         scheduler.stop()

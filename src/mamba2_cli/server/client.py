@@ -9,9 +9,8 @@ import os
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Iterator
-
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from ..errors import Mamba2Error
 
@@ -167,6 +166,7 @@ class RemoteChatSession:
         return self._context
 
     def save(self, path) -> None:
-        raise Mamba2Error("/save and /load need the model state, which stays on the server; chat without --server for them")
+        raise Mamba2Error("/save and /load need the model state, which stays on the server; "
+                          "chat without --server for them")
 
     load = save
