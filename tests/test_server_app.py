@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import pytest
 import torch
 from starlette.testclient import TestClient
 
@@ -183,3 +184,22 @@ def test_scheduler_graph_buckets_give_each_request_its_tokens_alone(take_graphs)
         assert second.token_ids == alone.token_ids
     finally:
         scheduler.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefix_cache_spills_to_host_and_back():
+    from mamba2_cli.state import Mamba2State
+
+    dev = torch.device("cuda")
+    states = [Mamba2State(torch.randn(2, 1, 64, 3, device=dev), torch.randn(2, 1, 8, 16, 16, device=dev))
+              for _ in range(4)]
+    cache = PrefixCache(dev, budget_bytes=2 * states[0].nbytes() + 100)
+    for i, s in enumerate(states):
+        cache.put([i, i], s)
+    stats = cache.stats()
+    assert stats["entries"] == 4 and stats["host_bytes"] == 2 * states[0].nbytes()
+    for i, s in enumerate(states):  # the spilled ones come back to the device, equal
+        n, entry = cache.lookup([i, i, 9])
+        assert n == 2 and entry.conv.device.type == "cuda"
+        assert torch.equal(entry.conv, s.conv) and torch.equal(entry.ssm, s.ssm)

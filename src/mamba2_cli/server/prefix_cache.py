@@ -36,10 +36,27 @@ class Entry:
 
 
 def _copy_to(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    if pin:  # pinned memory: the copy is queued on the stream, not waited for
+    if pin:  # to pinned host memory on a side stream: the copy engine runs beside the decode steps
         out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return out.copy_(t, non_blocking=True)
+        side = _side_stream(t.device)
+        side.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(side):
+            out.copy_(t, non_blocking=True)
+        t.record_stream(side)  # the device copy is not reused before the copy has read it
+        return out
+    if t.device.type == "cpu" and device.type == "cuda":  # back from host memory: after the copy there
+        torch.cuda.current_stream(device).wait_stream(_side_stream(device))
     return t.to(device, non_blocking=True)
+
+
+_SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE:
+        _SIDE[index] = torch.cuda.Stream(index)
+    return _SIDE[index]
 
 
 class PrefixCache:
