@@ -54,6 +54,10 @@ def serve(
 
         model = model or DEFAULT_MODEL
         model_dir = resolve_model(model, offline=offline, progress=progress(quiet))  # downloads before serving
+    else:
+        from ..config import preset_config
+
+        preset_config(preset)  # an unknown name fails before the server starts
     name = model if preset is None else f"preset:{preset}"
 
     def load():
@@ -78,7 +82,7 @@ def serve(
     server = uvicorn.Server(config)
 
     def failed(message: str) -> None:
-        print_error(f"the model did not load: {message}")
+        print_error(message)
         server.should_exit = True
 
     scheduler.on_failure = failed

@@ -139,7 +139,7 @@ class Scheduler:
             self.model, self.tokenizer = self._load()
             self._prepare()
         except Exception as e:  # noqa: BLE001: whatever stops the load stops the server, in one line
-            self.error = str(e) if isinstance(e, Mamba2Error) else f"{type(e).__name__}: {e}"
+            self.error = str(e) if isinstance(e, Mamba2Error) else f"loading failed: {type(e).__name__}: {e}"
             self.status = "failed"
             if self.on_failure is not None:
                 self.on_failure(self.error)
@@ -150,7 +150,7 @@ class Scheduler:
                 self._serve()
         except Exception as e:  # noqa: BLE001: a bug; every waiting client gets a 500, the server stops
             traceback.print_exc()
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = f"generation failed: {type(e).__name__}: {e}"
             self.status = "failed"
             for job in self.rows + list(self.waiting):
                 self._deliver([(job, e)])
