@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--preset", default="codestral-7b", help="random-weight shape (mamba2 bench's presets)")
     ap.add_argument("-m", "--model", help="a checkpoint instead of --preset")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, help="CPU threads for torch, in the server and the in-process run")
     ap.add_argument("--streams", default="1,32,64", help="concurrent streams, one measurement each")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -117,8 +119,10 @@ def main() -> None:
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "mamba2_cli", "serve", *source, "--dtype", args.dtype, "--port", str(port),
-           "--max-batch", str(max(streams)), "-q", *args.serve_args.split()]
+    cmd = [sys.executable, "-m", "mamba2_cli", "serve", *source, "--dtype", args.dtype, "--device", args.device,
+           "--port", str(port), "--max-batch", str(max(streams)), "-q", *args.serve_args.split()]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     t_start = time.perf_counter()
     server = subprocess.Popen(cmd, env=env)
     try:
@@ -192,7 +196,8 @@ def main() -> None:
 
     if not args.no_in_process:
         code = IN_PROCESS.format(model=repr(args.model), preset=repr(args.preset), dtype=repr(args.dtype),
-                                 n=args.prompt_tokens, max_tokens=args.max_tokens)
+                                 device=repr(args.device), threads=args.threads or 0, n=args.prompt_tokens,
+                                 max_tokens=args.max_tokens)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(out.stderr)
@@ -205,9 +210,12 @@ def main() -> None:
 # The in-process loop on the same shape, a random prompt of the same length, best of three.
 IN_PROCESS = """
 import json, random
+import torch
 from mamba2_cli import generate, load_model, load_preset
-model, dtype = {model}, {dtype}
-m, tok = load_model(model, dtype=dtype) if model else load_preset({preset}, dtype=dtype)
+if {threads}:
+    torch.set_num_threads({threads})
+model, dtype, device = {model}, {dtype}, {device}
+m, tok = load_model(model, device, dtype) if model else load_preset({preset}, device, dtype)
 rng = random.Random(1)
 best = 0.0
 for _ in range(4):
