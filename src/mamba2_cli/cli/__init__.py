@@ -14,7 +14,7 @@ import typer.core
 
 from .. import __version__
 from ..errors import Mamba2Error
-from . import bench, chat, download, info, models, run
+from . import bench, chat, download, info, models, run, serve
 from .common import EXIT_INTERRUPTED, EXIT_SIGPIPE, EXIT_USER_ERROR, print_error, silence_stdout
 
 def _plain_flags(params):
@@ -80,7 +80,7 @@ def _options(show: Annotated[bool, typer.Option(
     """Generate text with Mamba-2 language models."""
 
 
-for command in (run.run, chat.chat, bench.bench, download.download, models.models, info.info, version):
+for command in (run.run, chat.chat, serve.serve, bench.bench, download.download, models.models, info.info, version):
     app.command(cls=_Command)(command)
 
 

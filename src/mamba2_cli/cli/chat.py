@@ -11,6 +11,7 @@ import typer
 from .common import EXIT_USER_ERROR, closed_stdout, dtype_name, stderr_console
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
                       RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling, sampling_note)
+from .remote import Server, chat_remote
 
 
 def chat(
@@ -33,6 +34,7 @@ def chat(
         "--load-state", help="Continue a conversation saved with /save.")] = None,
     no_cuda_graph: NoCudaGraph = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No model summary on stderr.")] = False,
+    server: Server = None,
 ):
     """Chat in the terminal; each turn reads only its new tokens, from the carried state."""
     from ..chat import ChatSession
@@ -40,6 +42,12 @@ def chat(
 
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
     sampling(**flags)  # bad values fail before any loading
+    if server:  # flags not given take the server's defaults
+        local = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
+                     threads=threads, no_cuda_graph=no_cuda_graph, load_state=load_state)
+        given = {k: v for k, v in flags.items() if v is not None}
+        return chat_remote(server, dict(max_tokens=max_tokens, **given, seed=seed), system=system,
+                           quiet=quiet, local=local)
     loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet)
     m = loaded.model
     params = sampling(**flags, defaults=loaded.generation_defaults, warn=True)

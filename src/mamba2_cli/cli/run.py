@@ -17,6 +17,7 @@ from .common import (closed_stdout, dtype_name, dumps, fail, figure, interrupted
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
                       RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, Verbose, load, load_split,
                       sampling, sampling_note, split_line, value)
+from .remote import Server, run_remote
 
 
 def run(
@@ -58,6 +59,7 @@ def run(
         "--batch", help="One prompt per line (stdin or -f), generated together as a batch.")] = False,
     input_file: Annotated[Optional[Path], typer.Option(
         "--input", help="JSONL prompts ({\"prompt\": ..., per-prompt settings}) as one batch.")] = None,
+    server: Server = None,
 ):
     """Generate text from a prompt, streaming it to stdout."""
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
@@ -71,6 +73,12 @@ def run(
     settings = dict(max_tokens=max_tokens, seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
     loading = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
                    threads=threads, quiet=quiet)
+    if server:
+        local = dict(loading, no_cuda_graph=no_cuda_graph, save_state=save_state, load_state=load_state, batch=batch,
+                     input_file=input_file)
+        given = {k: v for k, v in flags.items() if v is not None}  # the others take the server's defaults
+        return run_remote(server, read_prompt(prompt, file), dict(settings, **given), chat=chat, system=system, echo=echo,
+                          as_json=as_json, quiet=quiet, local=local)
     if batch or input_file is not None:
         if prompt:
             fail("with --batch or --input the prompts come from stdin, -f or --input, not from arguments")
