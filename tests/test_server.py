@@ -80,9 +80,19 @@ def local():
     return load_model(MODEL, device="cpu")
 
 
+def alone_defaults() -> dict:
+    from mamba2_cli.hub import builtin_dir
+    from mamba2_cli.server.defaults import sampling_defaults
+
+    return {**sampling_defaults(builtin_dir(MODEL)), "temperature": 0.0}
+
+
 def alone(local, prompt, **kw):
+    """The request's output generated in this process: greedy unless `kw` says otherwise (the
+    requests here ask for temperature 0), with the other sampling defaults the server takes from
+    the model's generation_config.json where the request gives none."""
     m, tok = local
-    return generate(m, tok, prompt, **kw)
+    return generate(m, tok, prompt, **{**alone_defaults(), **kw})
 
 
 def health(url) -> dict:
@@ -116,7 +126,7 @@ def test_chat_as_alone(client, local):
     m, tok = local
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "sort a list"}]
     ids = ChatTemplate(tok).prompt_ids(messages)
-    want = generate(m, tok, ids, max_tokens=20, stop=ChatTemplate(tok).stop)
+    want = alone(local, ids, max_tokens=20, stop=ChatTemplate(tok).stop)
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
     assert r.choices[0].message.content == want.text
     assert r.choices[0].message.role == "assistant"
@@ -269,7 +279,7 @@ def test_chat_turn_reads_only_the_new_turn(client, local):
     # The first turn's prompt and reply (all but its last token, which the state has not read) are cached.
     assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
     ids = template.prompt_ids(turn2)
-    assert r2.choices[0].message.content == generate(m, tok, ids, max_tokens=12, stop=template.stop).text
+    assert r2.choices[0].message.content == alone(local, ids, max_tokens=12, stop=template.stop).text
 
 
 def test_bad_input_answers_while_others_are_served(server):
@@ -321,10 +331,10 @@ def cli(*args, input=None, env=None):
 
 
 def test_run_with_server_prints_the_same(server, local):
-    p = cli("run", "--server", server, "-n", "20", "-q", "def fib(n):")
+    p = cli("run", "--server", server, "-n", "20", "-t", "0", "-q", "def fib(n):")
     assert p.returncode == 0, p.stderr
     assert p.stdout == alone(local, "def fib(n):", max_tokens=20).text
-    p = cli("run", "-n", "20", "--json", "def fib(n):", env={"MAMBA2_SERVER": server})
+    p = cli("run", "-n", "20", "-t", "0", "--json", "def fib(n):", env={"MAMBA2_SERVER": server})
     assert p.returncode == 0, p.stderr
     obj = json.loads(p.stdout)
     assert obj["text"] == alone(local, "def fib(n):", max_tokens=20).text and obj["generated_tokens"] == 20
@@ -339,9 +349,9 @@ def test_chat_with_server_prints_the_same(server, local):
     from mamba2_cli.chat import ChatSession
 
     m, tok = local
-    session = ChatSession(m, tok, max_tokens=10)
+    session = ChatSession(m, tok, max_tokens=10, repetition_penalty=alone_defaults()["repetition_penalty"])
     want = ["".join(e.text for e in session.send(t)).lstrip() for t in ("hello", "write a loop")]
-    p = cli("chat", "--server", server, "-n", "10", "-q", input="hello\nwrite a loop\n/stats\n")
+    p = cli("chat", "--server", server, "-n", "10", "-t", "0", "-q", input="hello\nwrite a loop\n/stats\n")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.split("\n")
     assert "\n".join(want) in p.stdout, (p.stdout, want)
