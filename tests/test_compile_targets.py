@@ -398,6 +398,33 @@ def test_every_kernel_compiles_and_fits(results, arch):
     assert not problems, "\n".join(problems)
 
 
+def test_each_capability_gets_its_table_and_the_cli_names_it(monkeypatch):
+    import torch
+
+    from mamba2_cli.kernels import describe_device
+    from mamba2_cli.kernels.triton import configs, pdl
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cases = {(9, 0): ("sm_90 (Hopper)", "table 9.0"), (8, 0): ("sm_80 (Ampere)", "table 8.0"),
+             (8, 6): ("sm_86 (Ampere)", "table 8.6"), (8, 9): ("sm_89 (Ada)", "table 8.9"),
+             (12, 0): ("sm_120 (Blackwell)", "fallback"), (7, 5): ("sm_75 (Turing)", "fallback")}
+    cuda = torch.device("cuda", 0)
+    for cap, (arch, table) in cases.items():
+        monkeypatch.setitem(configs._CAPABILITY, 0, cap)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert describe_device(cuda) == {"gpu": "a GPU", "architecture": arch, "kernel_table": table}
+        hopper = cap == (9, 0)
+        assert configs.config_for(cuda, "matvec", "rows2-8")["tma"] is hopper
+        assert configs.config_for(cuda, "gpu", "pdl") is hopper
+        # griddepcontrol needs sm_90 (and the fallback's entries never ask for PDL).
+        assert pdl.usable(True, cuda) is (cap >= (9, 0) and pdl.HAS_PDL)
+        assert not any(cfg.get("pdl") for cfg in configs.table_for_capability(cap)["matvec"].values()) or hopper
+    # The interpreter runs Hopper's table; Hopper's is the module's tables themselves.
+    assert configs.config_for(torch.device("cpu"), "matvec", "rows2-8") is configs.MATVEC["rows2-8"]
+    assert describe_device(torch.device("cpu")) == {"gpu": None, "architecture": None, "kernel_table": None}
+
+
 # A kernel whose compile fails as it would on a GPU it does not fit: Triton's error for too much
 # shared memory, raised from the kernel's launch (the interpreter's, on this CPU).
 _FAILING = """

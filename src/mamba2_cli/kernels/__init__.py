@@ -80,13 +80,15 @@ def describe_device(device) -> dict:
         return {"gpu": None, "architecture": None, "kernel_table": None}
     import torch
 
-    cap = tuple(torch.cuda.get_device_capability(device))
-    out = {"gpu": torch.cuda.get_device_name(device), "architecture": f"sm_{cap[0]}{cap[1]}", "kernel_table": None}
     try:
         from .triton import configs
     except ImportError:
-        return out
-    return {**out, "architecture": configs.architecture(cap), "kernel_table": configs.table_name(cap)}
+        cap = tuple(torch.cuda.get_device_capability(device))
+        return {"gpu": torch.cuda.get_device_name(device), "architecture": f"sm_{cap[0]}{cap[1]}",
+                "kernel_table": None}
+    cap = configs.capability(device)
+    return {"gpu": torch.cuda.get_device_name(device), "architecture": configs.architecture(cap),
+            "kernel_table": configs.table_name(cap)}
 
 
 # Triton's kernel objects: compiled (JITFunction) or run by the CPU interpreter.
