@@ -324,9 +324,11 @@ def _compile(i: int) -> dict:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", rec["arch"], 32), options=rec["options"])
     except Exception as e:  # the failure is the finding: report it
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        hit = [ln for ln in lines if "error" in ln.lower() or "requires" in ln.lower()]
-        out["error"] = f"{type(e).__name__}: {(hit or lines or [''])[0].strip()[:300]}"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # ptxas's own line ("error   : Instruction 'griddepcontrol' requires .target sm_90 ...")
+        # says more than Triton's summary above it.
+        hit = [ln for ln in lines if re.match(r"ptxas .*error\s*:", ln)] or lines or [""]
+        out["error"] = type(e).__name__ + ": " + re.sub(r"^.*?error\s*:\s*", "", hit[0])[:300]
         out["seconds"] = time.perf_counter() - t0
         return out
     out["shared"] = compiled.metadata.shared
