@@ -361,7 +361,7 @@ def results():
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, *map(str, TARGETS)], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=1200)
+                          cwd=ROOT, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\n{len(res)} compiles in {time.perf_counter() - t0:.0f} s")
