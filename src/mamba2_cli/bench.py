@@ -11,13 +11,18 @@ from pathlib import Path
 import torch
 
 from .generation import peak_memory_bytes, prefill, runner_for, stream_generate
+from .kernels import describe_device
 from .model import Mamba2LM
 
 
 def environment(device: torch.device) -> dict:
-    """What a figure needs beside it to mean anything: hardware, versions, commit."""
+    """What a figure needs beside it to mean anything: hardware (on CUDA its architecture and
+    the kernels' configuration table), versions, commit."""
+    gpu = describe_device(device)
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": gpu["gpu"] or platform.processor() or "cpu",
+        "architecture": gpu["architecture"],
+        "kernel_table": gpu["kernel_table"],
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -14,6 +14,7 @@ import typer.core
 
 from .. import __version__
 from ..errors import Mamba2Error
+from ..kernels import kernel_failure
 from . import bench, chat, download, info, models, run, serve
 from .common import EXIT_INTERRUPTED, EXIT_SIGPIPE, EXIT_USER_ERROR, print_error, silence_stdout
 
@@ -105,9 +106,13 @@ def main():
     except MemoryError:
         print_error("out of memory")
         code = EXIT_USER_ERROR
-    except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
+    except Exception as e:
+        kernel = kernel_failure(e)  # a Triton kernel that does not compile or launch on this GPU
+        if kernel is not None:
+            print_error(kernel)
+        elif isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
+            print_error("out of memory on the device; try a smaller --batch-size, a shorter prompt or --dtype bfloat16")
+        else:
             raise
-        print_error("out of memory on the device; try a smaller --batch-size, a shorter prompt or --dtype bfloat16")
         code = EXIT_USER_ERROR
     sys.exit(code if isinstance(code, int) else 0)

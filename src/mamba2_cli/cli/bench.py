@@ -147,7 +147,8 @@ def bench(
     title = f"mamba2 bench · {rows[0]['model']} · {rows[0]['dtype']} · batch {batch_size}"
     ceilings_line = (f"ceilings measured here: copy {bw / 1e9:,.0f} GB/s (read + written) · {kdtype_name} matmul "
                      f"{mm_n}³ {_num(mm_flop_s / 1e12)} TFLOP/s")
-    footer = (f"{env['device']} · {env['threads']} threads · torch {env['torch']} · "
+    arch = f" ({env['architecture']}, kernels: {env['kernel_table'] or 'no triton'})" if env["architecture"] else ""
+    footer = (f"{env['device']}{arch} · {env['threads']} threads · torch {env['torch']} · "
               f"triton {env['triton']} · commit {env['commit']}")
     tables = [(title, cols, cells)]
     notes = []

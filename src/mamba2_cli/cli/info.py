@@ -11,6 +11,15 @@ from .common import count, dumps, progress, revision_of, size
 from .options import MODEL_HELP, Offline, WeightDType, value
 
 
+def _gpu() -> dict:
+    """The first CUDA device, its architecture and the kernels' configuration table."""
+    import torch
+
+    from ..kernels import describe_device
+
+    return describe_device(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+
 def info(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     batch_size: Annotated[int, typer.Option(
@@ -29,6 +38,7 @@ def info(
     d = describe(model_dir, batch_size, value(dtype))
     d["model"] = model
     d["revision"] = revision_of(model_dir)
+    d["gpu"] = _gpu()
     if as_json:
         sys.stdout.write(dumps(d, indent=1) + "\n")
         return
@@ -49,6 +59,9 @@ def info(
         ("memory", f"{size(mem['total'])} at batch {mem['batch_size']}: weights {size(mem['weights'])} "
                    f"({mem['dtype']}) + state {size(mem['state'])}"),
     ]
+    g = d["gpu"]
+    rows.append(("gpu", f"{g['gpu']} · {g['architecture']} · Triton kernels: {g['kernel_table'] or 'no triton'}"
+                 if g["gpu"] else "none (no CUDA device)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")

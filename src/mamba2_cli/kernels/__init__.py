@@ -72,6 +72,52 @@ def triton_available(device_type: str) -> tuple[bool, str]:
     return True, ""
 
 
+def describe_device(device) -> dict:
+    """The GPU, its architecture and the Triton launch-configuration table it gets, for `info`,
+    `bench` and error messages: {"gpu": "NVIDIA H100 80GB HBM3", "architecture": "sm_90 (Hopper)",
+    "kernel_table": "table 9.0" | "fallback"}; None each off CUDA (the table: without triton)."""
+    if getattr(device, "type", device) != "cuda":
+        return {"gpu": None, "architecture": None, "kernel_table": None}
+    import torch
+
+    try:
+        from .triton import configs
+    except ImportError:
+        cap = tuple(torch.cuda.get_device_capability(device))
+        return {"gpu": torch.cuda.get_device_name(device), "architecture": f"sm_{cap[0]}{cap[1]}",
+                "kernel_table": None}
+    cap = configs.capability(device)
+    return {"gpu": torch.cuda.get_device_name(device), "architecture": configs.architecture(cap),
+            "kernel_table": configs.table_name(cap)}
+
+
+# Triton's kernel objects: compiled (JITFunction) or run by the CPU interpreter.
+_KERNEL_TYPES = ("JITFunction", "InterpretedFunction")
+
+
+def kernel_failure(exc: BaseException) -> str | None:
+    """The one-line message for an exception raised while a Triton kernel compiled or launched
+    (found on its traceback): the GPU, the kernel and the way around it. None for any other."""
+    kernel, tb = None, exc.__traceback__
+    while tb is not None and kernel is None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if type(obj).__name__ in _KERNEL_TYPES and type(obj).__module__.startswith("triton"):
+            kernel = getattr(obj, "__name__", None) or getattr(getattr(obj, "fn", None), "__name__", "?")
+        tb = tb.tb_next
+    if kernel is None:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        d = describe_device(torch.device("cuda", torch.cuda.current_device()))
+        where = f"{d['gpu']}, {d['architecture']}, kernels {d['kernel_table']}"
+    else:
+        where = "the CPU interpreter"
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return (f"the Triton kernel {kernel} failed to compile or launch on {where} ({reason[:200]}); "
+            f"run with --backend torch")
+
+
 def get_backend(name: str, device_type: str = "cpu") -> ModuleType:
     """'torch' | 'triton' | 'auto' -> the backend module. auto = triton on CUDA, else torch."""
     if name == "auto":

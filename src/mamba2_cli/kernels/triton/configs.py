@@ -1,13 +1,30 @@
-"""Launch configurations of the Triton kernels, declared once, as data.
+"""Launch configurations of the Triton kernels, declared once, as data, per GPU architecture.
 
 `TABLES[capability][kernel][entry]` is one launch configuration (a dict); each kernel's
 wrapper picks the entry by shape or batch size (the rule sits beside the wrapper) and
 reads it through `config_for`. Nothing is autotuned: a tuning run would apply the in-place
 state updates several times, and fixed values give the same kernel on every run.
 
-One capability is declared today, (9, 0): values tuned on an H200. Every CUDA device and
-Triton's CPU interpreter use it; a device whose capability has its own table uses that
-one instead. Figures: benchmarks/RESULTS.md.
+Every decision that depends on the GPU is in the table of its compute capability: PDL and
+tensor descriptors (per entry, "pdl" and "tma"), pipeline stages, block sizes, warps, the
+batch-size entries, and `TABLES[cap]["gpu"]` (the shared memory the matvec pipeline may
+fill, whether the architecture has PDL at all). Tables:
+
+    (9, 0)  Hopper (H100, H200): tuned on an H200. Triton's CPU interpreter uses it too.
+    (8, 0)  A100, A30: 163 KB of shared memory per block.
+    (8, 6)  RTX 30xx, A10, A40, RTX A6000: 99 KB per block.
+    (8, 9)  RTX 40xx, L4, L40, RTX 6000 Ada: 99 KB per block.
+    FALLBACK  any other capability (Blackwell's 10.0 and 12.0 among them): the 8.6 values,
+            which use no Hopper-only instruction (griddepcontrol for PDL, TMA descriptors)
+            and fit 99 KB of shared memory, the least of any GPU Triton targets from sm_80.
+
+No Ampere or Ada card has been measured: their tables change from Hopper's only what the
+hardware forces (no PDL, no tensor descriptors, smaller shared memory) and keep Hopper's
+blocks and warps where the register file allows (64K 32-bit registers per SM on every one
+of them; 64 resident warps per SM on sm_80 and sm_90, 48 on sm_86 and sm_89).
+tests/test_compile_targets.py compiles every kernel at every entry for each target and
+checks shared memory, registers and spills against that architecture's limits.
+Hopper figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -95,7 +112,63 @@ NORM = {
     "gated": {"ROWS": 1, "warps_by_width": ((2048, 4), (8192, 8), (None, 16))},
 }
 
-TABLES = {HOPPER: {"matvec": MATVEC, "decode_step": DECODE_STEP, "ssd": SSD, "conv": CONV, "norm": NORM}}
+# What the architecture allows, for every kernel. dot_smem_bytes: the shared memory the
+# matvec's tensor-core pipeline may fill (matvec.dot_stages lowers the stages to fit it);
+# an H100/H200 block gets at most 227 KB. pdl: programmatic dependent launch exists
+# (griddepcontrol, sm_90 and later); an entry's "pdl" asks for it, this allows it.
+GPU = {"pdl": True, "dot_smem_bytes": 192 * 1024}
+
+HOPPER_TABLE = {"gpu": GPU, "matvec": MATVEC, "decode_step": DECODE_STEP, "ssd": SSD, "conv": CONV, "norm": NORM}
+
+
+def _without_hopper(table: dict, dot_smem_bytes: int, dot_stages: int) -> dict:
+    """Hopper's table less what only Hopper has, for a GPU whose block gets less shared memory.
+
+    - No PDL: griddepcontrol needs sm_90 (ptxas refuses it below), so every "pdl" is off.
+    - No tensor descriptors (TMA is sm_90's copy engine): the matvec's tiles arrive as
+      16-byte copies (cp.async), and the early tile, which only pays under PDL, is off.
+    - The matvec pipeline: `dot_stages` stages of its 40 KB tiles (64 + 16 rows x 256 x 2
+      bytes) within dot_smem_bytes (which leaves the rest of the block's shared memory to the
+      layout conversions).
+    - The decode step without PDL: the fused form (the norm in each group's last program),
+      which beats the split one once the norm's launch is no longer hidden (Hopper without
+      PDL, batch 4: 16.36 µs per layer against 16.70 split); batch 8 keeps its B and C
+      pre-kernel, whose gain (27.8 against 32.1 µs) does not come from PDL.
+    - The norms: no PDL rows.
+    The scan's, the conv's and the norms' blocks and warps stay: tests/test_compile_targets.py
+    shows them within 99 KB of shared memory on sm_80, sm_86 and sm_89, spilling at most
+    512 bytes per thread more than on sm_90 (the scan's batch-1 entry: 448 against 168).
+    """
+    matvec = {}
+    for name, cfg in table["matvec"].items():
+        cfg = {**cfg, "pdl": False}
+        if cfg["kind"] == "tensor_cores":
+            cfg.update(tma=False, early_tile=False, num_stages=dot_stages)
+        matvec[name] = cfg
+    step = {}
+    for name, cfg in table["decode_step"].items():
+        if "split" in cfg:
+            cfg = {**cfg, "pdl": False, "split": bool(cfg["bc_pre"])}
+        step[name] = cfg
+    norm = {**table["norm"], "add": {**table["norm"]["add"], "pdl_max_rows": 0}}
+    return {"gpu": {"pdl": False, "dot_smem_bytes": dot_smem_bytes}, "matvec": matvec, "decode_step": step,
+            "ssd": table["ssd"], "conv": table["conv"], "norm": norm}
+
+
+# The stages are counted as Hopper's tensor-descriptor pipeline spends them, one 40 KB tile
+# each (4 stages: 160 KB there); Triton's 16-byte-copy pipeline, used here, holds one tile
+# fewer, so these tables leave room to spare: measured by the compile test, 3 stages take
+# 80 KB of sm_80's 163 KB and 2 stages 40 KB of sm_86's and sm_89's 99 KB.
+AMPERE_SM80 = _without_hopper(HOPPER_TABLE, dot_smem_bytes=144 * 1024, dot_stages=3)
+AMPERE_SM86 = _without_hopper(HOPPER_TABLE, dot_smem_bytes=88 * 1024, dot_stages=2)
+FALLBACK = AMPERE_SM86
+
+TABLES = {
+    HOPPER: HOPPER_TABLE,
+    (8, 0): AMPERE_SM80,
+    (8, 6): AMPERE_SM86,
+    (8, 9): AMPERE_SM86,
+}
 
 _CAPABILITY: dict = {}
 
@@ -106,13 +179,41 @@ def capability(device) -> tuple[int, int] | None:
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+        _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
     return _CAPABILITY[idx]
+
+
+def table_key(cap: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The TABLES key for a capability: its own, Hopper's for the interpreter (None), or
+    None for the fallback."""
+    if cap is None:
+        return HOPPER
+    return cap if cap in TABLES else None
+
+
+def table_for_capability(cap: tuple[int, int] | None) -> dict:
+    key = table_key(cap)
+    return TABLES[key] if key is not None else FALLBACK
 
 
 def config_for(device, kernel: str, entry: str) -> dict:
     """The launch configuration `entry` of `kernel` for this device (read-only: copy to change)."""
-    return TABLES.get(capability(device), TABLES[HOPPER])[kernel][entry]
+    return table_for_capability(capability(device))[kernel][entry]
+
+
+ARCHITECTURES = {7: "Volta", 8: "Ampere", 9: "Hopper", 10: "Blackwell", 11: "Blackwell", 12: "Blackwell"}
+
+
+def architecture(cap: tuple[int, int]) -> str:
+    """'sm_90 (Hopper)' for (9, 0); Ada is sm_89 within the 8.x family; Turing is 7.5."""
+    name = "Ada" if cap == (8, 9) else "Turing" if cap == (7, 5) else ARCHITECTURES.get(cap[0], "unknown")
+    return f"sm_{cap[0]}{cap[1]} ({name})"
+
+
+def table_name(cap: tuple[int, int] | None) -> str:
+    """The table a capability uses, as the CLI names it: 'table 9.0' or 'fallback'."""
+    key = table_key(cap)
+    return f"table {key[0]}.{key[1]}" if key is not None else "fallback"
 
 
 def warps_for(pairs, width: int) -> int:

@@ -15,8 +15,10 @@ cache, and accumulates in fp32. Three kernels, by what they do (configs.MATVEC p
                   tensor descriptors (one bulk copy per tile, sm_90) where the strides
                   allow, else as 16-byte copies per thread.
 
-All three launch with programmatic dependent launch on CUDA (pdl.py): the weights, which no
-kernel writes, are loaded before the wait for the kernel that produces x.
+On Hopper all three launch with programmatic dependent launch (pdl.py): the weights, which
+no kernel writes, are loaded before the wait for the kernel that produces x. Other
+architectures' tables (configs.py) turn PDL and tensor descriptors off and size the
+pipeline for their shared memory.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ...errors import Mamba2Error
-from .configs import capability, config_for
+from .configs import GPU, capability, config_for
 from .norm import add_rmsnorm
 from .pdl import gdc_launch_dependents, gdc_wait, interpreting, usable
 
@@ -36,8 +38,9 @@ __all__ = ["matvec", "linear", "norm_linear"]
 MAX_ROWS = 8  # more rows than this: the product is a matmul (cuBLAS), not a matvec
 # The whole-row tile: 16384 16-bit weights are 128 registers per thread at 4 warps.
 WHOLE_ROW_MAX_K = 16384
-# Shared memory the tensor-core pipeline may fill: an H100/H200 block gets at most 227 KB.
-DOT_SMEM_BYTES = 192 * 1024
+# Shared memory the tensor-core pipeline may fill on Hopper (and under the interpreter);
+# each architecture's is its table's "gpu" entry.
+DOT_SMEM_BYTES = GPU["dot_smem_bytes"]
 
 
 @triton.jit
@@ -191,14 +194,15 @@ def _matvec_tensor_core_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
-def dot_stages(cfg: dict, block_n: int, block_k: int, block_m: int, itemsize: int) -> int:
-    """cfg's num_stages, lowered until the staged weight and x tiles fit DOT_SMEM_BYTES (fp32
+def dot_stages(cfg: dict, block_n: int, block_k: int, block_m: int, itemsize: int,
+               smem_bytes: int = DOT_SMEM_BYTES) -> int:
+    """cfg's num_stages, lowered until the staged weight and x tiles fit smem_bytes (fp32
     tiles take twice the bytes of the 16-bit ones the configurations were tuned with); an early
     tile takes one weight tile besides the stages."""
     stages = cfg["num_stages"]
     per_stage = (block_n + block_m) * block_k * itemsize
     early = block_n * block_k * itemsize if cfg["early_tile"] else 0
-    while stages > 1 and stages * per_stage + early > DOT_SMEM_BYTES:
+    while stages > 1 and stages * per_stage + early > smem_bytes:
         stages -= 1
     return stages
 
@@ -210,7 +214,8 @@ except ImportError:  # pragma: no cover - Triton without host-side tensor descri
 
 
 def _tma_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Tensor descriptors: a Triton that has them, a Hopper-or-later GPU (or the interpreter),
+    """Tensor descriptors (where the entry asks for them): a Triton that has them, a
+    Hopper-or-later GPU (or the interpreter),
     16-byte aligned bases and row strides and a unit inner stride. Otherwise the 16-byte copies."""
     if TensorDescriptor is None:
         return False
@@ -281,7 +286,8 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", TMA=tma,
             PDL=pdl, EARLY_TILE=cfg["early_tile"],
-            num_stages=dot_stages(cfg, block_n, block_k, block_m, x.element_size()), **opts,
+            num_stages=dot_stages(cfg, block_n, block_k, block_m, x.element_size(),
+                                  config_for(x.device, "gpu", "dot_smem_bytes")), **opts,
         )
     else:
         raise Mamba2Error(f"matvec: unknown kernel kind {kind!r}")

@@ -8,6 +8,8 @@ anything an earlier kernel wrote or writes anything at all. The wait returns onc
 before has completed and its memory is visible; since every PDL kernel completes only after
 its own wait, completion stays ordered along the whole chain. Which kernels launch this way:
 add_rmsnorm of decode's few rows, the matvecs and the decode step (configs.py's "pdl").
+griddepcontrol exists from sm_90 on: below that no kernel is compiled with it, whatever
+an entry asks.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import os
 
 import triton
+
+from .configs import capability
 
 try:  # absent from old Triton builds
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -38,6 +42,7 @@ def interpreting() -> bool:
 
 
 def usable(wanted: bool, device) -> bool:
-    """Whether a launch on `device` takes PDL when `wanted`: CUDA, a Triton that has it, and
-    not the interpreter (where the calls are no-ops anyway)."""
-    return bool(wanted) and HAS_PDL and getattr(device, "type", device) == "cuda" and not interpreting()
+    """Whether a launch on `device` takes PDL when `wanted`: a CUDA GPU of capability 9.0 or
+    later, a Triton that has it, and not the interpreter (where the calls are no-ops anyway)."""
+    return (bool(wanted) and HAS_PDL and getattr(device, "type", device) == "cuda" and not interpreting()
+            and capability(device) >= (9, 0))
