@@ -12,7 +12,7 @@ import typer
 
 from .. import __version__
 from ..errors import Mamba2Error
-from . import bench, chat, download, info, models, run
+from . import bench, chat, download, eval, info, models, quantize, run
 from .common import EXIT_INTERRUPTED, EXIT_SIGPIPE, EXIT_USER_ERROR, print_error, silence_stdout
 
 app = typer.Typer(
@@ -28,7 +28,8 @@ def version():
     typer.echo(__version__)
 
 
-for command in (run.run, chat.chat, bench.bench, download.download, models.models, info.info, version):
+for command in (run.run, chat.chat, bench.bench, eval.eval, quantize.quantize, download.download, models.models,
+                info.info, version):
     app.command()(command)
 
 

@@ -10,7 +10,7 @@ import typer
 
 from .common import closed_stdout, dtype_name, stderr_console
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling)
+                      QuantOption, RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling)
 
 
 def chat(
@@ -20,6 +20,7 @@ def chat(
     device: Device = "auto",
     dtype: DTypeOption = "auto",
     backend: BackendOption = "auto",
+    quant: QuantOption = None,
     threads: Threads = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=1, help="Most tokens per reply.")] = 512,
     temperature: Temperature = 0.0,
@@ -39,7 +40,7 @@ def chat(
     from .repl import ChatREPL
 
     params = sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-    loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet)
+    loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet, quant=quant)
     m = loaded.model
     session = ChatSession(m, loaded.tokenizer, system=system, model_name=loaded.name, max_tokens=max_tokens,
                           **asdict(params), seed=seed, cuda_graph=not no_cuda_graph)

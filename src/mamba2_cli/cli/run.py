@@ -15,7 +15,7 @@ import typer
 from .common import (closed_stdout, dtype_name, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
                      stderr_console, versions)
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling, value)
+                      QuantOption, RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling, value)
 
 
 def run(
@@ -28,6 +28,7 @@ def run(
     device: Device = "auto",
     dtype: DTypeOption = "auto",
     backend: BackendOption = "auto",
+    quant: QuantOption = None,
     threads: Threads = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")] = 256,
     temperature: Temperature = 0.0,
@@ -61,7 +62,7 @@ def run(
         fail("--system goes with --chat (or use mamba2 chat)")
     settings = dict(max_tokens=max_tokens, **asdict(params), seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
     loading = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
-                   threads=threads, quiet=quiet)
+                   threads=threads, quiet=quiet, quant=quant)
     if batch or input_file is not None:
         if prompt:
             fail("with --batch or --input the prompts come from stdin, -f or --input, not from arguments")
