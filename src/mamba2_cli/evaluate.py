@@ -34,3 +34,26 @@ def score_text(model, tokenizer, text: str, piece: int = 1024, on_piece=None) ->
     n_bytes = len(text.encode("utf-8"))
     return {"tokens": n, "bytes": n_bytes, "nats": nats, "perplexity": math.exp(nats / n),
             "bits_per_token": nats / math.log(2) / n, "bits_per_byte": nats / math.log(2) / n_bytes}
+
+
+@torch.inference_mode()
+def greedy_agreement(reference, model, tokenizer, prompts: list[str], max_tokens: int = 64) -> float:
+    """The share of positions where `model`'s greedy token equals `reference`'s, along the
+    reference's greedy continuation of each prompt (teacher-forced: one divergence does not
+    shift every later position)."""
+    same = total = 0
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt, add_bos=True)], device=reference.device)
+        n = ids.shape[1]
+        state = reference.new_state(1)
+        nxt = reference(ids, state, logits_to_keep=1)[0, -1].argmax()
+        out = [nxt]
+        for _ in range(max_tokens - 1):
+            nxt = reference(nxt.view(1, 1), state)[0, -1].argmax()
+            out.append(nxt)
+        seq = torch.cat([ids[0], torch.stack(out)])[None]
+        ref_choice = seq[0, n:]
+        choice = model(seq[:, :-1], model.new_state(1))[0, n - 1:].argmax(-1)
+        same += (choice == ref_choice).sum().item()
+        total += len(ref_choice)
+    return same / total

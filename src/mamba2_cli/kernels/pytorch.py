@@ -36,10 +36,11 @@ def linear(x, proj):
 
 def quantized_linear(x, proj):
     """A quantized projection: on CPU, int8 through PyTorch's int8 weight-only matmul
-    (aten._weight_int8pack_mm) when the scales are in x's dtype; otherwise the weight is
-    dequantized into x's dtype and multiplied (the reference the kernels are tested against)."""
+    (aten._weight_int8pack_mm) when the scales are in x's dtype and K is a multiple of 32
+    (its bf16 path reads out of bounds at K = 70); otherwise the weight is dequantized into
+    x's dtype and multiplied (the reference the kernels are tested against)."""
     if (proj.scheme == "int8" and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
-            and proj.scales.dtype == x.dtype):
+            and proj.scales.dtype == x.dtype and proj.in_features % 32 == 0):
         K = x.shape[-1]
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), proj.qweight, proj.scales)
         y = y.view(*x.shape[:-1], proj.out_features)
