@@ -2,7 +2,7 @@
 
 Decode's 1-8 rows read the packed weights once and dequantize them in registers; the
 launch discipline is matvec.py's (PDL where configured, every launch capturable in the
-decode CUDA graph). Two kernels per scheme, by rows of x (QUANT_MATVEC picks):
+decode CUDA graph; PDL on sm_90 and later only). Two kernels per scheme, by rows of x (QUANT_MATVEC picks):
 
     fma   one row: each program owns BLOCK_N output channels and walks K in BLOCK_K tiles,
           the next weight tile in flight while the current one is multiplied (a register
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ...errors import Mamba2Error
+from .configs import capability
 from .pdl import gdc_launch_dependents, gdc_wait, interpreting, usable
 
 __all__ = ["QUANT_MATVEC", "quant_matvec", "quant_linear", "dequantize"]
@@ -250,7 +251,8 @@ def quant_matvec(x: torch.Tensor, proj, config: dict | None = None) -> torch.Ten
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or QUANT_MATVEC[_entry(proj.scheme, M)]
-    pdl = usable(cfg["pdl"], x.device)
+    # griddepcontrol (PDL) is Hopper's: before sm_90 the kernels launch plainly.
+    pdl = usable(cfg["pdl"], x.device) and capability(x.device)[0] >= 9
     opts = {"num_warps": cfg["num_warps"], **({"launch_pdl": True} if pdl else {})}
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     b_arg = bias if bias is not None else y
