@@ -155,7 +155,8 @@ def test_info_shows_the_scheme_and_memory(int4_dir):
 def test_run_loads_a_quantized_checkpoint_and_refuses_quant_again(int4_dir):
     p = mamba2("run", "-m", str(int4_dir), "-n", "4", "-q", "--device", "cpu", "def f():")
     assert p.returncode == 0, p.stderr.decode()
-    one_line_error(mamba2("run", "-m", str(int4_dir), "--quant", "int4", "-n", "1", "x"), "already quantized", "drop --quant")
+    one_line_error(mamba2("run", "-m", str(int4_dir), "--quant", "int4", "-n", "1", "x"),
+                   "already quantized", "drop --quant")
     one_line_error(mamba2("run", "-m", str(int4_dir), "--quant", "int8", "-n", "1", "x"), "already quantized (int4)")
 
 
@@ -219,7 +220,8 @@ def test_state_of_int4_weights_is_refused_by_the_plain_model(int4_dir, tmp_path)
 def _heldout_text(limit=6000) -> str:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     names = (ROOT / "scripts" / "tiny_data" / "heldout.txt").read_text().split()
-    texts = [(stdlib / n).read_text(encoding="utf-8", errors="replace")[:limit] for n in names if (stdlib / n).is_file()]
+    texts = [(stdlib / n).read_text(encoding="utf-8", errors="replace")[:limit]
+             for n in names if (stdlib / n).is_file()]
     if not texts:
         pytest.skip("no held-out module in this Python's standard library")
     return "".join(texts[:2])

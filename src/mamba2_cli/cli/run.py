@@ -15,7 +15,8 @@ import typer
 from .common import (closed_stdout, dtype_name, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
                      stderr_console, versions)
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      QuantOption, RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling, value)
+                      QuantOption, RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, load, sampling,
+                      value)
 
 
 def run(
