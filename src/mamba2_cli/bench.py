@@ -79,11 +79,15 @@ def prefill_flops(model: Mamba2LM, batch_size: int, prompt_len: int) -> int:
 
 
 def bytes_per_decode_step(model: Mamba2LM, batch_size: int) -> int:
-    """Weights read once (one embedding row per sequence) plus the fp32 state read and written."""
+    """Weights read once (one embedding row per sequence; quantized projections at their packed
+    size with their scales) plus the fp32 state read and written."""
+    from .quant import weight_bytes
+
     cfg = model.cfg
     itemsize = model.dtype.itemsize
-    weights = cfg.num_parameters() * itemsize
-    if not cfg.tie_embeddings:  # the embedding table itself is not streamed, only its rows
+    weights = weight_bytes(cfg, itemsize, model.quant)
+    # The embedding table itself is not streamed, only its rows (tied and unquantized, it is lm_head).
+    if not cfg.tie_embeddings or model.quant is not None:
         weights -= (cfg.padded_vocab_size - batch_size) * cfg.d_model * itemsize
     return weights + 2 * cfg.state_bytes(batch_size, itemsize)
 

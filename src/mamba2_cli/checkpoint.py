@@ -82,9 +82,12 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def memory_needed(cfg: Mamba2Config, dtype: torch.dtype, batch_size: int = 1) -> int:
+def memory_needed(cfg: Mamba2Config, dtype: torch.dtype, batch_size: int = 1, quant=None) -> int:
+    """Bytes of weights (projections quantized by `quant`, a QuantSpec, if given) and state."""
+    from .quant import weight_bytes
+
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    return cfg.num_parameters() * itemsize + cfg.state_bytes(batch_size, itemsize)
+    return weight_bytes(cfg, itemsize, quant) + cfg.state_bytes(batch_size, itemsize)
 
 
 def _gb(n: int) -> str:
@@ -92,7 +95,7 @@ def _gb(n: int) -> str:
 
 
 def resolve_dtype(spec: str | torch.dtype | None, cfg: Mamba2Config, device: torch.device,
-                  batch_size: int = 1) -> torch.dtype:
+                  batch_size: int = 1, quant=None) -> torch.dtype:
     """'auto' picks bf16 on GPUs; on CPU fp32 when it fits, bf16 when only that fits.
 
     Also checks that weights + state fit the device; too little memory is an error."""
@@ -104,13 +107,13 @@ def resolve_dtype(spec: str | torch.dtype | None, cfg: Mamba2Config, device: tor
             if device.type == "cuda":
                 dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             else:
-                fits32 = memory_needed(cfg, torch.float32, batch_size) <= available_memory(device)
+                fits32 = memory_needed(cfg, torch.float32, batch_size, quant) <= available_memory(device)
                 dtype = torch.float32 if fits32 else torch.bfloat16
         elif spec in DTYPES:
             dtype = DTYPES[spec]
         else:
             raise Mamba2Error(f"unknown dtype {spec!r}; choose auto, bfloat16, float16 or float32")
-    need, have = memory_needed(cfg, dtype, batch_size), available_memory(device)
+    need, have = memory_needed(cfg, dtype, batch_size, quant), available_memory(device)
     if need > have:
         raise Mamba2Error(
             f"not enough memory on {device}: the model needs {_gb(need)} (weights in "
@@ -266,6 +269,8 @@ def place(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) 
     (measured: 19 vs 13 GB/s on 2 cores), and prompt-sized matmuls run at the same speed.
     """
     leaf = name.rsplit(".", 1)[-1]
+    if not t.is_floating_point():  # quantized weights keep their integer dtype
+        return t.to(device=device)
     dtype = torch.float32 if leaf in FP32_PARAMS else dtype
     # The embedding too: tied checkpoints use it as lm_head, and a strided row gather costs nothing.
     if device.type == "cpu" and t.dim() == 2 and name.endswith(("proj.weight", "lm_head.weight", "embeddings.weight")):
@@ -419,11 +424,17 @@ def read_tensors(items: list[_Item], budget: InflightBudget, readers: int, cost=
             t.join()
 
 
-def load_weights(model: Mamba2LM, files: list[Path], device: torch.device, dtype: torch.dtype) -> LoadTimes:
+def load_weights(model: Mamba2LM, files: list[Path], device: torch.device, dtype: torch.dtype,
+                 convert=None) -> LoadTimes:
     """Fill a meta-device model from weight files; every tensor is checked against the config
-    before the first is read. Returns where the time went."""
+    before the first is read. Returns where the time went.
+
+    convert: None, or a hook (name, tensor on the device) -> {name: tensor} called on each
+    tensor as it is placed (quant.converter: quantizing at load time, one tensor at a time);
+    the files then hold the plain model's tensors and `model` has the converted structure."""
     cfg = model.cfg
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = build_meta_model(cfg) if convert is not None else model
+    expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
     loaded: dict[str, torch.Tensor] = {}
     times = LoadTimes()
@@ -448,7 +459,9 @@ def load_weights(model: Mamba2LM, files: list[Path], device: torch.device, dtype
         try:
             for item, t in read_tensors(items, budget, readers, cost):
                 p0 = time.perf_counter()
-                loaded[item.name] = place(item.name, t, device, dtype)
+                placed = place(item.name, t, device, dtype)
+                loaded.update(convert(item.name, placed) if convert is not None else {item.name: placed})
+                del placed
                 del t
                 budget.release(cost(item))
                 times.place_s += time.perf_counter() - p0
@@ -460,12 +473,13 @@ def load_weights(model: Mamba2LM, files: list[Path], device: torch.device, dtype
             times.place_s += time.perf_counter() - p0
             getattr(torch._C, "_host_emptyCache", lambda: None)()  # the pinned read buffers go back to the system
     times.read_s = time.perf_counter() - t0 - times.place_s
-    missing = [n for n in expected if n not in loaded and n not in optional]
+    missing = [n for n in expected if n not in seen and n not in optional]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise Mamba2Error(f"checkpoint is missing tensor {missing[0]!r}{more}, shape {list(expected[missing[0]])}")
-    if cfg.tie_embeddings:
-        loaded["lm_head.weight"] = loaded["backbone.embeddings.weight"]
+    if cfg.tie_embeddings and "lm_head.weight" in expected:
+        head = loaded["backbone.embeddings.weight"]
+        loaded.update(convert("lm_head.weight", head) if convert is not None else {"lm_head.weight": head})
     model.load_state_dict(loaded, strict=True, assign=True)
     return times
 
@@ -514,15 +528,25 @@ def random_model(cfg: Mamba2Config, device: torch.device, dtype: torch.dtype, se
 
 
 def load_checkpoint(model_dir: Path, device: torch.device, dtype: str | torch.dtype = "auto",
-                    backend: str = "auto", batch_size: int = 1) -> Mamba2LM:
-    """Read config, check memory, build on meta, fill from the weight files, pick the backend."""
+                    backend: str = "auto", batch_size: int = 1, quant: str | None = None) -> Mamba2LM:
+    """Read config, check memory, build on meta, fill from the weight files, pick the backend.
+
+    quant: None, or 'int8' | 'int4' to quantize the projections as they load. A checkpoint
+    whose config records a quantization loads quantized as it is."""
+    from . import quant as q
+
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
+    stored, spec = q.load_plan(model_dir, cfg, quant)
     files = find_weight_files(model_dir)
-    dtype = resolve_dtype(dtype, cfg, device, batch_size)
+    dtype = resolve_dtype(dtype, cfg, device, batch_size, spec)
     model = build_meta_model(cfg)
-    times = load_weights(model, files, device, dtype)
+    if spec is not None:
+        q.restructure(model, spec)
+    times = load_weights(model, files, device, dtype, convert=q.converter(spec, dtype) if spec and not stored else None)
+    if stored:
+        q.check_loaded(model)
     model.prepare()
     model.set_backend(backend)
     times.setup_s = time.perf_counter() - t0 - times.read_s - times.place_s

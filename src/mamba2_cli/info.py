@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import read_config
 from .errors import Mamba2Error
 from .hub import directory_size
+from .quant import read_spec, weight_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -45,7 +46,10 @@ def describe(model_dir: Path, batch_size: int = 1, dtype: str | None = None) -> 
     cfg = read_config(model_dir)
     weights = find_weight_files(model_dir)
     dtypes = stored_dtypes(weights)
-    stored = dtypes.most_common(1)[0][0] if dtypes else None
+    quant = read_spec(model_dir, cfg)
+    # A quantized checkpoint's integer weights are not its dtype: the scales and the rest are.
+    floats = Counter({k: v for k, v in dtypes.items() if k in DTYPE_BYTES}) if quant else dtypes
+    stored = floats.most_common(1)[0][0] if floats else None
     compute = _DTYPE_ALIASES.get(dtype, dtype) if dtype else (stored if stored in DTYPE_BYTES else "bfloat16")
     if compute not in DTYPE_BYTES:
         raise Mamba2Error(f"unknown dtype {dtype!r}; choose bfloat16, float16 or float32")
@@ -55,6 +59,7 @@ def describe(model_dir: Path, batch_size: int = 1, dtype: str | None = None) -> 
     conv = cfg.n_layer * cfg.conv_dim * (cfg.d_conv - 1) * itemsize
     ssm = cfg.n_layer * cfg.nheads * cfg.headdim * cfg.d_state * 4
     params = cfg.num_parameters()
+    weight_mem = weight_bytes(cfg, itemsize, quant)
     return {
         "path": str(model_dir),
         "format": cfg.format,
@@ -64,7 +69,8 @@ def describe(model_dir: Path, batch_size: int = 1, dtype: str | None = None) -> 
         "weight_files": [p.name for p in weights],
         "weights_bytes_on_disk": sum(p.stat().st_size for p in weights),
         "stored_dtype": stored,
+        "quantization": quant.to_dict() if quant else None,
         "state_per_sequence": {"conv": conv, "ssm": ssm, "total": conv + ssm},
-        "memory": {"dtype": compute, "batch_size": batch_size, "weights": params * itemsize,
-                   "state": batch_size * (conv + ssm), "total": params * itemsize + batch_size * (conv + ssm)},
+        "memory": {"dtype": compute, "batch_size": batch_size, "weights": weight_mem,
+                   "state": batch_size * (conv + ssm), "total": weight_mem + batch_size * (conv + ssm)},
     }

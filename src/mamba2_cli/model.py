@@ -144,6 +144,7 @@ class Mamba2LM(nn.Module):
         self.backend_name = None
         self.backend = None  # set_backend, once the weights are on their device
         self.cpu_threads = None  # a cpu_threads.ThreadPolicy: threads chosen per forward (CPU, no --threads)
+        self.quant = None  # the projections' quantization (quant.QuantSpec), set by quant.restructure
 
     @property
     def device(self) -> torch.device:
@@ -166,7 +167,7 @@ class Mamba2LM(nn.Module):
 
     def prepare(self) -> "Mamba2LM":
         """Tie weights and compute derived tensors; call once the weights are loaded."""
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and self.quant is None:  # a quantized lm_head is a copy of its own
             self.lm_head.weight = self.backbone.embeddings.weight
         for layer in self.backbone.layers:
             layer.mixer.prepare()

@@ -49,6 +49,7 @@ import torch
 from . import safetensors_format
 from .errors import Mamba2Error
 from .model import Mamba2LM
+from .quant import SCHEMES
 from .state import Mamba2State
 
 FORMAT = "mamba2-state"
@@ -107,7 +108,9 @@ def model_fingerprint(model: Mamba2LM) -> str:
     and on any device.
     """
     h = hashlib.sha256()
-    h.update(json.dumps(model.cfg.to_dict() | {"format": None}, sort_keys=True).encode())
+    quant = getattr(model, "quant", None)
+    h.update(json.dumps(model.cfg.to_dict() | {"format": None} | ({"quant": quant.to_dict()} if quant else {}),
+                        sort_keys=True).encode())
     samples = []
     index_of: dict = {}  # layers share shapes: build each shape's sample index once
     for name, t in model.state_dict().items():
@@ -206,6 +209,7 @@ def save_state(path: str | os.PathLike, model: Mamba2LM, state: Mamba2State, tok
         "model": model_name or "",
         "config": json.dumps(model.cfg.to_dict()),
         "dtype": _dtype_name(model.dtype),
+        "weights": _weights_name(model),
         "tokens": str(int(tokens)),
         "last_token": "" if last_token is None else str(int(last_token)),
         "block_bytes": str(BLOCK_BYTES),
@@ -402,9 +406,21 @@ def _describe_difference(saved_cfg: dict, cfg: dict) -> str:
     return f"a different config: {shown}" + (" ..." if len(keys) > 3 else "")
 
 
+def _weights_name(model: Mamba2LM) -> str:
+    """How the projections' weights are stored: the model dtype, or the quantization scheme."""
+    quant = getattr(model, "quant", None)
+    return quant.scheme if quant else _dtype_name(model.dtype)
+
+
 def check_compatible(path: str | os.PathLike, meta: dict, model: Mamba2LM) -> None:
-    """Refuse a state saved with another dtype or another model (fingerprint)."""
+    """Refuse a state saved with another dtype, other weights (quantized or not) or another
+    model (fingerprint)."""
     dtype = _dtype_name(model.dtype)
+    saved_w, weights = meta.get("weights", meta.get("dtype")), _weights_name(model)
+    if saved_w != weights and (saved_w in SCHEMES or weights in SCHEMES):
+        how = f"--quant {saved_w}" if saved_w in SCHEMES else "the unquantized checkpoint"
+        raise Mamba2Error(f"{path} holds a state computed with {saved_w} weights; this model has {weights} weights, "
+                          f"whose states differ: load it with {how}")
     if meta.get("dtype") != dtype:
         raise Mamba2Error(f"{path} holds a state of a {meta.get('dtype')} model; this model runs in {dtype}: "
                           f"load it with --dtype {meta.get('dtype')}")

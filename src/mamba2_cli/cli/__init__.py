@@ -15,7 +15,7 @@ import typer.core
 from .. import __version__
 from ..errors import Mamba2Error
 from ..kernels import kernel_failure
-from . import bench, chat, download, info, models, run, serve
+from . import bench, chat, download, eval, info, models, quantize, run, serve
 from .common import EXIT_INTERRUPTED, EXIT_SIGPIPE, EXIT_USER_ERROR, print_error, silence_stdout
 
 def _plain_flags(params):
@@ -81,7 +81,8 @@ def _options(show: Annotated[bool, typer.Option(
     """Generate text with Mamba-2 language models."""
 
 
-for command in (run.run, chat.chat, serve.serve, bench.bench, download.download, models.models, info.info, version):
+for command in (run.run, chat.chat, serve.serve, bench.bench, eval.eval, quantize.quantize, download.download,
+                models.models, info.info, version):
     app.command(cls=_Command)(command)
 
 

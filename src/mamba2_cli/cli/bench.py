@@ -14,6 +14,7 @@ BenchBackend = choices("BenchBackend", "auto", "torch", "triton", "all")
 # The kernel bench's layer shapes (kernel_bench.SHAPES), and auto.
 KernelShapeName = choices("KernelShapeName", "auto", "codestral", "small", "tiny")
 ReportFormat = choices("ReportFormat", "table", "md")
+BenchQuant = choices("BenchQuant", "int8", "int4", "all")
 
 
 def bench(
@@ -27,6 +28,8 @@ def bench(
         "--backend", help="auto: triton on CUDA, torch elsewhere; all: torch and triton side by side.")] = "auto",
     device: Device = "auto",
     dtype: DTypeOption = "auto",
+    quant: Annotated[Optional[BenchQuant], typer.Option(
+        "--quant", help="Quantized projections (int8, int4), or all: unquantized, int8 and int4 side by side.")] = None,
     threads: Threads = None,
     prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens of the prefill measured.")] = 128,
     gen_len: Annotated[int, typer.Option("--gen-len", min=1, help="Tokens decoded after it.")] = 64,
@@ -52,6 +55,7 @@ def bench(
     from .options import choose_threads
 
     backend, dtype, kernel_shape, fmt = value(backend), value(dtype), value(kernel_shape), value(fmt)
+    quants = [None, "int8", "int4"] if value(quant) == "all" else [value(quant)]
     if threads:
         import torch
 
@@ -77,23 +81,25 @@ def bench(
 
     with Progress(transient=True, console=stderr_console(), disable=as_json) as progress:
         warmups = 2 if dev.type == "cuda" and not no_cuda_graph else 1  # as bench_model runs them
-        total = len(backends) * (len(lengths) * (repeats + warmups) + (case_count(kshape) if kshape else 0)) + 2
+        total = len(backends) * (len(quants) * len(lengths) * (repeats + warmups) + (case_count(kshape) if kshape else 0)) + 2
         task = progress.add_task("copy bandwidth", total=total)
         bw = copy_bandwidth(dev)
         progress.advance(task)
-        for b in backends:
-            progress.update(task, description=f"loading · {b}")
-            if m is None:
+        loaded_quant = None
+        for q, b in [(q, b) for q in quants for b in backends]:
+            progress.update(task, description=f"loading · {b}" + (f" · {q}" if q else ""))
+            if m is None or q != loaded_quant:
+                m, loaded_quant = None, q
+                _free_device_memory(dev)
                 if model:
                     from ..loader import load_model
 
-                    m, tok = load_model(model, dev, dtype, b, batch_size)
-                    choose_threads(m, threads)
+                    m, tok = load_model(model, dev, dtype, b, batch_size, quant=q)
                 else:
                     from ..loader import load_preset
 
-                    m, _ = load_preset(preset, dev, dtype, b, batch_size=batch_size)
-                    choose_threads(m, threads)
+                    m, _ = load_preset(preset, dev, dtype, b, batch_size=batch_size, quant=q)
+                choose_threads(m, threads)
             else:
                 m.set_backend(b)
             for L in lengths:
@@ -103,6 +109,7 @@ def bench(
                                 on_step=lambda: progress.advance(task))
                 step_bytes = bytes_per_decode_step(m, batch_size)
                 r.update(backend=m.backend_name, model=model or f"preset:{preset}",
+                         weights=m.quant.scheme if m.quant else dtype_name(m.dtype),
                          dtype=dtype_name(m.dtype), bytes_per_step=step_bytes,
                          bandwidth_share=step_bytes * r["decode_tok_s"] / bw,
                          prefill_flop=prefill_flops(m, batch_size, L))
@@ -137,9 +144,9 @@ def bench(
     if as_json:
         sys.stdout.write(dumps({"environment": env, "results": rows, "kernels": ksection}, indent=1) + "\n")
         return
-    cols = ("backend", "prompt", "graph", "first token ms", "prefill tok/s", "prefill of matmul", "decode tok/s",
+    cols = ("backend", "weights", "prompt", "graph", "first token ms", "prefill tok/s", "prefill of matmul", "decode tok/s",
             "ms/token", "of copy bw", "kernels per token", "peak memory")
-    cells = [(r["backend"], str(r["prompt_len"]), "yes" if r["cuda_graph"] else "no", f"{r['ttft_s'] * 1e3:,.1f}",
+    cells = [(r["backend"], r["weights"], str(r["prompt_len"]), "yes" if r["cuda_graph"] else "no", f"{r['ttft_s'] * 1e3:,.1f}",
               f"{r['prefill_tok_s']:,.0f}", _pct(r["prefill_share_of_matmul"]), f"{r['decode_tok_s']:,.1f}",
               f"{r['decode_ms_per_step']:.2f}", _pct(r["bandwidth_share"]),
               "-" if r.get("kernels_per_token") is None else f"{r['kernels_per_token']:g}",

@@ -10,7 +10,7 @@ import typer
 
 from .common import EXIT_USER_ERROR, closed_stdout, dtype_name, stderr_console
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling, sampling_note)
+                      QuantOption, RepetitionPenalty, Temperature, Threads, TopK, TopP, load, sampling, sampling_note)
 from .remote import Server, chat_remote
 
 
@@ -21,6 +21,7 @@ def chat(
     device: Device = "auto",
     dtype: DTypeOption = "auto",
     backend: BackendOption = "auto",
+    quant: QuantOption = None,
     threads: Threads = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=1, help="Most tokens per reply.")] = 512,
     temperature: Temperature = None,
@@ -44,11 +45,11 @@ def chat(
     sampling(**flags)  # bad values fail before any loading
     if server:  # flags not given take the server's defaults
         local = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
-                     threads=threads, no_cuda_graph=no_cuda_graph, load_state=load_state)
+                     quant=quant, threads=threads, no_cuda_graph=no_cuda_graph, load_state=load_state)
         given = {k: v for k, v in flags.items() if v is not None}
         return chat_remote(server, dict(max_tokens=max_tokens, **given, seed=seed), system=system,
                            quiet=quiet, local=local)
-    loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet)
+    loaded = load(model, preset, offline, device, dtype, backend, threads, quiet=quiet, quant=quant)
     m = loaded.model
     params = sampling(**flags, defaults=loaded.generation_defaults, warn=True)
     note = sampling_note(loaded.generation_defaults, **flags)

@@ -54,10 +54,11 @@ def info(
         ("on disk", f"{size(d['bytes_on_disk'])} ({len(d['weight_files'])} weight file(s), "
                     f"{size(d['weights_bytes_on_disk'])})"),
         ("dtype", f"{d['stored_dtype'] or '?'} (as stored)"),
+        *([("quantization", _quant_line(d["quantization"]))] if d["quantization"] else []),
         ("state", f"{size(st['total'])} per sequence: conv {size(st['conv'])} ({mem['dtype']}) + "
                   f"SSM {size(st['ssm'])} (float32), whatever the context length"),
         ("memory", f"{size(mem['total'])} at batch {mem['batch_size']}: weights {size(mem['weights'])} "
-                   f"({mem['dtype']}) + state {size(mem['state'])}"),
+                   f"({_weights(d, mem)}) + state {size(mem['state'])}"),
     ]
     g = d["gpu"]
     rows.append(("gpu", f"{g['gpu']} · {g['architecture']} · Triton kernels: {g['kernel_table'] or 'no triton'}"
@@ -65,3 +66,16 @@ def info(
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")
+
+
+def _quant_line(q: dict) -> str:
+    """The quantization of a checkpoint, in words."""
+    if q["scheme"] == "int8":
+        return "int8 in_proj, out_proj and lm_head: one scale per output channel"
+    groups = ", ".join(f"{p} {g}" for p, g in q["group_size"].items())
+    return f"int4 in_proj, out_proj and lm_head, two to a byte: one scale per group of inputs ({groups})"
+
+
+def _weights(d: dict, mem: dict) -> str:
+    q = d["quantization"]
+    return f"{q['scheme']} projections, the rest {mem['dtype']}" if q else mem["dtype"]

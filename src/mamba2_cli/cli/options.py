@@ -23,6 +23,7 @@ DType = choices("DType", "auto", *WEIGHT_DTYPES)
 WeightDType = choices("WeightDType", *WEIGHT_DTYPES)
 Backend = choices("Backend", "auto", "torch", "triton")
 SaveAfter = choices("SaveAfter", "prompt", "generation")
+QuantScheme = choices("QuantScheme", "int8", "int4")
 
 
 def value(v: Any) -> Any:
@@ -42,6 +43,9 @@ DTypeOption = Annotated[DType, typer.Option(
     "--dtype", case_sensitive=False, metavar="<auto|bfloat16|float16|float32>",
     help="auto: bfloat16 on GPUs; on CPUs float32 when it fits, else bfloat16 (bf16, fp16, fp32 too).")]
 BackendOption = Annotated[Backend, typer.Option("--backend", help="auto: triton on CUDA, torch elsewhere.")]
+QuantOption = Annotated[Optional[QuantScheme], typer.Option(
+    "--quant", help="Quantize in_proj, out_proj and lm_head as they load: int8 (one scale per output channel) or "
+    "int4 (one per group of up to 128 inputs). A quantized checkpoint loads quantized without it.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch.")]
 Verbose = Annotated[bool, typer.Option(
     "-v", "--verbose",
@@ -148,7 +152,7 @@ def announce_compiling(m, quiet: bool) -> None:
 
 
 def load(model: Optional[str], preset: Optional[str], offline: bool, device: str, dtype, backend,
-         threads: Optional[int], *, quiet: bool, batch_size: int = 1) -> Loaded:
+         threads: Optional[int], *, quiet: bool, batch_size: int = 1, quant=None) -> Loaded:
     """The model of -m (downloaded first if need be), of --preset, or the built-in default."""
     if model and preset:
         fail("give either -m/--model or --preset, not both")
@@ -156,7 +160,7 @@ def load(model: Optional[str], preset: Optional[str], offline: bool, device: str
         import torch
 
         torch.set_num_threads(threads)
-    dtype, backend = value(dtype), value(backend)
+    dtype, backend, quant = value(dtype), value(backend), value(quant)
     t0 = time.perf_counter()
     if model is None and preset is None:
         from ..hub import DEFAULT_MODEL
@@ -168,7 +172,7 @@ def load(model: Optional[str], preset: Optional[str], offline: bool, device: str
     if model is None:
         from ..loader import load_preset
 
-        m, tok = load_preset(preset, device, dtype, backend, batch_size=batch_size)
+        m, tok = load_preset(preset, device, dtype, backend, batch_size=batch_size, quant=quant)
         load_s = time.perf_counter() - t0
         announce_compiling(m, quiet)
         choose_threads(m, threads)
@@ -180,7 +184,8 @@ def load(model: Optional[str], preset: Optional[str], offline: bool, device: str
     model_dir = resolve_model(model, offline=offline, progress=progress(quiet))
     defaults = generation_defaults(model_dir)
     t0 = time.perf_counter()  # the load, not the download
-    m, tok = load_model(str(model_dir), device, dtype, backend, batch_size, offline=offline, progress=progress(quiet))
+    m, tok = load_model(str(model_dir), device, dtype, backend, batch_size, offline=offline, progress=progress(quiet),
+                        quant=quant)
     load_s = time.perf_counter() - t0
     announce_compiling(m, quiet)
     choose_threads(m, threads)

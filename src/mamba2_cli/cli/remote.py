@@ -16,7 +16,7 @@ Server = Annotated[Optional[str], typer.Option(
     help="Generate on a running `mamba2 serve` at this URL instead of loading a model.")]
 
 # Flags that act on a local model and have no meaning against a server.
-LOCAL_ONLY = ("model", "preset", "offline", "device", "dtype", "backend", "threads", "no_cuda_graph",
+LOCAL_ONLY = ("model", "preset", "offline", "device", "dtype", "backend", "quant", "threads", "no_cuda_graph",
               "save_state", "load_state", "batch", "input_file")
 
 

@@ -15,7 +15,7 @@ import typer
 from .common import (closed_stdout, dtype_name, dumps, fail, figure, interrupted, read_prompt, read_prompt_or_nothing, size,
                      stderr_console, versions)
 from .options import (BackendOption, Device, DTypeOption, MinP, Model, NoCudaGraph, Offline, Preset,
-                      RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, Verbose, load, load_split,
+                      QuantOption, RepetitionPenalty, SaveAfter, Temperature, Threads, TopK, TopP, Verbose, load, load_split,
                       sampling, sampling_note, split_line, value)
 from .remote import Server, run_remote
 
@@ -32,6 +32,7 @@ def run(
     device: Device = "auto",
     dtype: DTypeOption = "auto",
     backend: BackendOption = "auto",
+    quant: QuantOption = None,
     threads: Threads = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=0, help="Most tokens to generate.")] = 256,
     temperature: Temperature = None,
@@ -72,7 +73,7 @@ def run(
         fail("--system goes with --chat (or use mamba2 chat)")
     settings = dict(max_tokens=max_tokens, seed=seed, stop=list(stop or ()), ignore_eos=ignore_eos)
     loading = dict(model=model, preset=preset, offline=offline, device=device, dtype=dtype, backend=backend,
-                   threads=threads, quiet=quiet)
+                   threads=threads, quiet=quiet, quant=quant)
     if server:
         local = dict(loading, no_cuda_graph=no_cuda_graph, save_state=save_state, load_state=load_state, batch=batch,
                      input_file=input_file)

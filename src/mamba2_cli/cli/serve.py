@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import fail, print_error, progress, stderr_console
-from .options import BackendOption, Device, DTypeOption, Model, NoCudaGraph, Offline, Preset, Threads, value
+from .options import BackendOption, Device, DTypeOption, Model, NoCudaGraph, Offline, Preset, QuantOption, Threads, value
 
 
 def serve(
@@ -17,6 +17,7 @@ def serve(
     device: Device = "auto",
     dtype: DTypeOption = "auto",
     backend: BackendOption = "auto",
+    quant: QuantOption = None,
     threads: Threads = None,
     no_cuda_graph: NoCudaGraph = False,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -47,7 +48,7 @@ def serve(
 
     if model and preset:
         fail("give either -m/--model or --preset, not both")
-    dtype, backend = value(dtype), value(backend)
+    dtype, backend, quant = value(dtype), value(backend), value(quant)
     model_dir = None
     if preset is None:
         from ..hub import DEFAULT_MODEL, resolve_model
@@ -68,10 +69,10 @@ def serve(
         if preset is not None:
             from ..loader import load_preset
 
-            return load_preset(preset, device, dtype, backend, batch_size=max_batch)
+            return load_preset(preset, device, dtype, backend, batch_size=max_batch, quant=quant)
         from ..loader import load_model
 
-        return load_model(str(model_dir), device, dtype, backend, max_batch, offline=True, progress=False)
+        return load_model(str(model_dir), device, dtype, backend, max_batch, offline=True, progress=False, quant=quant)
 
     scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, cache_bytes=int(state_cache_gb * 1e9),
                           cuda_graph=not no_cuda_graph)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..linear import QuantizedLinear
+
 name = "torch"
 
 
@@ -27,7 +29,26 @@ def scan_chunk_size(chunk_size: int, device_type: str) -> int:
 
 def linear(x, proj):
     """x [..., K] @ proj.weight[N, K]^T (+ proj.bias): the projections (in_proj, out_proj, lm_head)."""
+    if isinstance(proj, QuantizedLinear):
+        return quantized_linear(x, proj)
     return F.linear(x, proj.weight, proj.bias)
+
+
+def quantized_linear(x, proj):
+    """A quantized projection: on CPU, int8 through PyTorch's int8 weight-only matmul
+    (aten._weight_int8pack_mm) when the scales are in x's dtype and K is a multiple of 32
+    (its bf16 path reads out of bounds at K = 70); otherwise the weight is dequantized into
+    x's dtype and multiplied (the reference the kernels are tested against)."""
+    if (proj.scheme == "int8" and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
+            and proj.scales.dtype == x.dtype and proj.in_features % 32 == 0):
+        K = x.shape[-1]
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), proj.qweight, proj.scales)
+        y = y.view(*x.shape[:-1], proj.out_features)
+        return y if proj.bias is None else y + proj.bias
+    return F.linear(x, proj.dequantize(x.dtype), proj.bias)
+
+
+_INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

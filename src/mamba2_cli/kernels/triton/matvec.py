@@ -29,9 +29,11 @@ import triton
 import triton.language as tl
 
 from ...errors import Mamba2Error
+from ...linear import QuantizedLinear
 from .configs import GPU, capability, config_for
 from .norm import add_rmsnorm
 from .pdl import gdc_launch_dependents, gdc_wait, interpreting, usable
+from .quant_matvec import quant_linear
 
 __all__ = ["matvec", "linear", "norm_linear"]
 
@@ -300,7 +302,9 @@ def _kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, proj) -> torch.Tensor:
     """x @ proj.weight^T + proj.bias: the matvec kernels for decode's 1 to MAX_ROWS rows,
-    F.linear (cuBLAS) for more."""
+    F.linear (cuBLAS) for more; quantized weights go to quant_matvec.py."""
+    if isinstance(proj, QuantizedLinear):
+        return quant_linear(x, proj)
     weight, bias = proj.weight, proj.bias
     rows = x.numel() // x.shape[-1]
     if rows > MAX_ROWS or rows == 0 or not _kernel_ok(x, weight):
