@@ -164,12 +164,51 @@ def _prefill(be, c, p, b, L, dtype):
         be.linear(_empty(b, 1, c.d_inner, dtype=dtype), p["out_proj"])
 
 
+def _quantized(c, dtype, scheme):
+    """The model's projections quantized with `scheme` as quant.py lays them out (qweight,
+    scales in the model's dtype, int4's group size per projection from spec_for)."""
+    import torch
+
+    from mamba2_cli.linear import quantized_class
+    from mamba2_cli.quant import spec_for
+
+    spec, cls = spec_for(c, scheme), quantized_class(scheme)
+    projs = {"in_proj": (c.in_proj_dim, c.d_model, c.bias), "out_proj": (c.d_model, c.d_inner, c.bias),
+             "lm_head": (c.padded_vocab_size, c.d_model, False)}
+    out = {}
+    for name, (N, K, bias) in projs.items():
+        with torch.device("meta"):
+            lin = cls(K, N, bias, spec.group_for(name))
+        lin.qweight = _empty(*lin._qshape(), dtype=cls.QDTYPE)
+        lin.scales = _empty(*lin._sshape(), dtype=dtype)
+        if bias:
+            lin.bias = torch.nn.Parameter(_empty(N, dtype=dtype), requires_grad=False)
+        out[name] = lin
+    return out
+
+
+def _quant_decode(be, c, p, b, dtype):
+    """Decode's quantized projections: b rows (the one-row and the 2-8-row kernels)."""
+    for scheme in ("int8", "int4"):
+        for proj in _quantized(c, dtype, scheme).values():
+            be.linear(_empty(b, proj.in_features, dtype=dtype), proj)
+
+
+def _quant_prefill(be, c, p, b, L, dtype):
+    """A prompt's quantized projections: the weight dequantized by one kernel, then F.linear."""
+    for scheme in ("int8", "int4"):
+        for proj in _quantized(c, dtype, scheme).values():
+            be.linear(_empty(b, L, proj.in_features, dtype=dtype), proj)
+
+
 # Every way the model reaches the backend: (name, "decode" | "prefill", call). A new kernel
 # is covered by adding the call that launches it here.
 OPERATIONS = (
     ("decode", "decode", _decode),
     ("decode parts", "decode", _decode_parts),
     ("prefill", "prefill", _prefill),
+    ("quantized decode", "decode", _quant_decode),
+    ("quantized prefill", "prefill", _quant_prefill),
 )
 
 

@@ -112,13 +112,26 @@ NORM = {
     "gated": {"ROWS": 1, "warps_by_width": ((2048, 4), (8192, 8), (None, 16))},
 }
 
+# Products with int8/int4 weights (quant_matvec.py), by scheme and rows of x: fma, one row
+# over K in tiles with a register double buffer; dot, 2-8 rows on tensor cores, the weight
+# dequantized in registers. "dequantize": the prompts' kernel, the weight into x's dtype.
+# The values are untuned first guesses, each program streaming a few KB per step.
+QUANT_MATVEC = {
+    "int8_rows1": {"kind": "fma", "block_n": 4, "block_k": 1024, "num_warps": 4, "pdl": True},
+    "int8_rows2-8": {"kind": "dot", "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4, "pdl": True},
+    "int4_rows1": {"kind": "fma", "block_n": 4, "block_k": 2048, "num_warps": 4, "pdl": True},
+    "int4_rows2-8": {"kind": "dot", "block_n": 64, "num_warps": 4, "num_stages": 4, "pdl": True},
+    "dequantize": {"block_n": 16, "block_k": 256, "num_warps": 4},
+}
+
 # What the architecture allows, for every kernel. dot_smem_bytes: the shared memory the
 # matvec's tensor-core pipeline may fill (matvec.dot_stages lowers the stages to fit it);
 # an H100/H200 block gets at most 227 KB. pdl: programmatic dependent launch exists
 # (griddepcontrol, sm_90 and later); an entry's "pdl" asks for it, this allows it.
 GPU = {"pdl": True, "dot_smem_bytes": 192 * 1024}
 
-HOPPER_TABLE = {"gpu": GPU, "matvec": MATVEC, "decode_step": DECODE_STEP, "ssd": SSD, "conv": CONV, "norm": NORM}
+HOPPER_TABLE = {"gpu": GPU, "matvec": MATVEC, "decode_step": DECODE_STEP, "ssd": SSD, "conv": CONV, "norm": NORM,
+                "quant_matvec": QUANT_MATVEC}
 
 
 def _without_hopper(table: dict, dot_smem_bytes: int, dot_stages: int) -> dict:
@@ -135,6 +148,8 @@ def _without_hopper(table: dict, dot_smem_bytes: int, dot_stages: int) -> dict:
       PDL, batch 4: 16.36 µs per layer against 16.70 split); batch 8 keeps its B and C
       pre-kernel, whose gain (27.8 against 32.1 µs) does not come from PDL.
     - The norms: no PDL rows.
+    - The quantized products: no PDL, and the tensor-core ("dot") kernels take the matvec's
+      `dot_stages` (their tiles are smaller: 64 x 256 int8 weights and 16 rows of x).
     The scan's, the conv's and the norms' blocks and warps stay: tests/test_compile_targets.py
     shows them within 99 KB of shared memory on sm_80, sm_86 and sm_89, spilling at most
     512 bytes per thread more than on sm_90 (the scan's batch-1 entry: 448 against 168).
@@ -151,8 +166,15 @@ def _without_hopper(table: dict, dot_smem_bytes: int, dot_stages: int) -> dict:
             cfg = {**cfg, "pdl": False, "split": bool(cfg["bc_pre"])}
         step[name] = cfg
     norm = {**table["norm"], "add": {**table["norm"]["add"], "pdl_max_rows": 0}}
+    quant = {}
+    for name, cfg in table["quant_matvec"].items():
+        if "pdl" in cfg:
+            cfg = {**cfg, "pdl": False}
+        if cfg.get("kind") == "dot":
+            cfg = {**cfg, "num_stages": dot_stages}
+        quant[name] = cfg
     return {"gpu": {"pdl": False, "dot_smem_bytes": dot_smem_bytes}, "matvec": matvec, "decode_step": step,
-            "ssd": table["ssd"], "conv": table["conv"], "norm": norm}
+            "ssd": table["ssd"], "conv": table["conv"], "norm": norm, "quant_matvec": quant}
 
 
 # The stages are counted as Hopper's tensor-descriptor pipeline spends them, one 40 KB tile

@@ -1,8 +1,8 @@
 """Triton products with quantized weights (quant.py's int8 and int4 schemes).
 
 Decode's 1-8 rows read the packed weights once and dequantize them in registers; the
-launch discipline is matvec.py's (PDL where configured, every launch capturable in the
-decode CUDA graph; PDL on sm_90 and later only). Two kernels per scheme, by rows of x (QUANT_MATVEC picks):
+launch discipline is matvec.py's (PDL where the table's entry asks and pdl.usable allows,
+every launch capturable in the decode CUDA graph). Two kernels per scheme, by rows of x:
 
     fma   one row: each program owns BLOCK_N output channels and walks K in BLOCK_K tiles,
           the next weight tile in flight while the current one is multiplied (a register
@@ -17,8 +17,8 @@ decode CUDA graph; PDL on sm_90 and later only). Two kernels per scheme, by rows
 More rows (prompts): the weight is dequantized into x's dtype by one kernel and the product
 is the plain one (cuBLAS), `dequantize`.
 
-Launch configurations: QUANT_MATVEC below, in configs.py's shape ({entry: {key: value}}),
-so the per-architecture tables can take it over.
+Launch configurations: configs.py's "quant_matvec" kernel, entries "<scheme>_rows1",
+"<scheme>_rows2-8" and "dequantize".
 """
 
 from __future__ import annotations
@@ -29,22 +29,12 @@ import triton
 import triton.language as tl
 
 from ...errors import Mamba2Error
-from .configs import capability
+from .configs import config_for
 from .pdl import gdc_launch_dependents, gdc_wait, interpreting, usable
 
-__all__ = ["QUANT_MATVEC", "quant_matvec", "quant_linear", "dequantize"]
+__all__ = ["quant_matvec", "quant_linear", "dequantize"]
 
 MAX_ROWS = 8
-
-# Launch configurations by scheme and rows of x (values untuned: first guesses, sized so
-# each program streams a few KB per step; the GPU script under ab/ measures them).
-QUANT_MATVEC = {
-    "int8_rows1": {"kind": "fma", "block_n": 4, "block_k": 1024, "num_warps": 4, "pdl": True},
-    "int8_rows2-8": {"kind": "dot", "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4, "pdl": True},
-    "int4_rows1": {"kind": "fma", "block_n": 4, "block_k": 2048, "num_warps": 4, "pdl": True},
-    "int4_rows2-8": {"kind": "dot", "block_n": 64, "num_warps": 4, "num_stages": 4, "pdl": True},
-    "dequantize": {"block_n": 16, "block_k": 256, "num_warps": 4},
-}
 
 
 @triton.jit
@@ -238,7 +228,7 @@ def _entry(scheme: str, rows: int) -> str:
 def quant_matvec(x: torch.Tensor, proj, config: dict | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8) times a quantized projection's weight^T (+ bias) -> [M, N] in x.dtype.
 
-    `config` replaces the QUANT_MATVEC entry (tests and benchmarks use it)."""
+    `config` replaces the table's entry (tests and benchmarks use it)."""
     M, K = x.shape
     N = proj.out_features
     if K != proj.in_features:
@@ -250,9 +240,8 @@ def quant_matvec(x: torch.Tensor, proj, config: dict | None = None) -> torch.Ten
         raise Mamba2Error("quant_matvec: qweight and scales rows must be contiguous")
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config or QUANT_MATVEC[_entry(proj.scheme, M)]
-    # griddepcontrol (PDL) is Hopper's: before sm_90 the kernels launch plainly.
-    pdl = usable(cfg["pdl"], x.device) and capability(x.device)[0] >= 9
+    cfg = config or config_for(x.device, "quant_matvec", _entry(proj.scheme, M))
+    pdl = usable(cfg["pdl"], x.device)
     opts = {"num_warps": cfg["num_warps"], **({"launch_pdl": True} if pdl else {})}
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     b_arg = bias if bias is not None else y
@@ -293,7 +282,7 @@ def dequantize(proj, dtype: torch.dtype) -> torch.Tensor:
     N, K = proj.out_features, proj.in_features
     q, s = proj.qweight, proj.scales
     w = torch.empty(N, K, device=q.device, dtype=dtype)
-    cfg = QUANT_MATVEC["dequantize"]
+    cfg = config_for(q.device, "quant_matvec", "dequantize")
     grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(K, cfg["block_k"]))
     _dequantize_kernel[grid](q, s, w, N, K, q.stride(0), s.stride(0), w.stride(0), INT4=proj.scheme == "int4",
                              GROUP=max(proj.group_size, 2), BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
