@@ -208,7 +208,7 @@ def test_state_of_int4_weights_is_refused_by_the_plain_model(int4_dir, tmp_path)
     state = tmp_path / "s.m2s"
     p = mamba2("run", "-m", str(int4_dir), "-n", "2", "-q", "--device", "cpu", "--save-state", str(state), "def f():")
     assert p.returncode == 0, p.stderr.decode()
-    err = one_line_error(mamba2("run", "-m", "tiny-code", "--dtype", "float16", "-n", "1", "--device", "cpu",
+    err = one_line_error(mamba2("run", "-m", "tiny-code", "--dtype", "float16", "-n", "1", "-q", "--device", "cpu",
                                 "--load-state", str(state), "x"), "int4 weights", "--quant int4")
     assert "float16 weights" in err
 
