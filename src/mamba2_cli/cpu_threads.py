@@ -94,4 +94,5 @@ def auto_threads(model) -> ThreadPolicy | None:
     """The policy for a model on CPU, None on other devices."""
     if model.device.type != "cpu":
         return None
-    return ThreadPolicy(sum(p.nbytes for p in model.parameters()))
+    # Quantized weights are buffers, not parameters.
+    return ThreadPolicy(sum(t.nbytes for t in (*model.parameters(), *model.buffers())))

@@ -37,7 +37,12 @@ def load_preset(name: str, device: str | torch.device = "auto", dtype: str | tor
     quant: its projections quantized after the draw."""
     cfg = preset_config(name)
     dev = resolve_device(device)
-    m = random_model(cfg, dev, resolve_dtype(dtype, cfg, dev, batch_size), seed)
+    spec = None
+    if quant is not None:
+        from .quant import spec_for
+
+        spec = spec_for(cfg, quant)
+    m = random_model(cfg, dev, resolve_dtype(dtype, cfg, dev, batch_size, spec), seed)
     if quant is not None:
         from .quant import quantize_model
 

@@ -65,9 +65,9 @@ def watch_compiles() -> None:
 def kernel_names() -> set[str]:
     """The names of the triton backend's kernels (the JIT functions named *_kernel; under
     TRITON_INTERPRET=1 their interpreted stand-ins)."""
-    from .kernels.triton import conv, decode_step, matvec, norm, ssd
+    from .kernels.triton import conv, decode_step, matvec, norm, quant_matvec, ssd
 
-    return {obj.fn.__name__ for mod in (conv, decode_step, matvec, norm, ssd) for obj in vars(mod).values()
+    return {obj.fn.__name__ for mod in (conv, decode_step, matvec, norm, quant_matvec, ssd) for obj in vars(mod).values()
             if type(obj).__module__.startswith("triton.") and getattr(getattr(obj, "fn", None), "__name__", "")
             .endswith("_kernel")}
 

@@ -56,10 +56,11 @@ def bench(
 
     backend, dtype, kernel_shape, fmt = value(backend), value(dtype), value(kernel_shape), value(fmt)
     quants = [None, "int8", "int4"] if value(quant) == "all" else [value(quant)]
-    if threads:
-        import torch
+    import torch
 
+    if threads:
         torch.set_num_threads(threads)
+    threads_before = torch.get_num_threads()
     if model and preset:
         fail("give either -m/--model or --preset, not both")
     if model:  # fetched first, if need be, with the terminal to itself; loading then finds it cached
@@ -114,6 +115,7 @@ def bench(
                          bandwidth_share=step_bytes * r["decode_tok_s"] / bw,
                          prefill_flop=prefill_flops(m, batch_size, L))
                 rows.append(r)
+        torch.set_num_threads(threads_before)  # the thread policy sets torch's count per forward
         progress.update(task, description="matmul ceiling")
         mm_flop_s, mm_n = matmul_ceiling(dev, m.dtype)
         progress.advance(task)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import fail
+from .common import dumps, fail
 from .options import MODEL_HELP, BackendOption, Device, DTypeOption, Offline, QuantOption, Threads, load
 
 
@@ -41,7 +40,7 @@ def eval(
     r.update(model=model, file=str(file), quant=m.quant.scheme if m.quant else None,
              dtype=str(m.dtype).removeprefix("torch."), piece=piece)
     if as_json:
-        sys.stdout.write(json.dumps(r, indent=1) + "\n")
+        sys.stdout.write(dumps(r, indent=1) + "\n")
         return
     weights = r["quant"] or r["dtype"]
     typer.echo(f"{file}: {r['tokens']:,} tokens, {r['bytes']:,} bytes · {model} ({weights} weights)")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import progress, size
+from .common import fail, progress, size
 from .options import MODEL_HELP, Device, Offline, QuantScheme, WeightDType, value
 
 
@@ -29,6 +29,9 @@ def quantize(
     from ..info import stored_dtypes
     from ..quant import write_checkpoint
 
+    out_dir = Path(output)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # before the long load
+        fail(f"{out_dir} exists and is not an empty directory")
     model_dir = resolve_model(model, offline=offline, progress=progress(False))
     cfg = read_config(model_dir)
     files = find_weight_files(model_dir)

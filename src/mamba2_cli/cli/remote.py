@@ -17,7 +17,7 @@ Server = Annotated[Optional[str], typer.Option(
 
 # Flags that act on a local model and have no meaning against a server.
 LOCAL_ONLY = ("model", "preset", "offline", "device", "dtype", "backend", "quant", "threads", "no_cuda_graph",
-              "save_state", "load_state", "batch", "input_file")
+              "save_state", "load_state", "batch", "input_file", "verbose")
 
 
 def refuse_local_flags(given: dict) -> None:

@@ -76,7 +76,7 @@ def run(
                    threads=threads, quiet=quiet, quant=quant)
     if server:
         local = dict(loading, no_cuda_graph=no_cuda_graph, save_state=save_state, load_state=load_state, batch=batch,
-                     input_file=input_file)
+                     input_file=input_file, verbose=verbose)
         given = {k: v for k, v in flags.items() if v is not None}  # the others take the server's defaults
         return run_remote(server, read_prompt(prompt, file), dict(settings, **given), chat=chat, system=system, echo=echo,
                           as_json=as_json, quiet=quiet, local=local)
@@ -86,7 +86,7 @@ def run(
         if save_state or load_state:
             fail("--save-state and --load-state work on one prompt, not with --batch or --input")
         return _run_batch(loading, file, input_file, batch, flags, settings, not no_cuda_graph, echo, as_json, quiet,
-                          chat, system)
+                          chat, system, verbose)
 
     if load_state is not None:
         text_in = read_prompt_or_nothing(prompt, file)
@@ -315,7 +315,7 @@ def _requests(items: list[tuple[dict, str]], settings: dict) -> list:
 
 
 def _run_batch(loading: dict, file, input_file, batch: bool, flags: dict, settings: dict, cuda_graph: bool,
-               echo: bool, as_json: bool, quiet: bool, chat: bool, system: Optional[str]):
+               echo: bool, as_json: bool, quiet: bool, chat: bool, system: Optional[str], verbose: bool = False):
     from ..generation import stream_batch
 
     items = _read_batch(file, input_file, batch)
@@ -375,3 +375,5 @@ def _run_batch(loading: dict, file, input_file, batch: bool, flags: dict, settin
             f"over the batch · peak memory {size(max(r.stats['peak_memory_bytes'] for r in results))} · "
             f"{m.backend_name} on {m.device}, {dtype_name(m.dtype)}[/]"
         )
+        if verbose:
+            stderr_console().print(f"[dim]{split_line(loaded)}[/]", soft_wrap=True)

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .common import fail, print_error, progress, stderr_console
-from .options import BackendOption, Device, DTypeOption, Model, NoCudaGraph, Offline, Preset, QuantOption, Threads, value
+from .options import (BackendOption, Device, DTypeOption, Model, NoCudaGraph, Offline, Preset, QuantOption, Threads,
+                      choose_threads, value)
 
 
 def serve(
@@ -69,10 +70,14 @@ def serve(
         if preset is not None:
             from ..loader import load_preset
 
-            return load_preset(preset, device, dtype, backend, batch_size=max_batch, quant=quant)
-        from ..loader import load_model
+            m, tok = load_preset(preset, device, dtype, backend, batch_size=max_batch, quant=quant)
+        else:
+            from ..loader import load_model
 
-        return load_model(str(model_dir), device, dtype, backend, max_batch, offline=True, progress=False, quant=quant)
+            m, tok = load_model(str(model_dir), device, dtype, backend, max_batch, offline=True, progress=False,
+                                quant=quant)
+        choose_threads(m, threads)
+        return m, tok
 
     scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, cache_bytes=int(state_cache_gb * 1e9),
                           cuda_graph=not no_cuda_graph)
