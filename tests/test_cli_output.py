@@ -79,7 +79,7 @@ def test_bench_to_a_file_is_a_plain_complete_table_and_names_the_model_measured(
     header = next(line for line in lines if line.startswith("backend"))
     assert header.split("  ")[0] == "backend" and "kernels per token" in header and "peak memory" in header
     row = lines[lines.index(header) + 1].split()
-    assert row[0] == "torch" and row[1] == "8" and row[-1] in ("MB", "GB", "kB")
+    assert row[:3] == ["torch", "float32", "8"] and row[-1] in ("MB", "GB", "kB")  # backend, weights, prompt
     notes = [line for line in lines if line.startswith("mixer_decode_step")]
     assert notes and all("fp32 state alone" in line for line in notes)  # the note column, whole
     assert b"no model given" not in p.stderr
