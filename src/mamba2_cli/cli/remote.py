@@ -3,13 +3,12 @@ running `mamba2 serve` (no model is loaded here)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from .common import closed_stdout, figure, interrupted, stderr_console
+from .common import closed_stdout, dumps, figure, interrupted, stderr_console
 
 Server = Annotated[Optional[str], typer.Option(
     "--server", envvar="MAMBA2_SERVER", show_envvar=True, metavar="URL",
@@ -64,7 +63,7 @@ def run_remote(url: str, text_in: str, settings: dict, *, chat: bool, system: Op
                    "generated_tokens": s["completion_tokens"], "cached_tokens": s["cached_tokens"],
                    "finish_reason": result.finish_reason, "model": client.model, "server": client.url,
                    "seed": settings.get("seed"), "stats": s}
-            out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            out.write(dumps(obj) + "\n")
         elif result.text and not result.text.endswith("\n") and out.isatty():
             out.write("\n")
         out.flush()
