@@ -29,6 +29,14 @@ def test_every_json_output_is_strict_json(model_dir):
         strict(line.decode())
 
 
+def test_a_json_record_stays_one_line_whatever_the_text_holds():
+    from mamba2_cli.cli.common import dumps
+
+    text = "a\nb\rc\x0bd\x1ee\x85f\u2028g\u2029h é"  # every character str.splitlines breaks at
+    line = dumps({"text": text, "nan": float("nan")})
+    assert line.splitlines() == [line] and strict(line) == {"text": text, "nan": None}
+
+
 def interrupt_json_run(model_dir, wait_s: float):
     proc = subprocess.Popen([sys.executable, "-m", "mamba2_cli", "run", "-m", str(model_dir), "-n", "1000000",
                              "--ignore-eos", "-q", "--json", "x = 1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

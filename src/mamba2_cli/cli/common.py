@@ -113,9 +113,14 @@ def finite(value):
     return value
 
 
+# Characters that end a line for Python's str.splitlines and for JavaScript but that JSON leaves raw: escaped, so a
+# record of JSON lines stays one line for every reader (generated text can hold any of them).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def dumps(obj, indent: int | None = None) -> str:
-    """Strict JSON (RFC 8259) for every --json output: non-finite numbers are null, text is UTF-8."""
-    return json.dumps(finite(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+    """Strict JSON (RFC 8259) for every --json output: non-finite numbers are null, text is UTF-8, one line per record."""
+    return json.dumps(finite(obj), indent=indent, ensure_ascii=False, allow_nan=False).translate(_LINE_BREAKS)
 
 
 def versions() -> dict:
