@@ -84,14 +84,16 @@ def test_rows_are_views_of_the_same_quantization():
 
 
 def test_torch_backend_int8_matches_dequantized_reference():
-    # K 96: PyTorch's int8 op; K 70: the dequantizing path.
-    for dtype, K in ((torch.float32, 96), (torch.bfloat16, 96), (torch.bfloat16, 70)):
+    # K 96: PyTorch's int8 op, which rounds x and its sums to bf16 (about 2^-9 each); K 70:
+    # the dequantizing path, exact to x's dtype.
+    for dtype, K, most in ((torch.float32, 96, 4e-3), (torch.bfloat16, 96, 1e-2), (torch.float32, 70, 1e-5),
+                           (torch.bfloat16, 70, 1e-2)):
         lin = Int8Linear.from_weight(torch.randn(33, K), torch.randn(33).to(dtype), 0, dtype)
         x = torch.randn(3, 1, K).to(dtype)
         ref = x.float() @ lin.dequantize(torch.float32).t() + lin.bias.float()
         y = torch_backend.linear(x, lin)
         assert y.dtype == dtype and y.shape == (3, 1, 33)
-        assert ((y.float() - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+        assert ((y.float() - ref).norm() / ref.norm()).item() < most, (dtype, K)
 
 
 # ---------------------------------------------------------------------------------------

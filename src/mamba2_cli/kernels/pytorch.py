@@ -36,19 +36,31 @@ def linear(x, proj):
 
 def quantized_linear(x, proj):
     """A quantized projection: on CPU, int8 through PyTorch's int8 weight-only matmul
-    (aten._weight_int8pack_mm) when the scales are in x's dtype and K is a multiple of 32
-    (its bf16 path reads out of bounds at K = 70); otherwise the weight is dequantized into
-    x's dtype and multiplied (the reference the kernels are tested against)."""
-    if (proj.scheme == "int8" and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
-            and proj.scales.dtype == x.dtype and proj.in_features % 32 == 0):
+    (aten._weight_int8pack_mm) when K is a multiple of 32 (its bf16 path reads out of bounds
+    at K = 70); otherwise the weight is dequantized into x's dtype and multiplied (the
+    reference the kernels are tested against).
+
+    The op runs in bf16 whatever x's dtype: its fp32 path is scalar code, 3-6x slower than
+    fp32 F.linear on a 2-core AVX-512 CPU (0.8 against 12 GB/s at mamba2-130m's lm_head),
+    while its bf16 path reads the int8 weights 1.6-2.9x faster than fp32 F.linear. The
+    scales multiply the fp32 sum afterwards, so bf16 rounds only x and the unscaled sum
+    (about 2^-9 relative each, an eighth of int8's own error)."""
+    if proj.scheme == "int8" and x.device.type == "cpu" and proj.in_features % 32 == 0:
         K = x.shape[-1]
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), proj.qweight, proj.scales)
-        y = y.view(*x.shape[:-1], proj.out_features)
+        ones = _ones_bf16(proj.out_features)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K).to(torch.bfloat16), proj.qweight, ones)
+        y = (y.float() * proj.scales).to(x.dtype).view(*x.shape[:-1], proj.out_features)
         return y if proj.bias is None else y + proj.bias
     return F.linear(x, proj.dequantize(x.dtype), proj.bias)
 
 
-_INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ONES: dict[int, torch.Tensor] = {}
+
+
+def _ones_bf16(n: int) -> torch.Tensor:
+    if n not in _ONES:
+        _ONES[n] = torch.ones(n, dtype=torch.bfloat16)
+    return _ONES[n]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -223,12 +235,18 @@ def causal_conv1d(xBC, weight, bias, conv_state, seq_len=None):
 
 
 def conv1d_step(xBC, weight, bias, conv_state):
-    """One token of the causal conv: xBC [b, C] -> [b, C]; shifts `conv_state` in place."""
-    window = torch.cat([conv_state, _as(xBC, conv_state.dtype)[:, :, None]], dim=-1)  # [b, C, K]
-    out = torch.einsum("bck,ck->bc", window, _as(weight, window.dtype))
+    """One token of the causal conv: xBC [b, C] -> [b, C]; shifts `conv_state` in place.
+
+    The window is filled in place and reduced with a multiply and a sum: on a CPU this is
+    half the time of a concatenation and an einsum (mamba2-130m, one layer: 46 against 75 µs)."""
+    b, C, K1 = conv_state.shape
+    window = conv_state.new_empty(b, C, K1 + 1)
+    window[..., :K1] = conv_state
+    window[..., K1] = xBC
+    out = (window * _as(weight, window.dtype)).sum(-1)
     if bias is not None:
         out += bias
-    conv_state.copy_(window[:, :, 1:])
+    conv_state.copy_(window[..., 1:])
     return _as(F.silu(out, inplace=True), xBC.dtype)
 
 
