@@ -9,7 +9,8 @@ drives it with one client thread per stream (the standard library's HTTP, so the
 need nothing installed), prints one JSON line per figure, and stops it. Prompts are random
 token ids (no two streams share a prefix, so the prefix cache does not help them); each
 stream generates exactly --max-tokens tokens (ignore_eos). The in-process figure runs after
-the server has stopped, in a process of its own, on the same prompt.
+the server has stopped, in a process of its own, on prompts of the same length; both
+one-stream figures are the best of four requests.
 """
 
 from __future__ import annotations
@@ -187,9 +188,11 @@ def main() -> None:
                 "ttft_ms": [round(1e3 * t, 1) for t in ttfts],
             }), flush=True)
 
-        one = request(port, "/v1/completions", {**base, "prompt": prompt(args.prompt_tokens),
-                                                "max_tokens": args.max_tokens})
-        server_tok_s = (one["usage"]["completion_tokens"] - 1) / (one["t_last"] - one["t_first"])
+        server_tok_s = 0.0  # best of four, as the in-process figure
+        for _ in range(4):
+            one = request(port, "/v1/completions", {**base, "prompt": prompt(args.prompt_tokens),
+                                                    "max_tokens": args.max_tokens})
+            server_tok_s = max(server_tok_s, (one["usage"]["completion_tokens"] - 1) / (one["t_last"] - one["t_first"]))
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -190,6 +190,28 @@ def test_scheduler_graph_buckets_give_each_request_its_tokens_alone(take_graphs)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scheduler_on_the_gpu_gives_each_request_its_tokens_alone():
+    """Real decode graphs, the next step launched before the host reads the sampled tokens
+    (from their pinned copy): every request's greedy tokens are still its own."""
+    from mamba2_cli.generation import Request, generate
+
+    model, tok = load_preset("tiny", "cuda", "float32")
+    scheduler = Scheduler(lambda: (model, tok), max_batch=4, max_queue=16, cache_bytes=10**8)
+    scheduler.start()
+    try:
+        _wait(scheduler, "ready")
+        prompts = [[(5 * i + j) % 200 + 1 for j in range(2 + 3 * i)] for i in range(7)]
+        lengths = [17, 4, 30, 9, 1, 22, 12]
+        got = _run_jobs(scheduler, [Request(p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)])
+        assert scheduler.peak_running == 4
+        for p, n, (result, _) in zip(prompts, lengths, got):
+            assert result.token_ids == generate(model, tok, p, max_tokens=n, ignore_eos=True).token_ids
+    finally:
+        scheduler.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prefix_cache_spills_to_host_and_back():
     from mamba2_cli.state import Mamba2State
 

@@ -167,6 +167,8 @@ class Scheduler:
         self.graphs = self.cuda_graph and self.runner.make_decode_graph is not None
         self.cache = PrefixCache(model.device, self.cache_bytes)
         self.done = torch.cuda.Event() if model.device.type == "cuda" else None
+        if self.done is not None:
+            self.chosen_host = torch.empty(self.max_batch, dtype=torch.long, pin_memory=True)
         if self.graphs:  # every bucket's graph before the first request, not during one
             for size in sorted({self._bucket(n) for n in range(1, self.max_batch + 1)}):
                 self.runner.decode_graph(_leading(self.state, size))
@@ -192,13 +194,16 @@ class Scheduler:
                 if logits is not None:
                     chosen = sample_each(logits, [job.seq for job in self.rows[: len(logits)]])
                     parts.append(chosen)
-                    if self.done is not None:
+                    if self.done is not None:  # the host's copy, ordered before the next step
+                        chosen = self.chosen_host[: len(chosen)].copy_(chosen, non_blocking=True)
                         self.done.record()
                 if fresh:
                     parts.append(torch.tensor(fresh, dtype=torch.long).to(self.model.device))
                 logits = self._launch(torch.cat(parts) if len(parts) > 1 else parts[0])
                 fresh = []
-            # collect
+            # collect: on a GPU the tokens are read from their pinned copy once the event says
+            # it is written; a plain read (chosen.tolist()) would queue behind the step just
+            # launched and wait for it too, so the host's work would not overlap the step
             if chosen is not None:
                 if self.done is not None:  # wait with the GIL released: the event loop writes meanwhile
                     self.done.synchronize()
