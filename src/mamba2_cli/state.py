@@ -52,5 +52,24 @@ class Mamba2State:
         """A view of sequence i of the batch, as a batch of one (writes go through)."""
         return Mamba2State(self.conv[:, i : i + 1], self.ssm[:, i : i + 1])
 
+    def leading(self, n: int) -> "Mamba2State":
+        """The first n sequences, as a view."""
+        return self if n == self.batch_size else Mamba2State(self.conv[:, :n], self.ssm[:, :n])
+
+    def drop(self, n: int, finished: list[int]) -> list[int]:
+        """Remove the `finished` sequences from the first n by moving the last live ones into
+        their places (one copy per finished sequence). Returns, for each position that
+        remains, the position its sequence came from."""
+        order = list(range(n))
+        for j in sorted(finished, reverse=True):
+            last = order.pop()
+            if j < len(order):
+                order[j] = last
+        for j, o in enumerate(order):  # sources lie past the new end, destinations before it
+            if o != j:
+                self.conv[:, j].copy_(self.conv[:, o])
+                self.ssm[:, j].copy_(self.ssm[:, o])
+        return order
+
     def nbytes(self) -> int:
         return self.conv.numel() * self.conv.element_size() + self.ssm.numel() * self.ssm.element_size()

@@ -66,22 +66,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _drop_sequences(state: Mamba2State, n: int, finished: list[int]) -> list[int]:
-    """Remove the `finished` sequences from the first n of `state` by moving the last live
-    ones into their places (one copy per finished sequence). Returns, for each position that
-    remains, the position its sequence came from."""
-    order = list(range(n))
-    for j in sorted(finished, reverse=True):
-        last = order.pop()
-        if j < len(order):
-            order[j] = last
-    for j, o in enumerate(order):  # sources lie past the new end, destinations before it
-        if o != j:
-            state.conv[:, j].copy_(state.conv[:, o])
-            state.ssm[:, j].copy_(state.ssm[:, o])
-    return order
-
-
 @torch.inference_mode()
 def _generate(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request], state: Mamba2State | None,
               prefill_chunk: int = DEFAULT_PREFILL_CHUNK, on_prompt=None, cancel=None,
@@ -147,7 +131,7 @@ def _generate(model: Mamba2LM, tokenizer: Tokenizer, requests: list[Request], st
     while True:
         done = [live[j] for j in finished]
         if finished:
-            order = _drop_sequences(state, len(live), finished)
+            order = state.drop(len(live), finished)
             live = [live[o] for o in order]
             stepper.keep(order)
         live_seqs = [seqs[i] for i in live]

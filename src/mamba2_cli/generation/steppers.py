@@ -44,11 +44,6 @@ def sample_each(logits: torch.Tensor, live: list[LiveSequence]) -> torch.Tensor:
     return torch.cat([sample(logits[j : j + 1], s.params, s.seen, s.generator) for j, s in enumerate(live)])
 
 
-def _leading(state: Mamba2State, n: int) -> Mamba2State:
-    """The first n sequences of `state`, as a view."""
-    return state if n == state.batch_size else Mamba2State(state.conv[:, :n], state.ssm[:, :n])
-
-
 class Stepper:
     """The common part: logits not yet sampled, and the tokens the next launch feeds."""
 
@@ -84,7 +79,7 @@ class EagerSteps(Stepper):
         self.model, self.state = model, state
 
     def launch(self, live: list[LiveSequence]) -> None:
-        self.logits = decode_one_token(self.model, self.tokens, _leading(self.state, len(live)))
+        self.logits = decode_one_token(self.model, self.tokens, self.state.leading(len(live)))
 
 
 class GraphSteps(Stepper):
@@ -105,7 +100,7 @@ class GraphSteps(Stepper):
         tokens = self.tokens
         if size > n:
             tokens = torch.cat([tokens, tokens.new_zeros(size - n)])
-        self.logits = self.runner.decode_graph(_leading(self.state, size))(tokens)[:n]
+        self.logits = self.runner.decode_graph(self.state.leading(size))(tokens)[:n]
 
 
 class GreedyGraphSteps(Stepper):

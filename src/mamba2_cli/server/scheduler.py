@@ -38,10 +38,10 @@ from typing import Callable
 import torch
 
 from ..errors import Mamba2Error
-from ..generation.loop import _drop_sequences, prefill
+from ..generation.loop import prefill
 from ..generation.runner import runner_for
 from ..generation.sequence import LiveSequence
-from ..generation.steppers import _leading, decode_one_token, sample_each
+from ..generation.steppers import decode_one_token, sample_each
 from ..generation.types import GenerationEvent, Request
 from .prefix_cache import PrefixCache
 
@@ -171,7 +171,7 @@ class Scheduler:
             self.chosen_host = torch.empty(self.max_batch, dtype=torch.long, pin_memory=True)
         if self.graphs:  # every bucket's graph before the first request, not during one
             for size in sorted({self._bucket(n) for n in range(1, self.max_batch + 1)}):
-                self.runner.decode_graph(_leading(self.state, size))
+                self.runner.decode_graph(self.state.leading(size))
 
     def _bucket(self, n: int) -> int:
         return min(self.max_batch, 1 << (n - 1).bit_length())
@@ -242,11 +242,11 @@ class Scheduler:
         n = tokens.shape[0]
         self.steps += 1
         if not self.graphs:
-            return decode_one_token(self.model, tokens, _leading(self.state, n))
+            return decode_one_token(self.model, tokens, self.state.leading(n))
         size = self._bucket(n)
         if size > n:
             tokens = torch.cat([tokens, tokens.new_zeros(size - n)])
-        return self.runner.decode_graph(_leading(self.state, size))(tokens)[:n]
+        return self.runner.decode_graph(self.state.leading(size))(tokens)[:n]
 
     def _admit(self, job: Job, out: list) -> int | None:
         """Prefill the job's prompt alone, from the longest cached prefix, into the next free
@@ -314,7 +314,7 @@ class Scheduler:
             if job.keep_reply:
                 self.cache.put(seq.prompt_ids + seq.generated, self.state.sequence(j), logits[j : j + 1])
             out.append((job, seq.final_event(job.t_submit, t_done, self.model.device)))
-        order = _drop_sequences(self.state, len(self.rows), positions)
+        order = self.state.drop(len(self.rows), positions)
         self.rows = [self.rows[o] for o in order]
         return logits[torch.tensor(order, dtype=torch.long, device=logits.device)] if order else None
 
