@@ -83,17 +83,22 @@ def test_rows_are_views_of_the_same_quantization():
     assert part.qweight.data_ptr() == lin.qweight[3].data_ptr()
 
 
-def test_torch_backend_int8_matches_dequantized_reference():
-    # K 96: PyTorch's int8 op, which rounds x and its sums to bf16 (about 2^-9 each); K 70:
-    # the dequantizing path, exact to x's dtype.
-    for dtype, K, most in ((torch.float32, 96, 4e-3), (torch.bfloat16, 96, 1e-2), (torch.float32, 70, 1e-5),
-                           (torch.bfloat16, 70, 1e-2)):
+def test_torch_backend_int8_matches_dequantized_reference(monkeypatch):
+    # K 96: PyTorch's int8 op, which rounds x and its sums to bf16 (about 2^-9 each); K 70
+    # and float64: the dequantizing path, exact to x's dtype.
+    op = torch.ops.aten._weight_int8pack_mm
+    calls = []
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda *a: calls.append(1) or op(*a))
+    for dtype, K, most, packed in ((torch.float32, 96, 4e-3, True), (torch.bfloat16, 96, 1e-2, True),
+                                   (torch.float32, 70, 1e-5, False), (torch.bfloat16, 70, 1e-2, False),
+                                   (torch.float64, 96, 1e-12, False)):
+        calls.clear()
         lin = Int8Linear.from_weight(torch.randn(33, K), torch.randn(33).to(dtype), 0, dtype)
         x = torch.randn(3, 1, K).to(dtype)
-        ref = x.float() @ lin.dequantize(torch.float32).t() + lin.bias.float()
+        ref = x.double() @ lin.dequantize(torch.float64).t() + lin.bias.double()
         y = torch_backend.linear(x, lin)
-        assert y.dtype == dtype and y.shape == (3, 1, 33)
-        assert ((y.float() - ref).norm() / ref.norm()).item() < most, (dtype, K)
+        assert y.dtype == dtype and y.shape == (3, 1, 33) and bool(calls) == packed, (dtype, K)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < most, (dtype, K)
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,13 +45,19 @@ def quantized_linear(x, proj):
     while its bf16 path reads the int8 weights 1.6-2.9x faster than fp32 F.linear. The
     scales multiply the fp32 sum afterwards, so bf16 rounds only x and the unscaled sum
     (about 2^-9 relative each, an eighth of int8's own error)."""
-    if proj.scheme == "int8" and x.device.type == "cpu" and proj.in_features % 32 == 0:
+    if (proj.scheme == "int8" and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
+            and proj.in_features % 32 == 0):
         K = x.shape[-1]
         ones = _ones_bf16(proj.out_features)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K).to(torch.bfloat16), proj.qweight, ones)
-        y = (y.float() * proj.scales).to(x.dtype).view(*x.shape[:-1], proj.out_features)
-        return y if proj.bias is None else y + proj.bias
+        y = y.float().mul_(proj.scales)
+        if proj.bias is not None:
+            y.add_(proj.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], proj.out_features)
     return F.linear(x, proj.dequantize(x.dtype), proj.bias)
+
+
+_INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 (the tests' references) stays exact
 
 
 _ONES: dict[int, torch.Tensor] = {}
@@ -243,7 +249,8 @@ def conv1d_step(xBC, weight, bias, conv_state):
     window = conv_state.new_empty(b, C, K1 + 1)
     window[..., :K1] = conv_state
     window[..., K1] = xBC
-    out = (window * _as(weight, window.dtype)).sum(-1)
+    ct = _compute_dtype(window)  # products and sum in fp32 (fp64) whatever the state's dtype
+    out = (_as(window, ct) * _as(weight, ct)).sum(-1)
     if bias is not None:
         out += bias
     conv_state.copy_(window[..., 1:])
