@@ -1,10 +1,25 @@
 """Independent references for the tests: the float64 sequential recurrence, step by step;
 and guard regions around kernel outputs, to catch writes outside them."""
 
+import importlib
+import importlib.util
 import math
+import os
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+
+def triton_module(name: str = ""):
+    """mamba2_cli.kernels.triton (or its submodule `name`) for a kernel test: a missing Triton
+    skips the test, except under CI=true, where it fails."""
+    if importlib.util.find_spec("triton") is None:
+        msg = "triton is not installed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{msg}, and CI=true forbids skipping the kernel tests")
+        pytest.skip(msg)
+    return importlib.import_module("mamba2_cli.kernels.triton" + (f".{name}" if name else ""))
 
 
 def sequential_ssd(x, dt, A, B, C, D, dt_bias, dt_limit, initial_state=None):
@@ -137,6 +152,17 @@ class Guards:
         out = self.alloc(t.shape, t.dtype, t.device)
         out.copy_(t)
         return out
+
+    def install(self, monkeypatch) -> "Guards":
+        """torch.empty becomes `empty` for the rest of the test."""
+        monkeypatch.setattr(torch, "empty", self.empty)
+        return self
+
+    def finish(self) -> None:
+        """After the test: wait for the GPU's kernels, then `check`."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.check()
 
     def check(self) -> None:
         """Assert every guard byte is untouched; the regions checked are then let go."""

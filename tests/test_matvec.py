@@ -4,7 +4,6 @@ Every output the kernels allocate lies between guard regions and is poisoned wit
 (reference.Guards): a write outside it fails the test even when every value is right.
 """
 
-import importlib.util
 import os
 
 import pytest
@@ -15,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mamba2_cli.linear import Linear  # noqa: E402
-from reference import Guards, rel_err  # noqa: E402
+from reference import Guards, rel_err, triton_module  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,24 +22,15 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.fixture(scope="module")
 def mv():
-    if importlib.util.find_spec("triton") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("triton is not installed, and CI=true forbids skipping the kernel tests")
-        pytest.skip("triton is not installed")
-    from mamba2_cli.kernels.triton import matvec
-
-    return matvec
+    return triton_module("matvec")
 
 
 @pytest.fixture(autouse=True)
 def guards(monkeypatch):
     """torch.empty hands out NaN-poisoned tensors between guard regions, checked after the test."""
-    g = Guards()
-    monkeypatch.setattr(torch, "empty", g.empty)
+    g = Guards().install(monkeypatch)
     yield g
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    g.check()
+    g.finish()
 
 
 def _table():

@@ -3,7 +3,6 @@
 bf16 dot is wrong), the GPU in bf16 when present. Shapes are not multiples of the blocks or
 groups; every output lies between guard regions (reference.Guards)."""
 
-import importlib.util
 import os
 
 import pytest
@@ -13,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mamba2_cli.linear import Int4Linear, Int8Linear  # noqa: E402
-from reference import Guards, rel_err  # noqa: E402
+from reference import Guards, rel_err, triton_module  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
@@ -21,23 +20,14 @@ DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16
 
 @pytest.fixture(scope="module")
 def qm():
-    if importlib.util.find_spec("triton") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("triton is not installed, and CI=true forbids skipping the kernel tests")
-        pytest.skip("triton is not installed")
-    from mamba2_cli.kernels.triton import quant_matvec
-
-    return quant_matvec
+    return triton_module("quant_matvec")
 
 
 @pytest.fixture(autouse=True)
 def guards(monkeypatch):
-    g = Guards()
-    monkeypatch.setattr(torch, "empty", g.empty)
+    g = Guards().install(monkeypatch)
     yield g
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    g.check()
+    g.finish()
 
 
 def _proj(scheme, N, K, group, dtype, bias, seed=0):

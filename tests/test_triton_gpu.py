@@ -60,12 +60,10 @@ def guards(monkeypatch):
     scratch buffers too: its cache starts empty); every guard is checked after the test."""
     from mamba2_cli.kernels.triton import decode_step
 
-    g = Guards()
-    monkeypatch.setattr(torch, "empty", g.empty)
+    g = Guards().install(monkeypatch)
     monkeypatch.setattr(decode_step, "_scratch", {})
     yield g
-    torch.cuda.synchronize()
-    g.check()
+    g.finish()
 
 
 @pytest.fixture

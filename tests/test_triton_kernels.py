@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from mamba2_cli.errors import Mamba2Error  # noqa: E402
 from mamba2_cli.kernels import pytorch  # noqa: E402
-from reference import SSD_ENTRIES, Guards, rel_err, sequential_ssd, ssd_entry  # noqa: E402
+from reference import SSD_ENTRIES, Guards, rel_err, sequential_ssd, ssd_entry, triton_module  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INF = float("inf")
@@ -27,21 +27,14 @@ INF = float("inf")
 @pytest.fixture(scope="module")
 def tb():
     """The triton backend; a missing Triton skips, except under CI=true where it fails."""
-    if importlib.util.find_spec("triton") is None:
-        msg = "triton is not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{msg}, and CI=true forbids skipping the kernel tests")
-        pytest.skip(msg)
-    from mamba2_cli.kernels import triton as triton_backend
-
-    return triton_backend
+    return triton_module()
 
 
 @pytest.fixture(autouse=True)
 def guards(monkeypatch):
     """torch.empty hands out NaN-poisoned tensors between guard regions (the decode step's
     scratch buffers too: its cache starts empty); every guard is checked after the test."""
-    g = Guards()
+    g = Guards().install(monkeypatch)
     real_empty_like = torch.empty_like
 
     def empty_like(t, *, dtype=None, device=None, **kw):
@@ -49,16 +42,13 @@ def guards(monkeypatch):
             return real_empty_like(t, dtype=dtype, device=device, **kw)
         return g.empty(t.shape, dtype=dtype or t.dtype, device=device or t.device)
 
-    monkeypatch.setattr(torch, "empty", g.empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
     if importlib.util.find_spec("triton") is not None:
         from mamba2_cli.kernels.triton import decode_step
 
         monkeypatch.setattr(decode_step, "_scratch", {})
     yield g
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    g.check()
+    g.finish()
 
 
 def ssd_inputs(b, L, H, P, G, N, dtype, *, D_per_channel=False, init=True, seed=0):
